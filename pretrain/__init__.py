@@ -1,0 +1,1 @@
+"""The GLM base model: architecture, Hugging Face adapter, tokenizer, data pipeline, pretraining."""

@@ -1,0 +1,390 @@
+"""GLM-4 decoder in plain PyTorch, read top to bottom: norm -> rotary -> attention -> MLP -> block -> model.
+
+Numerically it is ``transformers.GlmForCausalLM`` (``Glm4ForCausalLM`` with ``post_norms``); the one layout
+difference is a fused ``qkv_proj`` (one matmul instead of three), split back apart by ``pretrain/hf.py``.
+
+Shapes: B batch, T new tokens, S keys (cached + new), D hidden, H query heads, K key/value heads,
+hd head dim, R rotary dims (the first R of each head), V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from pretrain.config import GLMConfig
+
+IGNORE_INDEX = -100
+
+# ----------------------------------------------------------------------------------------------------------
+# RMSNorm
+
+
+class RMSNorm(nn.Module):
+    """y = weight * (x / sqrt(mean(x^2) + eps)); the variance in fp32, rounded to the input dtype before the
+    weight multiply, exactly as ``GlmRMSNorm`` (so bf16 outputs match Hugging Face bit for bit)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        input_dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(input_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rotary embeddings: partial (first R dims of each head) and interleaved (GPT-J pairs (x0, x1), (x2, x3), ...)
+
+
+def rotary_cos_sin(
+    position_ids: Tensor, rotary_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """cos / sin of the R/2 frequencies at each position, computed in fp32 then cast; each (B, T, R/2).
+
+    inv_freq_i = theta^(-2i / R), i = 0 .. R/2 - 1 (the same float ops as Hugging Face's default rope)."""
+    inv_freq = 1.0 / (
+        theta
+        ** (
+            torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=position_ids.device).float() / rotary_dim
+        )
+    )  # (R/2,)
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, R/2)
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each interleaved pair (x_2i, x_2i+1) of the first R dims by angle pos * inv_freq_i.
+
+    x: (B, N, T, hd) heads-first; cos, sin: (B, T, R/2). The pair rotation is
+        (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)
+    i.e. Hugging Face's ``x * cos_interleaved + rotate_half(x) * sin_interleaved`` with
+    ``rotate_half(x) = stack(-x[1::2], x[0::2]).flatten(-2)``, done on a (R/2, 2) view with no interleaving.
+    Dims R .. hd - 1 pass through unchanged.
+    """
+    rotary_dim = 2 * cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]  # (B, N, T, R), (B, N, T, hd - R)
+    x0, x1 = x_rot.unflatten(-1, (-1, 2)).unbind(-1)  # (B, N, T, R/2) each
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, R/2)
+    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)  # (B, N, T, R/2, 2)
+    return torch.cat((rotated.flatten(-2), x_pass), dim=-1)  # (B, N, T, hd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KV cache (generation)
+
+
+class KVCache:
+    """Preallocated keys and values, per layer (B, K, max_len, hd); ``length`` positions are filled.
+
+    The model writes the new keys / values of every layer at ``length`` and advances ``length`` once the
+    whole forward is done. Padding is not stored here: pass the full (B, length + T) attention mask.
+    """
+
+    def __init__(
+        self,
+        config: GLMConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, K, T, hd) after the cached positions; return all keys / values (B, K, length + T, hd)."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KVCache: {end} positions do not fit in max_len={self.max_len}")
+        self.keys[layer_idx][:, :, start:end] = k
+        self.values[layer_idx][:, :, start:end] = v
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention masks and positions (built once per forward, shared by all layers)
+
+
+def doc_position_ids(doc_ids: Tensor) -> Tensor:
+    """Positions that restart at 0 where the document id changes: doc_ids (B, T) -> (B, T)."""
+    T = doc_ids.shape[1]
+    idx = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)  # (B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    doc_start = torch.where(starts, idx, 0).cummax(dim=-1).values  # (B, T) index of the current doc's start
+    return idx - doc_start
+
+
+def build_attention_mask(
+    num_new: int, past: int, doc_ids: Tensor | None, attention_mask: Tensor | None, device: torch.device
+) -> Tensor:
+    """Boolean mask (B or 1, 1, T, S), True = may attend: causal, same document, key not padding.
+
+    A padding query would see no key at all (a NaN softmax), so every query may always see itself.
+    """
+    q_pos = torch.arange(past, past + num_new, device=device)  # (T,)
+    k_pos = torch.arange(past + num_new, device=device)  # (S,)
+    mask = (k_pos[None, :] <= q_pos[:, None])[None]  # (1, T, S)
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B, T, T)
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, :].bool()  # (B, T, S)
+        mask = mask | (k_pos[None, :] == q_pos[:, None])[None]
+    return mask[:, None]  # (B, 1, T, S)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with a fused q/k/v projection (bias = attention_bias) and no o_proj bias."""
+
+    def __init__(self, config: GLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+        )
+        qkv_dim = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, qkv_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        B, T, _ = x.shape
+        H, K, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * K, hd).transpose(1, 2)  # (B, H + 2K, T, hd)
+        qk = apply_rotary(qkv[:, : H + K], cos, sin)  # (B, H + K, T, hd): q and k rotate in one pass
+        q, k = qk.split((H, K), dim=1)  # (B, H, T, hd), (B, K, T, hd)
+        v = qkv[:, H + K :]  # (B, K, T, hd)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, K, S, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=H != K
+        )  # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H * hd)
+        return self.o_proj(y)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MLP
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(up * silu(gate)) with a fused gate_up_proj, gate first; no biases."""
+
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
+        return self.down_proj(up * F.silu(gate))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Block
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; with ``post_norms`` (glm4) each sublayer's output is normed again before
+    the residual add: x + post_norm(sublayer(norm(x)))."""
+
+    def __init__(self, config: GLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+        if config.post_norms:
+            self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.post_mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        else:
+            self.post_attn_norm = self.post_mlp_norm = None
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        h = self.attn(self.attn_norm(x), cos, sin, attn_mask, is_causal, kv_cache)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + h
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class GLMOutput:
+    logits: Tensor | None  # (B, T, V) in the model's (or autocast's) dtype
+    loss: Tensor | None  # scalar, fp32
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Next-token cross-entropy in fp32: mean over t with labels[:, t+1] != -100 of
+    -log softmax(logits[:, t])[labels[:, t+1]]. logits (B, T, V), labels (B, T) unshifted.
+
+    The labels are shifted (and padded with -100) instead of slicing the logits, which avoids a copy of
+    the largest activation. Returns 0 (not NaN) when every label is ignored.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
+    total = F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+class GLM(nn.Module):
+    """GLM-4 causal LM: embedding -> blocks -> final norm -> untied lm_head."""
+
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """N(0, initializer_range) for matrices, zero biases, ones for norms; the projections that write into
+        the residual stream (o_proj, down_proj) scaled by 1 / sqrt(2 * num_layers) (GPT-2)."""
+        std = self.config.initializer_range
+        if isinstance(module, Attention | MLP):
+            out = module.o_proj if isinstance(module, Attention) else module.down_proj
+            # apply() visits children first, so this overrides the plain init of that Linear
+            nn.init.normal_(out.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_layers))
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; ``non_embedding`` leaves out the token embedding (lm_head is untied and counts)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed_tokens.weight.numel() if non_embedding else n
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        """Final-norm hidden states (B, T, D).
+
+        input_ids (B, T). doc_ids (B, T): packed documents; a token sees only earlier tokens of its own doc,
+        and positions restart at 0 per doc unless position_ids are given. attention_mask (B, past + T): 1 for
+        tokens, 0 for padding (left padding for batched generation); positions default to its cumsum - 1.
+        kv_cache: attend to the cached keys / values too, and append this step's.
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        past = 0 if kv_cache is None else kv_cache.length
+        if doc_ids is not None and kv_cache is not None:
+            raise ValueError("GLM: doc_ids (packed training) cannot be combined with a kv_cache")
+        if attention_mask is not None:
+            if attention_mask.shape != (B, past + T):
+                raise ValueError(
+                    f"GLM: attention_mask must be (B, past + T) = {(B, past + T)}, got {tuple(attention_mask.shape)}"
+                )
+            if bool(attention_mask.all()):
+                attention_mask = None  # no padding: keep SDPA's fast causal path
+
+        if position_ids is None:
+            if doc_ids is not None:
+                position_ids = doc_position_ids(doc_ids)  # (B, T)
+            elif attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+            else:
+                position_ids = torch.arange(past, past + T, device=device)[None]  # (1, T)
+
+        if doc_ids is None and attention_mask is None and (past == 0 or T == 1):
+            attn_mask, is_causal = (
+                None,
+                past == 0,
+            )  # plain causal prefix, or one new token that sees everything
+        else:
+            attn_mask, is_causal = build_attention_mask(T, past, doc_ids, attention_mask, device), False
+
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
+        cos, sin = rotary_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta, dtype)
+
+        use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if use_checkpoint and kv_cache is None:
+                x = checkpoint(block, x, cos, sin, attn_mask, is_causal, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, attn_mask, is_causal, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.norm(x)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        *,
+        return_logits: bool = True,
+    ) -> GLMOutput:
+        """Logits (B, T, V) and, with labels (B, T; -100 = ignore), the mean next-token loss (shift inside).
+
+        ``return_logits=False`` (only with labels) drops the logits from the output once the loss is computed.
+        """
+        h = self.hidden_states(input_ids, position_ids, doc_ids, attention_mask, kv_cache)
+        logits = self.lm_head(h)  # (B, T, V)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        if loss is not None and not return_logits:
+            logits = None
+        return GLMOutput(logits=logits, loss=loss)

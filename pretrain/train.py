@@ -1,0 +1,326 @@
+"""The pretraining loop: AdamW, warm-up + cosine, gradient accumulation, clipping, bf16 autocast on
+CUDA, held-out evaluation, resumable checkpoints, a progress bar with tokens/s, metrics and a plot.
+
+Single-device code; parallelism (DeepSpeed) wraps it from outside in a later stage.
+A run folder holds:
+    metrics.jsonl                one JSON line per logged step / evaluation
+    loss.png                     training and held-out loss curves
+    checkpoints/step_000123/     Hugging Face folder + trainer_state.pt (optimizer, scheduler,
+                                 RNG states, data position) — `resume: true` continues from the newest
+    final/                       the trained model as a Hugging Face folder (+ tokenizer)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from pretrain.model import GLM
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The packed token data: which tokenizer, how long a row, how much is held out."""
+
+    tokenizer: str = "runs/tokenizer"  # a Hugging Face tokenizer folder (the tokenizer stage's output)
+    seq_len: int = 256
+    heldout_fraction: float = 0.02
+    cache_dir: str | None = None  # where packed data goes; default <run.dir>/data
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1  # on matrices only; norms, biases and embeddings are not decayed
+    betas: tuple[float, ...] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 16  # rows per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000
+    max_minutes: float | None = None  # stop early (and save) when the wall clock says so
+    eval_every: int = 100
+    eval_batches: int = 20
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the newest checkpoint in the run folder, if any
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast dtype; auto = bf16 on CUDA
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    init_from: str | None = None  # start from a Hugging Face / our GLM folder instead of random weights
+    num_threads: int | None = None  # torch CPU threads; default: all cores
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Linear warm-up to `lr` over `warmup_steps`, then cosine decay to `lr * min_lr_ratio`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **extra)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    if name == "bfloat16" or (name == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def evaluate(
+    model: GLM, batches: Callable[[], Iterator[dict]], num_batches: int, device, amp_dtype
+) -> float:
+    """Mean next-token loss (nats/token) over the first `num_batches` held-out batches."""
+    was_training = model.training
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    for i, batch in enumerate(batches()):
+        if i >= num_batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model(batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"])
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total_loss += float(out.loss) * n
+        total_tokens += n
+    model.train(was_training)
+    return total_loss / max(1, total_tokens)
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+
+
+def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, step: int, data_state: dict, extra: dict,
+                    keep: int) -> Path:
+    from pretrain.hf import save_pretrained
+
+    final = run_dir / "checkpoints" / f"step_{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tmp, tokenizer=tokenizer)
+    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "data": data_state,
+             **extra}
+    torch.save(state, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)  # a checkpoint is complete or absent, never half-written
+    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def plot_losses(metrics_path: Path, out_png: Path, title: str = "pretraining") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
+    held = [(r["step"], r["heldout_loss"]) for r in rows if r.get("kind") == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if held:
+        ax.plot(*zip(*held), "o-", label="held-out loss", lw=1.5)
+    baseline = next((r["unigram_baseline"] for r in rows if "unigram_baseline" in r), None)
+    if baseline:
+        ax.axhline(baseline, ls="--", color="gray", label=f"unigram baseline ({baseline:.2f})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def train(
+    model: GLM,
+    tokenizer,
+    train_data,
+    heldout_data,
+    optim_cfg: OptimConfig,
+    train_cfg: TrainConfig,
+    run_dir: str | Path,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train `model` on packed `train_data`; returns a summary (losses before / after, tokens/s, ...)."""
+    from pretrain.data import BatchIterator
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(train_cfg.device)
+    amp_dtype = autocast_dtype(train_cfg.dtype, device)
+    if train_cfg.num_threads:
+        torch.set_num_threads(train_cfg.num_threads)
+    seed_everything(seed)
+    model.to(device)
+    model.gradient_checkpointing = train_cfg.gradient_checkpointing
+    optimizer = make_optimizer(model, optim_cfg, device)
+    batches = BatchIterator(train_data, train_cfg.batch_size, seed=seed)
+    step, tokens_seen = 0, 0
+    metrics_path = run_dir / "metrics.jsonl"
+
+    existing = checkpoint_dirs(run_dir) if train_cfg.resume else []
+    if existing:
+        from pretrain.hf import load_pretrained
+
+        ckpt = existing[-1]
+        model.load_state_dict(load_pretrained(ckpt).state_dict())
+        state = torch.load(ckpt / "trainer_state.pt", map_location=device, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        batches.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        step, tokens_seen = state["step"], state.get("tokens_seen", 0)
+        log(f"resumed from {ckpt} at step {step}")
+        if metrics_path.exists():  # drop lines written after that checkpoint
+            keep = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            metrics_path.write_text("".join(line + "\n" for line in keep))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    fwd = torch.compile(model) if train_cfg.compile else model
+
+    def heldout_batches():
+        return iter(BatchIterator(heldout_data, train_cfg.batch_size, seed=0, shuffle=False))
+
+    def write(row: dict) -> None:
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    summary: dict[str, Any] = {"start_step": step}
+    if step == 0:
+        loss0 = evaluate(model, heldout_batches, train_cfg.eval_batches, device, amp_dtype)
+        summary["heldout_loss_before"] = loss0
+        write({"kind": "eval", "step": 0, "heldout_loss": loss0})
+        log(f"held-out loss before training: {loss0:.4f}")
+
+    model.train()
+    tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum * train_data.seq_len
+    started = time.time()
+    window_t, window_tokens = time.time(), 0
+    data_iter = iter(batches)
+    bar = tqdm(total=train_cfg.max_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+    stopped_early = False
+    while step < train_cfg.max_steps:
+        lr = lr_at(step, optim_cfg, train_cfg.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for _ in range(train_cfg.grad_accum):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iter).items()}
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = fwd(batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"])
+            (out.loss / train_cfg.grad_accum).backward()
+            loss_sum += float(out.loss.detach()) / train_cfg.grad_accum
+        grad_norm = (
+            float(torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip))
+            if optim_cfg.grad_clip > 0
+            else float("nan")
+        )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step
+        window_tokens += tokens_per_step
+        bar.update(1)
+
+        if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
+            now = time.time()
+            tps = window_tokens / max(1e-9, now - window_t)
+            window_t, window_tokens = now, 0
+            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+            write({"kind": "train", "step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                   "tokens": tokens_seen, "tokens_per_s": tps})
+        out_of_time = train_cfg.max_minutes is not None and (time.time() - started) > 60 * train_cfg.max_minutes
+        last = step == train_cfg.max_steps or out_of_time
+        if step % train_cfg.eval_every == 0 or last:
+            held = evaluate(model, heldout_batches, train_cfg.eval_batches, device, amp_dtype)
+            write({"kind": "eval", "step": step, "heldout_loss": held})
+            bar.write(f"step {step}: held-out loss {held:.4f}")
+            summary["heldout_loss_after"] = held
+        if step % train_cfg.save_every == 0 or last:
+            save_checkpoint(run_dir, model, tokenizer, optimizer, step, batches.state_dict(),
+                            {"tokens_seen": tokens_seen}, train_cfg.keep_checkpoints)
+        if out_of_time and step < train_cfg.max_steps:
+            stopped_early = True
+            bar.write(f"max_minutes ({train_cfg.max_minutes}) reached at step {step}; checkpoint saved")
+            break
+    bar.close()
+    elapsed = time.time() - started
+    plot_losses(metrics_path, run_dir / "loss.png")
+    summary.update(
+        steps=step,
+        tokens_seen=tokens_seen,
+        seconds=elapsed,
+        tokens_per_s=(step - summary["start_step"]) * tokens_per_step / max(1e-9, elapsed),
+        stopped_early=stopped_early,
+        device=str(device),
+    )
+    return summary

@@ -1,0 +1,206 @@
+"""`glmwb` — the workbench's command line.
+
+    glmwb run RECIPE.yaml [section.key=value ...]     run a stage (or a pipeline of stages)
+    glmwb validate RECIPE.yaml [section.key=value ...] check a recipe and print it resolved
+    glmwb world --out DIR                             write the embedded world's corpus and prompts
+    glmwb sample MODEL_DIR "prompt" [--lang ...]       chat with a trained GLM folder
+
+User mistakes (bad recipe, missing file, bad override) print one clear line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import string
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from recipes.loader import RecipeError, apply_override, build, dump_yaml, parse_override, read_yaml
+
+USER_ERROR = 2
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Read, override and strictly build a recipe; raises RecipeError on any user mistake."""
+    from recipes.schema import STAGES
+
+    data = read_yaml(path)
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    stage = data.get("stage")
+    if stage not in STAGES:
+        raise RecipeError(
+            f"{path}: 'stage' must be one of {', '.join(STAGES)}, got {stage!r}"
+        )
+    return build(STAGES[stage], data, source=str(path))
+
+
+def _stage_overrides(recipe, overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Split CLI overrides of a pipeline: `NAME.key=value` goes to the stage called NAME."""
+    names = {s.name for s in recipe.stages} if recipe.stage == "pipeline" else set()
+    own, per_stage = [], {n: [] for n in names}
+    for text in overrides:
+        head = text.split(".", 1)[0]
+        if head in names and "=" in text:
+            per_stage[head].append(text.split(".", 1)[1])
+        else:
+            own.append(text)
+    return own, per_stage
+
+
+def resolve_pipeline(path: str | Path, overrides: list[str]) -> tuple[Any, list[tuple[str, Path, Any]]]:
+    """Load a pipeline recipe and every stage it names (all validated before anything runs)."""
+    top = load_recipe(path, [])
+    own, per_stage = _stage_overrides(top, list(overrides))
+    pipeline = load_recipe(path, own)
+    values = {"run.dir": pipeline.run.dir, "run.seed": str(pipeline.run.seed)}
+    stages = []
+    for ref in pipeline.stages:
+        stage_path = (Path(path).parent / ref.recipe).resolve()
+        texts = []
+        for key, value in ref.overrides.items():
+            if isinstance(value, str):
+                try:
+                    value = string.Template(_normalise_template(value)).substitute({k.replace(".", "_"): v for k, v in values.items()})
+                except (KeyError, ValueError) as e:
+                    raise RecipeError(f"{path}: stage {ref.name!r}, override {key}: unknown variable {e}") from None
+                texts.append(f"{key}={value}")
+            else:
+                texts.append(f"{key}={value!r}" if not isinstance(value, (list, dict)) else f"{key}={value}")
+        texts += per_stage.get(ref.name, [])
+        try:
+            stages.append((ref.name, stage_path, load_recipe(stage_path, texts)))
+        except RecipeError as e:
+            raise RecipeError(f"{path}: stage {ref.name!r}: {e}") from None
+    return pipeline, stages
+
+
+def _normalise_template(text: str) -> str:
+    # `${run.dir}` → `${run_dir}` so that string.Template can substitute dotted names
+    return text.replace("${run.dir}", "${run_dir}").replace("${run.seed}", "${run_seed}")
+
+
+def run_stage(recipe: Any) -> dict:
+    dump_yaml(recipe, Path(recipe.run.dir) / "config.yaml")
+    if recipe.stage == "tokenizer":
+        from pretrain.run import run_tokenizer
+
+        return run_tokenizer(recipe)
+    if recipe.stage == "pretrain":
+        from pretrain.run import run_pretrain
+
+        return run_pretrain(recipe)
+    raise RecipeError(f"no runner for stage {recipe.stage!r}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.stage != "pipeline":
+        run_stage(recipe)
+        return 0
+    pipeline, stages = resolve_pipeline(args.recipe, args.overrides)
+    dump_yaml(pipeline, Path(pipeline.run.dir) / "config.yaml")
+    started = time.time()
+    for i, (name, path, stage) in enumerate(stages, 1):
+        print(f"\n=== [{i}/{len(stages)}] {name}: {path.name} → {stage.run.dir} ===", flush=True)
+        t0 = time.time()
+        run_stage(stage)
+        print(f"=== {name} done in {time.time() - t0:.0f} s ===", flush=True)
+    print(f"\npipeline finished in {time.time() - started:.0f} s; outputs under {pipeline.run.dir}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from recipes.loader import to_plain
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.stage == "pipeline":
+        pipeline, stages = resolve_pipeline(args.recipe, args.overrides)
+        print(yaml.safe_dump(to_plain(pipeline), sort_keys=False, allow_unicode=True))
+        for name, _, stage in stages:
+            print(f"# --- stage {name} ---")
+            print(yaml.safe_dump(to_plain(stage), sort_keys=False, allow_unicode=True))
+    else:
+        print(yaml.safe_dump(to_plain(recipe), sort_keys=False, allow_unicode=True))
+    print(f"OK: {args.recipe} is a valid {recipe.stage} recipe", file=sys.stderr)
+    return 0
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    from pretrain.world import main as world_main
+
+    return world_main(["--out", args.out, "--seed", str(args.seed)]) or 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from pretrain.generate import generate
+    from pretrain.hf import load_pretrained
+    from pretrain.run import load_tokenizer
+    from pretrain.tokenizer import render_chat, turn_terminator_ids
+
+    if not (Path(args.model) / "config.json").is_file():
+        raise RecipeError(f"no model folder at {args.model!r} (expected config.json there)")
+    tok = load_tokenizer(args.model)
+    model = load_pretrained(args.model)
+    for prompt in args.prompts:
+        text = render_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        out = generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_p=args.top_p, stop_token_ids=turn_terminator_ids(tok), pad_token_id=tok.pad_token_id)
+        print(f"> {prompt}\n{tok.decode(out[0], skip_special_tokens=True).strip()}\n")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="glmwb", description="glm-workbench: RLHF for GLM models, recipe-driven.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a recipe (a stage or a pipeline)", description="Run a recipe.")
+    r.add_argument("recipe", help="a YAML recipe, e.g. recipes/quickstart.yaml")
+    r.add_argument("overrides", nargs="*", help="section.key=value overrides, applied last "
+                   "(in a pipeline, STAGE.section.key=value targets one stage)")
+    r.set_defaults(func=cmd_run)
+
+    v = sub.add_parser("validate", help="check a recipe and print it fully resolved",
+                       description="Check a recipe strictly and print the resolved config.")
+    v.add_argument("recipe")
+    v.add_argument("overrides", nargs="*")
+    v.set_defaults(func=cmd_validate)
+
+    w = sub.add_parser("world", help="write the embedded world's corpus and prompts as JSONL",
+                       description="Write the embedded synthetic world (corpus, train / held-out prompts).")
+    w.add_argument("--out", required=True)
+    w.add_argument("--seed", type=int, default=0)
+    w.set_defaults(func=cmd_world)
+
+    s = sub.add_parser("sample", help="chat with a trained model folder", description="Generate answers.")
+    s.add_argument("model", help="a Hugging Face GLM folder (ours or transformers')")
+    s.add_argument("prompts", nargs="+")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.set_defaults(func=cmd_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RecipeError as e:
+        print(f"glmwb: error: {e}", file=sys.stderr)
+        return USER_ERROR
+    except FileNotFoundError as e:
+        print(f"glmwb: error: {e}", file=sys.stderr)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        print("glmwb: interrupted; the newest checkpoint in the run folder resumes the run", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

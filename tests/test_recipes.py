@@ -1,0 +1,141 @@
+"""The strict recipe loader and the `glmwb` CLI's handling of user mistakes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recipes.cli import load_recipe, main, resolve_pipeline
+from recipes.loader import RecipeError
+from recipes.schema import PretrainRecipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    if recipe.stage == "pipeline":
+        _, stages = resolve_pipeline(path, [])
+        assert stages, "a pipeline with no stages"
+
+
+def test_expected_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {"tokenizer.yaml", "pretrain_tiny.yaml", "pretrain_1b.yaml", "quickstart.yaml"} <= names
+
+
+def test_unknown_key_names_key_place_and_allowed(tmp_path):
+    path = write(tmp_path, "stage: pretrain\noptim:\n  lrr: 0.1\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    msg = str(e.value)
+    assert "optim.lrr" in msg and "section 'optim'" in msg
+    assert "did you mean 'lr'" in msg and "allowed keys:" in msg and "warmup_steps" in msg
+
+
+def test_unknown_top_level_section(tmp_path):
+    path = write(tmp_path, "stage: pretrain\ntrian: {max_steps: 3}\n")
+    with pytest.raises(RecipeError, match="unknown key 'trian' in the top level.*did you mean 'train'"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize(
+    "text, place, expected",
+    [
+        ("train:\n  max_steps: ten\n", "train.max_steps", "int"),
+        ("train:\n  max_steps: 1.5\n", "train.max_steps", "int"),
+        ("optim:\n  lr: yes\n", "optim.lr", "float"),
+        ("train:\n  device: tpu\n", "train.device", "one of 'auto', 'cpu', 'cuda'"),
+        ("model: 3\n", "model", "section"),
+    ],
+)
+def test_wrong_type_names_path_and_expected_type(tmp_path, text, place, expected):
+    path = write(tmp_path, "stage: pretrain\n" + text)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert place in str(e.value) and expected in str(e.value)
+
+
+def test_int_is_accepted_for_float_and_lists_become_tuples(tmp_path):
+    path = write(tmp_path, "stage: pretrain\noptim:\n  lr: 1\n  betas: [0.9, 0.99]\n")
+    recipe = load_recipe(path)
+    assert recipe.optim.lr == 1.0 and isinstance(recipe.optim.lr, float)
+    assert recipe.optim.betas == (0.9, 0.99)
+
+
+def test_model_config_errors_are_recipe_errors(tmp_path):
+    path = write(tmp_path, "stage: pretrain\nmodel:\n  num_heads: 6\n  num_kv_heads: 4\n")
+    with pytest.raises(RecipeError, match="multiple of num_kv_heads"):
+        load_recipe(path)
+
+
+def test_overrides_are_applied_last_and_typed(tmp_path):
+    path = write(tmp_path, "stage: pretrain\ntrain:\n  max_steps: 10\n")
+    recipe = load_recipe(path, ["train.max_steps=3", "optim.lr=1e-3", "model.post_norms=true"])
+    assert isinstance(recipe, PretrainRecipe)
+    assert recipe.train.max_steps == 3 and recipe.optim.lr == 1e-3 and recipe.model.post_norms is True
+    with pytest.raises(RecipeError, match="train.max_stepz"):
+        load_recipe(path, ["train.max_stepz=3"])
+    with pytest.raises(RecipeError, match="must look like section.key=value"):
+        load_recipe(path, ["train.max_steps"])
+
+
+def test_missing_file_and_bad_stage(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found: .*nope.yaml"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="'stage' must be one of"):
+        load_recipe(write(tmp_path, "stage: dance\n"))
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "stage: [pretrain\n"))
+
+
+def test_pipeline_substitutes_run_dir_and_routes_stage_overrides(tmp_path):
+    (tmp_path / "tok.yaml").write_text("stage: tokenizer\n")
+    (tmp_path / "pre.yaml").write_text("stage: pretrain\n")
+    path = write(
+        tmp_path,
+        "stage: pipeline\nrun: {dir: out/q}\nstages:\n"
+        "  - {name: tok, recipe: tok.yaml, overrides: {run.dir: '${run.dir}/tok'}}\n"
+        "  - {name: pre, recipe: pre.yaml, overrides: {run.dir: '${run.dir}/pre', data.tokenizer: '${run.dir}/tok'}}\n",
+        "pipe.yaml",
+    )
+    pipeline, stages = resolve_pipeline(path, ["run.dir=elsewhere", "pre.train.max_steps=7"])
+    assert pipeline.run.dir == "elsewhere"
+    (_, _, tok), (_, _, pre) = stages
+    assert tok.run.dir == "elsewhere/tok"
+    assert pre.data.tokenizer == "elsewhere/tok" and pre.train.max_steps == 7
+    with pytest.raises(RecipeError, match="stage 'pre'.*train.max_stepz"):
+        resolve_pipeline(path, ["pre.train.max_stepz=7"])
+
+
+def test_cli_user_error_exits_2_without_traceback(tmp_path):
+    path = write(tmp_path, "stage: pretrain\noptim:\n  lrr: 0.1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "recipes.cli", "validate", str(path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "optim.lrr" in proc.stderr
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_cli_help_everywhere():
+    for args in (["--help"], ["run", "--help"], ["validate", "--help"], ["world", "--help"], ["sample", "--help"]):
+        proc = subprocess.run([sys.executable, "-m", "recipes.cli", *args], capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage: glmwb" in proc.stdout
+
+
+def test_validate_prints_resolved_config(capsys):
+    assert main(["validate", str(ROOT / "recipes" / "pretrain_tiny.yaml"), "train.max_steps=5"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 5" in out and "num_kv_heads: 2" in out
