@@ -24,7 +24,7 @@ class WorldConfig:
     """The embedded synthetic world (pretrain/world.py): entities and task families from a seed."""
 
     seed: int = 0
-    num_entities: int = 80
+    num_entities: int = 96
 
 
 @dataclass(frozen=True)

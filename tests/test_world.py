@@ -1,0 +1,339 @@
+"""The embedded default world: determinism, the train / held-out split, the checker, simulated annotators."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+
+import pytest
+
+from pretrain import world as W
+from pretrain.world import (
+    KINDS,
+    LABELS,
+    PreferenceRule,
+    Prompt,
+    SimulatedAnnotator,
+    agreement_ceiling,
+    check,
+    detect_language,
+    find_numbers,
+    make_world,
+    preference_pairs,
+)
+
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+@pytest.fixture(scope="module")
+def world() -> W.World:
+    return make_world(seed=0)
+
+
+@pytest.fixture(scope="module")
+def train(world: W.World) -> list[Prompt]:
+    return world.prompts("train", 600, seed=0)
+
+
+@pytest.fixture(scope="module")
+def heldout(world: W.World) -> list[Prompt]:
+    return world.prompts("heldout", 300, seed=0)
+
+
+def _number_prompt(world: W.World, lang: str = "en", gold: str = "42") -> Prompt:
+    return Prompt(
+        id=f"test/{lang}",
+        messages=[{"role": "user", "content": "What is 40 + 2?"}],
+        lang=lang,
+        family="arithmetic",
+        gold=gold,
+        reference="40 + 2 = 42." if lang == "en" else "40加2等于42。",
+        key="add:40:2",
+        answer_type="number",
+        world_key=(world.seed, world.num_entities),
+    )
+
+
+# -- the world itself ----------------------------------------------------------------------------------------
+
+
+def test_determinism_by_seed(world: W.World) -> None:
+    again = make_world(seed=0)
+    assert again.to_dict() == world.to_dict()
+    assert again.corpus(300, seed=1) == world.corpus(300, seed=1)
+    assert [p.to_dict() for p in again.prompts("train", 50, seed=3)] == [
+        p.to_dict() for p in world.prompts("train", 50, seed=3)
+    ]
+    p = world.prompts("heldout", 1)[0]
+    assert again.responses(p, seed=5) == world.responses(p, seed=5)
+
+    other = make_world(seed=1)
+    assert [e.name_en for e in other.entities] != [e.name_en for e in world.entities]
+    assert other.corpus(300, seed=1) != world.corpus(300, seed=1)
+    assert world.corpus(300, seed=2) != world.corpus(300, seed=1)
+    assert [p.id for p in other.prompts("train", 50)] != [p.id for p in world.prompts("train", 50)]
+    json.dumps(world.to_dict(), ensure_ascii=False)  # JSON-able
+    assert W.World.from_dict(json.loads(json.dumps(world.to_dict()))).to_dict() == world.to_dict()
+
+
+def test_entities_are_bilingual_and_names_cannot_be_answers(world: W.World) -> None:
+    kinds = {e.kind for e in world.entities}
+    assert kinds == {"country", "city", "person", "creature"}
+    assert len([e for e in world.entities if e.kind != "country"]) == 96
+    assert (
+        len({e.name_en for e in world.entities})
+        == len({e.name_zh for e in world.entities})
+        == len(world.entities)
+    )
+    assert all(CJK.fullmatch(ch) for e in world.entities for ch in e.name_zh)
+    # No name character is a numeral, operator, unit or part of an answer word.
+    name_chars = {z for _, z in W.SYLLABLES} | {z for _, z in W.CITY_SUFFIXES} | {"亚", "兽"}
+    forbidden = set("零〇一二两三四五六七八九十百千万加减乘以等于") | set(
+        "".join(u[3] for u in W.UNITS.values())
+    )
+    forbidden |= {ch for table in W.VOCAB.values() for _, zh, _ in table.values() for ch in zh}
+    assert not name_chars & forbidden
+    with pytest.raises(ValueError):
+        make_world(num_entities=5)
+
+
+def test_train_and_heldout_are_disjoint(world: W.World, train: list[Prompt], heldout: list[Prompt]) -> None:
+    train_keys = {(p.family, p.key) for p in train}
+    heldout_keys = {(p.family, p.key) for p in heldout}
+    assert train_keys and heldout_keys and not train_keys & heldout_keys
+    # The full pools, not only these samples, are disjoint; every family has held-out instances.
+    for family in W.FAMILIES:
+        pool_train = {it.key for it in world._split["train"][family]}
+        pool_heldout = {it.key for it in world._split["heldout"][family]}
+        assert pool_heldout and not pool_train & pool_heldout
+        assert 0.1 < len(pool_heldout) / (len(pool_train) + len(pool_heldout)) < 0.3
+    assert {p.family for p in heldout} == set(W.FAMILIES) and {p.lang for p in heldout} == {"en", "zh"}
+    assert all(not p.id.endswith("/t3") for p in train)  # the fourth phrasing is held out
+    assert any(p.id.endswith("/t3") for p in heldout)
+    assert len({p.id for p in train}) == len(train)  # distinct prompts
+    with pytest.raises(ValueError, match="distinct"):
+        make_world(seed=0, num_entities=12, max_operand=3).prompts("heldout", 10_000)
+
+
+def test_corpus_chats_never_ask_heldout_questions(world: W.World, heldout: list[Prompt]) -> None:
+    docs = world.corpus(3000, seed=0)
+    asked = set(
+        re.findall(r"<\|user\|>\n(.*?)<\|assistant\|>", "".join(d for d in docs if d.startswith("[gMASK]")))
+    )
+    assert len(asked) > 500
+    assert not asked & {p.messages[-1]["content"] for p in heldout}
+    train = world.prompts("train", 2000, seed=1)
+    assert asked & {p.messages[-1]["content"] for p in train}  # ...while train questions do occur
+
+
+def test_corpus_size_speed_languages_and_format(world: W.World) -> None:
+    start = time.perf_counter()
+    docs = world.corpus(20000, seed=0)
+    seconds = time.perf_counter() - start
+    chars = sum(map(len, docs))
+    assert seconds < 5.0, seconds
+    assert 1_000_000 <= chars <= 3_000_000, chars
+    cjk_docs = sum(bool(CJK.search(d)) for d in docs)
+    assert 0.45 < cjk_docs / len(docs) < 0.55
+    for d in docs[:2000]:
+        # A document is English or Chinese, not a mixture (a chat's wrong-language answers aside).
+        text = "".join(re.findall(r"<\|user\|>\n([^<]*)", d)) if d.startswith("[gMASK]") else d
+        cjk, latin = len(CJK.findall(text)), len(re.findall(r"[A-Za-z]", text))
+        assert (cjk == 0) or (cjk > latin), d
+    chats = [d for d in docs if "<|assistant|>" in d]
+    assert 0.3 < len(chats) / len(docs) < 0.55
+    for d in chats[:500]:
+        assert d.startswith("[gMASK]<sop>") and d.count("[gMASK]") == 1
+        assert re.fullmatch(
+            r"\[gMASK\]<sop>(<\|system\|>\n[^\n<]+)?(<\|user\|>\n[^<]+<\|assistant\|>\n[^<]+)+", d
+        ), d
+        assert not d.endswith("\n") and "<|endoftext|>" not in d
+
+
+# -- responses and the checker ----------------------------------------------------------------------------
+
+
+def test_responses_check_as_labelled(world: W.World, train: list[Prompt], heldout: list[Prompt]) -> None:
+    for p in train[:300] + heldout[:100]:
+        responses = world.responses(p, seed=7)
+        assert [r.kind for r in responses] == list(KINDS)
+        checks = {r.kind: world.check(p, r.text) for r in responses}
+        assert (
+            checks["correct"].correct and checks["correct"].right_language and checks["correct"].score == 1.0
+        )
+        assert (
+            checks["verbose"].correct
+            and checks["verbose"].right_language
+            and checks["verbose"].concision <= 0.6
+        )
+        assert not checks["wrong"].correct and checks["wrong"].right_language
+        assert checks["wrong_language"].correct and not checks["wrong_language"].right_language
+        assert not checks["refusal"].correct and not checks["off_topic"].correct
+        assert (
+            checks["correct"].score
+            > checks["verbose"].score
+            > checks["wrong_language"].score
+            > checks["wrong"].score
+        )
+        assert all(0.0 <= c.score <= 1.0 for c in checks.values())
+        assert world.check(p, p.reference).score == 1.0
+        assert check(p, responses[0].text) == checks["correct"]  # the world-free checker agrees
+
+
+@pytest.mark.parametrize(
+    ("text", "correct", "right_language"),
+    [
+        ("答案是42。", True, False),
+        ("The answer is 42.", True, True),
+        ("40 + 2 = 42", True, True),
+        ("42", True, True),
+        ("The answer is ４２.", True, True),
+        ("I think it is 41, no wait, 42.", True, True),
+        ("42, or maybe 43.", False, True),
+        ("40 + 2 = 420", False, True),
+        ("It is 42.0", True, True),
+        ("答案是四十二。", True, False),
+        ("这是一个好问题，答案是42，希望这一点对你有帮助。", True, False),
+        ("", False, True),
+        ("I don't know.", False, True),
+    ],
+)
+def test_checker_parses_numbers_in_both_languages(
+    world: W.World, text: str, correct: bool, right_language: bool
+) -> None:
+    c = world.check(_number_prompt(world, "en"), text)
+    assert (c.correct, c.right_language) == (correct, right_language)
+    zh = world.check(_number_prompt(world, "zh"), text)
+    assert zh.correct == correct
+
+
+def test_find_numbers() -> None:
+    assert [v for _, v, _ in find_numbers("1,200 m and -3 and 7-5 and 2.5")] == [1200, -3, 7, 5, 2.5]
+    assert [v for _, v, _ in find_numbers("一百零五，三十四，十二，两千，三万")] == [105, 34, 12, 2000, 30000]
+    assert [v for _, v, _ in find_numbers("5千米等于5000米，十分感谢，一个")] == [5, 5000]
+
+
+def test_checker_parses_words_in_both_languages(world: W.World, train: list[Prompt]) -> None:
+    colour = next(p for p in train if p.answer_type == "colour" and p.lang == "en")
+    en, zh, _ = W.VOCAB["colour"][colour.gold]
+    other_en, other_zh, _ = next(v for k, v in W.VOCAB["colour"].items() if k != colour.gold)
+    assert world.check(colour, f"{en.upper()}!").correct
+    assert (
+        world.check(colour, f"它喜欢{zh}。").correct
+        and not world.check(colour, f"它喜欢{zh}。").right_language
+    )
+    assert not world.check(colour, f"Not {en}, it is {other_en}.").correct  # the final answer counts
+    assert world.check(colour, f"Not {other_en}: {en}.").correct
+    assert not world.check(colour, f"{other_zh}").correct
+    city = next(p for p in train if p.answer_type == "city" and p.lang == "zh")
+    entity = world._by_name[world._item(city).value]
+    assert world.check(city, f"住在{entity.name_zh}。").correct and world.check(city, entity.name_en).correct
+    assert not world.check(city, entity.name_en.lower() + "x").correct  # whole words only
+
+
+def test_detect_language() -> None:
+    assert detect_language("佐文喜欢红色。") == "zh"
+    assert detect_language("Zorven likes red.") == "en"
+    assert detect_language("[gMASK]<sop><|user|>\n你好<|assistant|>\n你好") == "zh"
+    assert detect_language("42.") is None
+
+
+# -- simulated annotators ----------------------------------------------------------------------------------
+
+
+def test_annotator_without_noise_follows_the_rule(world: W.World, train: list[Prompt]) -> None:
+    annotator = SimulatedAnnotator(PreferenceRule(), noise=0.0, seed=0)
+    for p in train[:100]:
+        r = {x.kind: x.text for x in world.responses(p, seed=1)}
+        cases = [
+            ("correct", "wrong", "A"),
+            ("wrong", "correct", "B"),
+            ("correct", "wrong_language", "A"),
+            ("wrong_language", "verbose", "B"),
+            ("correct", "verbose", "A"),
+            ("verbose", "correct", "B"),
+            ("wrong_language", "refusal", "A"),
+            ("wrong", "refusal", "both_bad"),
+            ("off_topic", "wrong", "both_bad"),
+        ]
+        for a, b, expected in cases:
+            assert annotator.judge(p, r[a], r[b]) == expected, (p.id, a, b)
+        assert annotator.judge(p, p.reference, r["correct"]) == "tie"  # both correct and concise
+    lenient = SimulatedAnnotator(PreferenceRule(concision=0.0), noise=0.0)
+    p = train[0]
+    r = {x.kind: x.text for x in world.responses(p)}
+    assert lenient.judge(p, r["correct"], r["verbose"]) == "tie"
+
+
+@pytest.mark.parametrize("noise", [0.2, 0.5])
+def test_measured_agreement_matches_ceiling(world: W.World, train: list[Prompt], noise: float) -> None:
+    clean = PreferenceRule()
+    agree = strict_total = strict_agree = total = 0
+    for i, p in enumerate(train):
+        responses = world.responses(p, seed=i)
+        for j in range(10):
+            a, b = responses[(i + j) % 6], responses[(i + 3 * j + 1) % 6]
+            rule = clean.label(world.check(p, a.text), world.check(p, b.text))
+            label = SimulatedAnnotator(noise=noise, seed=j).judge(p, a.text, b.text)
+            assert label in LABELS
+            total += 1
+            agree += label == rule
+            if rule in ("A", "B") and label in ("A", "B"):
+                strict_total += 1
+                strict_agree += label == rule
+    for measured, n, kind in (
+        (agree / total, total, "label"),
+        (strict_agree / strict_total, strict_total, "pairwise"),
+    ):
+        expected = agreement_ceiling(noise, kind)
+        sigma = math.sqrt(expected * (1 - expected) / n)
+        assert abs(measured - expected) < 4 * sigma, (kind, measured, expected, n)
+    assert agreement_ceiling(0.0) == agreement_ceiling(0.0, "pairwise") == 1.0
+    assert agreement_ceiling(1.0) == 0.25 and agreement_ceiling(1.0, "pairwise") == 0.5
+
+
+def test_preference_pairs(world: W.World, train: list[Prompt]) -> None:
+    records = preference_pairs(world, train[:200], n_annotators=3, noise=0.0, seed=0, labels_per_pair=2)
+    assert len(records) == 400
+    assert records == preference_pairs(
+        world, train[:200], n_annotators=3, noise=0.0, seed=0, labels_per_pair=2
+    )
+    labels = {r["label"] for r in records}
+    assert {"A", "B", "tie", "both_bad"} <= labels
+    for r in records:
+        assert set(r) >= {"prompt", "chosen", "rejected", "tie", "annotator", "attributes", "provenance"}
+        assert r["prompt"][-1]["role"] == "user" and r["chosen"][0]["role"] == "assistant"
+        assert r["tie"] == (r["label"] in ("tie", "both_bad"))
+        assert r["provenance"]["source"] == "world" and len(r["provenance"]["kinds"]) == 2
+        ch, rj = r["attributes"]["chosen"], r["attributes"]["rejected"]
+        assert set(ch) == {"correctness", "language", "concision"}
+        if not r["tie"]:  # noise 0: the chosen answer is the better one by the rule
+            assert PreferenceRule().utility(
+                W.Check(bool(ch["correctness"]), bool(ch["language"]), 0, 0, ch["concision"])
+            ) > (
+                PreferenceRule().utility(
+                    W.Check(bool(rj["correctness"]), bool(rj["language"]), 0, 0, rj["concision"])
+                )
+            )
+    json.dumps(records, ensure_ascii=False)
+
+
+# -- the CLI -----------------------------------------------------------------------------------------------
+
+
+def test_cli_writes_files(tmp_path, capsys) -> None:
+    argv = f"--out {tmp_path} --seed 3 --num-docs 300 --num-train 60 --num-heldout 20".split()
+    assert W.main(argv) == 0
+    corpus = [
+        json.loads(line) for line in (tmp_path / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
+    assert len(corpus) == 300 and all(set(d) == {"text"} for d in corpus)
+    assert corpus[0]["text"] == make_world(3).corpus(300, seed=3)[0]
+    for split, n in (("train", 60), ("heldout", 20)):
+        rows = (tmp_path / f"prompts_{split}.jsonl").read_text(encoding="utf-8").splitlines()
+        prompts = [Prompt.from_dict(json.loads(line)) for line in rows]
+        assert len(prompts) == n and prompts == make_world(3).prompts(split, n, seed=3)
+    out = capsys.readouterr().out
+    assert "corpus: 300 docs" in out and "prompts_heldout: 20" in out and "fact/zh" in out
