@@ -30,15 +30,21 @@ def run_tokenizer(recipe: TokenizerRecipe) -> dict[str, Any]:
 
     out = Path(recipe.run.dir)
     texts = corpus_texts(recipe.corpus)
-    tok = train_tokenizer(texts, vocab_size=recipe.tokenizer.vocab_size,
-                          min_frequency=recipe.tokenizer.min_frequency)
+    tok = train_tokenizer(
+        texts, vocab_size=recipe.tokenizer.vocab_size, min_frequency=recipe.tokenizer.min_frequency
+    )
     tok.model_max_length = recipe.tokenizer.model_max_length
     tok.save_pretrained(out)
     chars = sum(len(t) for t in texts)
     tokens = sum(len(ids) for ids in tok(texts[:2000], add_special_tokens=False)["input_ids"])
     sample_chars = sum(len(t) for t in texts[:2000])
-    summary = {"tokenizer": str(out), "vocab_size": len(tok), "docs": len(texts), "chars": chars,
-               "chars_per_token": round(sample_chars / max(1, tokens), 3)}
+    summary = {
+        "tokenizer": str(out),
+        "vocab_size": len(tok),
+        "docs": len(texts),
+        "chars": chars,
+        "chars_per_token": round(sample_chars / max(1, tokens), 3),
+    }
     print(f"tokenizer: {len(tok)} tokens, {summary['chars_per_token']} chars/token → {out}")
     return summary
 
@@ -55,7 +61,7 @@ def load_tokenizer(path: str):
 
 
 def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
-    from pretrain.data import build_dataset, load_packed, unigram_entropy
+    from pretrain.data import FilterConfig, build_dataset, load_packed, unigram_entropy
     from pretrain.hf import load_pretrained, save_pretrained
     from pretrain.model import GLM
     from pretrain.tokenizer import turn_terminator_ids
@@ -70,8 +76,16 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
         )
     data_dir = Path(recipe.data.cache_dir or run_dir / "data")
     if not (data_dir / "train" / "meta.json").is_file():
-        stats = build_dataset(corpus_texts(recipe.corpus), tok, recipe.data.seq_len, data_dir,
-                              heldout_fraction=recipe.data.heldout_fraction, seed=recipe.run.seed)
+        stats = build_dataset(
+            corpus_texts(recipe.corpus),
+            tok,
+            recipe.data.seq_len,
+            data_dir,
+            heldout_fraction=recipe.data.heldout_fraction,
+            seed=recipe.run.seed,
+            filter_cfg=recipe.data.filter or FilterConfig.accept_all(),
+            dedup_cfg=recipe.data.dedup,
+        )
         print(f"data: {json.dumps(stats)}")
     train_data, heldout = load_packed(data_dir / "train"), load_packed(data_dir / "heldout")
     baseline = unigram_entropy(train_data, heldout, len(tok))
@@ -79,16 +93,22 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
     cfg = recipe.model.with_(pad_token_id=tok.pad_token_id, eos_token_ids=tuple(turn_terminator_ids(tok)))
     torch.manual_seed(recipe.run.seed)
     model = load_pretrained(recipe.train.init_from) if recipe.train.init_from else GLM(cfg)
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {cfg.num_layers} layers, hidden {cfg.hidden_size}")
-    summary = train(model, tok, train_data, heldout, recipe.optim, recipe.train, run_dir, seed=recipe.run.seed)
+    print(
+        f"model: {model.num_params() / 1e6:.2f}M parameters, {cfg.num_layers} layers, hidden {cfg.hidden_size}"
+    )
+    summary = train(
+        model, tok, train_data, heldout, recipe.optim, recipe.train, run_dir, seed=recipe.run.seed
+    )
     summary["unigram_baseline"] = baseline
     save_pretrained(model, run_dir / "final", tokenizer=tok)
     summary["samples"] = world_samples(model, tok, recipe)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     before = summary.get("heldout_loss_before", float("nan"))
-    print(f"held-out loss: {before:.3f} before → {summary['heldout_loss_after']:.3f} after "
-          f"(unigram baseline {baseline:.3f}); {summary['tokens_per_s']:,.0f} tokens/s; "
-          f"model → {run_dir / 'final'}")
+    print(
+        f"held-out loss: {before:.3f} before → {summary['heldout_loss_after']:.3f} after "
+        f"(unigram baseline {baseline:.3f}); {summary['tokens_per_s']:,.0f} tokens/s; "
+        f"model → {run_dir / 'final'}"
+    )
     return summary
 
 
@@ -102,17 +122,39 @@ def world_samples(model, tok, recipe: PretrainRecipe, per_lang: int = 2) -> list
 
     world = make_world(seed=recipe.corpus.world.seed, num_entities=recipe.corpus.world.num_entities)
     prompts = world.prompts("heldout", 200, seed=recipe.run.seed)
-    chosen = [p for p in prompts if p.lang == "en"][:per_lang] + [p for p in prompts if p.lang == "zh"][:per_lang]
-    ids = [tok(render_chat(tok, p.messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-           for p in chosen]
-    device = next(model.parameters()).device
-    outs = generate(model, ids, max_new_tokens=48, temperature=0.0, stop_token_ids=turn_terminator_ids(tok),
-                    pad_token_id=tok.pad_token_id, device=device) if chosen else []
+    chosen = [p for p in prompts if p.lang == "en"][:per_lang] + [p for p in prompts if p.lang == "zh"][
+        :per_lang
+    ]
+    ids = [
+        tok(render_chat(tok, p.messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        for p in chosen
+    ]
+    outs = (
+        generate(
+            model,
+            ids,
+            max_new_tokens=48,
+            temperature=0.0,
+            stop_token_ids=turn_terminator_ids(tok),
+            pad_token_id=tok.pad_token_id,
+        )
+        if chosen
+        else []
+    )
     samples = []
     for p, out in zip(chosen, outs):
         text = tok.decode(out, skip_special_tokens=True).strip()
         check = world.check(p, text)
-        samples.append({"lang": p.lang, "question": p.messages[-1]["content"], "answer": text,
-                        "gold": p.gold, "correct": check.correct})
-        print(f"[{p.lang}] {p.messages[-1]['content']}\n  → {text}   (gold {p.gold}, correct={check.correct})")
+        samples.append(
+            {
+                "lang": p.lang,
+                "question": p.messages[-1]["content"],
+                "answer": text,
+                "gold": p.gold,
+                "correct": check.correct,
+            }
+        )
+        print(
+            f"[{p.lang}] {p.messages[-1]['content']}\n  → {text}   (gold {p.gold}, correct={check.correct})"
+        )
     return samples

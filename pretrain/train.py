@@ -17,14 +17,16 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from pretrain.data import DedupConfig, FilterConfig
 
 if TYPE_CHECKING:
     from pretrain.model import GLM
@@ -38,6 +40,8 @@ class DataConfig:
     seq_len: int = 256
     heldout_fraction: float = 0.02
     cache_dir: str | None = None  # where packed data goes; default <run.dir>/data
+    filter: FilterConfig | None = field(default_factory=FilterConfig)  # null: keep every document
+    dedup: DedupConfig = field(default_factory=DedupConfig)
 
 
 @dataclass(frozen=True)
@@ -130,16 +134,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def evaluate(
-    model: GLM, batches: Callable[[], Iterator[dict]], num_batches: int, device, amp_dtype
-) -> float:
-    """Mean next-token loss (nats/token) over the first `num_batches` held-out batches."""
+def evaluate(model: GLM, dataset, batch_size: int, num_batches: int, device, amp_dtype) -> float:
+    """Mean next-token loss (nats/token) over the first `num_batches` x `batch_size` held-out rows."""
     was_training = model.training
     model.eval()
     total_loss, total_tokens = 0.0, 0
-    for i, batch in enumerate(batches()):
-        if i >= num_batches:
-            break
+    rows = min(len(dataset), batch_size * num_batches)
+    for start in range(0, rows, batch_size):
+        batch = dataset.batch(np.arange(start, min(start + batch_size, rows)))
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"])
@@ -154,16 +156,22 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
 
 
-def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, step: int, data_state: dict, extra: dict,
-                    keep: int) -> Path:
+def save_checkpoint(
+    run_dir: Path, model, tokenizer, optimizer, step: int, data_state: dict, extra: dict, keep: int
+) -> Path:
     from pretrain.hf import save_pretrained
 
     final = run_dir / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(model, tmp, tokenizer=tokenizer)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "data": data_state,
-             **extra}
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(),
+        "data": data_state,
+        **extra,
+    }
     torch.save(state, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)  # a checkpoint is complete or absent, never half-written
@@ -240,15 +248,17 @@ def train(
         step, tokens_seen = state["step"], state.get("tokens_seen", 0)
         log(f"resumed from {ckpt} at step {step}")
         if metrics_path.exists():  # drop lines written after that checkpoint
-            keep = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            keep = [
+                ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step
+            ]
             metrics_path.write_text("".join(line + "\n" for line in keep))
     elif metrics_path.exists():
         metrics_path.unlink()
 
     fwd = torch.compile(model) if train_cfg.compile else model
 
-    def heldout_batches():
-        return iter(BatchIterator(heldout_data, train_cfg.batch_size, seed=0, shuffle=False))
+    def heldout_loss() -> float:
+        return evaluate(model, heldout_data, train_cfg.batch_size, train_cfg.eval_batches, device, amp_dtype)
 
     def write(row: dict) -> None:
         with metrics_path.open("a") as f:
@@ -256,7 +266,7 @@ def train(
 
     summary: dict[str, Any] = {"start_step": step}
     if step == 0:
-        loss0 = evaluate(model, heldout_batches, train_cfg.eval_batches, device, amp_dtype)
+        loss0 = heldout_loss()
         summary["heldout_loss_before"] = loss0
         write({"kind": "eval", "step": 0, "heldout_loss": loss0})
         log(f"held-out loss before training: {loss0:.4f}")
@@ -272,13 +282,18 @@ def train(
         lr = lr_at(step, optim_cfg, train_cfg.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        # Normalise by the target tokens of the whole step, not per micro-batch, so that
+        # grad_accum x batch_size is the same optimisation whatever the split (1x8 == 8x1).
+        micro = [next(data_iter) for _ in range(train_cfg.grad_accum)]
+        step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         loss_sum = 0.0
-        for _ in range(train_cfg.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iter).items()}
+        for batch in micro:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = fwd(batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"])
-            (out.loss / train_cfg.grad_accum).backward()
-            loss_sum += float(out.loss.detach()) / train_cfg.grad_accum
+            share = int((batch["labels"][:, 1:] != -100).sum()) / max(1, step_tokens)
+            (out.loss * share).backward()
+            loss_sum += float(out.loss.detach()) * share
         grad_norm = (
             float(torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip))
             if optim_cfg.grad_clip > 0
@@ -296,18 +311,37 @@ def train(
             tps = window_tokens / max(1e-9, now - window_t)
             window_t, window_tokens = now, 0
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-            write({"kind": "train", "step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                   "tokens": tokens_seen, "tokens_per_s": tps})
-        out_of_time = train_cfg.max_minutes is not None and (time.time() - started) > 60 * train_cfg.max_minutes
+            write(
+                {
+                    "kind": "train",
+                    "step": step,
+                    "loss": loss_sum,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens": tokens_seen,
+                    "tokens_per_s": tps,
+                }
+            )
+        out_of_time = (
+            train_cfg.max_minutes is not None and (time.time() - started) > 60 * train_cfg.max_minutes
+        )
         last = step == train_cfg.max_steps or out_of_time
         if step % train_cfg.eval_every == 0 or last:
-            held = evaluate(model, heldout_batches, train_cfg.eval_batches, device, amp_dtype)
+            held = heldout_loss()
             write({"kind": "eval", "step": step, "heldout_loss": held})
             bar.write(f"step {step}: held-out loss {held:.4f}")
             summary["heldout_loss_after"] = held
         if step % train_cfg.save_every == 0 or last:
-            save_checkpoint(run_dir, model, tokenizer, optimizer, step, batches.state_dict(),
-                            {"tokens_seen": tokens_seen}, train_cfg.keep_checkpoints)
+            save_checkpoint(
+                run_dir,
+                model,
+                tokenizer,
+                optimizer,
+                step,
+                batches.state_dict(),
+                {"tokens_seen": tokens_seen},
+                train_cfg.keep_checkpoints,
+            )
         if out_of_time and step < train_cfg.max_steps:
             stopped_early = True
             bar.write(f"max_minutes ({train_cfg.max_minutes}) reached at step {step}; checkpoint saved")

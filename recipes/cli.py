@@ -31,9 +31,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         apply_override(data, *parse_override(text))
     stage = data.get("stage")
     if stage not in STAGES:
-        raise RecipeError(
-            f"{path}: 'stage' must be one of {', '.join(STAGES)}, got {stage!r}"
-        )
+        raise RecipeError(f"{path}: 'stage' must be one of {', '.join(STAGES)}, got {stage!r}")
     return build(STAGES[stage], data, source=str(path))
 
 
@@ -63,9 +61,13 @@ def resolve_pipeline(path: str | Path, overrides: list[str]) -> tuple[Any, list[
         for key, value in ref.overrides.items():
             if isinstance(value, str):
                 try:
-                    value = string.Template(_normalise_template(value)).substitute({k.replace(".", "_"): v for k, v in values.items()})
+                    value = string.Template(_normalise_template(value)).substitute(
+                        {k.replace(".", "_"): v for k, v in values.items()}
+                    )
                 except (KeyError, ValueError) as e:
-                    raise RecipeError(f"{path}: stage {ref.name!r}, override {key}: unknown variable {e}") from None
+                    raise RecipeError(
+                        f"{path}: stage {ref.name!r}, override {key}: unknown variable {e}"
+                    ) from None
                 texts.append(f"{key}={value}")
             else:
                 texts.append(f"{key}={value!r}" if not isinstance(value, (list, dict)) else f"{key}={value}")
@@ -95,10 +97,13 @@ def run_stage(recipe: Any) -> dict:
     raise RecipeError(f"no runner for stage {recipe.stage!r}")
 
 
+def is_pipeline(path: str | Path) -> bool:
+    return read_yaml(path).get("stage") == "pipeline"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe, args.overrides)
-    if recipe.stage != "pipeline":
-        run_stage(recipe)
+    if not is_pipeline(args.recipe):
+        run_stage(load_recipe(args.recipe, args.overrides))
         return 0
     pipeline, stages = resolve_pipeline(args.recipe, args.overrides)
     dump_yaml(pipeline, Path(pipeline.run.dir) / "config.yaml")
@@ -117,16 +122,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     from recipes.loader import to_plain
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    if recipe.stage == "pipeline":
+    if is_pipeline(args.recipe):
         pipeline, stages = resolve_pipeline(args.recipe, args.overrides)
         print(yaml.safe_dump(to_plain(pipeline), sort_keys=False, allow_unicode=True))
         for name, _, stage in stages:
             print(f"# --- stage {name} ---")
             print(yaml.safe_dump(to_plain(stage), sort_keys=False, allow_unicode=True))
+        stage_name = "pipeline"
     else:
+        recipe = load_recipe(args.recipe, args.overrides)
         print(yaml.safe_dump(to_plain(recipe), sort_keys=False, allow_unicode=True))
-    print(f"OK: {args.recipe} is a valid {recipe.stage} recipe", file=sys.stderr)
+        stage_name = recipe.stage
+    print(f"OK: {args.recipe} is a valid {stage_name} recipe", file=sys.stderr)
     return 0
 
 
@@ -149,30 +156,49 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for prompt in args.prompts:
         text = render_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        out = generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_p=args.top_p, stop_token_ids=turn_terminator_ids(tok), pad_token_id=tok.pad_token_id)
+        out = generate(
+            model,
+            [ids],
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            stop_token_ids=turn_terminator_ids(tok),
+            pad_token_id=tok.pad_token_id,
+        )
         print(f"> {prompt}\n{tok.decode(out[0], skip_special_tokens=True).strip()}\n")
     return 0
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="glmwb", description="glm-workbench: RLHF for GLM models, recipe-driven.")
+    p = argparse.ArgumentParser(
+        prog="glmwb", description="glm-workbench: RLHF for GLM models, recipe-driven."
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="run a recipe (a stage or a pipeline)", description="Run a recipe.")
     r.add_argument("recipe", help="a YAML recipe, e.g. recipes/quickstart.yaml")
-    r.add_argument("overrides", nargs="*", help="section.key=value overrides, applied last "
-                   "(in a pipeline, STAGE.section.key=value targets one stage)")
+    r.add_argument(
+        "overrides",
+        nargs="*",
+        help="section.key=value overrides, applied last "
+        "(in a pipeline, STAGE.section.key=value targets one stage)",
+    )
     r.set_defaults(func=cmd_run)
 
-    v = sub.add_parser("validate", help="check a recipe and print it fully resolved",
-                       description="Check a recipe strictly and print the resolved config.")
+    v = sub.add_parser(
+        "validate",
+        help="check a recipe and print it fully resolved",
+        description="Check a recipe strictly and print the resolved config.",
+    )
     v.add_argument("recipe")
     v.add_argument("overrides", nargs="*")
     v.set_defaults(func=cmd_validate)
 
-    w = sub.add_parser("world", help="write the embedded world's corpus and prompts as JSONL",
-                       description="Write the embedded synthetic world (corpus, train / held-out prompts).")
+    w = sub.add_parser(
+        "world",
+        help="write the embedded world's corpus and prompts as JSONL",
+        description="Write the embedded synthetic world (corpus, train / held-out prompts).",
+    )
     w.add_argument("--out", required=True)
     w.add_argument("--seed", type=int, default=0)
     w.set_defaults(func=cmd_world)

@@ -83,9 +83,7 @@ def _type_name(tp: Any) -> str:
 def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
     """Check `value` against the annotation `tp`; return it converted (lists → tuples, dicts → dataclasses)."""
     origin = typing.get_origin(tp)
-    bad = RecipeError(
-        f"{source}: {where} must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
-    )
+    bad = RecipeError(f"{source}: {where} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):

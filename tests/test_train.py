@@ -1,0 +1,182 @@
+"""The pretraining loop: loss falls, golden equivalences (resume = never stopped, 1x8 = 8x1 accumulation),
+and the CLI stages end to end on a tiny world."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.config import GLMConfig
+from pretrain.data import DedupConfig, FilterConfig, build_dataset, load_packed
+from pretrain.model import GLM
+from pretrain.train import OptimConfig, TrainConfig, lr_at, train
+from pretrain.world import make_world
+from recipes.cli import main
+
+TINY = GLMConfig(
+    vocab_size=832,
+    hidden_size=48,
+    intermediate_size=80,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=12,
+    max_position_embeddings=256,
+)
+
+
+@pytest.fixture(scope="module")
+def packed(tiny_tokenizer, tmp_path_factory):
+    out = tmp_path_factory.mktemp("packed")
+    texts = make_world(seed=0, num_entities=16).corpus(600, seed=0)
+    build_dataset(
+        texts,
+        tiny_tokenizer,
+        64,
+        out,
+        heldout_fraction=0.1,
+        filter_cfg=FilterConfig.accept_all(),
+        dedup_cfg=DedupConfig(near=False),
+        show_progress=False,
+    )
+    return load_packed(out / "train"), load_packed(out / "heldout")
+
+
+def _run(packed, tok, run_dir, **train_kw):
+    torch.manual_seed(0)
+    model = GLM(TINY.with_(vocab_size=max(TINY.vocab_size, len(tok))))
+    cfg = TrainConfig(
+        **{
+            "batch_size": 4,
+            "max_steps": 6,
+            "eval_every": 1000,
+            "eval_batches": 2,
+            "log_every": 1,
+            "save_every": 1000,
+            **train_kw,
+        }
+    )
+    optim = OptimConfig(lr=3e-3, warmup_steps=2)
+    summary = train(model, tok, packed[0], packed[1], optim, cfg, run_dir, seed=0, log=lambda s: None)
+    return model, summary
+
+
+@torch.no_grad()
+def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55)
+    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg, 110) >= lr_at(s + 1, cfg, 110) for s in range(10, 110))
+
+
+def test_loss_falls_params_change_and_outputs_written(packed, tiny_tokenizer, tmp_path):
+    torch.manual_seed(0)
+    before = GLM(TINY.with_(vocab_size=max(TINY.vocab_size, len(tiny_tokenizer))))
+    model, summary = _run(packed, tiny_tokenizer, tmp_path, max_steps=30, save_every=10, eval_every=15)
+    assert math.isfinite(summary["heldout_loss_after"])
+    assert summary["heldout_loss_after"] < summary["heldout_loss_before"] - 0.5
+    for (name, p), q in zip(model.named_parameters(), before.parameters(), strict=True):
+        assert not torch.equal(p, q), f"{name} did not change"
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert len(train_losses) == 30 and sum(train_losses[-5:]) < sum(train_losses[:5])
+    assert (tmp_path / "loss.png").stat().st_size > 5000
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["step_000020", "step_000030"]  # keep_checkpoints=2
+    assert {"config.json", "model.safetensors", "trainer_state.pt"} <= {
+        p.name for p in (tmp_path / "checkpoints" / "step_000030").iterdir()
+    }
+
+
+def test_resume_equals_never_stopped(packed, tiny_tokenizer, tmp_path):
+    straight, _ = _run(packed, tiny_tokenizer, tmp_path / "a", max_steps=6)
+    # interrupted: max_minutes=0 stops (and saves) after the first step, schedule still planned for 6
+    _, first = _run(packed, tiny_tokenizer, tmp_path / "b", max_steps=6, max_minutes=0.0)
+    assert first["stopped_early"] and first["steps"] == 1
+    # a new process: fresh model and optimizer, resumed from the newest checkpoint, goes on to 6
+    resumed, summary = _run(packed, tiny_tokenizer, tmp_path / "b", max_steps=6)
+    assert summary["start_step"] == 1
+    assert _max_diff(straight, resumed) < 1e-6
+    steps = [
+        json.loads(x)["step"]
+        for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["kind"] == "train"
+    ]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_grad_accumulation_1x8_equals_8x1(packed, tiny_tokenizer, tmp_path):
+    big, _ = _run(packed, tiny_tokenizer, tmp_path / "a", batch_size=8, grad_accum=1, max_steps=3)
+    small, _ = _run(packed, tiny_tokenizer, tmp_path / "b", batch_size=1, grad_accum=8, max_steps=3)
+    assert _max_diff(big, small) < 2e-5
+
+
+def test_quickstart_pipeline_end_to_end(tmp_path, capsys):
+    """The quickstart pipeline, shrunk: world → tokenizer → pretrain → summary and HF folder."""
+    code = main(
+        [
+            "run",
+            "recipes/quickstart.yaml",
+            f"run.dir={tmp_path}",
+            "tokenizer.corpus.num_docs=1500",
+            "tokenizer.tokenizer.vocab_size=600",
+            "pretrain.corpus.num_docs=1500",
+            "pretrain.model.vocab_size=640",
+            "pretrain.model.num_layers=2",
+            "pretrain.model.hidden_size=64",
+            "pretrain.model.intermediate_size=128",
+            "pretrain.model.head_dim=16",
+            "pretrain.train.max_steps=40",
+            "pretrain.train.eval_every=20",
+            "pretrain.train.batch_size=8",
+            "pretrain.data.seq_len=128",
+        ]
+    )
+    assert code == 0
+    summary = json.loads((tmp_path / "pretrain" / "summary.json").read_text())
+    assert summary["heldout_loss_after"] < summary["heldout_loss_before"]
+    assert summary["heldout_loss_after"] < summary["unigram_baseline"] + 0.5
+    assert {s["lang"] for s in summary["samples"]} == {"en", "zh"}
+    for stage in ("tokenizer", "pretrain"):
+        assert (tmp_path / stage / "config.yaml").is_file()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "pretrain" / "final")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "pretrain" / "final")
+    assert type(model).__name__ == "GlmForCausalLM" and tok.chat_template
+    assert "held-out loss" in capsys.readouterr().out
+
+
+def test_vocab_too_small_is_a_user_error(tmp_path, tiny_tokenizer, capsys):
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    code = main(
+        [
+            "run",
+            "recipes/pretrain_tiny.yaml",
+            f"run.dir={tmp_path}/run",
+            f"data.tokenizer={tmp_path}/tok",
+            "model.vocab_size=64",
+        ]
+    )
+    assert code == 2
+    assert "model.vocab_size (64) is smaller than the tokenizer's" in capsys.readouterr().err
+    code = main(["run", "recipes/pretrain_tiny.yaml", f"data.tokenizer={tmp_path}/nowhere"])
+    assert code == 2
+    assert "no tokenizer folder" in capsys.readouterr().err
+
+
+def test_checkpoint_folder_is_complete_or_absent(packed, tiny_tokenizer, tmp_path):
+    _run(packed, tiny_tokenizer, tmp_path, max_steps=2, save_every=1)
+    names = [p.name for p in (tmp_path / "checkpoints").iterdir()]
+    assert not any(n.endswith(".tmp") for n in names)
+    assert Path(tmp_path / "checkpoints" / "step_000002" / "trainer_state.pt").is_file()
