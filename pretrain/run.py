@@ -97,7 +97,15 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
         f"model: {model.num_params() / 1e6:.2f}M parameters, {cfg.num_layers} layers, hidden {cfg.hidden_size}"
     )
     summary = train(
-        model, tok, train_data, heldout, recipe.optim, recipe.train, run_dir, seed=recipe.run.seed
+        model,
+        tok,
+        train_data,
+        heldout,
+        recipe.optim,
+        recipe.train,
+        run_dir,
+        seed=recipe.run.seed,
+        unigram_baseline=baseline,
     )
     summary["unigram_baseline"] = baseline
     save_pretrained(model, run_dir / "final", tokenizer=tok)
@@ -142,7 +150,7 @@ def world_samples(model, tok, recipe: PretrainRecipe, per_lang: int = 2) -> list
         else []
     )
     samples = []
-    for p, out in zip(chosen, outs):
+    for p, out in zip(chosen, outs, strict=False):
         text = tok.decode(out, skip_special_tokens=True).strip()
         check = world.check(p, text)
         samples.append(

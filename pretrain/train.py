@@ -191,9 +191,9 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "pretraining") -
     held = [(r["step"], r["heldout_loss"]) for r in rows if r.get("kind") == "eval"]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
+        ax.plot(*zip(*train, strict=False), label="train loss", lw=1)
     if held:
-        ax.plot(*zip(*held), "o-", label="held-out loss", lw=1.5)
+        ax.plot(*zip(*held, strict=False), "o-", label="held-out loss", lw=1.5)
     baseline = next((r["unigram_baseline"] for r in rows if "unigram_baseline" in r), None)
     if baseline:
         ax.axhline(baseline, ls="--", color="gray", label=f"unigram baseline ({baseline:.2f})")
@@ -217,6 +217,7 @@ def train(
     run_dir: str | Path,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    unigram_baseline: float | None = None,
 ) -> dict[str, Any]:
     """Train `model` on packed `train_data`; returns a summary (losses before / after, tokens/s, ...)."""
     from pretrain.data import BatchIterator
@@ -269,6 +270,8 @@ def train(
         loss0 = heldout_loss()
         summary["heldout_loss_before"] = loss0
         write({"kind": "eval", "step": 0, "heldout_loss": loss0})
+        if unigram_baseline is not None:
+            write({"kind": "baseline", "step": 0, "unigram_baseline": unigram_baseline})
         log(f"held-out loss before training: {loss0:.4f}")
 
     model.train()

@@ -16,7 +16,6 @@ from typing import Any, Literal, Union
 
 import yaml
 
-
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 

@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import os
+
+import torch
+
+# Triton kernels run on a CPU under Triton's interpreter, which must be chosen before triton is first
+# imported (transformers' model files and torch._dynamo import it), so it is set here, first of all.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from collections.abc import Iterator
 
 import pytest

@@ -130,7 +130,13 @@ def test_cli_user_error_exits_2_without_traceback(tmp_path):
 
 
 def test_cli_help_everywhere():
-    for args in (["--help"], ["run", "--help"], ["validate", "--help"], ["world", "--help"], ["sample", "--help"]):
+    for args in (
+        ["--help"],
+        ["run", "--help"],
+        ["validate", "--help"],
+        ["world", "--help"],
+        ["sample", "--help"],
+    ):
         proc = subprocess.run([sys.executable, "-m", "recipes.cli", *args], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: glmwb" in proc.stdout
 

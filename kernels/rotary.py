@@ -1,0 +1,296 @@
+"""GLM-4 rotary embedding: partial and interleaved (GPT-J pairs), on q and k in one launch.
+
+Only the first R = rotary_dim dims of each head rotate (GLM-4: R = head_dim / 2); they form R/2 pairs
+(x[2i], x[2i+1]) that turn by the angle pos * inv_freq[i], inv_freq[i] = base^(-2i / R):
+
+    (x0, x1) -> (x0 cos - x1 sin,  x1 cos + x0 sin)
+
+and dims R .. head_dim - 1 pass through unchanged. This is ``transformers``' glm
+``apply_rotary_pos_emb`` (cos / sin repeat-interleaved, ``rotate_half(x) = stack(-x[1::2], x[0::2])``).
+The rotation is orthogonal, so the backward is the same kernel turning by -angle (inv_freq negated).
+
+API: ``apply_rotary(q, k, position_ids, inv_freq) -> (q_out, k_out)`` with q (B, T, Hq, D),
+k (B, T, Hkv, D) (any GQA ratio; any strides but a contiguous last dim, so q and k may be views of one
+fused qkv projection), position_ids (B, T) or (1, T) integers (arbitrary per token: packed documents
+restart at 0) and inv_freq (R / 2,) (R = 2 * len(inv_freq) <= D). Outputs are new contiguous
+(B, T, H, D) tensors; the inputs are never written.
+
+Why angles in the kernel rather than a cos / sin cache: one program handles one token, all Hq + Hkv
+heads, so it computes R/2 sin / cos pairs once and reuses them over (Hq + Hkv) * D / 2 rotations; the op
+stays memory-bound on q and k alone, with no (B, T, R) cos / sin tensors to build, store or read per
+forward, no cache length to outgrow, and packed positions cost nothing extra. The angle is
+pos (fp32) * inv_freq (fp32), the same fp32 product as Hugging Face, and cos / sin stay fp32 (Hugging
+Face rounds them to the activation dtype, a 2^-9 relative error in bf16 that this kernel does not
+make). Rope variants that rescale frequencies (linear, NTK, Llama-3) only change inv_freq and work as is.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+from kernels._common import check_device, check_dtype, next_power_of_2, num_warps_for
+
+_TILE_ELEMS = 4096  # heads per program iteration: up to this many elements (32 heads x 128 dims)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+@triton.jit
+def _rotate_heads(
+    # pointers (already at this token)
+    X,
+    OUT,
+    # strides
+    stride_x_head,
+    stride_out_head,
+    # meta
+    n_heads,
+    head_dim,
+    cos,  # (1, BLOCK_D // 2) fp32
+    sin,  # (1, BLOCK_D // 2) fp32
+    rotates,  # (1, BLOCK_D // 2) bool: pair i < R / 2
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    dims = tl.arange(0, BLOCK_D)
+    for h0 in range(0, n_heads, BLOCK_H):
+        heads = h0 + tl.arange(0, BLOCK_H)
+        mask = (heads[:, None] < n_heads) & (dims[None, :] < head_dim)  # (BLOCK_H, BLOCK_D)
+        # Whole head rows: contiguous, vectorised loads; the pairs are split in registers.
+        x = tl.load(X + heads[:, None] * stride_x_head + dims[None, :], mask=mask, other=0.0)
+        x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_H, BLOCK_D // 2, 2)))  # (BLOCK_H, BLOCK_D/2)
+        y0 = tl.where(rotates, x0 * cos - x1 * sin, x0)  # pass-through dims stay bit-exact
+        y1 = tl.where(rotates, x1 * cos + x0 * sin, x1)
+        y = tl.reshape(tl.join(y0, y1), (BLOCK_H, BLOCK_D))
+        tl.store(
+            OUT + heads[:, None] * stride_out_head + dims[None, :], y.to(OUT.dtype.element_ty), mask=mask
+        )
+
+
+@triton.jit
+def _rotary_fwd_kernel(
+    # pointers
+    Q,
+    K,
+    Q_OUT,
+    K_OUT,
+    POSITION_IDS,
+    INV_FREQ,
+    # strides (batch, token, head; the last dim is contiguous)
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_qob,
+    stride_qot,
+    stride_qoh,
+    stride_kob,
+    stride_kot,
+    stride_koh,
+    stride_pb,
+    stride_pt,
+    # meta
+    seq_len,
+    n_q_heads,
+    n_kv_heads,
+    head_dim,
+    half_rotary,  # R / 2 = len(inv_freq)
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # One program per token (b, t): every q and k head of that token, one set of angles.
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // seq_len
+    t = pid % seq_len
+
+    pos = tl.load(POSITION_IDS + b * stride_pb + t * stride_pt).to(tl.float32)
+    pairs = tl.arange(0, BLOCK_D // 2)[None, :]  # (1, BLOCK_D / 2)
+    rotates = pairs < half_rotary
+    inv_freq = tl.load(INV_FREQ + pairs, mask=rotates, other=0.0)
+    angle = pos * inv_freq  # fp32, as Hugging Face: position_ids.float() * inv_freq
+    cos = tl.cos(angle)
+    sin = tl.sin(angle)
+
+    _rotate_heads(
+        Q + b * stride_qb + t * stride_qt, Q_OUT + b * stride_qob + t * stride_qot,
+        stride_qh, stride_qoh, n_q_heads, head_dim, cos, sin, rotates,
+        BLOCK_H=BLOCK_HQ, BLOCK_D=BLOCK_D,
+    )  # fmt: skip
+    _rotate_heads(
+        K + b * stride_kb + t * stride_kt, K_OUT + b * stride_kob + t * stride_kot,
+        stride_kh, stride_koh, n_kv_heads, head_dim, cos, sin, rotates,
+        BLOCK_H=BLOCK_HK, BLOCK_D=BLOCK_D,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host launchers
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor
+) -> None:
+    op = "apply_rotary"
+    check_dtype(op, "q", q)
+    check_dtype(op, "k", k)
+    if q.dtype != k.dtype:
+        raise ValueError(f"{op}: q and k must have one dtype, got {q.dtype} and {k.dtype}")
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(
+            f"{op}: q and k must be (B, T, H, D), got shapes {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"{op}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, tokens and head_dim"
+        )
+    batch, seq_len, _, head_dim = q.shape
+    if (
+        position_ids.dtype.is_floating_point
+        or position_ids.dtype.is_complex
+        or position_ids.dtype == torch.bool
+    ):
+        raise ValueError(f"{op}: position_ids must be integers, got {position_ids.dtype}")
+    if position_ids.dim() != 2 or position_ids.shape[1] != seq_len or position_ids.shape[0] not in (1, batch):
+        raise ValueError(
+            f"{op}: position_ids must be (B, T) = ({batch}, {seq_len}) or (1, {seq_len}), "
+            f"got {tuple(position_ids.shape)}"
+        )
+    if inv_freq.dim() != 1 or not inv_freq.dtype.is_floating_point:
+        raise ValueError(
+            f"{op}: inv_freq must be a 1-D float tensor (rotary_dim / 2,), got {inv_freq.dtype} "
+            f"of shape {tuple(inv_freq.shape)}"
+        )
+    rotary_dim = 2 * inv_freq.shape[0]
+    if rotary_dim > head_dim:
+        raise ValueError(f"{op}: rotary_dim = 2 * len(inv_freq) = {rotary_dim} exceeds head_dim {head_dim}")
+    check_device(op, _rotary_fwd_kernel, q=q, k=k, position_ids=position_ids, inv_freq=inv_freq)
+
+
+def _rotary(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k by position_ids * inv_freq in one launch; returns new contiguous tensors."""
+    batch, seq_len, n_q_heads, head_dim = q.shape
+    n_kv_heads = k.shape[2]
+    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    position_ids = position_ids.expand(batch, seq_len)  # (1, T) broadcasts with stride 0
+    inv_freq = inv_freq.to(torch.float32).contiguous()
+    q_out = torch.empty((batch, seq_len, n_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((batch, seq_len, n_kv_heads, head_dim), dtype=k.dtype, device=k.device)
+    if batch * seq_len == 0:
+        return q_out, k_out
+    block_d = max(2, next_power_of_2(head_dim))
+    max_heads = max(1, _TILE_ELEMS // block_d)
+    block_hq = min(next_power_of_2(max(n_q_heads, 1)), max_heads)
+    block_hk = min(next_power_of_2(max(n_kv_heads, 1)), max_heads)
+    _rotary_fwd_kernel[(batch * seq_len,)](
+        q, k, q_out, k_out, position_ids, inv_freq,
+        *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3], *position_ids.stride(),
+        seq_len, n_q_heads, n_kv_heads, head_dim, inv_freq.shape[0],
+        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
+        num_warps=num_warps_for(block_hq * block_d),
+    )  # fmt: skip
+    return q_out, k_out
+
+
+def _rotary_fwd(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_inputs(q, k, position_ids, inv_freq)
+    return _rotary(q, k, position_ids, inv_freq)
+
+
+def _rotary_bwd(
+    dq_out: torch.Tensor, dk_out: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # R(a)^T = R(-a): the same kernel with the frequencies negated (exact: cos is even, sin is odd).
+    return _rotary(dq_out, dk_out, position_ids, -inv_freq)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PyTorch reference
+
+
+def rotary_inv_freq(
+    rotary_dim: int, base: float = 10000.0, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """inv_freq[i] = 1 / base^(2i / R), i < R / 2, in fp32: the same float ops as Hugging Face's default
+    rope. GLM-4: R = head_dim * partial_rotary_factor (0.5); base = 10,000 x rope_ratio."""
+    if rotary_dim % 2:
+        raise ValueError(f"rotary_inv_freq: rotary_dim must be even (pairs), got {rotary_dim}")
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float() / rotary_dim
+    return 1.0 / (base**exponents)
+
+
+def rotary_ref(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch, fp32 math, outputs in the inputs' dtype; q (B, T, Hq, D), k (B, T, Hkv, D)."""
+    angle = position_ids[..., None].float() * inv_freq.float()  # (B, T, R/2)
+    cos, sin = angle.cos()[:, :, None], angle.sin()[:, :, None]  # (B, T, 1, R/2)
+    rotary_dim = 2 * inv_freq.shape[0]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x_rot, x_pass = x32[..., :rotary_dim], x32[..., rotary_dim:]  # (B, T, H, R), (B, T, H, D - R)
+        x0, x1 = x_rot.unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, R/2) each: the interleaved pairs
+        rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)  # (B, T, H, R)
+        return torch.cat((rotated, x_pass), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd, functional and module forms
+
+
+class RotaryFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q_out, k_out = _rotary_fwd(q, k, position_ids, inv_freq)
+        ctx.save_for_backward(position_ids, inv_freq)
+        return q_out, k_out
+
+    @staticmethod
+    def backward(ctx, dq_out: torch.Tensor, dk_out: torch.Tensor):
+        position_ids, inv_freq = ctx.saved_tensors
+        dq, dk = _rotary_bwd(dq_out, dk_out, position_ids, inv_freq)
+        return dq, dk, None, None
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton GLM rotary on q (B, T, Hq, D) and k (B, T, Hkv, D) in one launch; see the module docstring."""
+    return RotaryFunction.apply(q, k, position_ids, inv_freq)
+
+
+class TritonRotary(nn.Module):
+    """Holds GLM's inv_freq (a non-persistent buffer, as ``GlmRotaryEmbedding``) and applies the kernel."""
+
+    def __init__(self, head_dim: int, partial_rotary_factor: float = 0.5, base: float = 10000.0) -> None:
+        super().__init__()
+        self.rotary_dim = int(head_dim * partial_rotary_factor)
+        self.register_buffer("inv_freq", rotary_inv_freq(self.rotary_dim, base), persistent=False)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rotary(q, k, position_ids, self.inv_freq)
+
+    def extra_repr(self) -> str:
+        return f"rotary_dim={self.rotary_dim}"
