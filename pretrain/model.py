@@ -51,12 +51,8 @@ def rotary_cos_sin(
     """cos / sin of the R/2 frequencies at each position, computed in fp32 then cast; each (B, T, R/2).
 
     inv_freq_i = theta^(-2i / R), i = 0 .. R/2 - 1 (the same float ops as Hugging Face's default rope)."""
-    inv_freq = 1.0 / (
-        theta
-        ** (
-            torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=position_ids.device).float() / rotary_dim
-        )
-    )  # (R/2,)
+    exponents = torch.arange(0, rotary_dim, 2, device=position_ids.device).float() / rotary_dim  # (R/2,)
+    inv_freq = 1.0 / theta**exponents  # (R/2,)
     freqs = position_ids[..., None].float() * inv_freq  # (B, T, R/2)
     return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
@@ -64,18 +60,19 @@ def rotary_cos_sin(
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate each interleaved pair (x_2i, x_2i+1) of the first R dims by angle pos * inv_freq_i.
 
-    x: (B, N, T, hd) heads-first; cos, sin: (B, T, R/2). The pair rotation is
+    x: (B, T, N, hd) tokens-first; cos, sin: (B, T, R/2). The pair rotation is
         (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)
     i.e. Hugging Face's ``x * cos_interleaved + rotate_half(x) * sin_interleaved`` with
     ``rotate_half(x) = stack(-x[1::2], x[0::2]).flatten(-2)``, done on a (R/2, 2) view with no interleaving.
-    Dims R .. hd - 1 pass through unchanged.
+    Dims R .. hd - 1 pass through unchanged. (split / unbind rather than slicing: their backward is one cat
+    / stack instead of a zero-filled tensor per slice.)
     """
     rotary_dim = 2 * cos.shape[-1]
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]  # (B, N, T, R), (B, N, T, hd - R)
-    x0, x1 = x_rot.unflatten(-1, (-1, 2)).unbind(-1)  # (B, N, T, R/2) each
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, R/2)
-    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)  # (B, N, T, R/2, 2)
-    return torch.cat((rotated.flatten(-2), x_pass), dim=-1)  # (B, N, T, hd)
+    x_rot, x_pass = x.split((rotary_dim, x.shape[-1] - rotary_dim), dim=-1)  # (B, T, N, R), (B, T, N, hd - R)
+    x0, x1 = x_rot.unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, N, R/2) each
+    cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, R/2)
+    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)  # (B, T, N, R/2, 2)
+    return torch.cat((rotated.flatten(-2), x_pass), dim=-1)  # (B, T, N, hd)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,7 +101,7 @@ class KVCache:
         self.length = 0
 
     def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, K, T, hd) after the cached positions; return all keys / values (B, K, length + T, hd)."""
+        """Store k, v (B, K, T, hd) after the cached positions; return every key / value (B, K, S, hd)."""
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KVCache: {end} positions do not fit in max_len={self.max_len}")
@@ -161,11 +158,9 @@ class Attention(nn.Module):
     def __init__(self, config: GLMConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            config.num_heads,
-            config.num_kv_heads,
-            config.head_dim,
-        )
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
         qkv_dim = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, qkv_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
@@ -181,14 +176,22 @@ class Attention(nn.Module):
     ) -> Tensor:
         B, T, _ = x.shape
         H, K, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x).view(B, T, H + 2 * K, hd).transpose(1, 2)  # (B, H + 2K, T, hd)
-        qk = apply_rotary(qkv[:, : H + K], cos, sin)  # (B, H + K, T, hd): q and k rotate in one pass
-        q, k = qk.split((H, K), dim=1)  # (B, H, T, hd), (B, K, T, hd)
-        v = qkv[:, H + K :]  # (B, K, T, hd)
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * K, hd)  # (B, T, H + 2K, hd)
+        qk, v = qkv.split((H + K, K), dim=2)  # (B, T, H + K, hd), (B, T, K, hd)
+        q, k = apply_rotary(qk, cos, sin).split((H, K), dim=2)  # q and k rotate in one pass
+        # heads-first views for SDPA; kept token-major in memory, so SDPA's output is too and the reshape
+        # back to (B, T, H * hd) below is free
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H | K, T, hd)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, K, S, hd)
+        enable_gqa = H != K
+        if enable_gqa and attn_mask is not None and q.device.type != "cpu":
+            # as transformers does: CUDA's kernels that take a mask do not take enable_gqa (only the slow math
+            # one would), so share the kv heads explicitly; query head h reads kv head h // (H / K)
+            k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)  # (B, H, S, hd)
+            enable_gqa = False
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=H != K
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa
         )  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H * hd)
         return self.o_proj(y)
@@ -260,6 +263,47 @@ class GLMOutput:
     loss: Tensor | None  # scalar, fp32
 
 
+class CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy over rows whose target is not -100, in fp32, in row chunks.
+
+    loss = (1/n) sum_{r valid} (logsumexp(z_r) - z_r[y_r]);  dloss/dz_r = (softmax(z_r) - onehot(y_r)) / n.
+    Same value as ``F.cross_entropy(z.float(), y, ignore_index=-100)``, but neither pass materialises a
+    full-size fp32 copy or log-softmax of the logits: the forward keeps one logsumexp per row, and the
+    backward writes the gradient chunk by chunk into one tensor of the logits' dtype.
+    """
+
+    @staticmethod
+    def chunk_rows(logits: Tensor) -> int:
+        """Rows per chunk: fp32 temporaries of 16 MB on a CPU (cache-sized), 256 MB on a GPU (few launches)"""
+        elements = 1 << 22 if logits.device.type == "cpu" else 1 << 26
+        return max(1, elements // logits.shape[-1])
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:  # logits (N, V), targets (N,)
+        rows = CrossEntropy.chunk_rows(logits)
+        valid = targets != IGNORE_INDEX  # (N,)
+        safe_targets = torch.where(valid, targets, 0)  # (N,)
+        lse = torch.cat([torch.logsumexp(chunk.float(), dim=-1) for chunk in logits.split(rows)])  # (N,)
+        target_logits = logits.gather(-1, safe_targets[:, None]).squeeze(-1).float()  # (N,)
+        num_valid = valid.sum().clamp(min=1)
+        ctx.save_for_backward(logits, lse, safe_targets, valid, num_valid)
+        return ((lse - target_logits) * valid).sum() / num_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, None]:
+        logits, lse, safe_targets, valid, num_valid = ctx.saved_tensors
+        rows = CrossEntropy.chunk_rows(logits)
+        scale = (grad_loss / num_valid * valid)[:, None]  # (N, 1): 0 on ignored rows
+        grad = torch.empty_like(logits)  # (N, V)
+        chunks = (t.split(rows) for t in (grad, logits, lse, scale, safe_targets))
+        for g, z, m, s, y in zip(*chunks, strict=True):
+            p = g if g.dtype == torch.float32 else torch.empty_like(g, dtype=torch.float32)  # (rows, V)
+            torch.sub(z, m[:, None], out=p).exp_().mul_(s).scatter_add_(-1, y[:, None], -s)  # softmax * scale
+            if p is not g:
+                g.copy_(p)
+        return grad, None
+
+
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Next-token cross-entropy in fp32: mean over t with labels[:, t+1] != -100 of
     -log softmax(logits[:, t])[labels[:, t+1]]. logits (B, T, V), labels (B, T) unshifted.
@@ -268,10 +312,7 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     the largest activation. Returns 0 (not NaN) when every label is ignored.
     """
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
-    total = F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return CrossEntropy.apply(logits.flatten(0, 1), targets.flatten())
 
 
 class GLM(nn.Module):
@@ -305,7 +346,7 @@ class GLM(nn.Module):
             nn.init.ones_(module.weight)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count; ``non_embedding`` leaves out the token embedding (lm_head is untied and counts)."""
+        """Parameter count; ``non_embedding`` leaves out the token embedding (the untied lm_head counts)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed_tokens.weight.numel() if non_embedding else n
 
@@ -331,10 +372,9 @@ class GLM(nn.Module):
             raise ValueError("GLM: doc_ids (packed training) cannot be combined with a kv_cache")
         if attention_mask is not None:
             if attention_mask.shape != (B, past + T):
-                raise ValueError(
-                    f"GLM: attention_mask must be (B, past + T) = {(B, past + T)}, got {tuple(attention_mask.shape)}"
-                )
-            if bool(attention_mask.all()):
+                got = tuple(attention_mask.shape)
+                raise ValueError(f"GLM: attention_mask must be (B, past + T) = {(B, past + T)}, got {got}")
+            if bool(attention_mask.all()):  # (a host sync; pass no mask when there is no padding)
                 attention_mask = None  # no padding: keep SDPA's fast causal path
 
         if position_ids is None:
@@ -346,10 +386,8 @@ class GLM(nn.Module):
                 position_ids = torch.arange(past, past + T, device=device)[None]  # (1, T)
 
         if doc_ids is None and attention_mask is None and (past == 0 or T == 1):
-            attn_mask, is_causal = (
-                None,
-                past == 0,
-            )  # plain causal prefix, or one new token that sees everything
+            # SDPA's fast paths: a plain causal prefix, or one new token that sees every cached one
+            attn_mask, is_causal = None, past == 0
         else:
             attn_mask, is_causal = build_attention_mask(T, past, doc_ids, attention_mask, device), False
 
