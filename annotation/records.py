@@ -1,0 +1,124 @@
+"""The one preference record shared by annotation/ (store, export), rewards/ (reward models) and align/ (DPO).
+
+A record is one judged pair: a prompt (chat messages), two responses, which one won (or a tie), who judged,
+optional per-attribute labels and provenance. On disk it is TRL's preference format with extra columns:
+``{"prompt": [{"role": "user", "content": ...}], "chosen": "...", "rejected": "...", "tie": false, ...}``.
+For a tie, "chosen" / "rejected" are just the two responses in display order.
+
+Pure Python, no heavy imports: every package may import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ROLES = ("system", "user", "assistant", "tool", "observation")
+
+
+class PreferenceDataError(ValueError):
+    """A malformed preference record: the message names the row (and file, when known) and the field."""
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    prompt: tuple[dict[str, Any], ...]  # chat messages up to (not including) the judged assistant turn
+    chosen: str  # the preferred response (or the first of a tie)
+    rejected: str
+    tie: bool = False
+    annotator: str | None = None
+    weight: float = 1.0  # e.g. the annotator's reliability; multiplies the pair's loss
+    margin: float | None = None  # e.g. a rating gap; used by margin losses
+    attributes: Mapping[str, int] = field(default_factory=dict)  # attribute -> +1 chosen better, -1 worse, 0 tie
+    provenance: Mapping[str, Any] = field(default_factory=dict)  # source, model names, seeds, vote ids...
+    id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["prompt"] = [dict(m) for m in self.prompt]
+        d["attributes"] = dict(self.attributes)
+        d["provenance"] = dict(self.provenance)
+        return d
+
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any], where: str = "row") -> PreferenceRecord:
+        """Validate and build; `where` (e.g. "data.jsonl, row 12") is put in every error message."""
+        if not isinstance(row, Mapping):
+            raise PreferenceDataError(f"{where}: a record must be a mapping, got {type(row).__name__}")
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in row:
+                raise PreferenceDataError(
+                    f"{where}: missing field {key!r} (a record needs prompt, chosen, rejected; has {sorted(row)})"
+                )
+        prompt = _messages(row["prompt"], where)
+        chosen = _response(row["chosen"], "chosen", where)
+        rejected = _response(row["rejected"], "rejected", where)
+        tie = row.get("tie", False)
+        if not isinstance(tie, bool):
+            raise PreferenceDataError(f"{where}: field 'tie' must be true or false, got {tie!r}")
+        weight = row.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise PreferenceDataError(f"{where}: field 'weight' must be a number >= 0, got {weight!r}")
+        margin = row.get("margin")
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+            raise PreferenceDataError(f"{where}: field 'margin' must be a number or null, got {margin!r}")
+        attributes = row.get("attributes") or {}
+        if not isinstance(attributes, Mapping) or any(v not in (-1, 0, 1) for v in attributes.values()):
+            raise PreferenceDataError(
+                f"{where}: field 'attributes' must map attribute names to -1, 0 or +1, got {attributes!r}"
+            )
+        annotator = row.get("annotator")
+        return cls(
+            prompt=prompt,
+            chosen=chosen,
+            rejected=rejected,
+            tie=tie,
+            annotator=None if annotator is None else str(annotator),
+            weight=float(weight),
+            margin=None if margin is None else float(margin),
+            attributes=dict(attributes),
+            provenance=dict(row.get("provenance") or {}),
+            id=None if row.get("id") is None else str(row["id"]),
+        )
+
+
+def _messages(value: Any, where: str) -> tuple[dict[str, Any], ...]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise PreferenceDataError(f"{where}: field 'prompt' is empty")
+        return ({"role": "user", "content": value},)
+    if not isinstance(value, (list, tuple)) or not value:
+        raise PreferenceDataError(
+            f"{where}: field 'prompt' must be a non-empty string or list of chat messages, got {value!r:.80}"
+        )
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise PreferenceDataError(
+                f"{where}: field 'prompt'[{i}] must be a message {{'role': ..., 'content': ...}}, got {m!r:.80}"
+            )
+        if m["role"] not in ROLES:
+            raise PreferenceDataError(
+                f"{where}: field 'prompt'[{i}].role is {m['role']!r}; expected one of {', '.join(ROLES)}"
+            )
+        out.append(dict(m))
+    return tuple(out)
+
+
+def _response(value: Any, name: str, where: str) -> str:
+    # TRL's conversational format: [{"role": "assistant", "content": "..."}]
+    if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], Mapping):
+        value = value[0].get("content")
+    if not isinstance(value, str):
+        raise PreferenceDataError(
+            f"{where}: field {name!r} must be a string (or one assistant message), got {type(value).__name__}"
+        )
+    if not value.strip():
+        raise PreferenceDataError(f"{where}: field {name!r} is an empty response")
+    return value
+
+
+def records_from_dicts(rows: Iterable[Mapping[str, Any]], source: str = "data") -> list[PreferenceRecord]:
+    """Validate every row (errors name `source` and the 1-based row number)."""
+    return [PreferenceRecord.from_dict(row, where=f"{source}, row {i}") for i, row in enumerate(rows, 1)]
