@@ -1,17 +1,24 @@
 """Triton kernels with PyTorch references, attention dispatch and ``apply_kernels``.
 
-Issue 3 is landing in parts. Here now, one file per op (Triton kernels, host launchers, ``<op>_ref``
-in plain PyTorch, autograd Function, functional form, module):
+One file per op (Triton kernels, host launchers, ``<op>_ref`` in plain PyTorch, autograd Function,
+functional form, module); docs/kernels.md describes them all:
 
 - ``kernels.rmsnorm``: ``rmsnorm``, ``rmsnorm_add`` (fused residual add), ``TritonRMSNorm``
 - ``kernels.swiglu``: ``swiglu`` on the fused gate-first ``gate_up``, ``TritonSwiGLU``
 - ``kernels.rotary``: ``apply_rotary`` (GLM partial interleaved rotary, q and k in one launch),
   ``rotary_inv_freq``, ``TritonRotary``
+- ``kernels.fused_linear_ce``: ``fused_linear_cross_entropy`` (LM head + CE without the full logits),
+  ``linear_cross_entropy_ref``, ``FusedLinearCrossEntropy``
+- ``kernels.logprobs``: ``selective_logprobs`` (from logits), ``linear_selective_logprobs`` (chunked from
+  hidden states), with entropy and temperature; ``SelectiveLogprobs``
+- ``kernels.attention``: ``attention`` (flash-attn when it can run, else SDPA; packed documents, GQA),
+  ``attention_backend``, ``cu_seqlens_from_doc_ids`` (import ``attention`` from ``kernels.attention``: the
+  package attribute of that name is the submodule)
+- ``kernels.apply``: ``apply_kernels`` / ``revert_kernels`` for our GLM and ``transformers``' Glm / Glm4,
+  chosen by a ``KernelConfig``
 
-Not built yet: attention dispatch, fused linear + cross-entropy, log-prob gathering and
-``apply_kernels``. The model runs on plain PyTorch (``torch.nn.functional.scaled_dot_product_attention``)
-until then. On a CPU the kernels run only under ``TRITON_INTERPRET=1`` (set before they are first
-imported); the ``*_ref`` functions need no GPU.
+On a CPU the kernels run only under ``TRITON_INTERPRET=1`` (set before they are first imported); the
+``*_ref`` functions and ``attention`` need no GPU.
 
 The names below are imported lazily, so ``import kernels`` needs neither Triton nor a GPU.
 """
@@ -33,6 +40,21 @@ _EXPORTS = {
     "rotary_ref": "kernels.rotary",
     "rotary_inv_freq": "kernels.rotary",
     "TritonRotary": "kernels.rotary",
+    "fused_linear_cross_entropy": "kernels.fused_linear_ce",
+    "linear_cross_entropy_ref": "kernels.fused_linear_ce",
+    "FusedLinearCrossEntropy": "kernels.fused_linear_ce",
+    "selective_logprobs": "kernels.logprobs",
+    "selective_logprobs_ref": "kernels.logprobs",
+    "linear_selective_logprobs": "kernels.logprobs",
+    "linear_selective_logprobs_ref": "kernels.logprobs",
+    "SelectiveLogprobs": "kernels.logprobs",
+    "attention_ref": "kernels.attention",
+    "attention_backend": "kernels.attention",
+    "cu_seqlens_from_doc_ids": "kernels.attention",
+    "apply_kernels": "kernels.apply",
+    "revert_kernels": "kernels.apply",
+    "KernelConfig": "kernels.apply",
+    "KernelHandle": "kernels.apply",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,77 @@
+"""The kernel benchmark script: its target verdicts (synthetic numbers) and, marked slow, a CPU dry run."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels.bench.bench_kernels import GLM4_9B, Bench, Row, check_targets
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def synthetic_rows(speedup: float, fraction: float, mem_ratio: float, liger: bool) -> list[Row]:
+    """Rows as a GPU run would write them: ours is ``speedup`` x faster than every baseline."""
+    rows = []
+    providers = ["eager", "compile", "separate"] + (["liger"] if liger else [])
+    for op in ("rmsnorm", "add_rmsnorm", "swiglu", "rotary"):
+        for n in GLM4_9B.tokens:
+            for mode in ("fwd", "bwd", "full"):
+                rows.append(Row(op, "triton", mode, n, 1.0, 1.0, "GB/s", fraction, 100.0))
+                rows += [
+                    Row(op, p, mode, n, speedup, 1.0, "GB/s", fraction / speedup, 100.0) for p in providers
+                ]
+    for op, n in (("fused_linear_ce", GLM4_9B.ce_tokens), ("logprobs", 32 * 1024)):
+        for mode in ("fwd", "bwd", "full", "no_grad"):
+            rows.append(Row(op, "triton", mode, n, 1.0, 1.0, "TFLOP/s", 0.5, 100.0 * mem_ratio))
+            rows.append(Row(op, "eager", mode, n, speedup, 1.0, "TFLOP/s", 0.5, 100.0))
+    return rows
+
+
+def gpu_bench() -> Bench:
+    bench = Bench(torch.device("cpu"), dry_run=False)
+    bench.cuda = True  # judge the synthetic rows as a GPU run's
+    return bench
+
+
+def test_targets_pass_fail_and_skip():
+    lines = check_targets(synthetic_rows(20.0, 0.9, 0.1, liger=True), gpu_bench(), GLM4_9B)
+    assert len(lines) == 12 and all(line.startswith("PASS") for line in lines), lines
+
+    lines = check_targets(synthetic_rows(0.5, 0.5, 0.5, liger=False), gpu_bench(), GLM4_9B)
+    verdicts = {line.split(":")[0].split("  ", 1)[1]: line.split()[0] for line in lines}
+    assert verdicts["RMSNorm fwd >= 85% of copy bandwidth"] == "FAIL"
+    assert verdicts["RMSNorm fwd+bwd >= 1.3x Liger"] == "SKIP"
+    assert verdicts["SwiGLU bwd >= 1.3x Liger"] == "SKIP"
+    assert verdicts["partial rotary fwd+bwd >= 10x eager"] == "FAIL"
+    assert verdicts["fused linear CE time <= 1.1x eager (fwd+bwd)"] == "FAIL"
+    assert verdicts["fused linear CE peak memory <= 25% of eager at 32768 tokens"] == "FAIL"
+    dry = Bench(torch.device("cpu"), dry_run=True)
+    assert check_targets([], dry, GLM4_9B) == [
+        "DRY-RUN: no timing claims (targets are checked only on a CUDA GPU)"
+    ]
+
+
+@pytest.mark.slow
+def test_dry_run_end_to_end(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if not torch.cuda.is_available() else dict(os.environ)
+    result = subprocess.run(
+        [sys.executable, "-m", "kernels.bench.bench_kernels", "--dry-run", "--out", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DRY-RUN: no timing claims" in result.stdout
+    with (tmp_path / "bench_kernels.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    seen = {(r["op"], r["provider"]) for r in rows}
+    for op in ("rmsnorm", "add_rmsnorm", "swiglu", "rotary", "fused_linear_ce", "logprobs"):
+        assert {(op, "eager"), (op, "compile"), (op, "triton")} <= seen, op
+    assert ("add_rmsnorm", "separate") in seen
+    assert all(r["ms"] for r in rows), "every provider ran"
+    assert (tmp_path / "bench_kernels.png").stat().st_size > 10_000
