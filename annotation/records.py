@@ -30,7 +30,9 @@ class PreferenceRecord:
     annotator: str | None = None
     weight: float = 1.0  # e.g. the annotator's reliability; multiplies the pair's loss
     margin: float | None = None  # e.g. a rating gap; used by margin losses
-    attributes: Mapping[str, int] = field(default_factory=dict)  # attribute -> +1 chosen better, -1 worse, 0 tie
+    attributes: Mapping[str, int] = field(
+        default_factory=dict
+    )  # attribute -> +1 chosen better, -1 worse, 0 tie
     provenance: Mapping[str, Any] = field(default_factory=dict)  # source, model names, seeds, vote ids...
     id: str | None = None
 
@@ -64,6 +66,9 @@ class PreferenceRecord:
         if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
             raise PreferenceDataError(f"{where}: field 'margin' must be a number or null, got {margin!r}")
         attributes = row.get("attributes") or {}
+        if isinstance(attributes, Mapping):
+            # Arrow (Parquet, `datasets`) gives every row every attribute any row has, unrated ones as None.
+            attributes = {k: v for k, v in attributes.items() if v is not None}
         if not isinstance(attributes, Mapping) or any(v not in (-1, 0, 1) for v in attributes.values()):
             raise PreferenceDataError(
                 f"{where}: field 'attributes' must map attribute names to -1, 0 or +1, got {attributes!r}"

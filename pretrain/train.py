@@ -144,7 +144,9 @@ def evaluate(model: GLM, dataset, batch_size: int, num_batches: int, device, amp
         batch = dataset.batch(np.arange(start, min(start + batch_size, rows)))
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = model(batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"])
+            out = model(
+                batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"], return_logits=False
+            )
         n = int((batch["labels"][:, 1:] != -100).sum())
         total_loss += float(out.loss) * n
         total_tokens += n
@@ -293,7 +295,9 @@ def train(
         for batch in micro:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = fwd(batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"])
+                out = fwd(
+                    batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"], return_logits=False
+                )
             share = int((batch["labels"][:, 1:] != -100).sum()) / max(1, step_tokens)
             (out.loss * share).backward()
             loss_sum += float(out.loss.detach()) * share

@@ -1168,61 +1168,98 @@ def agreement_ceiling(noise: float, kind: str = "label") -> float:
     raise ValueError(f"kind must be 'label' or 'pairwise', got {kind!r}")
 
 
+def _sign(x: float, tolerance: float = 1e-9) -> int:
+    return 0 if abs(x) <= tolerance else (1 if x > 0 else -1)
+
+
 def preference_pairs(
     world: World,
     prompts: Sequence[Prompt],
     n_annotators: int = 3,
-    noise: float = 0.1,
+    noise: float | Sequence[float] = 0.1,
     seed: int = 0,
     labels_per_pair: int = 1,
 ) -> list[dict[str, Any]]:
     """Label one pair of candidate answers per prompt by ``labels_per_pair`` of ``n_annotators`` simulated
     annotators; one record per label.
 
-    Records follow TRL's conversational preference format plus bookkeeping: ``prompt`` (messages),
-    ``chosen`` / ``rejected`` ([{"role": "assistant", "content": ...}]), ``tie`` (True for "tie" and
-    "both_bad"; then chosen is simply answer A), ``label``, ``annotator``, ``prompt_id``, ``lang``,
-    ``family``, ``attributes`` ({"chosen": {...}, "rejected": {...}} with correctness, language,
-    concision in [0, 1]) and ``provenance`` ({"source": "world", "seed", "kinds": [chosen, rejected]}).
+    ``noise`` is one probability for every annotator or one per annotator (reliable and careless ones).
+    Each record is a dict that ``annotation.records.PreferenceRecord.from_dict`` accepts (and its ``to_dict``
+    gives back): ``prompt`` (messages), ``chosen`` / ``rejected`` (response text), ``tie`` (True for "tie" and
+    "both_bad"; then chosen is simply answer A), ``annotator`` ("sim-i"), ``weight`` 1.0, ``margin`` None,
+    ``attributes`` ({"correctness", "language", "concision"} -> +1 when the chosen response is better on
+    it, -1 worse, 0 equal), ``id`` ("{prompt_id}/{annotator}") and ``provenance``: ``source`` "world",
+    ``seed``, ``world_key``, ``prompt_id``, ``lang``, ``family``, ``label`` (the annotator's: A / B / tie /
+    both_bad; A is the answer shown first), ``rule_choice`` (what the noise-free rule prefers: "chosen",
+    "rejected", "tie" or "both_bad"), ``noise`` (the annotator's),
+    ``kinds`` [chosen, rejected] and ``scores`` ({"chosen": {...}, "rejected": {...}} with correctness,
+    language, concision in [0, 1]).
     """
     if not 1 <= labels_per_pair <= n_annotators:
         raise ValueError(
             f"labels_per_pair must be in [1, n_annotators={n_annotators}], got {labels_per_pair}"
         )
+    noises = [float(noise)] * n_annotators if isinstance(noise, (int, float)) else [float(x) for x in noise]
+    if len(noises) != n_annotators:
+        raise ValueError(f"noise has {len(noises)} values for n_annotators={n_annotators}")
     annotators = [
-        SimulatedAnnotator(noise=noise, seed=_digest(seed, "annotator", i) % 2**31, name=f"sim-{i}")
-        for i in range(n_annotators)
+        SimulatedAnnotator(noise=p, seed=_digest(seed, "annotator", i) % 2**31, name=f"sim-{i}")
+        for i, p in enumerate(noises)
     ]
+    rule = PreferenceRule()
     rng = _rng(world.seed, "pairs", seed)
     records = []
     for prompt in prompts:
         kind_a, kind_b = rng.choice(KINDS), rng.choice(KINDS)
         a = world.responses(prompt, seed=rng.randrange(2**31))[KINDS.index(kind_a)]
         b = world.responses(prompt, seed=rng.randrange(2**31))[KINDS.index(kind_b)]
-        checks = {a.text: world.check(prompt, a.text), b.text: world.check(prompt, b.text)}
+        check_a, check_b = world.check(prompt, a.text), world.check(prompt, b.text)
+        rule_label = rule.label(check_a, check_b)
         for annotator in rng.sample(annotators, labels_per_pair):
             label = annotator.judge(prompt, a.text, b.text)
-            chosen, rejected = (b, a) if label == "B" else (a, b)
+            swap = label == "B"
+            rule_choice = (
+                rule_label
+                if rule_label in ("tie", "both_bad")
+                else ("chosen" if (rule_label == "A") != swap else "rejected")
+            )
+            (chosen, c_chosen), (rejected, c_rejected) = (
+                ((b, check_b), (a, check_a)) if swap else ((a, check_a), (b, check_b))
+            )
+            scores = {
+                side: {
+                    "correctness": float(c.correct),
+                    "language": float(c.right_language),
+                    "concision": c.concision,
+                }
+                for side, c in (("chosen", c_chosen), ("rejected", c_rejected))
+            }
             records.append(
                 {
                     "prompt": [dict(m) for m in prompt.messages],
-                    "chosen": [{"role": "assistant", "content": chosen.text}],
-                    "rejected": [{"role": "assistant", "content": rejected.text}],
+                    "chosen": chosen.text,
+                    "rejected": rejected.text,
                     "tie": label in ("tie", "both_bad"),
-                    "label": label,
                     "annotator": annotator.name,
-                    "prompt_id": prompt.id,
-                    "lang": prompt.lang,
-                    "family": prompt.family,
+                    "weight": 1.0,
+                    "margin": None,
                     "attributes": {
-                        side: {
-                            "correctness": float(checks[r.text].correct),
-                            "language": float(checks[r.text].right_language),
-                            "concision": checks[r.text].concision,
-                        }
-                        for side, r in (("chosen", chosen), ("rejected", rejected))
+                        k: _sign(scores["chosen"][k] - scores["rejected"][k]) for k in scores["chosen"]
                     },
-                    "provenance": {"source": "world", "seed": seed, "kinds": [chosen.kind, rejected.kind]},
+                    "provenance": {
+                        "source": "world",
+                        "seed": seed,
+                        "world_key": [world.seed, world.num_entities],
+                        "prompt_id": prompt.id,
+                        "lang": prompt.lang,
+                        "family": prompt.family,
+                        "label": label,
+                        "rule_choice": rule_choice,
+                        "noise": annotator.noise,
+                        "kinds": [chosen.kind, rejected.kind],
+                        "scores": scores,
+                    },
+                    "id": f"{prompt.id}/{annotator.name}",
                 }
             )
     return records

@@ -4,6 +4,9 @@
     glmwb validate RECIPE.yaml [section.key=value ...] check a recipe and print it resolved
     glmwb world --out DIR                             write the embedded world's corpus and prompts
     glmwb sample MODEL_DIR "prompt" [--lang ...]       chat with a trained GLM folder
+    glmwb serve-rewards REWARD_DIR [--port 8008]       serve a reward model over HTTP (FastAPI)
+    glmwb annotate --db URL [--host --port]           serve the annotator page and vote API
+    glmwb annotation COMMAND ...                      the preference store (see annotation/cli.py)
 
 User mistakes (bad recipe, missing file, bad override) print one clear line and exit with code 2.
 """
@@ -94,6 +97,10 @@ def run_stage(recipe: Any) -> dict:
         from pretrain.run import run_pretrain
 
         return run_pretrain(recipe)
+    if recipe.stage == "reward":
+        from rewards.run import run_reward
+
+        return run_reward(recipe)
     raise RecipeError(f"no runner for stage {recipe.stage!r}")
 
 
@@ -169,6 +176,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_rewards(args: argparse.Namespace) -> int:
+    from rewards.server import serve
+
+    if not (Path(args.model) / "config.json").is_file():
+        raise RecipeError(f"no reward folder at {args.model!r} (expected config.json there)")
+    return serve(args)
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="glmwb", description="glm-workbench: RLHF for GLM models, recipe-driven."
@@ -210,6 +225,20 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--top-p", type=float, default=1.0)
     s.set_defaults(func=cmd_sample)
+
+    from annotation.cli import register as register_annotation
+
+    register_annotation(sub)  # glmwb annotate, glmwb annotation ...
+
+    from rewards.server import add_arguments as reward_server_arguments
+
+    sr = sub.add_parser(
+        "serve-rewards",
+        help="serve a reward model over HTTP (POST /score)",
+        description="Serve a reward folder over HTTP: POST /score, POST /score_heads, GET /health.",
+    )
+    reward_server_arguments(sr)
+    sr.set_defaults(func=cmd_serve_rewards)
     return p
 
 

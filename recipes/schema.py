@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from kernels.apply import KernelConfig
 from pretrain.config import GLMConfig
 from pretrain.train import DataConfig, OptimConfig, TrainConfig
+from rewards.config import LoRAConfig, RewardLossConfig, RewardTrainConfig
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,87 @@ class PretrainRecipe:
     model: GLMConfig = field(default_factory=GLMConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    kernels: KernelConfig | None = None  # null: plain PyTorch; a section picks Triton kernels per op (GPU)
+
+
+@dataclass(frozen=True)
+class AnnotatorsConfig:
+    """Simulated annotators labelling the embedded world's pairs (pretrain/world.py ``preference_pairs``)."""
+
+    n: int = 3
+    noise: float = 0.1  # P(a label is replaced by a uniformly random one), for every annotator...
+    noise_per_annotator: tuple[float, ...] = ()  # ...or one value per annotator (reliable and careless ones)
+    labels_per_pair: int = 1  # annotators labelling each pair (>= 2 lets reliability be estimated)
+
+    def __post_init__(self) -> None:
+        if self.noise_per_annotator and len(self.noise_per_annotator) != self.n:
+            raise ValueError(
+                f"noise_per_annotator has {len(self.noise_per_annotator)} values for n={self.n} annotators"
+            )
+        if not 1 <= self.labels_per_pair <= self.n:
+            raise ValueError(f"labels_per_pair must be in [1, n={self.n}], got {self.labels_per_pair}")
+
+
+@dataclass(frozen=True)
+class RewardDataConfig:
+    """Preference pairs for a reward model: the embedded world's simulated annotators, or files."""
+
+    source: Literal["world", "files"] = "world"
+    tokenizer: str | None = None  # a tokenizer folder; default: the one in model.init_from
+    world: WorldConfig = field(default_factory=WorldConfig)
+    annotators: AnnotatorsConfig = field(default_factory=AnnotatorsConfig)
+    train_prompts: int = 2000  # world: one pair per prompt (labels_per_pair labels each)
+    heldout_prompts: int = 400  # world: held-out prompts (instances never asked in training)
+    paths: tuple[str, ...] = ()  # files: training data (JSONL / JSON / .gz / parquet / datasets folder)
+    eval_paths: tuple[str, ...] = ()  # files: held-out data; default: eval_fraction of paths
+    format: Literal["auto", "preference", "hh_rlhf", "oasst_zh"] = "auto"
+    skip_invalid: bool = False  # leave out (and count) malformed rows instead of stopping at the first
+    eval_fraction: float = 0.05
+    max_train_pairs: int | None = None
+    max_eval_pairs: int | None = None
+    max_length: int = 256  # tokens of prompt + response + terminator
+    truncation: Literal["left", "drop", "error"] = "left"
+
+    def __post_init__(self) -> None:
+        if self.source == "files" and not self.paths:
+            raise ValueError("data.source is 'files' but data.paths is empty; list preference files")
+        if self.max_length < 8:
+            raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class RewardModelConfig:
+    init_from: str | None = None  # a base / SFT GLM folder (new head), or a reward folder
+    heads: tuple[str, ...] = ("reward",)  # first: the overall preference; more: attributes in the records
+    # the token after the response where the reward is read: GLM's turn terminators, or none (its last token)
+    score_token: Literal["<|endoftext|>", "<|user|>", "none"] = "<|endoftext|>"
+    config: GLMConfig | None = None  # random initialisation when init_from is null (baselines, tests)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass(frozen=True)
+class RewardEvalConfig:
+    ensemble: int = 0  # extra members trained with other seeds, for the ensemble-disagreement metrics
+    bins: int = 10  # calibration bins
+    target_fraction_of_ceiling: float = 0.9  # world: held-out accuracy / annotators' agreement ceiling
+
+
+@dataclass(frozen=True)
+class RewardRecipe:
+    """`stage: reward` — preference pairs → a GLM reward model (+ evaluation) → a Hugging Face folder."""
+
+    stage: Literal["reward"] = "reward"
+    run: RunConfig = field(default_factory=RunConfig)
+    data: RewardDataConfig = field(default_factory=RewardDataConfig)
+    model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    loss: RewardLossConfig = field(default_factory=RewardLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: RewardTrainConfig = field(default_factory=RewardTrainConfig)
+    eval: RewardEvalConfig = field(default_factory=RewardEvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.init_from is None and self.model.config is None:
+            raise ValueError("set model.init_from (a GLM folder) or model.config (random initialisation)")
 
 
 @dataclass(frozen=True)
@@ -102,5 +185,6 @@ class PipelineRecipe:
 STAGES: dict[str, type] = {
     "tokenizer": TokenizerRecipe,
     "pretrain": PretrainRecipe,
+    "reward": RewardRecipe,
     "pipeline": PipelineRecipe,
 }

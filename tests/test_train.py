@@ -140,6 +140,10 @@ def test_quickstart_pipeline_end_to_end(tmp_path, capsys):
             "pretrain.train.eval_every=20",
             "pretrain.train.batch_size=8",
             "pretrain.data.seq_len=128",
+            "reward.data.train_prompts=64",
+            "reward.data.heldout_prompts=48",
+            "reward.train.max_steps=4",
+            "reward.train.eval_every=2",
         ]
     )
     assert code == 0
@@ -147,8 +151,10 @@ def test_quickstart_pipeline_end_to_end(tmp_path, capsys):
     assert summary["heldout_loss_after"] < summary["heldout_loss_before"]
     assert summary["heldout_loss_after"] < summary["unigram_baseline"] + 0.5
     assert {s["lang"] for s in summary["samples"]} == {"en", "zh"}
-    for stage in ("tokenizer", "pretrain"):
+    for stage in ("tokenizer", "pretrain", "reward"):
         assert (tmp_path / stage / "config.yaml").is_file()
+    reward = json.loads((tmp_path / "reward" / "summary.json").read_text())
+    assert reward["eval"]["world"]["pairs"] > 0 and "fraction_of_ceiling" in reward["eval"]["world"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "pretrain" / "final")

@@ -295,29 +295,49 @@ def test_measured_agreement_matches_ceiling(world: W.World, train: list[Prompt],
 
 
 def test_preference_pairs(world: W.World, train: list[Prompt]) -> None:
+    from annotation.records import PreferenceRecord
+
     records = preference_pairs(world, train[:200], n_annotators=3, noise=0.0, seed=0, labels_per_pair=2)
     assert len(records) == 400
     assert records == preference_pairs(
         world, train[:200], n_annotators=3, noise=0.0, seed=0, labels_per_pair=2
     )
-    labels = {r["label"] for r in records}
+    labels = {r["provenance"]["label"] for r in records}
     assert {"A", "B", "tie", "both_bad"} <= labels
-    for r in records:
-        assert set(r) >= {"prompt", "chosen", "rejected", "tie", "annotator", "attributes", "provenance"}
-        assert r["prompt"][-1]["role"] == "user" and r["chosen"][0]["role"] == "assistant"
-        assert r["tie"] == (r["label"] in ("tie", "both_bad"))
-        assert r["provenance"]["source"] == "world" and len(r["provenance"]["kinds"]) == 2
-        ch, rj = r["attributes"]["chosen"], r["attributes"]["rejected"]
+    rule = PreferenceRule()
+    for i, r in enumerate(records):
+        # the shared record type accepts it and gives the same dict back
+        assert PreferenceRecord.from_dict(r, where=f"row {i}").to_dict() == r
+        assert r["prompt"][-1]["role"] == "user" and isinstance(r["chosen"], str)
+        prov = r["provenance"]
+        assert r["tie"] == (prov["label"] in ("tie", "both_bad"))
+        assert prov["source"] == "world" and len(prov["kinds"]) == 2 and prov["noise"] == 0.0
+        ch, rj = prov["scores"]["chosen"], prov["scores"]["rejected"]
         assert set(ch) == {"correctness", "language", "concision"}
+        for k in ch:  # attributes: the sign of the per-attribute difference
+            assert r["attributes"][k] == (ch[k] > rj[k]) - (ch[k] < rj[k])
+        u_chosen = rule.utility(W.Check(bool(ch["correctness"]), bool(ch["language"]), 0, 0, ch["concision"]))
+        u_rejected = rule.utility(
+            W.Check(bool(rj["correctness"]), bool(rj["language"]), 0, 0, rj["concision"])
+        )
         if not r["tie"]:  # noise 0: the chosen answer is the better one by the rule
-            assert PreferenceRule().utility(
-                W.Check(bool(ch["correctness"]), bool(ch["language"]), 0, 0, ch["concision"])
-            ) > (
-                PreferenceRule().utility(
-                    W.Check(bool(rj["correctness"]), bool(rj["language"]), 0, 0, rj["concision"])
-                )
-            )
+            assert u_chosen > u_rejected and prov["rule_choice"] == "chosen"
+        else:
+            assert prov["rule_choice"] == prov["label"]
     json.dumps(records, ensure_ascii=False)
+    # per-annotator noise: a careless annotator disagrees with the rule more often
+    mixed = preference_pairs(world, train, n_annotators=2, noise=[0.0, 0.8], seed=1)
+    for name, lo, hi in (("sim-0", 1.0, 1.0), ("sim-1", 0.2, 0.6)):
+        mine = [r for r in mixed if r["annotator"] == name]
+        agree = sum(
+            (r["provenance"]["rule_choice"] == "chosen")
+            if not r["tie"]
+            else r["provenance"]["rule_choice"] == r["provenance"]["label"]
+            for r in mine
+        )
+        assert lo <= agree / len(mine) <= hi, (name, agree / len(mine))
+    with pytest.raises(ValueError, match="noise has 1 values"):
+        preference_pairs(world, train[:2], n_annotators=2, noise=[0.1])
 
 
 # -- the CLI -----------------------------------------------------------------------------------------------

@@ -1,4 +1,3 @@
-"""Gradio apps: annotator page, side-by-side comparison app, leaderboard.
-
-Not built yet: lands with issue 6 (see README, "Status").
+"""Gradio apps: the annotator page (``annotator.py``, with safe rendering of model output in ``render.py``);
+the side-by-side comparison app and leaderboard come later (see README, "Status").
 """

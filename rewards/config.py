@@ -1,0 +1,60 @@
+"""Config sections of the reward stage (plain frozen dataclasses, no heavy imports: the recipe schema
+imports them). Each component gets only its own section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """PEFT LoRA on the GLM's linear layers (names as in ``pretrain/model.py``)."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = LORA_TARGETS
+
+
+@dataclass(frozen=True)
+class RewardLossConfig:
+    tie_model: Literal["drop", "davidson", "rao_kupper"] = "davidson"  # "drop" = plain Bradley-Terry
+    tie_param: float = 1.0  # initial nu (Davidson, >= 0) or theta (Rao-Kupper, > 1)
+    learn_tie_param: bool = True  # fit it with the model (one per head)
+    tie_param_lr: float = 0.05  # its own learning rate: the model's fine-tuning lr would barely move it
+    use_margin: bool = False  # -log sigma(d - margin_scale * record.margin) on strict pairs
+    margin_scale: float = 1.0
+    centering: float = 0.0  # coefficient of mean((r_c + r_r)^2)
+    weights: Literal["record", "reliability", "none"] = "record"  # per-pair weights (reliability: data.py)
+
+    def __post_init__(self) -> None:
+        if self.tie_model == "davidson" and self.tie_param < 0:
+            raise ValueError(f"loss.tie_param (Davidson's nu) must be >= 0, got {self.tie_param}")
+        if self.tie_model == "rao_kupper" and self.tie_param <= 1:
+            raise ValueError(f"loss.tie_param (Rao-Kupper's theta) must be > 1, got {self.tie_param}")
+
+
+@dataclass(frozen=True)
+class RewardTrainConfig:
+    batch_size: int = 16  # pairs per micro-batch
+    grad_accum: int = 1
+    max_steps: int = 200
+    epochs: float | None = None  # when set, max_steps = ceil(epochs x pairs / (batch_size x grad_accum))
+    max_minutes: float | None = None
+    eval_every: int = 50
+    log_every: int = 10
+    save_every: int = 0  # 0: only the final checkpoint
+    keep_checkpoints: int = 1
+    resume: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    gradient_checkpointing: bool = False
+    packing: bool = False  # padding-free batches (doc ids) instead of right padding
+    pack_tokens: int = 2048  # row length of packed batches
+    num_threads: int | None = None
+    strategy: Literal["single", "deepspeed"] = "single"
+    zero_stage: int = 2

@@ -1,0 +1,297 @@
+"""Reward model: our GLM backbone + a linear head read at the turn terminator, saved as a Hugging Face
+``GlmForSequenceClassification`` folder.
+
+    r(prompt, response) = score(h_T)    h = GLM.hidden_states(encode_response(prompt, response))  (B, T, D)
+
+T is the position of the ``<|endoftext|>`` that ends the response (GLM has no end-of-turn token; the
+terminator is what the model writes when the answer is done), so the head sees the whole answer. The head
+is ``nn.Linear(D, K, bias=False)`` with one output per head name (the first is the overall reward; more
+heads score attributes such as correctness or harmlessness).
+
+On disk (``save``): ``config.json`` (``GlmConfig``, ``architectures: [GlmForSequenceClassification]``,
+``num_labels`` = K, ``id2label`` = head names, ``pad_token_id`` = the id of ``<eop>``), ``model.safetensors``
+in Hugging Face names (``model.*`` + ``score.weight``), the tokenizer (its pad token set to ``<eop>`` too),
+and ``reward_config.json`` (tie model and its parameter per head, reward mean / std, max length).
+The pad token is *not* ``<|endoftext|>`` on purpose: ``GlmForSequenceClassification`` reads the rightmost
+token that is not padding, which must be the terminator, so ``transformers`` and TRL score exactly as we do.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pretrain.config import GLMConfig
+from pretrain.hf import (
+    _load_hf_weights,
+    _owning_copy,
+    from_hf_config,
+    to_hf_config,
+    to_hf_names,
+    to_hf_state_dict,
+)
+from pretrain.model import GLM
+
+PAD_TOKEN = "<eop>"  # never rendered by the GLM-4 template, and escaped when it occurs in text
+REWARD_CONFIG = "reward_config.json"
+
+
+@dataclass
+class RewardInfo:
+    """What a reward folder knows besides the weights (``reward_config.json``)."""
+
+    heads: list[str] = field(default_factory=lambda: ["reward"])
+    tie_model: str = "drop"  # losses.TIE_MODELS key used in training
+    tie_params: list[float] = field(default_factory=list)  # nu (Davidson) / theta (Rao-Kupper) per head
+    reward_mean: list[float] = field(default_factory=list)  # per head, over the training responses
+    reward_std: list[float] = field(default_factory=list)
+    max_length: int = 1024
+    terminator: str | None = (
+        "<|endoftext|>"  # appended after the response; the reward is read at the last token
+    )
+    extra: dict[str, Any] = field(default_factory=dict)  # evaluation summary, data provenance, ...
+
+
+class RewardModel(nn.Module):
+    """GLM backbone (its lm_head removed) + ``score`` = Linear(D, num_heads, bias=False)."""
+
+    def __init__(
+        self, backbone: GLM, heads: Sequence[str] = ("reward",), info: RewardInfo | None = None
+    ) -> None:
+        super().__init__()
+        backbone.lm_head = None  # not used by hidden_states(); a reward model has no vocabulary projection
+        self.backbone = backbone
+        self.heads = list(heads)
+        d = backbone.config.hidden_size
+        self.score = nn.Linear(d, len(self.heads), bias=False)
+        # r = <w, h> with h of RMS ~1 after the final norm: std 1/sqrt(D) starts rewards at O(1)
+        nn.init.normal_(self.score.weight, std=1.0 / d**0.5)
+        self.info = info or RewardInfo(heads=self.heads)
+
+    @property
+    def config(self) -> GLMConfig:
+        return self.backbone.config
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.backbone.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self.backbone.gradient_checkpointing = value
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        score_index: Tensor,
+        attention_mask: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Rewards (N, K) read at ``score_index``: (N,) flat indices into the (B * T) tokens.
+
+        Padded batch: input_ids (B, T) right-padded, attention_mask (B, T), score_index = b * T + len_b - 1.
+        Packed batch (padding-free): input_ids (B, T) holding several sequences per row, doc_ids (B, T) one
+        id per sequence (attention stays inside it, positions restart), score_index = each one's last token.
+        """
+        h = self.backbone.hidden_states(
+            input_ids, position_ids=position_ids, doc_ids=doc_ids, attention_mask=attention_mask
+        )  # (B, T, D)
+        h_last = h.flatten(0, 1)[score_index]  # (N, D): gather first, so the head runs on N rows, not B * T
+        return self.score(h_last).float()  # (N, K)
+
+    # -- folders ---------------------------------------------------------------------------------------------
+
+    def hf_state_dict(self) -> dict[str, Tensor]:
+        """Hugging Face ``GlmForSequenceClassification`` names: ``model.*`` and ``score.weight``."""
+        sd = to_hf_state_dict(self.backbone.state_dict(), self.config)
+        sd["score.weight"] = self.score.weight
+        return sd
+
+    def save(self, folder: str | Path, tokenizer: Any = None) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = self.config
+        hf_cfg = to_hf_config(cfg)
+        hf_cfg.architectures = [
+            "Glm4ForSequenceClassification" if cfg.post_norms else "GlmForSequenceClassification"
+        ]
+        hf_cfg.num_labels = len(self.heads)
+        hf_cfg.id2label = dict(enumerate(self.heads))
+        hf_cfg.label2id = {h: i for i, h in enumerate(self.heads)}
+        hf_cfg.problem_type = "regression"
+        if tokenizer is not None:
+            hf_cfg.pad_token_id = reward_pad_id(tokenizer)
+        hf_cfg.dtype = next(self.parameters()).dtype
+        hf_cfg.save_pretrained(folder)
+        from safetensors.torch import save_file
+
+        state = {k: _owning_copy(v) for k, v in self.hf_state_dict().items()}
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tok = _with_reward_pad(tokenizer)
+            tok.save_pretrained(folder)
+        self.info.heads = list(self.heads)
+        (folder / REWARD_CONFIG).write_text(json.dumps(asdict(self.info), indent=2, ensure_ascii=False))
+        return folder
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        heads: Sequence[str] | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+    ) -> RewardModel:
+        """A reward folder (``save`` / ``GlmForSequenceClassification``), or a base / SFT GLM causal-LM folder
+        (then the head is new, with ``heads`` outputs, default one "reward")."""
+        folder = Path(folder)
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"RewardModel.from_pretrained: no config.json in {folder}")
+        raw = json.loads(config_path.read_text())
+        cfg = from_hf_config(raw)
+        weights = _load_hf_weights(folder)
+        head_weight = weights.pop("score.weight", None)
+        weights.pop("lm_head.weight", None)  # a causal LM's vocabulary projection: not needed
+        names = {k: v for k, v in to_hf_names(cfg).items() if k != "lm_head.weight"}
+        expected = {n for hf in names.values() for n in hf}
+        missing, unexpected = (
+            expected - weights.keys(),
+            {k for k in weights.keys() - expected if "rotary" not in k},
+        )
+        if missing or unexpected:
+            raise KeyError(
+                f"RewardModel.from_pretrained({folder}): missing {sorted(missing)[:10]}, "
+                f"unexpected {sorted(unexpected)[:10]}"
+            )
+        sd = {
+            ours: (weights[hf[0]] if len(hf) == 1 else torch.cat([weights[n] for n in hf], dim=0)).to(dtype)
+            for ours, hf in names.items()
+        }
+        with torch.device("meta"):
+            backbone = GLM(cfg)
+        backbone.lm_head = None
+        backbone.load_state_dict(sd, assign=True)
+        info = RewardInfo()
+        if (folder / REWARD_CONFIG).is_file():
+            info = RewardInfo(**json.loads((folder / REWARD_CONFIG).read_text()))
+        if head_weight is not None:
+            saved_heads = [
+                raw.get("id2label", {}).get(str(i), f"head_{i}") for i in range(head_weight.shape[0])
+            ]
+            if heads is not None and list(heads) != saved_heads:
+                raise ValueError(f"{folder} has reward heads {saved_heads}, asked for {list(heads)}")
+            model = cls(backbone, saved_heads, info)
+            model.score.weight = nn.Parameter(head_weight.to(dtype))
+        else:
+            model = cls(backbone, list(heads or ("reward",)))
+            model.score.to(dtype)
+        return model.to(device) if device is not None else model
+
+
+def reward_pad_id(tokenizer: Any) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no {PAD_TOKEN} token to pad reward-model batches with")
+    return token_id
+
+
+def _with_reward_pad(tokenizer: Any) -> Any:
+    """A copy of the tokenizer whose pad token is ``<eop>`` (so TRL and transformers pad like we do)."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = PAD_TOKEN
+    tok.padding_side = "right"
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches
+
+
+def padded_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, Tensor]:
+    """Right-padded (B, T) input_ids / attention_mask and the flat score index of each last token."""
+    T = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), T), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    lengths = mask.sum(1)
+    score_index = torch.arange(len(sequences)) * T + lengths - 1  # (B,)
+    return {"input_ids": ids, "attention_mask": mask, "score_index": score_index}
+
+
+def packed_batch(sequences: Sequence[Sequence[int]], pad_id: int, row_tokens: int) -> dict[str, Tensor]:
+    """Padding-free packing: sequences laid end to end into rows of at most ``row_tokens`` tokens (first fit,
+    in the given order, which is kept in ``score_index``), rows padded to the longest row.
+
+    doc_ids (B, T): one id per sequence (padding has its own), so attention stays within a sequence and
+    positions restart at 0 (``GLM.hidden_states``); score_index (N,) = flat index of each sequence's last token.
+    """
+    rows: list[list[int]] = []  # sequence indices per row
+    fill: list[int] = []
+    for i, s in enumerate(sequences):
+        n = len(s)
+        for r, used in enumerate(fill):
+            if used + n <= row_tokens:
+                rows[r].append(i)
+                fill[r] += n
+                break
+        else:
+            rows.append([i])
+            fill.append(n)
+    T = max(fill)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    doc_ids = torch.full((len(rows), T), -1, dtype=torch.long)
+    score_index = torch.empty(len(sequences), dtype=torch.long)
+    for r, members in enumerate(rows):
+        pos = 0
+        for i in members:
+            s = sequences[i]
+            ids[r, pos : pos + len(s)] = torch.tensor(s, dtype=torch.long)
+            doc_ids[r, pos : pos + len(s)] = i
+            score_index[i] = r * T + pos + len(s) - 1
+            pos += len(s)
+    return {"input_ids": ids, "doc_ids": doc_ids, "score_index": score_index}
+
+
+def score_sequences(
+    model: RewardModel,
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_tokens: int = 8192,
+    max_batch: int = 64,
+) -> Tensor:
+    """Rewards (N, K) of token sequences, in batches of similar length (sorted), returned in input order."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out = torch.empty(len(sequences), len(model.heads))
+    start = 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        while start < len(order):
+            end = start + 1
+            # the longest sequence of a sorted chunk is its last: grow while rows x longest fits the budget
+            while (
+                end < len(order)
+                and end - start < max_batch
+                and (end - start + 1) * len(sequences[order[end]]) <= batch_tokens
+            ):
+                end += 1
+            idx = order[start:end]
+            batch = padded_batch([sequences[i] for i in idx], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out[idx] = model(**batch).cpu()
+            start = end
+    model.train(was_training)
+    return out

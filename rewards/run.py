@@ -1,0 +1,181 @@
+"""`glmwb run recipes/reward.yaml`: load config → pairs → reward model → train → evaluate → save."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recipes.loader import RecipeError
+from recipes.schema import RewardDataConfig, RewardRecipe
+
+
+def load_records(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
+    """(train records, held-out records, facts about them) from the embedded world or from files."""
+    from rewards.data import read_preferences
+
+    if cfg.source == "world":
+        from annotation.records import records_from_dicts
+        from pretrain.world import make_world, preference_pairs
+
+        world = make_world(seed=cfg.world.seed, num_entities=cfg.world.num_entities)
+        a = cfg.annotators
+        noise = list(a.noise_per_annotator) or a.noise
+        pairs = {
+            split: preference_pairs(
+                world,
+                world.prompts(split, n, seed=seed),
+                a.n,
+                noise,
+                seed=seed,
+                labels_per_pair=a.labels_per_pair,
+            )
+            for split, n in (("train", cfg.train_prompts), ("heldout", cfg.heldout_prompts))
+        }
+        train = records_from_dicts(pairs["train"], "world train pairs")
+        held = records_from_dicts(pairs["heldout"], "world held-out pairs")
+        return train, held, {"source": "world", "noise": noise, "annotators": a.n}
+    skipped: list[str] = []
+    train = []
+    for path in cfg.paths:
+        res = read_preferences(path, cfg.format, cfg.skip_invalid)
+        train += res.records
+        skipped += res.skipped
+    if cfg.eval_paths:
+        held = []
+        for path in cfg.eval_paths:
+            res = read_preferences(path, cfg.format, cfg.skip_invalid)
+            held += res.records
+            skipped += res.skipped
+    else:  # a seeded split of the training files
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, int(cfg.eval_fraction * len(train)))
+        held = [train[i] for i in order[:n_eval]]
+        train = [train[i] for i in order[n_eval:]]
+    random.Random(seed).shuffle(train)
+    return train, held, {"source": "files", "skipped_rows": len(skipped), "skipped_examples": skipped[:5]}
+
+
+def build_model(recipe: RewardRecipe, tok):
+    from pretrain.model import GLM
+    from rewards.model import RewardModel
+    from rewards.train import apply_lora
+
+    heads = list(recipe.model.heads)
+    if recipe.model.init_from:
+        model = RewardModel.from_pretrained(recipe.model.init_from, heads=heads)
+    else:
+        cfg = recipe.model.config
+        if cfg.vocab_size < len(tok):
+            raise RecipeError(
+                f"model.config.vocab_size ({cfg.vocab_size}) < the tokenizer's {len(tok)} tokens"
+            )
+        model = RewardModel(GLM(cfg.with_(pad_token_id=tok.pad_token_id)), heads)
+    if model.heads != heads:
+        raise RecipeError(f"model.heads {heads} != the heads of {recipe.model.init_from}: {model.heads}")
+    if recipe.model.lora.enabled:
+        apply_lora(model, recipe.model.lora)
+    return model
+
+
+def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
+    from pretrain.run import load_tokenizer
+    from rewards.data import annotator_reliability, encode_pairs, reliability_weights
+    from rewards.evaluate import evaluate_folder, format_summary
+    from rewards.model import reward_pad_id
+    from rewards.strategy import make_strategy
+    from rewards.train import save_reward_folder, train_reward_model
+
+    run_dir = Path(recipe.run.dir)
+    if recipe.model.init_from and not (Path(recipe.model.init_from) / "config.json").is_file():
+        raise RecipeError(
+            f"model.init_from: no model folder at {recipe.model.init_from!r} (expected config.json there); "
+            "run the pretrain stage first or point model.init_from at a GLM folder"
+        )
+    tok_path = recipe.data.tokenizer or recipe.model.init_from
+    if tok_path is None:
+        raise RecipeError("data.tokenizer: needed when model.init_from is null")
+    tok = load_tokenizer(tok_path)
+    strategy = make_strategy(recipe.train.strategy, recipe.train.zero_stage, recipe.optim.grad_clip)
+    strategy.setup()
+    print = builtins.print if strategy.is_main else (lambda *a, **k: None)  # noqa: A001 (one rank talks)
+
+    train_records, held_records, facts = load_records(recipe.data, recipe.run.seed)
+    if recipe.data.max_train_pairs:
+        train_records = train_records[: recipe.data.max_train_pairs]
+    if recipe.data.max_eval_pairs:
+        held_records = held_records[: recipe.data.max_eval_pairs]
+    if recipe.loss.weights == "reliability":
+        reliability = annotator_reliability(train_records)
+        facts["reliability"] = reliability
+        train_records = reliability_weights(train_records, reliability)
+        print("annotator reliability: " + ", ".join(f"{k} {v:.2f}" for k, v in reliability.items()))
+    heads, max_len, trunc = recipe.model.heads, recipe.data.max_length, recipe.data.truncation
+    terminator = None if recipe.model.score_token == "none" else recipe.model.score_token
+    train_pairs, train_stats = encode_pairs(tok, train_records, max_len, trunc, heads, "train", terminator)
+    held_pairs, held_stats = encode_pairs(tok, held_records, max_len, trunc, heads, "held-out", terminator)
+    print(f"data: train {json.dumps(train_stats)}; held-out {json.dumps(held_stats)}")
+
+    torch.manual_seed(recipe.run.seed)
+    model = build_model(recipe, tok)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(
+        f"reward model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+        f"({trainable / 1e6:.2f}M trainable{', LoRA' if recipe.model.lora.enabled else ''}), heads {list(heads)}"
+    )
+    model.info = replace(
+        model.info, heads=list(heads), max_length=max_len, terminator=terminator, extra={"data": facts}
+    )
+    pad_id = reward_pad_id(tok)
+    summary = train_reward_model(
+        model, tok, train_pairs, held_pairs, recipe.loss, recipe.optim, recipe.train, run_dir, pad_id,
+        seed=recipe.run.seed, lora=recipe.model.lora.enabled, strategy=strategy, log=print,
+    )  # fmt: skip
+    with strategy.gathered(model):
+        final = save_reward_folder(model, run_dir / "final", tok) if strategy.is_main else None
+    if not strategy.is_main:
+        return summary
+
+    members = [final]
+    for i in range(1, recipe.eval.ensemble + 1):  # more members: same data and schedule, other seeds
+        torch.manual_seed(recipe.run.seed + i)
+        member = build_model(recipe, tok)  # a new head (and, from scratch, a new backbone) from this seed
+        member_dir = run_dir / f"ensemble_{i}"
+        train_reward_model(
+            member, tok, train_pairs, [], recipe.loss, recipe.optim, replace(recipe.train, resume=False),
+            member_dir, pad_id, seed=recipe.run.seed + i, lora=recipe.model.lora.enabled, log=lambda s: None,
+        )  # fmt: skip
+        members.append(save_reward_folder(member, member_dir / "final", tok))
+
+    report = evaluate_folder(
+        final, held_records, held_pairs, run_dir / "eval", members=members[1:], bins=recipe.eval.bins
+    )
+    summary.update(data={"train": train_stats, "heldout": held_stats, **facts}, eval=report, model=str(final))
+    line = format_summary(
+        report["pairwise"] | {"calibration": report["calibration"], "length": report["length"]}
+    )
+    print(f"held-out: {line}")
+    if "world" in report and report["world"].get("pairs"):
+        w = report["world"]
+        target = recipe.eval.target_fraction_of_ceiling
+        w["target_fraction_of_ceiling"] = target
+        w["meets_target"] = w["fraction_of_ceiling"] >= target
+        print(
+            f"world: held-out accuracy vs annotators {w['accuracy_vs_annotators']:.3f} on {w['pairs']} strict pairs; "
+            f"their agreement ceiling {w['ceiling']:.3f} → {w['fraction_of_ceiling']:.1%} of ceiling "
+            f"(target {target:.0%}: {'met' if w['meets_target'] else 'NOT met'}); "
+            f"vs the noise-free rule {w['accuracy_vs_rule']:.3f}"
+        )
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
+    info_path = final / "reward_config.json"
+    info = json.loads(info_path.read_text())
+    info["extra"]["eval"] = {k: report[k] for k in ("pairwise", "world") if k in report}
+    info_path.write_text(json.dumps(info, indent=2, ensure_ascii=False))
+    print(f"reward model → {final}; evaluation → {run_dir / 'eval'}")
+    return summary

@@ -1,0 +1,479 @@
+"""Reward-model training loop: pairs -> rewards at the terminator -> preference loss (Bradley-Terry, or a ties
+model, with margins, annotator weights, centering, one loss per head) -> AdamW with warm-up + cosine,
+gradient accumulation, clipping; held-out evaluation, resumable checkpoints, metrics JSONL and a plot.
+
+Reused from ``pretrain/train.py``: the optimizer (decay on matrices only), the schedule, device / autocast
+choice and RNG state. Batches are either right-padded (chosen and rejected of B pairs = 2B rows) or packed
+padding-free (``packing: true``: the 2B sequences laid end to end in rows of ``pack_tokens`` with doc ids, so
+attention stays within each sequence). Full fine-tuning, or LoRA through PEFT on the GLM's linear layers
+(then only the adapters, the head and the tie parameter train; the saved folder has the adapters merged).
+
+A run folder holds:
+    metrics.jsonl                one JSON line per logged step / evaluation
+    training.png                 loss, held-out loss and accuracy
+    checkpoints/step_000123/     reward folder + trainer_state.pt (optimizer, RNG, data order, step)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pretrain.train import (
+    OptimConfig,
+    autocast_dtype,
+    lr_at,
+    make_optimizer,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from rewards.config import LoRAConfig, RewardLossConfig, RewardTrainConfig
+from rewards.data import EncodedPair
+from rewards.evaluate import pairwise_metrics
+from rewards.losses import TIE_PARAM_TRANSFORMS, centering_loss, label_mask, multi_head_loss
+from rewards.model import RewardModel, packed_batch, padded_batch, score_sequences
+from rewards.strategy import SingleDevice
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def apply_lora(model: RewardModel, cfg: LoRAConfig) -> RewardModel:
+    """Inject PEFT LoRA adapters into the backbone's target linears; freeze the rest of the backbone."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules)
+    )
+    inject_adapter_in_model(lora, model.backbone)
+    for name, p in model.backbone.named_parameters():
+        p.requires_grad = "lora_" in name
+    model.score.weight.requires_grad = True
+    return model
+
+
+def plain_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """The module's state dict with any PEFT LoRA layers merged (W + scale B A) under their plain names."""
+    sd = module.state_dict()
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return sd
+    lora = {name: m for name, m in module.named_modules() if isinstance(m, LoraLayer)}
+    if not lora:
+        return sd
+    out: dict[str, Tensor] = {}
+    for name, t in sd.items():
+        if ".lora_" in name:
+            continue
+        if ".base_layer." in name:
+            owner, param = name.split(".base_layer.")
+            if param == "weight" and not lora[owner].merged:
+                for adapter in lora[owner].active_adapters:
+                    t = t + lora[owner].get_delta_weight(adapter).to(t.dtype)
+            name = f"{owner}.{param}"
+        out[name] = t.detach()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data order
+
+
+class PairSampler:
+    """Shuffled passes over the pairs (a new permutation each epoch, from the seed); resumable."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.pos = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+
+    def next(self) -> list[int]:
+        out: list[int] = []
+        while len(out) < self.batch_size:
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._permutation()
+            take = min(self.batch_size - len(out), self.n - self.pos)
+            out += self._perm[self.pos : self.pos + take].tolist()
+            self.pos += take
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._perm = self._permutation()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One micro-batch
+
+
+def pair_rewards(
+    model: RewardModel, pairs: Sequence[EncodedPair], pad_id: int, packing: bool, pack_tokens: int, device
+) -> tuple[Tensor, Tensor]:
+    """Rewards (B, K) of the chosen and of the rejected responses of B pairs, in one forward."""
+    sequences = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    if packing:
+        batch = packed_batch(sequences, pad_id, max(pack_tokens, max(map(len, sequences))))
+    else:
+        batch = padded_batch(sequences, pad_id)
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    rewards = model(**batch)  # (2B, K)
+    return rewards[: len(pairs)], rewards[len(pairs) :]
+
+
+def pair_tensors(pairs: Sequence[EncodedPair], device) -> dict[str, Tensor]:
+    return {
+        "labels": torch.tensor([p.labels for p in pairs], dtype=torch.long, device=device),  # (B, K)
+        "weight": torch.tensor([p.weight for p in pairs], dtype=torch.float32, device=device),  # (B,)
+        "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32, device=device),  # (B,)
+        "tie": torch.tensor([p.tie for p in pairs], dtype=torch.bool, device=device),  # (B,)
+    }
+
+
+class TieParameter(nn.Module):
+    """The tie model's parameter per head, stored unconstrained (``raw``) and mapped to nu >= 0 / theta > 1."""
+
+    def __init__(self, tie_model: str, init: float, num_heads: int, learn: bool) -> None:
+        super().__init__()
+        transform, inverse = TIE_PARAM_TRANSFORMS[tie_model]
+        self.tie_model, self.transform = tie_model, transform
+        raw = torch.full((num_heads,), inverse(init), dtype=torch.float32)
+        self.raw = nn.Parameter(raw, requires_grad=learn and tie_model != "drop")
+
+    def forward(self) -> Tensor:
+        return self.transform(self.raw)  # (K,)
+
+
+def evaluate_pairs(
+    model: RewardModel, pairs: Sequence[EncodedPair], pad_id: int, tie_model: str, tie_params: Sequence[float]
+) -> tuple[dict[str, Any], Tensor, Tensor]:
+    """Held-out metrics of the first head (and accuracy per attribute head); the rewards (N, K) both sides."""
+    rewards = score_sequences(model, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], pad_id)
+    chosen, rejected = rewards[: len(pairs)], rewards[len(pairs) :]
+    tie = torch.tensor([p.tie for p in pairs], dtype=torch.bool)
+    metrics = pairwise_metrics(chosen[:, 0], rejected[:, 0], tie, tie_model, tie_params[0])
+    labels = torch.tensor([p.labels for p in pairs], dtype=torch.long)
+    for k, head in enumerate(model.heads[1:], 1):
+        strict = (labels[:, k] == 1) | (labels[:, k] == -1)
+        if strict.any():
+            d = (chosen[strict, k] - rejected[strict, k]) * labels[strict, k]
+            metrics[f"accuracy/{head}"] = float(((d > 0).float() + 0.5 * (d == 0).float()).mean())
+    return metrics, chosen, rejected
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints and plots
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+
+
+def save_checkpoint(run_dir: Path, model: RewardModel, tokenizer, state: dict, keep: int, lora: bool) -> Path:
+    final = run_dir / "checkpoints" / f"step_{state['step']:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_reward_folder(model, tmp, tokenizer)
+    if lora:  # the adapters themselves (the folder has them merged): what resume needs to go on training
+        state = {
+            **state,
+            "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+        }
+    torch.save(state, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_reward_folder(model: RewardModel, folder: str | Path, tokenizer=None) -> Path:
+    """Save as a ``GlmForSequenceClassification`` folder; LoRA adapters are merged into the weights."""
+    if not any(".lora_" in n for n, _ in model.named_parameters()):
+        return model.save(folder, tokenizer)
+    from pretrain.model import GLM
+
+    with torch.device("meta"):
+        plain = GLM(model.config)
+    plain.lm_head = None
+    plain.load_state_dict(plain_state_dict(model.backbone), assign=True)
+    merged = RewardModel(plain, model.heads, model.info)
+    merged.score.weight = model.score.weight
+    return merged.save(folder, tokenizer)
+
+
+def plot_training(metrics_path: Path, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), lw=1, label="train loss")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="held-out loss")
+        ax2.plot(
+            [r["step"] for r in evals],
+            [r.get("accuracy", float("nan")) for r in evals],
+            "o-",
+            label="accuracy",
+        )
+        if any("three_way_accuracy" in r for r in evals):
+            ax2.plot(
+                [r["step"] for r in evals], [r.get("three_way_accuracy", float("nan")) for r in evals], "s--",
+                label="3-way accuracy (ties)",
+            )  # fmt: skip
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("preference loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax2.set_xlabel("optimizer step")
+    ax2.set_ylabel("held-out accuracy")
+    ax2.grid(alpha=0.3)
+    if evals:
+        ax2.legend()
+    fig.suptitle("reward model")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_reward_model(
+    model: RewardModel,
+    tokenizer,
+    train_pairs: Sequence[EncodedPair],
+    eval_pairs: Sequence[EncodedPair],
+    loss_cfg: RewardLossConfig,
+    optim_cfg: OptimConfig,
+    train_cfg: RewardTrainConfig,
+    run_dir: str | Path,
+    pad_id: int,
+    seed: int = 0,
+    lora: bool = False,
+    strategy: SingleDevice | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train ``model`` on ``train_pairs``; evaluate on ``eval_pairs``; returns a summary (before / after
+    metrics, steps, pairs/s). The model's ``info`` gets the tie parameters and the reward mean / std."""
+    if not train_pairs:
+        raise ValueError("no training pairs (all dropped? see the data stats)")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    strategy = strategy or SingleDevice()
+    device = resolve_device(train_cfg.device)
+    amp_dtype = autocast_dtype(train_cfg.dtype, device)
+    if train_cfg.num_threads:
+        torch.set_num_threads(train_cfg.num_threads)
+    seed_everything(seed)
+    model.to(device)
+    model.gradient_checkpointing = train_cfg.gradient_checkpointing
+    K = len(model.heads)
+    tie = TieParameter(loss_cfg.tie_model, loss_cfg.tie_param, K, loss_cfg.learn_tie_param).to(device)
+    model.tie = tie  # a submodule, so the optimizer, strategy and checkpoints see it
+    optimizer = make_optimizer(model, optim_cfg, device)
+    if tie.raw.requires_grad:  # its own group: no decay, its own lr (scaled by the same schedule)
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if p is not tie.raw]
+        optimizer.add_param_group(
+            {"params": [tie.raw], "weight_decay": 0.0, "lr_scale": loss_cfg.tie_param_lr / optim_cfg.lr}
+        )
+    model, optimizer = strategy.prepare(model, optimizer)
+    core: RewardModel = strategy.unwrap(model)
+
+    micro_per_step = train_cfg.grad_accum * strategy.world_size
+    pairs_per_step = train_cfg.batch_size * micro_per_step
+    max_steps = train_cfg.max_steps
+    if train_cfg.epochs is not None:
+        max_steps = math.ceil(train_cfg.epochs * len(train_pairs) / pairs_per_step)
+    sampler = PairSampler(len(train_pairs), train_cfg.batch_size, seed)
+    step = 0
+    metrics_path = run_dir / "metrics.jsonl"
+    existing = checkpoint_dirs(run_dir) if train_cfg.resume else []
+    if existing and strategy.world_size > 1:
+        raise ValueError(
+            f"{run_dir} has checkpoints; resuming a multi-rank run is not supported (train.resume=false)"
+        )
+    if existing:
+        ckpt = existing[-1]
+        state = torch.load(ckpt / "trainer_state.pt", map_location=device, weights_only=False)
+        if "trainable" in state:
+            core.load_state_dict(state["trainable"], strict=False)
+        else:
+            loaded = RewardModel.from_pretrained(ckpt)
+            core.backbone.load_state_dict(loaded.backbone.state_dict())
+            core.score.load_state_dict(loaded.score.state_dict())
+        tie.raw.data.copy_(state["tie_raw"])
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+        log(f"resumed from {ckpt} at step {step}")
+        if metrics_path.exists():
+            keep = [
+                ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step
+            ]
+            metrics_path.write_text("".join(line + "\n" for line in keep))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    def write(row: dict) -> None:
+        if strategy.is_main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def run_eval() -> dict[str, Any]:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            metrics, _, _ = evaluate_pairs(core, eval_pairs, pad_id, loss_cfg.tie_model, tie().tolist())
+        return metrics
+
+    summary: dict[str, Any] = {"start_step": step, "max_steps": max_steps, "train_pairs": len(train_pairs)}
+    if step == 0 and eval_pairs:
+        summary["eval_before"] = m0 = run_eval()
+        write({"kind": "eval", "step": 0, **m0})
+        log(
+            f"held-out before training: accuracy {m0.get('accuracy', float('nan')):.3f}, loss {m0['loss']:.3f}"
+        )
+
+    model.train()
+    started = time.time()
+    window_t, window_pairs = time.time(), 0
+    bar = tqdm(
+        total=max_steps,
+        initial=step,
+        desc="reward",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not strategy.is_main,
+    )
+    stopped_early = False
+    while step < max_steps:
+        lr = lr_at(step, optim_cfg, max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        # every rank draws the same micro-batches and takes its own share of them
+        micro = [[train_pairs[i] for i in sampler.next()] for _ in range(micro_per_step)]
+        step_tensors = [pair_tensors(m, device) for m in micro]
+        # the whole step's normalisers (per head: the weight of the labels it learns from), so that each
+        # micro-batch contributes its share and 1 x 8 == 8 x 1
+        head_weight = sum(
+            (t["weight"][:, None] * label_mask(t["labels"], loss_cfg.tie_model)).sum(0) for t in step_tensors
+        )
+        step_pairs = float(sum(len(m) for m in micro))
+        loss_sum = 0.0
+        for mine in range(strategy.rank, micro_per_step, strategy.world_size):
+            pairs, t = micro[mine], step_tensors[mine]
+            weight = t["weight"] if loss_cfg.weights != "none" else torch.ones_like(t["weight"])
+            margin = t["margin"] * loss_cfg.margin_scale if loss_cfg.use_margin else None
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                chosen, rejected = pair_rewards(
+                    model, pairs, pad_id, train_cfg.packing, train_cfg.pack_tokens, device
+                )
+            norm = (
+                head_weight
+                if loss_cfg.weights != "none"
+                else sum(label_mask(s["labels"], loss_cfg.tie_model).sum(0) for s in step_tensors).float()
+            )
+            loss, _ = multi_head_loss(
+                chosen, rejected, t["labels"], loss_cfg.tie_model, tie(), margin, weight, norm
+            )
+            if loss_cfg.centering > 0:
+                share = len(pairs) / step_pairs
+                loss = loss + loss_cfg.centering * share * centering_loss(
+                    chosen.flatten(), rejected.flatten()
+                )
+            strategy.backward(loss, model)
+            loss_sum += float(loss.detach())
+        loss_sum = float(strategy.all_reduce(torch.tensor(loss_sum)))
+        grad_norm = strategy.step(model, optimizer, optim_cfg.grad_clip)
+        step += 1
+        window_pairs += pairs_per_step
+        bar.update(1)
+        if step % train_cfg.log_every == 0 or step == max_steps:
+            now = time.time()
+            pps = window_pairs / max(1e-9, now - window_t)
+            window_t, window_pairs = now, 0
+            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}", pairs_s=f"{pps:.1f}")
+            row = {
+                "kind": "train",
+                "step": step,
+                "loss": loss_sum,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "pairs_per_s": pps,
+            }
+            row["tie_param"] = tie().tolist()
+            write(row)
+        out_of_time = train_cfg.max_minutes is not None and time.time() - started > 60 * train_cfg.max_minutes
+        if strategy.world_size > 1:  # every rank must stop at the same step
+            out_of_time = bool(strategy.all_reduce(torch.tensor(float(out_of_time))) > 0)
+        last = step == max_steps or out_of_time
+        if eval_pairs and (step % train_cfg.eval_every == 0 or last):
+            m = run_eval()
+            write({"kind": "eval", "step": step, **m})
+            bar.write(
+                f"step {step}: held-out accuracy {m.get('accuracy', float('nan')):.3f}, loss {m['loss']:.3f}"
+            )
+            summary["eval_after"] = m
+        if (train_cfg.save_every and step % train_cfg.save_every == 0) or last:
+            core.info.tie_model, core.info.tie_params = loss_cfg.tie_model, tie().tolist()
+            with strategy.gathered(model):  # collective under ZeRO-3: every rank enters, the main one writes
+                if strategy.is_main:
+                    state = {
+                        "step": step,
+                        "optimizer": optimizer.state_dict(),
+                        "rng": rng_state(),
+                        "sampler": sampler.state_dict(),
+                        "tie_raw": tie.raw.detach().cpu(),
+                    }
+                    save_checkpoint(run_dir, core, tokenizer, state, train_cfg.keep_checkpoints, lora)
+        if out_of_time and step < max_steps:
+            stopped_early = True
+            bar.write(f"max_minutes ({train_cfg.max_minutes}) reached at step {step}; checkpoint saved")
+            break
+    bar.close()
+    elapsed = time.time() - started
+    if strategy.is_main and metrics_path.exists():
+        plot_training(metrics_path, run_dir / "training.png")
+
+    # reward statistics over (a sample of) the training responses: PPO may normalise with them
+    sample = [train_pairs[i] for i in np.random.default_rng(seed).permutation(len(train_pairs))[:256]]
+    rewards = score_sequences(core, [p.chosen_ids for p in sample] + [p.rejected_ids for p in sample], pad_id)
+    core.info.reward_mean, core.info.reward_std = rewards.mean(0).tolist(), rewards.std(0).tolist()
+    core.info.tie_model, core.info.tie_params = loss_cfg.tie_model, tie().tolist()
+    del core.tie
+    summary.update(
+        steps=step,
+        seconds=elapsed,
+        pairs_per_s=(step - summary["start_step"]) * pairs_per_step / max(1e-9, elapsed),
+        stopped_early=stopped_early,
+        device=str(device),
+        tie_params=core.info.tie_params,
+    )
+    return summary

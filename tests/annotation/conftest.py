@@ -1,0 +1,193 @@
+"""Fixtures for the annotation tests: stores (SQLite files, fresh PostgreSQL databases), a cheap password
+hasher, servers on loopback (in a thread, or as a subprocess that a test may kill), headless Chromium.
+
+PostgreSQL: ``GLMWB_TEST_PG_URL`` (``.ci/run`` starts the server and exports it; default
+postgresql+psycopg://glmwb:glmwb@127.0.0.1:5432/glmwb_test). Each test gets a database of its own, made
+from that URL's role (which needs CREATEDB) and dropped afterwards. Tests marked ``postgres`` *fail* when
+the server cannot be reached: CI must not pass by skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from annotation.store import NewItem, NewResponse, Store
+
+REPO = Path(__file__).resolve().parents[2]
+PG_URL = os.environ.get("GLMWB_TEST_PG_URL", "postgresql+psycopg://glmwb:glmwb@127.0.0.1:5432/glmwb_test")
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def cheap_hasher():
+    """argon2id with small parameters: the tests create dozens of accounts (hashes carry their parameters,
+    so a server with the default hasher verifies them)."""
+    from argon2 import PasswordHasher
+
+    return PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+
+
+def make_items(n: int, overlap: int = 3, prefix: str = "p", gold_every: int = 0, **kw) -> list[NewItem]:
+    items = []
+    for i in range(n):
+        gold = 0 if gold_every and i % gold_every == gold_every - 1 else None
+        items.append(
+            NewItem(
+                prompt_uid=f"{prefix}{i}",
+                prompt=[{"role": "user", "content": f"question {i}"}],
+                responses=[
+                    NewResponse(f"good answer {i}", "model-a"),
+                    NewResponse(f"bad answer {i}", "model-b"),
+                ],
+                overlap=overlap,
+                gold=gold,
+                **kw,
+            )
+        )
+    return items
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'annotation.db'}"
+
+
+def _pg_admin_url() -> str:
+    return PG_URL
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh, empty PostgreSQL database for this test (dropped afterwards)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    base = make_url(PG_URL)
+    name = f"glmwb_t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as e:  # noqa: BLE001 - any failure here means no server
+        pytest.fail(
+            f"PostgreSQL is not reachable at {base.render_as_string(hide_password=True)} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0]}). Start it as .ci/run does (pg_ctlcluster 15 main start; a role with "
+            "CREATEDB) or set GLMWB_TEST_PG_URL."
+        )
+    try:
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path):
+    """Each backend in turn: an SQLite file, a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'annotation.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def store(db_url):
+    s = Store(db_url, password_hasher=cheap_hasher())
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sqlite_store(sqlite_url):
+    s = Store(sqlite_url, password_hasher=cheap_hasher())
+    yield s
+    s.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base_url: str, timeout_s: float = 60.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with code {process.returncode} before it was up")
+        try:
+            if httpx.get(f"{base_url}/api/v1/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"no server at {base_url} after {timeout_s} s")
+
+
+class ServerProcess:
+    """``glmwb annotate`` as a child process on a free loopback port; ``kill()`` is SIGKILL."""
+
+    def __init__(self, db: str, log: Path, ui: bool = True) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "recipes.cli", "annotate", "--db", db, "--port", str(self.port)]
+        args += ["--gold-rate", "0"] + ([] if ui else ["--no-ui"])
+        self.log = log.open("ab")
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+        self.process = subprocess.Popen(args, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        wait_healthy(self.base_url, process=self.process)
+
+    def kill(self) -> None:
+        self.process.kill()  # SIGKILL: no shutdown handlers, no flushing
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+
+class ThreadServer:
+    """The app (``create_app``) served by uvicorn in a thread of the test process, on loopback."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_healthy(self.base_url)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium, headless, through playwright (no browser download is possible here)."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (as .ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

@@ -1,0 +1,112 @@
+"""Evaluation functions against hand-computed values and scipy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from annotation.records import PreferenceRecord
+from rewards.evaluate import (
+    calibration,
+    ensemble_disagreement,
+    length_correlation,
+    pairwise_metrics,
+    plot_distributions,
+    plot_reliability,
+    spearman,
+    world_agreement,
+)
+
+
+def test_pairwise_metrics_by_hand() -> None:
+    chosen = torch.tensor([2.0, 1.0, 0.0, 0.5, 3.0])
+    rejected = torch.tensor([1.0, 1.0, 1.0, 0.4, 0.0])
+    tie = torch.tensor([False, False, False, True, True])
+    m = pairwise_metrics(chosen, rejected, tie)
+    assert m["accuracy"] == pytest.approx((1 + 0.5 + 0) / 3)  # an exact score tie counts 1/2
+    assert m["strict_pairs"] == 3 and m["tie_pairs"] == 2
+    assert m["margin"] == pytest.approx(0.0) and m["strict_gap"] == pytest.approx(2 / 3)
+    assert m["tie_gap"] == pytest.approx((0.1 + 3.0) / 2)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert m["loss"] == pytest.approx(-(math.log(sig(1)) + math.log(0.5) + math.log(sig(-1))) / 3, abs=1e-6)
+    d = pairwise_metrics(chosen, rejected, tie, "davidson", 2.0)
+    # Davidson nu = 2: P(tie) = 2 / (e^{d/2} + e^{-d/2} + 2) beats P(win) = e^{d/2} / (...) while e^{d/2} < 2,
+    # i.e. |d| < 2 ln 2 = 1.386: pairs 0-2 and 3 (|d| <= 1) are predicted ties, pair 4 (d = 3) a win
+    assert d["three_way_accuracy"] == pytest.approx(1 / 5)  # only the tie pair 3 is right
+    z = math.exp(0.05) + math.exp(-0.05) + 2
+    assert d["mean_tie_prob_on_ties"] == pytest.approx(
+        (2 / z + 2 / (math.exp(1.5) + math.exp(-1.5) + 2)) / 2, abs=1e-6
+    )
+
+
+def test_calibration_of_a_calibrated_model_is_good(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    d = torch.tensor(rng.normal(0, 2, 20000), dtype=torch.float32)
+    # outcomes drawn from sigmoid(d): a perfectly calibrated RM; make "chosen" the winner of each draw
+    wins = torch.rand(20000, generator=torch.Generator().manual_seed(0)) < torch.sigmoid(d)
+    chosen, rejected = torch.where(wins, d, -d) / 2, torch.where(wins, -d, d) / 2
+    cal = calibration(chosen, rejected, torch.zeros(20000, dtype=torch.bool), n_bins=10)
+    assert cal["ece"] < 0.02 and cal["n"] == 20000
+    bad = calibration(chosen * 5, rejected * 5, torch.zeros(20000, dtype=torch.bool))  # overconfident
+    assert bad["ece"] > 0.1
+    assert plot_reliability(cal, tmp_path / "r.png").stat().st_size > 5000
+    path = plot_distributions(chosen, rejected, tmp_path / "d.png", {"a": chosen[:10], "b": rejected[:10]})
+    assert path.stat().st_size > 5000
+
+
+def test_spearman_matches_scipy_with_ties() -> None:
+    from scipy.stats import spearmanr
+
+    x = np.array([1, 2, 2, 3, 5, 5, 5, 8, 9, 0], dtype=float)
+    y = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3], dtype=float)
+    assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+
+
+def test_length_correlation_flags_a_length_loving_rm() -> None:
+    lengths_c, lengths_r = [10, 20, 30, 40], [40, 10, 15, 5]
+    chosen = torch.tensor([1.0, 2.0, 3.0, 4.0])  # reward = length / 10
+    rejected = torch.tensor([4.0, 1.0, 1.5, 0.5])
+    m = length_correlation(chosen, rejected, lengths_c, lengths_r, torch.zeros(4, dtype=torch.bool))
+    assert m["pearson"] == pytest.approx(1.0) and m["spearman"] == pytest.approx(1.0)
+    assert m["gap_spearman"] == pytest.approx(1.0) and m["longer_wins"] == pytest.approx(3 / 4)
+
+
+def test_ensemble_disagreement() -> None:
+    torch.manual_seed(0)
+    truth = torch.randn(200)
+    noise = torch.randn(3, 200) * torch.linspace(0.01, 2.0, 200)  # later pairs: members disagree more
+    chosen = truth.abs() + noise
+    rejected = torch.zeros(3, 200)
+    scale, shift = torch.tensor([[1.0], [3.0], [0.5]]), torch.tensor([[0.0], [5.0], [-2.0]])
+    # members disagree on scale and offset (BT rewards have neither): standardised away before comparing
+    m = ensemble_disagreement(chosen * scale + shift, rejected * scale + shift)
+    assert m == pytest.approx(ensemble_disagreement(chosen, rejected))
+    assert m["members"] == 3 and 0 < m["pairs_split"] < 1
+    assert m["disagreement_error_spearman"] > 0  # disagreement flags the errors
+    same = ensemble_disagreement(chosen[:1].repeat(3, 1), rejected)
+    assert same["pairs_split"] == 0 and same["response_std"] < 1e-5
+
+
+def test_world_agreement_against_the_ceiling() -> None:
+    def rec(rule_choice: str, tie: bool = False, noise: float = 0.2) -> PreferenceRecord:
+        return PreferenceRecord.from_dict({
+            "prompt": "q", "chosen": "a", "rejected": "b", "tie": tie,
+            "provenance": {"source": "world", "rule_choice": rule_choice, "noise": noise,
+                           "kinds": ["correct", "wrong"], "family": "fact", "label": "A"},
+        })  # fmt: skip
+
+    records = [rec("chosen"), rec("chosen"), rec("rejected"), rec("tie", tie=True), rec("both_bad")]
+    chosen = torch.tensor([1.0, -1.0, 1.0, 0.0, 0.0])
+    rejected = torch.zeros(5)
+    m = world_agreement(records, chosen, rejected)
+    assert m["pairs"] == 3  # only pairs where both the annotator and the rule are strict
+    assert m["accuracy_vs_annotators"] == pytest.approx(2 / 3)
+    assert m["accuracy_vs_rule"] == pytest.approx(1 / 3)  # the third pair's label went against the rule
+    ceiling = (1 - 0.75 * 0.2) / (1 - 0.5 * 0.2)
+    assert m["ceiling"] == pytest.approx(ceiling) and m["fraction_of_ceiling"] == pytest.approx(
+        2 / 3 / ceiling
+    )
+    assert m["by_kinds"]["correct>wrong"]["pairs"] == 2
