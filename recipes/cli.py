@@ -27,15 +27,15 @@ USER_ERROR = 2
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """Read, override and strictly build a recipe; raises RecipeError on any user mistake."""
-    from recipes.schema import STAGES
+    from recipes.schema import stage_class, stage_names
 
     data = read_yaml(path)
     for text in overrides:
         apply_override(data, *parse_override(text))
     stage = data.get("stage")
-    if stage not in STAGES:
-        raise RecipeError(f"{path}: 'stage' must be one of {', '.join(STAGES)}, got {stage!r}")
-    return build(STAGES[stage], data, source=str(path))
+    if stage not in stage_names():
+        raise RecipeError(f"{path}: 'stage' must be one of {', '.join(stage_names())}, got {stage!r}")
+    return build(stage_class(stage), data, source=str(path))
 
 
 def _stage_overrides(recipe, overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -88,20 +88,12 @@ def _normalise_template(text: str) -> str:
 
 
 def run_stage(recipe: Any) -> dict:
+    from recipes.schema import RUNNERS, stage_runner
+
     dump_yaml(recipe, Path(recipe.run.dir) / "config.yaml")
-    if recipe.stage == "tokenizer":
-        from pretrain.run import run_tokenizer
-
-        return run_tokenizer(recipe)
-    if recipe.stage == "pretrain":
-        from pretrain.run import run_pretrain
-
-        return run_pretrain(recipe)
-    if recipe.stage == "reward":
-        from rewards.run import run_reward
-
-        return run_reward(recipe)
-    raise RecipeError(f"no runner for stage {recipe.stage!r}")
+    if recipe.stage not in RUNNERS:
+        raise RecipeError(f"no runner for stage {recipe.stage!r}")
+    return stage_runner(recipe.stage)(recipe)
 
 
 def is_pipeline(path: str | Path) -> bool:

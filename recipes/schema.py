@@ -188,3 +188,49 @@ STAGES: dict[str, type] = {
     "reward": RewardRecipe,
     "pipeline": PipelineRecipe,
 }
+
+# Stages whose recipe class lives beside its trainer ("module:Class"), imported on first use so that the
+# CLI starts without TRL and friends; each module also has the runner named in RUNNERS.
+LAZY_STAGES: dict[str, str] = {
+    "sft": "align.sft:SFTRecipe",
+    "dpo": "align.dpo:DPORecipe",
+    "online_dpo": "align.online_dpo:OnlineDPORecipe",
+    "ppo": "align.ppo.run:PPORecipe",
+    "grpo": "align.grpo:GRPORecipe",
+    "align_eval": "align.evaluate:EvalRecipe",
+}
+
+RUNNERS: dict[str, str] = {
+    "tokenizer": "pretrain.run:run_tokenizer",
+    "pretrain": "pretrain.run:run_pretrain",
+    "reward": "rewards.run:run_reward",
+    "sft": "align.sft:run_sft",
+    "dpo": "align.dpo:run_dpo",
+    "online_dpo": "align.online_dpo:run_online_dpo",
+    "ppo": "align.ppo.run:run_ppo",
+    "grpo": "align.grpo:run_grpo",
+    "align_eval": "align.evaluate:run_eval",
+}
+
+
+def _resolve(target: str):
+    import importlib
+
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def stage_names() -> list[str]:
+    return [*STAGES, *LAZY_STAGES]
+
+
+def stage_class(stage: str) -> type:
+    """The recipe class of ``stage`` (KeyError for an unknown stage)."""
+    if stage in STAGES:
+        return STAGES[stage]
+    return _resolve(LAZY_STAGES[stage])
+
+
+def stage_runner(stage: str):
+    """The function that runs a built recipe of ``stage`` and returns its summary dict."""
+    return _resolve(RUNNERS[stage])

@@ -30,6 +30,9 @@ class RewardLossConfig:
     margin_scale: float = 1.0
     centering: float = 0.0  # coefficient of mean((r_c + r_r)^2)
     weights: Literal["record", "reliability", "none"] = "record"  # per-pair weights (reliability: data.py)
+    # + lm_coef x next-token loss on the chosen responses through the base's lm_head, a regulariser that keeps
+    # the hidden states those of a language model (GRM, Yang et al. 2024); needs a causal-LM init_from
+    lm_coef: float = 0.0
 
     def __post_init__(self) -> None:
         if self.tie_model == "davidson" and self.tie_param < 0:

@@ -347,6 +347,7 @@ class EncodedPair:
     weight: float
     margin: float  # 0 when the record has none
     labels: tuple[int, ...]  # one per head: +1 / -1 / 0 (tie) / IGNORE_LABEL
+    chosen_start: int = 0  # index of the chosen response's first token (after "<|assistant|>"), for LM losses
 
 
 def head_labels(record: PreferenceRecord, heads: Sequence[str]) -> tuple[int, ...]:
@@ -371,15 +372,22 @@ def encode_pairs(
     stats = Counter(pairs=0, dropped_too_long=0, truncated=0, ties=0)
     for i, r in enumerate(records, 1):
         where = f"{name}, row {i}"
-        encoded = []
+        encoded, cut = [], []
         for response in (r.chosen, r.rejected):
             ids = encode_response(tokenizer, r.prompt, response, terminator)
             fitted = truncate(ids, max_length, truncation, where)
             stats["truncated"] += fitted is not None and len(fitted) < len(ids)
             encoded.append(fitted)
+            cut.append(0 if fitted is None else len(ids) - len(fitted))
         if encoded[0] is None or encoded[1] is None:
             stats["dropped_too_long"] += 1
             continue
+        prompt_len = len(
+            tokenizer.apply_chat_template(
+                list(r.prompt), tokenize=True, return_dict=False, add_generation_prompt=True,
+                sanitize_control_tokens=True,
+            )
+        )  # fmt: skip
         out.append(
             EncodedPair(
                 tuple(encoded[0]),
@@ -388,6 +396,7 @@ def encode_pairs(
                 r.weight,
                 r.margin or 0.0,
                 head_labels(r, heads),
+                chosen_start=max(2, prompt_len - cut[0]),
             )
         )
         stats["ties"] += r.tie

@@ -62,10 +62,20 @@ class RewardModel(nn.Module):
     """GLM backbone (its lm_head removed) + ``score`` = Linear(D, num_heads, bias=False)."""
 
     def __init__(
-        self, backbone: GLM, heads: Sequence[str] = ("reward",), info: RewardInfo | None = None
+        self,
+        backbone: GLM,
+        heads: Sequence[str] = ("reward",),
+        info: RewardInfo | None = None,
+        keep_lm_head: bool = False,
     ) -> None:
         super().__init__()
-        backbone.lm_head = None  # not used by hidden_states(); a reward model has no vocabulary projection
+        if keep_lm_head and backbone.lm_head is not None:
+            # frozen, for an auxiliary language-modelling loss during training; never saved
+            backbone.lm_head.weight.requires_grad_(False)
+        else:
+            backbone.lm_head = (
+                None  # not used by hidden_states(); a reward model has no vocabulary projection
+            )
         self.backbone = backbone
         self.heads = list(heads)
         d = backbone.config.hidden_size
@@ -93,7 +103,8 @@ class RewardModel(nn.Module):
         attention_mask: Tensor | None = None,
         doc_ids: Tensor | None = None,
         position_ids: Tensor | None = None,
-    ) -> Tensor:
+        return_hidden: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Rewards (N, K) read at ``score_index``: (N,) flat indices into the (B * T) tokens.
 
         Padded batch: input_ids (B, T) right-padded, attention_mask (B, T), score_index = b * T + len_b - 1.
@@ -104,13 +115,15 @@ class RewardModel(nn.Module):
             input_ids, position_ids=position_ids, doc_ids=doc_ids, attention_mask=attention_mask
         )  # (B, T, D)
         h_last = h.flatten(0, 1)[score_index]  # (N, D): gather first, so the head runs on N rows, not B * T
-        return self.score(h_last).float()  # (N, K)
+        rewards = self.score(h_last).float()  # (N, K)
+        return (rewards, h) if return_hidden else rewards
 
     # -- folders ---------------------------------------------------------------------------------------------
 
     def hf_state_dict(self) -> dict[str, Tensor]:
         """Hugging Face ``GlmForSequenceClassification`` names: ``model.*`` and ``score.weight``."""
-        sd = to_hf_state_dict(self.backbone.state_dict(), self.config)
+        backbone = {k: v for k, v in self.backbone.state_dict().items() if not k.startswith("lm_head.")}
+        sd = to_hf_state_dict(backbone, self.config)
         sd["score.weight"] = self.score.weight
         return sd
 
@@ -148,6 +161,7 @@ class RewardModel(nn.Module):
         heads: Sequence[str] | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device | None = None,
+        keep_lm_head: bool = False,
     ) -> RewardModel:
         """A reward folder (``save`` / ``GlmForSequenceClassification``), or a base / SFT GLM causal-LM folder
         (then the head is new, with ``heads`` outputs, default one "reward")."""
@@ -159,7 +173,7 @@ class RewardModel(nn.Module):
         cfg = from_hf_config(raw)
         weights = _load_hf_weights(folder)
         head_weight = weights.pop("score.weight", None)
-        weights.pop("lm_head.weight", None)  # a causal LM's vocabulary projection: not needed
+        lm_head = weights.pop("lm_head.weight", None)  # a causal LM's vocabulary projection
         names = {k: v for k, v in to_hf_names(cfg).items() if k != "lm_head.weight"}
         expected = {n for hf in names.values() for n in hf}
         missing, unexpected = (
@@ -177,7 +191,14 @@ class RewardModel(nn.Module):
         }
         with torch.device("meta"):
             backbone = GLM(cfg)
-        backbone.lm_head = None
+        if keep_lm_head:
+            if lm_head is None:
+                raise ValueError(
+                    f"{folder} has no lm_head (a reward folder?): an LM loss needs a causal-LM init"
+                )
+            sd["lm_head.weight"] = lm_head.to(dtype)
+        else:
+            backbone.lm_head = None
         backbone.load_state_dict(sd, assign=True)
         info = RewardInfo()
         if (folder / REWARD_CONFIG).is_file():
@@ -191,7 +212,7 @@ class RewardModel(nn.Module):
             model = cls(backbone, saved_heads, info)
             model.score.weight = nn.Parameter(head_weight.to(dtype))
         else:
-            model = cls(backbone, list(heads or ("reward",)))
+            model = cls(backbone, list(heads or ("reward",)), keep_lm_head=keep_lm_head)
             model.score.to(dtype)
         return model.to(device) if device is not None else model
 

@@ -69,8 +69,11 @@ def build_model(recipe: RewardRecipe, tok):
 
     heads = list(recipe.model.heads)
     if recipe.model.init_from:
-        model = RewardModel.from_pretrained(recipe.model.init_from, heads=heads)
+        keep = recipe.loss.lm_coef > 0  # the auxiliary LM loss reads through the base's lm_head
+        model = RewardModel.from_pretrained(recipe.model.init_from, heads=heads, keep_lm_head=keep)
     else:
+        if recipe.loss.lm_coef > 0:
+            raise RecipeError("loss.lm_coef needs model.init_from (a causal-LM folder with an lm_head)")
         cfg = recipe.model.config
         if cfg.vocab_size < len(tok):
             raise RecipeError(

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pretrain.model import IGNORE_INDEX, causal_lm_loss
 from pretrain.train import (
     OptimConfig,
     autocast_dtype,
@@ -127,17 +128,35 @@ class PairSampler:
 
 
 def pair_rewards(
-    model: RewardModel, pairs: Sequence[EncodedPair], pad_id: int, packing: bool, pack_tokens: int, device
-) -> tuple[Tensor, Tensor]:
-    """Rewards (B, K) of the chosen and of the rejected responses of B pairs, in one forward."""
+    model: RewardModel,
+    pairs: Sequence[EncodedPair],
+    pad_id: int,
+    packing: bool,
+    pack_tokens: int,
+    device,
+    lm_loss: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Rewards (B, K) of the chosen and of the rejected responses of B pairs, in one forward; with
+    ``lm_loss`` also the next-token loss on the chosen responses (padded batches; the frozen lm_head)."""
     sequences = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     if packing:
         batch = packed_batch(sequences, pad_id, max(pack_tokens, max(map(len, sequences))))
     else:
         batch = padded_batch(sequences, pad_id)
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    rewards = model(**batch)  # (2B, K)
-    return rewards[: len(pairs)], rewards[len(pairs) :]
+    if not lm_loss:
+        rewards = model(**batch)  # (2B, K)
+        return rewards[: len(pairs)], rewards[len(pairs) :], None
+    if packing:
+        raise ValueError("loss.lm_coef needs padded batches (train.packing: false)")
+    rewards, h = model(**batch, return_hidden=True)  # (2B, K), (2B, T, D)
+    B = len(pairs)
+    ids = batch["input_ids"][:B]  # (B, T) the chosen sequences
+    pos = torch.arange(ids.shape[1], device=ids.device)[None]  # (1, T)
+    start = torch.tensor([p.chosen_start for p in pairs], device=ids.device)[:, None]  # (B, 1)
+    labels = torch.where((pos >= start) & batch["attention_mask"][:B].bool(), ids, IGNORE_INDEX)  # (B, T)
+    lm_head = getattr(model, "module", model).backbone.lm_head
+    return rewards[:B], rewards[B:], causal_lm_loss(lm_head(h[:B]), labels)
 
 
 def pair_tensors(pairs: Sequence[EncodedPair], device) -> dict[str, Tensor]:
@@ -215,7 +234,8 @@ def save_reward_folder(model: RewardModel, folder: str | Path, tokenizer=None) -
     with torch.device("meta"):
         plain = GLM(model.config)
     plain.lm_head = None
-    plain.load_state_dict(plain_state_dict(model.backbone), assign=True)
+    weights = {k: v for k, v in plain_state_dict(model.backbone).items() if not k.startswith("lm_head.")}
+    plain.load_state_dict(weights, assign=True)
     merged = RewardModel(plain, model.heads, model.info)
     merged.score.weight = model.score.weight
     return merged.save(folder, tokenizer)
@@ -327,7 +347,7 @@ def train_reward_model(
             core.load_state_dict(state["trainable"], strict=False)
         else:
             loaded = RewardModel.from_pretrained(ckpt)
-            core.backbone.load_state_dict(loaded.backbone.state_dict())
+            core.backbone.load_state_dict(loaded.backbone.state_dict(), strict=core.backbone.lm_head is None)
             core.score.load_state_dict(loaded.score.state_dict())
         tie.raw.data.copy_(state["tie_raw"])
         optimizer.load_state_dict(state["optimizer"])
@@ -392,8 +412,14 @@ def train_reward_model(
             weight = t["weight"] if loss_cfg.weights != "none" else torch.ones_like(t["weight"])
             margin = t["margin"] * loss_cfg.margin_scale if loss_cfg.use_margin else None
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                chosen, rejected = pair_rewards(
-                    model, pairs, pad_id, train_cfg.packing, train_cfg.pack_tokens, device
+                chosen, rejected, lm_loss = pair_rewards(
+                    model,
+                    pairs,
+                    pad_id,
+                    train_cfg.packing,
+                    train_cfg.pack_tokens,
+                    device,
+                    loss_cfg.lm_coef > 0,
                 )
             norm = (
                 head_weight
@@ -403,8 +429,10 @@ def train_reward_model(
             loss, _ = multi_head_loss(
                 chosen, rejected, t["labels"], loss_cfg.tie_model, tie(), margin, weight, norm
             )
+            share = len(pairs) / step_pairs
+            if lm_loss is not None:
+                loss = loss + loss_cfg.lm_coef * share * lm_loss
             if loss_cfg.centering > 0:
-                share = len(pairs) / step_pairs
                 loss = loss + loss_cfg.centering * share * centering_loss(
                     chosen.flatten(), rejected.flatten()
                 )

@@ -88,7 +88,7 @@ def test_packed_batches_give_the_padded_loss_and_gradients(planted, tiny_tokeniz
     results = []
     for packing in (False, True):
         model = RewardModel(tiny_glm(tiny_tokenizer))
-        c, r = pair_rewards(model, pairs, pad, packing, pack_tokens=128, device="cpu")
+        c, r, _ = pair_rewards(model, pairs, pad, packing, pack_tokens=128, device="cpu")
         (c - r).sum().backward()
         results.append((c.detach(), r.detach(), [p.grad.clone() for p in model.parameters()]))
     (c0, r0, g0), (c1, r1, g1) = results
@@ -197,3 +197,26 @@ def test_reward_recipe_end_to_end(tiny_tokenizer, tmp_path, capsys) -> None:
     )
     assert main(["run", "recipes/reward.yaml", f"run.dir={tmp_path}/x", "model.init_from=/nowhere"]) == 2
     assert "model.init_from: no model folder" in capsys.readouterr().err
+
+
+def test_auxiliary_lm_loss_keeps_a_frozen_lm_head_that_is_never_saved(
+    planted, tiny_tokenizer, tmp_path
+) -> None:
+    from safetensors.torch import load_file
+
+    from pretrain.hf import save_pretrained
+
+    save_pretrained(tiny_glm(tiny_tokenizer), tmp_path / "base", tokenizer=tiny_tokenizer)
+    model = RewardModel.from_pretrained(tmp_path / "base", keep_lm_head=True)
+    head = model.backbone.lm_head.weight.detach().clone()
+    loss = RewardLossConfig(tie_model="drop", lm_coef=1.0)
+    model, summary = _train(
+        tiny_tokenizer, planted, tmp_path / "run", loss, model=model, max_steps=3, evaluate=False
+    )
+    assert torch.equal(model.backbone.lm_head.weight, head)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] > 1.0 for r in rows if r["kind"] == "train")  # BT (~0.7) + next-token loss (~6.7)
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step_000003" / "model.safetensors")
+    assert "lm_head.weight" not in saved and "score.weight" in saved
+    with pytest.raises(ValueError, match="no lm_head"):
+        RewardModel.from_pretrained(tmp_path / "run" / "checkpoints" / "step_000003", keep_lm_head=True)
