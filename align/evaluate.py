@@ -1,0 +1,324 @@
+"""Alignment evaluation: how good are a policy's answers, and is the aligned policy better than its start?
+
+Every policy answers the same held-out world prompts greedily (pretrain.generate, KV cache, stop at GLM's
+turn terminators). The world's checker grades each answer (correct value, right language, concision and
+their weighted ``score``, docs/world.md); a reward model, when given, scores it too.
+
+    load_policy(folder) -> (GLM, tokenizer)
+    generate_answers(model, tok, prompts_as_messages) -> [str]
+    evaluate_policy(model, tok, world, prompts, scorer=None) -> report dict (accuracy, ..., answers)
+    compare(before, after) -> win / tie / loss of ``after`` over ``before``, by the checker and by the RM
+    `glmwb run recipes/align_eval.yaml` (stage ``align_eval``): several policy folders side by side, a table
+    printed and saved (summary.json, table.md, comparison.png).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from recipes.loader import RecipeError
+from recipes.schema import RunConfig, WorldConfig
+
+
+def load_policy(folder: str | Path, device: str | None = None):
+    """(our GLM in eval mode, its tokenizer) from a Hugging Face policy folder."""
+    from transformers import AutoTokenizer
+
+    from pretrain.hf import load_pretrained
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a model folder (no config.json)")
+    model = load_pretrained(folder, device=device).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+@torch.no_grad()
+def generate_answers(
+    model,
+    tok,
+    prompts: Sequence[Sequence[dict[str, Any]]],
+    max_new_tokens: int = 48,
+    temperature: float = 0.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[str]:
+    """One answer per chat prompt (a list of messages ending with a user turn), decoded without specials.
+
+    Prompts are sorted by length and generated in batches (less left padding); the order of the result is
+    the order of ``prompts``."""
+    from pretrain.generate import generate
+    from pretrain.tokenizer import render_chat, turn_terminator_ids
+
+    ids = [
+        tok(render_chat(tok, p, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        for p in prompts
+    ]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    stops = turn_terminator_ids(tok)
+    answers: list[str] = [""] * len(ids)
+    batches = range(0, len(order), batch_size)
+    for start in tqdm(batches, desc="generating", disable=not progress, leave=False):
+        rows = order[start : start + batch_size]
+        outs = generate(
+            model,
+            [ids[i] for i in rows],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            stop_token_ids=stops,
+            pad_token_id=tok.pad_token_id,
+            seed=seed + start,
+        )
+        for i, out in zip(rows, outs, strict=True):
+            answers[i] = tok.decode(out, skip_special_tokens=True).strip()
+    return answers
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return float(sum(xs) / len(xs)) if xs else float("nan")
+
+
+def evaluate_policy(
+    model,
+    tok,
+    world,
+    prompts: Sequence[Any],
+    scorer=None,
+    max_new_tokens: int = 48,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Greedy answers to world ``prompts`` graded by the world's checker (and ``scorer``, a RewardScorer or
+    RewardClient, when given). Returns the report: accuracy, right_language, concision, score, mean_chars,
+    empty (answers with no text), reward_mean, by_lang / by_family breakdowns, n, and ``answers``."""
+    if not prompts:
+        raise ValueError("evaluate_policy: no prompts")
+    texts = generate_answers(
+        model, tok, [p.messages for p in prompts], max_new_tokens, batch_size=batch_size, progress=progress
+    )
+    rewards: list[float | None] = [None] * len(texts)
+    if scorer is not None:
+        scorable = [i for i, t in enumerate(texts) if t.strip()]
+        if scorable:
+            got = scorer.score([prompts[i].messages for i in scorable], [texts[i] for i in scorable])
+            for i, r in zip(scorable, got, strict=True):
+                rewards[i] = float(r)
+        # an empty answer cannot be scored by the RM: it gets the lowest reward seen (a floor, not a guess)
+        floor = min((r for r in rewards if r is not None), default=0.0)
+        rewards = [floor if r is None else r for r in rewards]
+    answers = []
+    for p, text, reward in zip(prompts, texts, rewards, strict=True):
+        c = world.check(p, text)
+        answers.append(
+            {
+                "id": p.id,
+                "lang": p.lang,
+                "family": p.family,
+                "question": p.messages[-1]["content"],
+                "gold": p.gold,
+                "answer": text,
+                "correct": bool(c.correct),
+                "right_language": bool(c.right_language),
+                "concision": float(c.concision),
+                "score": float(c.score),
+                "chars": len(text),
+                **({"reward": reward} if reward is not None else {}),
+            }
+        )
+    report = _summarise(answers)
+    for key in ("lang", "family"):
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for a in answers:
+            groups[a[key]].append(a)
+        report[f"by_{key}"] = {g: _summarise(rows) for g, rows in sorted(groups.items())}
+    report["answers"] = answers
+    return report
+
+
+def _summarise(answers: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    out = {
+        "n": len(answers),
+        "accuracy": _mean([a["correct"] for a in answers]),
+        "right_language": _mean([a["right_language"] for a in answers]),
+        "concision": _mean([a["concision"] for a in answers]),
+        "score": _mean([a["score"] for a in answers]),
+        "mean_chars": _mean([a["chars"] for a in answers]),
+        "empty": _mean([a["chars"] == 0 for a in answers]),
+    }
+    if answers and "reward" in answers[0]:
+        out["reward_mean"] = _mean([a["reward"] for a in answers])
+    return out
+
+
+def _wins(a: Sequence[float], b: Sequence[float], tol: float = 1e-9) -> dict[str, float]:
+    """Win / tie / loss rates of ``b`` over ``a`` item by item; win_rate counts a tie as half a win."""
+    n = len(a)
+    win = sum(y > x + tol for x, y in zip(a, b, strict=True))
+    loss = sum(y < x - tol for x, y in zip(a, b, strict=True))
+    tie = n - win - loss
+    return {"win": win / n, "tie": tie / n, "loss": loss / n, "win_rate": (win + 0.5 * tie) / n, "n": n}
+
+
+def compare(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """How ``after`` fares against ``before`` on the same prompts: win rates by the world's score, by
+    correctness, and by the reward model when both reports carry rewards."""
+    a, b = before["answers"], after["answers"]
+    if [x["id"] for x in a] != [x["id"] for x in b]:
+        raise ValueError("compare: the two reports answer different prompts (evaluate both on the same list)")
+    out = {
+        "by_world_score": _wins([x["score"] for x in a], [x["score"] for x in b]),
+        "by_correctness": _wins([float(x["correct"]) for x in a], [float(x["correct"]) for x in b]),
+        "accuracy_delta": after["accuracy"] - before["accuracy"],
+        "score_delta": after["score"] - before["score"],
+    }
+    if "reward" in a[0] and "reward" in b[0]:
+        out["by_reward_model"] = _wins([x["reward"] for x in a], [x["reward"] for x in b])
+    return out
+
+
+# -- the `align_eval` stage ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyRef:
+    name: str  # a column of the table: "base", "sft", "dpo", ...
+    path: str  # a Hugging Face policy folder
+
+
+@dataclass(frozen=True)
+class EvalDataConfig:
+    world: WorldConfig = field(default_factory=WorldConfig)
+    split: Literal["heldout", "train"] = "heldout"
+    n_prompts: int = 200
+    max_new_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        if self.n_prompts < 1:
+            raise ValueError(f"data.n_prompts must be >= 1, got {self.n_prompts}")
+
+
+@dataclass(frozen=True)
+class EvalRecipe:
+    """`stage: align_eval` — policies side by side on held-out world prompts; the first is the baseline."""
+
+    stage: Literal["align_eval"] = "align_eval"
+    run: RunConfig = field(default_factory=RunConfig)
+    policies: tuple[PolicyRef, ...] = ()
+    reward_model: str | None = None  # a reward folder: adds RM rewards and RM win rates
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    skip_missing: bool = False  # leave out (and report) policy folders that do not exist
+
+    def __post_init__(self) -> None:
+        if not self.policies:
+            raise ValueError("policies: list at least one {name, path}; the first is the baseline")
+        names = [p.name for p in self.policies]
+        if len(set(names)) != len(names):
+            raise ValueError(f"policies: names must be unique, got {names}")
+
+
+METRICS = ("accuracy", "right_language", "concision", "score", "mean_chars", "reward_mean")
+
+
+def format_table(reports: dict[str, dict[str, Any]], comparisons: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table: one row per policy, the metrics and win rates against the baseline."""
+    has_rm = all("reward_mean" in r for r in reports.values())
+    cols = [m for m in METRICS if m != "reward_mean" or has_rm]
+    head = ["policy", *cols, "win vs base (world)", *(["win vs base (RM)"] if has_rm else [])]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in reports.items():
+        cells = [name] + [f"{r[m]:.3f}" if m != "mean_chars" else f"{r[m]:.1f}" for m in cols]
+        c = comparisons.get(name)
+        cells.append(f"{c['by_world_score']['win_rate']:.3f}" if c else "—")
+        if has_rm:
+            cells.append(f"{c['by_reward_model']['win_rate']:.3f}" if c else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_comparison(reports: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ["accuracy", "right_language", "concision", "score"]
+    names = list(reports)
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for i, name in enumerate(names):
+        xs = [j + i * width for j in range(len(metrics))]
+        ax.bar(xs, [reports[name][m] for m in metrics], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"held-out world prompts (n={next(iter(reports.values()))['n']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
+    from pretrain.world import make_world
+
+    out = Path(recipe.run.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    policies, missing = [], []
+    for p in recipe.policies:
+        if (Path(p.path) / "config.json").is_file():
+            policies.append(p)
+        elif recipe.skip_missing:
+            missing.append(p.name)
+        else:
+            raise RecipeError(f"policies[{p.name}].path: no model folder at {p.path} (no config.json)")
+    if not policies:
+        raise RecipeError(f"policies: none of the folders exist ({', '.join(missing)})")
+    scorer = None
+    if recipe.reward_model:
+        if not (Path(recipe.reward_model) / "config.json").is_file():
+            raise RecipeError(f"reward_model: no reward folder at {recipe.reward_model}")
+        from rewards.scoring import RewardScorer
+
+        scorer = RewardScorer.from_pretrained(recipe.reward_model)
+    cfg = recipe.data
+    world = make_world(seed=cfg.world.seed, num_entities=cfg.world.num_entities)
+    prompts = world.prompts(cfg.split, cfg.n_prompts, seed=recipe.run.seed)
+    reports: dict[str, dict[str, Any]] = {}
+    for p in tqdm(policies, desc="policies"):
+        model, tok = load_policy(p.path)
+        reports[p.name] = evaluate_policy(model, tok, world, prompts, scorer, cfg.max_new_tokens)
+        del model
+    base = policies[0].name
+    comparisons = {n: compare(reports[base], r) for n, r in reports.items() if n != base}
+    table = format_table(reports, comparisons)
+    print(f"\nheld-out world prompts ({cfg.split}, n={len(prompts)}); win rates against {base!r}:\n{table}")
+    (out / "table.md").write_text(table + "\n")
+    plot_comparison(reports, out / "comparison.png")
+    with (out / "answers.jsonl").open("w", encoding="utf-8") as f:
+        for name, r in reports.items():
+            for a in r["answers"]:
+                f.write(json.dumps({"policy": name, **a}, ensure_ascii=False) + "\n")
+    summary = {
+        "baseline": base,
+        "missing": missing,
+        "reports": {n: {k: v for k, v in r.items() if k != "answers"} for n, r in reports.items()},
+        "comparisons": comparisons,
+        "table": table,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=_json_num))
+    return summary
+
+
+def _json_num(x: Any) -> Any:
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

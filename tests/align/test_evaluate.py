@@ -1,0 +1,108 @@
+"""align/evaluate.py: greedy answers graded by the world's checker, win rates, the align_eval stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from align.evaluate import compare, evaluate_policy, format_table, generate_answers
+from pretrain.config import GLMConfig
+from pretrain.model import GLM
+from pretrain.world import make_world
+
+TINY = dict(
+    vocab_size=832,
+    hidden_size=48,
+    intermediate_size=80,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=12,
+)
+
+
+def tiny_policy(tok, seed: int = 0) -> GLM:
+    torch.manual_seed(seed)
+    return GLM(GLMConfig(**TINY, max_position_embeddings=256, pad_token_id=tok.pad_token_id)).eval()
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world(seed=0, num_entities=24)
+
+
+def test_batched_answers_equal_one_at_a_time(tiny_tokenizer, world) -> None:
+    model = tiny_policy(tiny_tokenizer)
+    prompts = [p.messages for p in world.prompts("heldout", 7, seed=3)]
+    batched = generate_answers(model, tiny_tokenizer, prompts, max_new_tokens=12, batch_size=4)
+    single = [generate_answers(model, tiny_tokenizer, [p], max_new_tokens=12)[0] for p in prompts]
+    assert batched == single and any(batched)
+
+
+def test_report_is_the_world_checkers_verdict(tiny_tokenizer, world) -> None:
+    prompts = world.prompts("heldout", 10, seed=0)
+    report = evaluate_policy(tiny_policy(tiny_tokenizer), tiny_tokenizer, world, prompts, max_new_tokens=10)
+    assert report["n"] == 10 and len(report["answers"]) == 10
+    for p, a in zip(prompts, report["answers"], strict=True):
+        c = world.check(p, a["answer"])
+        assert (a["id"], a["correct"], a["score"]) == (p.id, c.correct, pytest.approx(c.score))
+    assert report["score"] == pytest.approx(sum(a["score"] for a in report["answers"]) / 10)
+    assert sum(g["n"] for g in report["by_lang"].values()) == 10
+
+
+def _report(scores, correct, rewards=None):
+    answers = [
+        {"id": str(i), "score": s, "correct": c, **({"reward": rewards[i]} if rewards else {})}
+        for i, (s, c) in enumerate(zip(scores, correct, strict=True))
+    ]
+    return {"answers": answers, "accuracy": sum(correct) / len(correct), "score": sum(scores) / len(scores)}
+
+
+def test_win_rates_by_hand() -> None:
+    before = _report([0.4, 0.4, 1.0, 0.2], [0, 0, 1, 0], rewards=[0.0, 1.0, 2.0, 3.0])
+    after = _report([1.0, 0.4, 0.4, 1.0], [1, 0, 0, 1], rewards=[1.0, 1.0, 1.0, 1.0])
+    c = compare(before, after)
+    # world score: wins on items 0 and 3, tie on 1, loss on 2 -> win rate (2 + 0.5) / 4
+    assert c["by_world_score"] == {"win": 0.5, "tie": 0.25, "loss": 0.25, "win_rate": 0.625, "n": 4}
+    assert c["by_reward_model"]["win_rate"] == pytest.approx((1 + 0.5) / 4)
+    assert c["accuracy_delta"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="different prompts"):
+        compare(before, _report([1.0], [1]))
+
+
+def test_table_lists_every_policy() -> None:
+    row = {"accuracy": 0.5, "right_language": 1.0, "concision": 0.9, "score": 0.7, "mean_chars": 12.0}
+    table = format_table(
+        {"sft": row, "ppo": {**row, "accuracy": 0.75}}, {"ppo": {"by_world_score": {"win_rate": 0.6}}}
+    )
+    lines = table.splitlines()
+    assert (
+        len(lines) == 4
+        and "| sft | 0.500 |" in lines[2]
+        and "| ppo | 0.750 |" in lines[3]
+        and "0.600" in lines[3]
+    )
+
+
+def test_align_eval_stage_end_to_end(tiny_tokenizer, tmp_path, capsys) -> None:
+    from pretrain.hf import save_pretrained
+    from recipes.cli import main
+
+    for name, seed in (("a", 0), ("b", 1)):
+        save_pretrained(tiny_policy(tiny_tokenizer, seed), tmp_path / name, tokenizer=tiny_tokenizer)
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(
+        f"stage: align_eval\nrun: {{dir: {tmp_path}/run}}\n"
+        f"policies:\n  - {{name: base, path: {tmp_path}/a}}\n  - {{name: tuned, path: {tmp_path}/b}}\n"
+        "data: {world: {num_entities: 24}, n_prompts: 6, max_new_tokens: 8}\n"
+    )
+    assert main(["run", str(recipe)]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary["reports"]) == {"base", "tuned"} and "tuned" in summary["comparisons"]
+    assert "| tuned |" in capsys.readouterr().out
+    assert (tmp_path / "run" / "comparison.png").stat().st_size > 1000
+    assert len((tmp_path / "run" / "answers.jsonl").read_text().splitlines()) == 12
+    assert main(["run", str(recipe), f"policies=[{{name: x, path: {tmp_path}/nothing}}]"]) == 2
+    assert "no model folder" in capsys.readouterr().err
