@@ -100,11 +100,33 @@ def is_pipeline(path: str | Path) -> bool:
     return read_yaml(path).get("stage") == "pipeline"
 
 
+def select_stages(stages: list, only: str | None, start: str | None) -> list:
+    """The stages to run: ``only`` (comma-separated names) or every stage from ``start`` on (the earlier
+    stages' outputs must already be in the run folder)."""
+    names = [name for name, _, _ in stages]
+    if only and start:
+        raise RecipeError("give --only or --from, not both")
+    if only:
+        wanted = [n.strip() for n in only.split(",") if n.strip()]
+        unknown = [n for n in wanted if n not in names]
+        if unknown:
+            raise RecipeError(f"--only: no stage named {', '.join(unknown)}; stages: {', '.join(names)}")
+        return [s for s in stages if s[0] in wanted]
+    if start:
+        if start not in names:
+            raise RecipeError(f"--from: no stage named {start!r}; stages: {', '.join(names)}")
+        return stages[names.index(start) :]
+    return stages
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if not is_pipeline(args.recipe):
+        if getattr(args, "only", None) or getattr(args, "start", None):
+            raise RecipeError(f"{args.recipe}: --only / --from apply to pipeline recipes, this is one stage")
         run_stage(load_recipe(args.recipe, args.overrides))
         return 0
     pipeline, stages = resolve_pipeline(args.recipe, args.overrides)
+    stages = select_stages(stages, getattr(args, "only", None), getattr(args, "start", None))
     dump_yaml(pipeline, Path(pipeline.run.dir) / "config.yaml")
     started = time.time()
     for i, (name, path, stage) in enumerate(stages, 1):
@@ -189,6 +211,10 @@ def make_parser() -> argparse.ArgumentParser:
         nargs="*",
         help="section.key=value overrides, applied last "
         "(in a pipeline, STAGE.section.key=value targets one stage)",
+    )
+    r.add_argument("--only", metavar="A,B", help="pipeline: run only these stages")
+    r.add_argument(
+        "--from", dest="start", metavar="STAGE", help="pipeline: run from this stage on (reusing earlier outputs)"
     )
     r.set_defaults(func=cmd_run)
 

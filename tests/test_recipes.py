@@ -119,6 +119,22 @@ def test_pipeline_substitutes_run_dir_and_routes_stage_overrides(tmp_path):
         resolve_pipeline(path, ["pre.train.max_stepz=7"])
 
 
+def test_pipeline_runs_a_chosen_subset_of_stages(tmp_path, capsys):
+    from recipes.cli import select_stages
+
+    stages = [("a", None, None), ("b", None, None), ("c", None, None)]
+    assert [s[0] for s in select_stages(stages, "c,a", None)] == ["a", "c"]
+    assert [s[0] for s in select_stages(stages, None, "b")] == ["b", "c"]
+    assert select_stages(stages, None, None) == stages
+    with pytest.raises(RecipeError, match="no stage named x; stages: a, b, c"):
+        select_stages(stages, "a,x", None)
+    with pytest.raises(RecipeError, match="--from: no stage named 'z'"):
+        select_stages(stages, None, "z")
+    single = write(tmp_path, "stage: tokenizer\n")
+    assert main(["run", str(single), "--from", "tok"]) == 2
+    assert "apply to pipeline recipes" in capsys.readouterr().err
+
+
 def test_cli_user_error_exits_2_without_traceback(tmp_path):
     path = write(tmp_path, "stage: pretrain\noptim:\n  lrr: 0.1\n")
     proc = subprocess.run(
