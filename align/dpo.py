@@ -1,0 +1,725 @@
+"""`glmwb run recipes/dpo.yaml`: preference pairs → DPO-family training of a GLM policy → before / after.
+
+Two engines (``engine:``):
+
+- ``trl``: TRL 1.16 on ``transformers``' ``GlmForCausalLM`` loaded from ``model.init_from`` (a folder, so
+  TRL can load its reference copy). ``trainer: dpo`` is ``DPOTrainer`` (losses sigmoid / ipo / robust /
+  hinge), except the reference-free ``loss.type: simpo``, which TRL 1.16 has only in
+  ``trl.experimental.cpo.CPOTrainer`` (``loss_type="simpo"``, ``cpo_alpha=0``); ``trainer: kto`` is
+  ``KTOTrainer`` on unpaired examples (from pairs: chosen desirable, rejected undesirable; or the world's
+  single answers rated by its checker). Reference: TRL's copy of init_from, or ``reference: precomputed``
+  (TRL's ``precompute_ref_log_probs``: one pass before training, no reference kept); with LoRA TRL keeps no
+  reference at all and switches the adapter off to get it (tested).
+- ``packed``: our own padding-free loop on ``pretrain.model.GLM`` (``align/packed_dpo.py``): sequences of
+  many pairs packed into rows, reference log-probs precomputed once; the same losses plus ``cdpo``.
+
+GLM has no end-of-turn token: an answer ends with ``<|endoftext|>``, which the policy must learn to emit.
+TRL renders a conversational ``prompt + chosen`` through the chat template, which writes nothing after the
+last answer, so TRL is handed a copy of the tokenizer whose template appends that terminator after a final
+assistant turn (``training_tokenizer``); the ids equal ``pretrain.tokenizer.encode_chat``'s (tested). Ties
+("tie" / "both bad") carry no preference direction and are dropped (counted in the summary).
+
+Evaluation before and after, on held-out data: the held-out pairs' log-prob margins and implicit-reward
+margin / accuracy (policy vs reference log-ratios; 0 before training by definition), and
+``align.evaluate.evaluate_policy`` on held-out world prompts (accuracy, language, concision, score, RM
+reward when ``eval.reward_model`` is set), printed as a table and saved (eval/table.md, summary.json).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from kernels.apply import KernelConfig
+from pretrain.train import OptimConfig
+from recipes.loader import RecipeError
+from recipes.schema import AnnotatorsConfig, RunConfig, WorldConfig
+from rewards.config import LoRAConfig
+
+# ----------------------------------------------------------------------------------------------------------
+# Recipe sections
+
+
+@dataclass(frozen=True)
+class DPODataConfig:
+    """Preference pairs (``rewards.run.load_records``): the world's simulated annotators, or files."""
+
+    source: Literal["world", "files"] = "world"
+    world: WorldConfig = field(default_factory=WorldConfig)
+    annotators: AnnotatorsConfig = field(default_factory=AnnotatorsConfig)
+    train_prompts: int = 1000  # world: one pair per prompt
+    heldout_prompts: int = 200  # world: held-out pairs (instances never asked in training)
+    paths: tuple[str, ...] = ()  # files: JSONL / JSON / parquet / datasets folders (hh-rlhf, TRL, oasst-zh)
+    eval_paths: tuple[str, ...] = ()  # files: held-out pairs; default: eval_fraction of paths
+    format: Literal["auto", "preference", "hh_rlhf", "oasst_zh"] = "auto"
+    skip_invalid: bool = False
+    eval_fraction: float = 0.05
+    max_train_pairs: int | None = None
+    max_eval_pairs: int | None = None
+    max_length: int = 256  # prompt + response tokens; longer pairs are left out (counted)
+    # trainer: kto — unpaired examples from the pairs (chosen desirable, rejected undesirable) or, world
+    # only, one world answer per prompt rated by the world's checker (desirable = correct, right language)
+    unpaired: Literal["from_pairs", "world_ratings"] = "from_pairs"
+
+    def __post_init__(self) -> None:
+        if self.source == "files" and not self.paths:
+            raise ValueError("data.source is 'files' but data.paths is empty; list preference files")
+        if self.max_length < 8:
+            raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
+        if self.unpaired == "world_ratings" and self.source != "world":
+            raise ValueError("data.unpaired 'world_ratings' needs data.source 'world'")
+
+
+@dataclass(frozen=True)
+class DPOModelConfig:
+    init_from: str | None = None  # an SFT (or base) GLM folder with its tokenizer
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass(frozen=True)
+class DPOLossConfig:
+    type: Literal["sigmoid", "ipo", "robust", "cdpo", "hinge", "simpo"] = "sigmoid"
+    beta: float = 0.1  # deviation from the reference (IPO's tau; SimPO's reward scale)
+    label_smoothing: float = 0.0  # robust / cdpo: assumed label-flip rate, in [0, 0.5)
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    # + sft_weight x the chosen answers' mean token NLL (RPO, Pang et al. 2024; CPO's alpha for simpo): keeps
+    # the chosen answers likely while the rejected ones are pushed down
+    sft_weight: float = 0.0
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"loss.beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.sft_weight < 0:
+            raise ValueError(f"loss.sft_weight must be >= 0, got {self.sft_weight}")
+
+
+@dataclass(frozen=True)
+class DPOTrainConfig:
+    batch_size: int = 8  # pairs (KTO: examples) per micro-batch
+    grad_accum: int = 1
+    max_steps: int = 100
+    max_minutes: float | None = None  # stop early (and save) when the wall clock says so
+    log_every: int = 5
+    reference: Literal["model", "precomputed"] = "model"  # trl engine; packed always precomputes
+    pack_tokens: int = 512  # packed engine: row length (a CPU attends over whole rows: keep it short)
+    gradient_checkpointing: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
+            raise ValueError("train.batch_size, train.grad_accum and train.max_steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class DPOEvalConfig:
+    world_prompts: int = 100  # held-out world prompts answered before / after (0: skip)
+    max_new_tokens: int = 48
+    reward_model: str | None = None  # a reward folder: RM reward of the answers and RM win rate
+
+
+@dataclass(frozen=True)
+class DPORecipe:
+    """`stage: dpo` — DPO / IPO / robust / cDPO / SimPO / KTO on preference data, then before / after."""
+
+    stage: Literal["dpo"] = "dpo"
+    run: RunConfig = field(default_factory=RunConfig)
+    trainer: Literal["dpo", "kto"] = "dpo"
+    engine: Literal["trl", "packed"] = "trl"
+    data: DPODataConfig = field(default_factory=DPODataConfig)
+    model: DPOModelConfig = field(default_factory=DPOModelConfig)
+    loss: DPOLossConfig = field(default_factory=DPOLossConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=5, weight_decay=0.0, min_lr_ratio=0.1)
+    )
+    train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
+    eval: DPOEvalConfig = field(default_factory=DPOEvalConfig)
+    kernels: KernelConfig | None = None  # null: plain PyTorch; a section applies our kernels to the policy
+
+    def __post_init__(self) -> None:
+        check_combination(self.trainer, self.engine, self.loss, self.model.lora.enabled, self.train)
+
+
+def check_combination(trainer: str, engine: str, loss: DPOLossConfig, lora: bool, train: DPOTrainConfig):
+    """Recipe combinations that cannot run, each with what would."""
+    if trainer == "kto" and engine != "trl":
+        raise ValueError("trainer 'kto' runs on engine 'trl' only (TRL's KTOTrainer)")
+    if trainer == "kto" and train.batch_size < 2:
+        raise ValueError("trainer 'kto' needs train.batch_size >= 2 (its KL term pairs examples in a batch)")
+    if engine == "packed" and lora:
+        raise ValueError("engine 'packed' trains the full model; for LoRA use engine 'trl'")
+    if engine == "trl" and trainer == "dpo" and loss.type == "cdpo":
+        raise ValueError(
+            "TRL 1.16's DPOTrainer has no conservative-DPO loss: use engine 'packed', or type 'robust'"
+        )
+    if loss.type == "simpo" and lora:
+        raise ValueError(
+            "loss 'simpo' (TRL's experimental CPOTrainer) is run here without LoRA; disable model.lora"
+        )
+    if loss.type == "simpo" and train.reference == "precomputed":
+        raise ValueError(
+            "loss 'simpo' is reference-free: train.reference 'precomputed' has nothing to compute"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_pairs(cfg: DPODataConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
+    """(train records, held-out records, facts) with ties dropped: a tie says neither answer is better."""
+    from rewards.run import load_records
+
+    train, held, facts = load_records(cfg, seed)  # DPODataConfig has the fields load_records reads
+    facts = dict(facts)
+    facts["ties_dropped"] = {"train": sum(r.tie for r in train), "heldout": sum(r.tie for r in held)}
+    train = [r for r in train if not r.tie]
+    held = [r for r in held if not r.tie]
+    if cfg.max_train_pairs:
+        train = train[: cfg.max_train_pairs]
+    if cfg.max_eval_pairs:
+        held = held[: cfg.max_eval_pairs]
+    if not train:
+        raise RecipeError(
+            "data: no strict (non-tie) training pairs; every pair was a tie or the data is empty"
+        )
+    return train, held, facts
+
+
+def fits(tok, record, max_length: int) -> bool:
+    from align.packed_dpo import encode_pair
+
+    p = encode_pair(tok, record.prompt, record.chosen, record.rejected)
+    return len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) <= max_length
+
+
+def conversational_rows(records) -> list[dict[str, Any]]:
+    """TRL's conversational preference rows; ``chat_template_kwargs`` escapes control tokens inside text."""
+    return [
+        {
+            "prompt": [dict(m) for m in r.prompt],
+            "chosen": [{"role": "assistant", "content": r.chosen}],
+            "rejected": [{"role": "assistant", "content": r.rejected}],
+            "chat_template_kwargs": {"sanitize_control_tokens": True},
+        }
+        for r in records
+    ]
+
+
+def unpaired_rows(records) -> list[dict[str, Any]]:
+    """KTO's unpaired rows from pairs: the chosen answer desirable, the rejected one undesirable."""
+    rows = []
+    for r in records:
+        for text, label in ((r.chosen, True), (r.rejected, False)):
+            rows.append(
+                {
+                    "prompt": [dict(m) for m in r.prompt],
+                    "completion": [{"role": "assistant", "content": text}],
+                    "label": label,
+                    "chat_template_kwargs": {"sanitize_control_tokens": True},
+                }
+            )
+    return rows
+
+
+def world_rated_rows(cfg: DPODataConfig, seed: int) -> list[dict[str, Any]]:
+    """KTO's unpaired rows from single world answers (one random kind per prompt), labelled by the checker:
+    desirable when the answer is correct and in the prompt's language."""
+    from pretrain.world import KINDS, make_world
+
+    world = make_world(seed=cfg.world.seed, num_entities=cfg.world.num_entities)
+    rng = random.Random(seed)
+    rows = []
+    for prompt in world.prompts("train", cfg.train_prompts, seed=seed):
+        answer = world.responses(prompt, seed=rng.randrange(2**31))[KINDS.index(rng.choice(KINDS))]
+        c = world.check(prompt, answer.text)
+        rows.append(
+            {
+                "prompt": [dict(m) for m in prompt.messages],
+                "completion": [{"role": "assistant", "content": answer.text}],
+                "label": bool(c.correct and c.right_language),
+                "chat_template_kwargs": {"sanitize_control_tokens": True},
+            }
+        )
+    return rows
+
+
+# What the chat template is given after its own text when TRL renders prompt + answer: GLM's terminator
+# after a final assistant turn (the template itself renders nothing there; encode_chat appends it too).
+_TERMINATOR_SUFFIX = (
+    "{%- if not add_generation_prompt and messages and messages[-1].role == 'assistant' -%}"
+    "{{- '<|endoftext|>' -}}{%- endif -%}"
+)
+
+
+def training_tokenizer(tok):
+    """A copy of ``tok`` whose chat template ends a final assistant turn with ``<|endoftext|>``."""
+    train_tok = copy.deepcopy(tok)
+    train_tok.chat_template = tok.chat_template + _TERMINATOR_SUFFIX
+    train_tok.padding_side = "left"
+    return train_tok
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TRL engine
+
+
+def _device(train: DPOTrainConfig) -> str:
+    if train.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if train.device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return train.device
+
+
+def hf_lora_config(cfg: LoRAConfig):
+    """PEFT LoRA for transformers' Glm: our fused ``qkv_proj`` is q_proj / k_proj / v_proj there."""
+    from peft import LoraConfig
+
+    names = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    targets = [n for t in cfg.target_modules for n in names.get(t, [t])]
+    return LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
+
+
+def trl_config(recipe: DPORecipe, out_dir: Path, device: str):
+    """Our sections → TRL's argument class (DPOConfig, KTOConfig or CPOConfig), in this one place."""
+    o, t, loss = recipe.optim, recipe.train, recipe.loss
+    common = dict(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        max_steps=t.max_steps,
+        learning_rate=o.lr,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": o.min_lr_ratio},
+        warmup_steps=o.warmup_steps,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.betas[0],
+        adam_beta2=o.betas[1],
+        adam_epsilon=o.eps,
+        max_grad_norm=o.grad_clip if o.grad_clip > 0 else 0.0,
+        logging_steps=t.log_every,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,  # fp32 on the CPU; autocast belongs to a CUDA recipe
+        fp16=False,
+        use_cpu=device == "cpu",
+        gradient_checkpointing=t.gradient_checkpointing,
+        seed=recipe.run.seed,
+        beta=loss.beta,
+        max_length=recipe.data.max_length,
+        dataloader_num_workers=0,
+    )
+    if recipe.trainer == "kto":
+        from trl import KTOConfig
+
+        return KTOConfig(
+            **common,
+            desirable_weight=loss.kto_desirable_weight,
+            undesirable_weight=loss.kto_undesirable_weight,
+            precompute_ref_log_probs=t.reference == "precomputed",
+        )
+    if loss.type == "simpo":
+        from trl.experimental.cpo import CPOConfig
+
+        return CPOConfig(**common, loss_type="simpo", cpo_alpha=loss.sft_weight, simpo_gamma=loss.simpo_gamma)
+    from trl import DPOConfig
+
+    return DPOConfig(
+        **common,
+        loss_type=[loss.type, "sft"] if loss.sft_weight > 0 else [loss.type],
+        loss_weights=[1.0, loss.sft_weight] if loss.sft_weight > 0 else None,
+        label_smoothing=loss.label_smoothing,
+        precompute_ref_log_probs=t.reference == "precomputed",
+    )
+
+
+def make_trl_trainer(recipe: DPORecipe, init_from: str, train_records, tok, out_dir: Path, callbacks=()):
+    """The TRL trainer for ``recipe`` on a policy loaded from ``init_from`` (kernels applied when set)."""
+    import datasets
+    from transformers import AutoModelForCausalLM
+
+    device = _device(recipe.train)
+    args = trl_config(recipe, out_dir, device)
+    model = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
+    if recipe.kernels is not None:
+        from kernels.apply import apply_kernels
+
+        apply_kernels(model, recipe.kernels)
+    peft_config = hf_lora_config(recipe.model.lora) if recipe.model.lora.enabled else None
+    train_tok = training_tokenizer(tok)
+    common = dict(model=model, args=args, processing_class=train_tok, callbacks=list(callbacks))
+    if recipe.trainer == "kto":
+        from trl import KTOTrainer
+
+        if recipe.data.unpaired == "world_ratings":
+            rows = world_rated_rows(recipe.data, recipe.run.seed)
+        else:
+            rows = unpaired_rows(train_records)
+        random.Random(recipe.run.seed).shuffle(rows)  # KTO samples sequentially
+        return KTOTrainer(**common, train_dataset=datasets.Dataset.from_list(rows), peft_config=peft_config)
+    dataset = datasets.Dataset.from_list(conversational_rows(train_records))
+    if recipe.loss.type == "simpo":
+        from trl.experimental.cpo import CPOTrainer
+
+        # CPO renders the template to text, then tokenises it: control tokens inside message text are not
+        # escaped on this path (the option needs tokenize=True), so the column is left out
+        return CPOTrainer(**common, train_dataset=dataset.remove_columns("chat_template_kwargs"))
+    from trl import DPOTrainer
+
+    return DPOTrainer(**common, train_dataset=dataset, peft_config=peft_config)
+
+
+class _LogCallback:
+    """TRL's logs → metrics.jsonl; stops the run after ``max_minutes``."""
+
+    def __new__(cls, path: Path, max_minutes: float | None):
+        from transformers import TrainerCallback
+
+        class LogCallback(TrainerCallback):
+            def __init__(self) -> None:
+                self.started = time.time()
+                self.stopped_early = False
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs:
+                    with path.open("a", encoding="utf-8") as f:
+                        f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if max_minutes is not None and time.time() - self.started > 60 * max_minutes:
+                    control.should_training_stop = True
+                    self.stopped_early = True
+                return control
+
+        return LogCallback()
+
+
+def train_trl(
+    recipe: DPORecipe, init_from: str, train_records, tok, run_dir: Path, log=print
+) -> dict[str, Any]:
+    """Train with TRL and save the (merged, when LoRA) policy to run_dir/final with its tokenizer."""
+    from accelerate.utils import is_peft_model
+
+    callback = _LogCallback(run_dir / "metrics.jsonl", recipe.train.max_minutes)
+    trainer = make_trl_trainer(recipe, init_from, train_records, tok, run_dir / "trl", [callback])
+    facts = {"reference": reference_kind(trainer), "train_examples": len(trainer.train_dataset)}
+    log(f"TRL {type(trainer).__name__}: {facts['train_examples']} examples, reference = {facts['reference']}")
+    started = time.time()
+    result = trainer.train()
+    seconds = time.time() - started
+    model = trainer.model
+    if is_peft_model(model):
+        model = model.merge_and_unload()
+    final = run_dir / "final"
+    save_hf_policy(model, tok, final, like=init_from)
+    return {
+        "engine": "trl",
+        "trainer": type(trainer).__name__,
+        "steps": trainer.state.global_step,
+        "seconds": seconds,
+        "train_loss": result.training_loss,
+        "stopped_early": callback.stopped_early,
+        "final": str(final),
+        **facts,
+    }
+
+
+def reference_kind(trainer) -> str:
+    from accelerate.utils import is_peft_model
+
+    if getattr(trainer, "precompute_ref_logps", False):
+        return "precomputed log-probs (no reference model kept)"
+    if type(trainer).__name__ == "CPOTrainer":
+        return "none (reference-free)"
+    if trainer.ref_model is None and is_peft_model(trainer.model):
+        return "the policy with its LoRA adapter switched off (no second model)"
+    return f"a frozen copy of the policy ({type(trainer.ref_model).__name__})"
+
+
+def save_hf_policy(model, tok, folder: Path, like: str | None = None) -> Path:
+    """A Hugging Face folder (GlmForCausalLM + tokenizer) that ``align.evaluate.load_policy`` reads.
+
+    ``like``: the folder trained from; its stop tokens are put back (transformers' Trainer overwrites
+    ``eos_token_id`` with the tokenizer's single eos, which would drop GLM's other turn terminators)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if like is not None:
+        from transformers import AutoConfig
+
+        original = AutoConfig.from_pretrained(like)
+        for cfg in (model.config, model.generation_config):
+            cfg.eos_token_id = original.eos_token_id
+            cfg.pad_token_id = original.pad_token_id
+    model.config.use_cache = True
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packed engine
+
+
+def train_packed_engine(recipe: DPORecipe, init_from: str, train_records, tok, run_dir: Path, log=print):
+    from align.packed_dpo import PackedSettings, encode_pair, train_packed
+    from pretrain.hf import load_pretrained, save_pretrained
+
+    device = _device(recipe.train)
+    model = load_pretrained(init_from, device=device)
+    if recipe.kernels is not None:
+        from kernels.apply import apply_kernels
+
+        apply_kernels(model, recipe.kernels)
+    pairs = [encode_pair(tok, r.prompt, r.chosen, r.rejected) for r in train_records]
+    o, t, loss = recipe.optim, recipe.train, recipe.loss
+    settings = PackedSettings(
+        loss=loss.type, beta=loss.beta, label_smoothing=loss.label_smoothing, simpo_gamma=loss.simpo_gamma,
+        sft_weight=loss.sft_weight,
+        batch_size=t.batch_size, grad_accum=t.grad_accum, max_steps=t.max_steps, max_minutes=t.max_minutes,
+        log_every=t.log_every, row_tokens=t.pack_tokens, packed=True, lr=o.lr, min_lr_ratio=o.min_lr_ratio,
+        warmup_steps=o.warmup_steps, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
+        grad_clip=o.grad_clip, seed=recipe.run.seed,
+    )  # fmt: skip
+    model.gradient_checkpointing = t.gradient_checkpointing
+    log(
+        f"packed DPO ({loss.type}): {len(pairs)} pairs, rows of {t.pack_tokens} tokens, reference precomputed"
+    )
+    out = train_packed(model, pairs, tok.pad_token_id, settings, run_dir, log)
+    final = run_dir / "final"
+    save_pretrained(model, final, tok)
+    history = out.pop("history")
+    return {
+        "engine": "packed", "trainer": "packed_dpo", "final": str(final), "train_examples": len(pairs),
+        "reference": "none (reference-free)" if loss.type == "simpo" else "precomputed log-probs (one pass)",
+        "train_loss": history[-1]["loss"] if history else None, **out,
+    }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def encode_heldout(tok, records, max_length: int):
+    from align.packed_dpo import encode_pair
+
+    pairs = [encode_pair(tok, r.prompt, r.chosen, r.rejected) for r in records]
+    return [p for p in pairs if len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) <= max_length]
+
+
+def heldout_logps(model, pairs, pad_id: int):
+    from align.packed_dpo import reference_logps
+
+    return reference_logps(model, pairs, pad_id, batch_pairs=32, desc="held-out log-probs")
+
+
+def pair_lengths(pairs):
+    return (
+        torch.tensor([len(p.chosen_ids) for p in pairs]),
+        torch.tensor([len(p.rejected_ids) for p in pairs]),
+    )
+
+
+def world_eval(model, tok, world, prompts, scorer, max_new_tokens: int) -> dict[str, Any]:
+    from align.evaluate import evaluate_policy
+
+    return evaluate_policy(model, tok, world, prompts, scorer, max_new_tokens)
+
+
+ROWS = (
+    ("accuracy", "world", "accuracy"),
+    ("right_language", "world", "right_language"),
+    ("concision", "world", "concision"),
+    ("score", "world", "score"),
+    ("mean_chars", "world", "mean_chars"),
+    ("reward_mean (RM)", "world", "reward_mean"),
+    ("held-out pairs: logp accuracy", "pairs", "logp_accuracy"),
+    ("held-out pairs: logp/token accuracy", "pairs", "logp_per_token_accuracy"),
+    ("held-out pairs: logp margin", "pairs", "logp_margin"),
+    ("held-out pairs: implicit-reward margin", "pairs", "reward_margin"),
+    ("held-out pairs: implicit-reward accuracy", "pairs", "reward_accuracy"),
+)
+
+
+def before_after_table(before: dict[str, Any], after: dict[str, Any]) -> str:
+    lines = ["| metric | before | after | change |", "|---|---|---|---|"]
+    for name, part, key in ROWS:
+        b, a = before.get(part, {}).get(key), after.get(part, {}).get(key)
+        if a is None or b is None:
+            continue
+        lines.append(f"| {name} | {b:.3f} | {a:.3f} | {a - b:+.3f} |")
+    return "\n".join(lines)
+
+
+def plot_metrics(metrics_path: Path, out: Path) -> None:
+    """Loss, implicit-reward margin and accuracy per logged step (the keys TRL and the packed loop share)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_path.is_file():
+        return
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return
+    keys = [k for k in ("loss", "rewards/margins", "rewards/accuracies", "kl") if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
+    for ax, key in zip(axes if len(keys) > 1 else [axes], keys, strict=True):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def train_policy(recipe: DPORecipe, init_from: str, train_records, tok, run_dir: Path, log=print):
+    """One training run from ``init_from`` on ``train_records`` (the online recipe calls this per round)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if recipe.train.num_threads:
+        torch.set_num_threads(recipe.train.num_threads)
+    if recipe.engine == "packed":
+        out = train_packed_engine(recipe, init_from, train_records, tok, run_dir, log)
+    else:
+        out = train_trl(recipe, init_from, train_records, tok, run_dir, log)
+    plot_metrics(run_dir / "metrics.jsonl", run_dir / "training.png")
+    return out
+
+
+def evaluate_folder(
+    folder: str, tok, held_pairs, ref_logps, world, prompts, scorer, recipe
+) -> dict[str, Any]:
+    """Held-out pair statistics and world answers of the policy in ``folder`` (our GLM, eval mode)."""
+    from align.evaluate import load_policy
+    from align.packed_dpo import pair_metrics
+
+    model, _ = load_policy(folder)
+    out: dict[str, Any] = {}
+    if held_pairs:
+        logps = heldout_logps(model, held_pairs, tok.pad_token_id)
+        ref = None if recipe.loss.type == "simpo" else (ref_logps if ref_logps is not None else logps)
+        out["pairs"] = pair_metrics(logps, ref, pair_lengths(held_pairs), recipe.loss.beta)
+        out["_logps"] = logps
+    if prompts:
+        out["world"] = world_eval(model, tok, world, prompts, scorer, recipe.eval.max_new_tokens)
+    del model
+    return out
+
+
+def run_dpo(recipe: DPORecipe) -> dict[str, Any]:
+    from align.evaluate import compare
+    from pretrain.run import load_tokenizer
+    from pretrain.world import make_world
+
+    run_dir = Path(recipe.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    init_from = recipe.model.init_from
+    if not init_from or not (Path(init_from) / "config.json").is_file():
+        raise RecipeError(
+            f"model.init_from: no model folder at {init_from!r} (expected config.json there); run the SFT "
+            "(or pretrain) stage first, or point model.init_from at a GLM folder"
+        )
+    if recipe.eval.reward_model and not (Path(recipe.eval.reward_model) / "config.json").is_file():
+        raise RecipeError(f"eval.reward_model: no reward folder at {recipe.eval.reward_model!r}")
+    if recipe.train.num_threads:
+        torch.set_num_threads(recipe.train.num_threads)
+    torch.manual_seed(recipe.run.seed)
+    tok = load_tokenizer(init_from)
+    train_records, held_records, facts = load_pairs(recipe.data, recipe.run.seed)
+    n_before = len(train_records)
+    train_records = [r for r in train_records if fits(tok, r, recipe.data.max_length)]
+    facts["dropped_too_long"] = n_before - len(train_records)
+    facts["train_pairs"], facts["heldout_pairs"] = len(train_records), len(held_records)
+    print(
+        f"data: {len(train_records)} training pairs, {len(held_records)} held-out pairs; ties dropped "
+        f"{facts['ties_dropped']}, too long dropped {facts['dropped_too_long']}"
+    )
+
+    world = make_world(seed=recipe.data.world.seed, num_entities=recipe.data.world.num_entities)
+    prompts = (
+        world.prompts("heldout", recipe.eval.world_prompts, seed=recipe.run.seed)
+        if recipe.eval.world_prompts
+        else []
+    )
+    scorer = None
+    if recipe.eval.reward_model:
+        from rewards.scoring import RewardScorer
+
+        scorer = RewardScorer.from_pretrained(recipe.eval.reward_model)
+    held_pairs = encode_heldout(tok, held_records, recipe.data.max_length)
+
+    before = evaluate_folder(init_from, tok, held_pairs, None, world, prompts, scorer, recipe)
+    ref_logps = before.pop("_logps", None)
+    train = train_policy(recipe, init_from, train_records, tok, run_dir, print)
+    after = evaluate_folder(train["final"], tok, held_pairs, ref_logps, world, prompts, scorer, recipe)
+    after.pop("_logps", None)
+
+    table = before_after_table(before, after)
+    comparison = compare(before["world"], after["world"]) if prompts else None
+    what = f"{recipe.trainer}/{recipe.loss.type if recipe.trainer == 'dpo' else 'kto'} ({recipe.engine})"
+    print(f"\n{what}: before → after on held-out data\n{table}")
+    if comparison:
+        print(
+            f"win rate vs the start policy: world score {comparison['by_world_score']['win_rate']:.3f}"
+            + (
+                f", RM {comparison['by_reward_model']['win_rate']:.3f}"
+                if "by_reward_model" in comparison
+                else ""
+            )
+        )
+    eval_dir = run_dir / "eval"
+    eval_dir.mkdir(exist_ok=True)
+    (eval_dir / "table.md").write_text(table + "\n")
+    for name, report in (("before", before), ("after", after)):
+        if "world" in report:
+            with (eval_dir / f"answers_{name}.jsonl").open("w", encoding="utf-8") as f:
+                for a in report["world"]["answers"]:
+                    f.write(json.dumps(a, ensure_ascii=False) + "\n")
+    strip = lambda r: {  # noqa: E731
+        k: ({kk: vv for kk, vv in v.items() if kk != "answers"} if k == "world" else v) for k, v in r.items()
+    }
+    summary = {
+        "stage": "dpo",
+        "trainer": recipe.trainer,
+        "engine": recipe.engine,
+        "loss": recipe.loss.type,
+        "init_from": init_from,
+        "data": facts,
+        "train": train,
+        "before": strip(before),
+        "after": strip(after),
+        "comparison": comparison,
+        "table": table,
+        "final": train["final"],
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=_json))
+    print(f"policy → {train['final']}; summary → {run_dir / 'summary.json'}")
+    return summary
+
+
+def _json(x: Any) -> Any:
+    if isinstance(x, float):
+        return None
+    return str(x)
