@@ -1,0 +1,476 @@
+"""`glmwb run recipes/sft.yaml`: supervised fine-tuning of a GLM chat policy with TRL's ``SFTTrainer``.
+
+Who does what:
+- ours (``align/data.py``, ``pretrain/tokenizer.py``): conversations (the embedded world's correct answers,
+  or alpaca / oasst-zh / ShareGPT tool-call / messages files) -> ``input_ids`` + ``assistant_masks`` through
+  ``encode_chat``: 1 on what the model generates in assistant turns, each turn's terminator included
+  (GLM has no end-of-turn token: the next ``<|user|>`` / ``<|observation|>``, or the final
+  ``<|endoftext|>``). TRL receives the tokenised data set, so its own chat-template masking never runs.
+- TRL 1.16 ``SFTTrainer``: labels from the masks (-100 elsewhere), best-fit-decreasing packing with
+  padding-free batches (``position_ids`` restart at each conversation), the fused LM-head loss, the
+  training loop (``transformers.Trainer``: AdamW, warm-up + cosine, accumulation, clipping, tqdm).
+- ``transformers`` 5.23 ``GlmForCausalLM``: without flash-attn, its SDPA / eager mask builder reads the
+  document boundaries of a packed row from the ``position_ids`` restarts when no attention mask and no KV
+  cache are given (TRL trains with ``use_cache=False``), so packed conversations never attend to each
+  other (tests/align/test_sft.py compares packed and unpacked losses).
+- PEFT: LoRA on the attention / MLP linears, merged into the weights at the end.
+- ours: the time limit, ``metrics.jsonl`` / ``loss.png`` / ``summary.json``, the final folder written by
+  ``pretrain.hf.save_pretrained`` (loadable by ``load_pretrained`` and ``AutoModelForCausalLM``; its eos
+  ids are the turn terminators), and before / after answers on held-out world prompts
+  (``align.evaluate``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from pretrain.train import OptimConfig
+from recipes.loader import RecipeError
+from recipes.schema import RunConfig, WorldConfig
+from rewards.config import LoRAConfig
+
+# our LoRA target names (pretrain/model.py) -> transformers' GLM module names
+HF_LORA_TARGETS = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_up_proj",),
+    "down_proj": ("down_proj",),
+}
+
+
+@dataclass(frozen=True)
+class SFTDataConfig:
+    """Chat data: the embedded world's correct answers, or SFT files (align/data.py's formats)."""
+
+    source: Literal["world", "files"] = "world"
+    paths: tuple[str, ...] = ()  # files: JSONL / JSON / .gz / parquet / datasets folder
+    format: Literal["auto", "alpaca", "oasst_zh", "sharegpt", "messages"] = "auto"
+    skip_invalid: bool = False  # leave out (and count) malformed rows instead of stopping at the first
+    world: WorldConfig = field(default_factory=WorldConfig)
+    n_train: int | None = 1200  # world: conversations; files: a cap (null: every row)
+    # held-out conversations for the held-out loss (world: held-out prompts; files: split off, <= a tenth)
+    n_eval: int = 100
+    multi_turn: float = 0.2  # world: share of conversations with 2-3 user turns
+    # world: each prompt's reference answer (it restates the question), or any correct phrasing ("varied")
+    answers: Literal["reference", "varied"] = "reference"
+    max_length: int = 128  # tokens; longer conversations are left out (counted), never cut mid-answer
+    packing: bool = True  # best-fit-decreasing rows of max_length tokens, padding-free
+
+    def __post_init__(self) -> None:
+        if self.source == "files" and not self.paths:
+            raise ValueError("data.source is 'files' but data.paths is empty; list SFT files")
+        if self.source == "world" and not self.n_train:
+            raise ValueError("data.n_train: the world needs a number of conversations (>= 1)")
+        if self.n_train is not None and self.n_train < 1:
+            raise ValueError(f"data.n_train must be >= 1 or null, got {self.n_train}")
+        if self.n_eval < 0:
+            raise ValueError(f"data.n_eval must be >= 0, got {self.n_eval}")
+        if self.max_length < 16:
+            raise ValueError(f"data.max_length must be >= 16, got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class SFTModelConfig:
+    init_from: str = "runs/quickstart/pretrain/final"  # a GLM folder (base or policy) with its tokenizer
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(enabled=True, r=16, alpha=32.0))
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+@dataclass(frozen=True)
+class SFTTrainConfig:
+    batch_size: int = 4  # packed rows (or conversations, without packing) per micro-batch
+    grad_accum: int = 1
+    max_steps: int = 48
+    epochs: float | None = None  # when set, max_steps = ceil(epochs x rows / (batch_size x grad_accum))
+    max_minutes: float | None = None  # stop early (and save) when the wall clock says so
+    log_every: int = 4
+    eval_every: int = 0  # held-out loss every N steps; 0: before and after training only
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False
+    loss: Literal["nll", "dft"] = "nll"  # dft: Dynamic Fine-Tuning (TRL's loss_type)
+    num_threads: int | None = None  # torch CPU threads; default: all cores
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
+            raise ValueError("train.batch_size, train.grad_accum and train.max_steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class SFTEvalConfig:
+    heldout_prompts: int = 200  # world prompts answered greedily before and after; 0: skip
+    max_new_tokens: int = 48
+    before: bool = True  # also evaluate model.init_from (the "before" column)
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class SFTRecipe:
+    """`stage: sft` — chat data -> TRL SFTTrainer (assistant-only loss, packing, LoRA) -> a GLM folder."""
+
+    stage: Literal["sft"] = "sft"
+    run: RunConfig = field(default_factory=RunConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    model: SFTModelConfig = field(default_factory=SFTModelConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10, weight_decay=0.0)
+    )
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    eval: SFTEvalConfig = field(default_factory=SFTEvalConfig)
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.model.lora.target_modules if t not in HF_LORA_TARGETS]
+        if unknown:
+            raise ValueError(
+                f"model.lora.target_modules: unknown {unknown}; allowed: {', '.join(HF_LORA_TARGETS)}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_conversations(cfg: SFTDataConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
+    """(train conversations, held-out conversations, facts) from the world or from files."""
+    from align.data import Conversation, SFTDataError, read_sft, world_sft_conversations
+
+    if cfg.source == "world":
+        from pretrain.world import make_world
+
+        world = make_world(seed=cfg.world.seed, num_entities=cfg.world.num_entities)
+        train = world_sft_conversations(world, cfg.n_train, seed, "train", cfg.multi_turn, cfg.answers)
+        held = (
+            world_sft_conversations(world, cfg.n_eval, seed, "heldout", cfg.multi_turn, cfg.answers)
+            if cfg.n_eval
+            else []
+        )
+        as_conv = [Conversation(m, None, f"world train {i}") for i, m in enumerate(train)]
+        return as_conv, [Conversation(m, None, f"world held-out {i}") for i, m in enumerate(held)], {}
+    conversations, skipped, formats = [], [], {}
+    for path in cfg.paths:
+        try:
+            res = read_sft(path, cfg.format, cfg.skip_invalid)
+        except FileNotFoundError as e:
+            raise RecipeError(f"data.paths: {e}") from None
+        except SFTDataError as e:
+            hint = "" if cfg.skip_invalid else " (data.skip_invalid=true leaves such rows out)"
+            raise RecipeError(f"data: {e}{hint}") from None
+        conversations += res.conversations
+        skipped += res.skipped
+        formats[str(path)] = res.format
+    random.Random(seed).shuffle(conversations)
+    n_eval = min(cfg.n_eval, len(conversations) // 10)  # never more than a tenth of the data
+    held, train = conversations[:n_eval], conversations[n_eval:]
+    if cfg.n_train:
+        train = train[: cfg.n_train]
+    facts = {"formats": formats, "skipped_rows": len(skipped), "skipped_examples": skipped[:5]}
+    return train, held, facts
+
+
+def encode_dataset(tok, conversations: list, max_length: int, name: str):
+    """A ``datasets.Dataset`` with ``input_ids`` and ``assistant_masks``; conversations longer than
+    ``max_length`` tokens are left out and counted. Returns (dataset or None, stats)."""
+    from datasets import Dataset
+    from tqdm.auto import tqdm
+
+    from align.data import encode_conversation
+
+    rows, too_long = [], 0
+    for conv in tqdm(conversations, desc=f"encoding {name}", leave=False, disable=len(conversations) < 500):
+        enc = encode_conversation(tok, conv)
+        if len(enc["input_ids"]) > max_length:
+            too_long += 1
+            continue
+        rows.append(enc)
+    lengths = [len(r["input_ids"]) for r in rows]
+    stats = {
+        "conversations": len(rows),
+        "too_long": too_long,
+        "tokens": sum(lengths),
+        "assistant_tokens": sum(sum(r["assistant_masks"]) for r in rows),
+        "mean_length": sum(lengths) / len(lengths) if lengths else 0.0,
+    }
+    return (Dataset.from_list(rows) if rows else None), stats
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TRL / PEFT mapping
+
+
+def trl_config(recipe: SFTRecipe, max_steps: int, has_eval: bool, use_cuda: bool):
+    """Our recipe sections -> TRL's ``SFTConfig`` (the one place its argument names appear)."""
+    from trl import SFTConfig
+
+    t, o = recipe.train, recipe.optim
+    bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and use_cuda)
+    return SFTConfig(
+        output_dir=str(Path(recipe.run.dir) / "trainer"),
+        seed=recipe.run.seed,
+        max_steps=max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=16,  # fixed, so held-out losses compare across runs (a mean of batch means)
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=o.lr,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": o.min_lr_ratio},
+        warmup_steps=o.warmup_steps,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.betas[0],
+        adam_beta2=o.betas[1],
+        adam_epsilon=o.eps,
+        max_grad_norm=o.grad_clip,
+        logging_steps=t.log_every,
+        eval_strategy="steps" if has_eval and t.eval_every else "no",
+        eval_steps=t.eval_every or None,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not use_cuda,
+        bf16=bf16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        loss_type=t.loss,
+        max_length=recipe.data.max_length,
+        packing=recipe.data.packing,
+        packing_strategy="bfd",  # whole conversations; padding-free with position_ids restarts
+        eval_packing=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def build_trainer(
+    recipe: SFTRecipe,
+    tok,
+    train_ds,
+    held_ds=None,
+    max_steps: int | None = None,
+    use_cuda: bool = False,
+    callbacks: list | None = None,
+):
+    """TRL's ``SFTTrainer`` on ``GlmForCausalLM`` from ``model.init_from`` (+ PEFT LoRA when enabled), fed
+    the tokenised data sets (``input_ids`` + ``assistant_masks``)."""
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        recipe.model.init_from, dtype=torch.float32, attn_implementation=recipe.model.attn_implementation
+    )
+    lora = recipe.model.lora
+    return SFTTrainer(
+        model=model,
+        args=trl_config(recipe, max_steps or recipe.train.max_steps, held_ds is not None, use_cuda),
+        train_dataset=train_ds,
+        eval_dataset=held_ds,
+        processing_class=tok,
+        peft_config=peft_config(lora) if lora.enabled else None,
+        callbacks=callbacks or [],
+    )
+
+
+def peft_config(cfg: LoRAConfig):
+    from peft import LoraConfig
+
+    targets = [name for ours in cfg.target_modules for name in HF_LORA_TARGETS[ours]]
+    return LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
+
+
+def _callbacks(metrics_path: Path, max_minutes: float | None):
+    from transformers import TrainerCallback
+
+    class MetricsAndTimeLimit(TrainerCallback):
+        """Every log line to metrics.jsonl; stop (the final model is still saved) past the time limit."""
+
+        def __init__(self) -> None:
+            self.start = time.time()
+            self.stopped_early = False
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            row = {"step": state.global_step, "elapsed_s": round(time.time() - self.start, 2)}
+            row.update({k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))})
+            with metrics_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if max_minutes is not None and time.time() - self.start > 60 * max_minutes:
+                self.stopped_early = True
+                control.should_training_stop = True
+                control.should_log = True
+
+    return MetricsAndTimeLimit()
+
+
+def plot_loss(metrics_path: Path, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), lw=1.2, label="train loss (assistant tokens)")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="held-out loss (assistant tokens)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_title("SFT")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def save_policy(hf_model, folder: Path, tok) -> Path:
+    """A plain GLM folder through ``pretrain.hf`` (LoRA already merged); eos ids = GLM's turn terminators."""
+    from pretrain.hf import from_hf_config, from_hf_state_dict, save_pretrained
+    from pretrain.model import GLM
+    from pretrain.tokenizer import turn_terminator_ids
+
+    cfg = from_hf_config(hf_model.config).with_(
+        eos_token_ids=tuple(turn_terminator_ids(tok)), pad_token_id=tok.pad_token_id
+    )
+    with torch.device("meta"):
+        model = GLM(cfg)
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in hf_model.state_dict().items()}
+    model.load_state_dict(from_hf_state_dict(state, cfg), assign=True)
+    return save_pretrained(model, folder, tok)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Before / after on held-out world prompts
+
+
+def evaluate_before_after(recipe: SFTRecipe, final: Path, out_dir: Path) -> dict[str, Any]:
+    from align.evaluate import compare, evaluate_policy, format_table, load_policy
+    from pretrain.world import make_world
+
+    cfg = recipe.eval
+    world = make_world(seed=recipe.data.world.seed, num_entities=recipe.data.world.num_entities)
+    prompts = world.prompts("heldout", cfg.heldout_prompts, seed=recipe.run.seed)
+    folders = {"before": recipe.model.init_from} if cfg.before else {}
+    folders["sft"] = str(final)
+    reports = {}
+    for name, folder in folders.items():
+        model, tok = load_policy(folder)
+        reports[name] = evaluate_policy(
+            model, tok, world, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
+        )
+    comparisons = {"sft": compare(reports["before"], reports["sft"])} if cfg.before else {}
+    table = format_table(reports, comparisons)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "table.md").write_text(table + "\n", encoding="utf-8")
+    with (out_dir / "answers.jsonl").open("w", encoding="utf-8") as f:
+        for name, r in reports.items():
+            for a in r["answers"]:
+                f.write(json.dumps({"policy": name, **a}, ensure_ascii=False) + "\n")
+    return {
+        "n_prompts": len(prompts),
+        "reports": {n: {k: v for k, v in r.items() if k != "answers"} for n, r in reports.items()},
+        "comparisons": comparisons,
+        "table": table,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def run_sft(recipe: SFTRecipe) -> dict[str, Any]:
+    from pretrain.run import load_tokenizer
+
+    started = time.time()
+    run_dir = Path(recipe.run.dir)
+    init = Path(recipe.model.init_from)
+    if not (init / "config.json").is_file():
+        raise RecipeError(
+            f"model.init_from: no model folder at {str(init)!r} (expected config.json there); run the "
+            "pretrain stage first or point model.init_from at a GLM folder"
+        )
+    tok = load_tokenizer(str(init))
+    if recipe.train.num_threads:
+        torch.set_num_threads(recipe.train.num_threads)
+    use_cuda = recipe.train.device == "cuda" or (recipe.train.device == "auto" and torch.cuda.is_available())
+    if recipe.train.device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+
+    train_convs, held_convs, facts = load_conversations(recipe.data, recipe.run.seed)
+    train_ds, train_stats = encode_dataset(tok, train_convs, recipe.data.max_length, "train")
+    held_ds, held_stats = encode_dataset(tok, held_convs, recipe.data.max_length, "held-out")
+    if train_ds is None:
+        raise RecipeError(
+            f"data: no training conversation fits data.max_length={recipe.data.max_length} "
+            f"({train_stats['too_long']} too long); raise data.max_length"
+        )
+    print(f"data: train {json.dumps(train_stats)}; held-out {json.dumps(held_stats)}")
+
+    t = recipe.train
+    max_steps = t.max_steps
+    if t.epochs is not None:
+        rows = len(train_ds)
+        if recipe.data.packing:
+            rows = math.ceil(train_stats["tokens"] / recipe.data.max_length)
+        max_steps = max(1, math.ceil(t.epochs * rows / (t.batch_size * t.grad_accum)))
+
+    lora = recipe.model.lora
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    callback = _callbacks(metrics_path, t.max_minutes)
+    trainer = build_trainer(recipe, tok, train_ds, held_ds, max_steps, use_cuda, [callback])
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    print(
+        f"SFT: {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable{', LoRA' if lora.enabled else ''}); "
+        f"{max_steps} steps x {t.batch_size} x {t.grad_accum} {'packed rows' if recipe.data.packing else 'conversations'}"
+    )
+    eval_before = trainer.evaluate()["eval_loss"] if held_ds is not None else None
+    train_start = time.time()
+    result = trainer.train()
+    train_seconds = time.time() - train_start
+    eval_after = trainer.evaluate()["eval_loss"] if held_ds is not None else None
+
+    hf_model = trainer.model
+    if lora.enabled:
+        hf_model = hf_model.merge_and_unload()
+    final = save_policy(hf_model, run_dir / "final", tok)
+    if (run_dir / "trainer").is_dir() and not any((run_dir / "trainer").iterdir()):
+        (run_dir / "trainer").rmdir()  # the Trainer's output_dir; nothing is saved there (save_strategy "no")
+    plot_loss(metrics_path, run_dir / "loss.png")
+
+    summary: dict[str, Any] = {
+        "model": str(final),
+        "init_from": str(init),
+        "steps": trainer.state.global_step,
+        "max_steps": max_steps,
+        "stopped_early": callback.stopped_early,
+        "train_loss": result.training_loss,
+        "heldout_loss_before": eval_before,
+        "heldout_loss_after": eval_after,
+        "train_seconds": round(train_seconds, 1),
+        "lora": lora.enabled,
+        "packing": recipe.data.packing,
+        "train_rows": len(trainer.train_dataset),  # packed rows when packing, else conversations
+        "data": {"train": train_stats, "heldout": held_stats, "source": recipe.data.source, **facts},
+    }
+    if eval_before is not None:
+        print(f"held-out loss on assistant tokens: {eval_before:.3f} before → {eval_after:.3f} after")
+    if recipe.eval.heldout_prompts > 0:
+        report = evaluate_before_after(recipe, final, run_dir / "eval")
+        summary["eval"] = report
+        print(f"\nheld-out world prompts (n={report['n_prompts']}), greedy answers:\n{report['table']}")
+    summary["seconds"] = round(time.time() - started, 1)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
+    print(f"SFT policy → {final} ({summary['seconds']:.0f} s in all, {train_seconds:.0f} s training)")
+    return summary
