@@ -1,4 +1,3 @@
-"""Alignment trainers: SFT, the DPO family, PPO, GRPO / RLOO, and alignment evaluation.
-
-Not built yet: the trainers land with issue 5 (see README, "Status").
-"""
+"""Alignment trainers: SFT (TRL), the DPO family (TRL + our packed path, online rounds), our own PPO
+(``align.ppo``), GRPO / RLOO (TRL with our reward functions), and alignment evaluation (``align.evaluate``).
+See docs/align.md."""
