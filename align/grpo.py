@@ -1,0 +1,724 @@
+"""`glmwb run recipes/grpo.yaml`: GRPO or RLOO on a GLM chat policy with TRL's ``GRPOTrainer`` / ``RLOOTrainer``
+and our reward functions.
+
+Who does what:
+- ours (``align/reward_funcs.py``): the rewards — rules of ``rewards/rules.py`` (the world's checker, GSM8K
+  final answers, format, length) reading the answer's context from dataset columns, and reward models
+  in-process (``RewardScorer``) or over HTTP (``RewardClient`` against ``glmwb serve-rewards``). Our reward
+  folders are not handed to TRL as models: TRL would read the reward at the last non-pad token, and GLM's pad
+  token is its ``<|endoftext|>``, the very token our reward models read the reward at.
+- ours (here): the prompts (the embedded world's train prompts with a ``world_prompt`` column for the checker,
+  or GSM8K-style files with a ``gold`` column) as chat messages; the policy folder loaded as
+  ``transformers.GlmForCausalLM`` with its generation config's eos ids set to GLM's turn terminators
+  (``<|user|>``, ``<|observation|>``, ``<|endoftext|>``: GLM has no end-of-turn token), which TRL uses to stop
+  sampling and to cut the completion mask after the terminator (the terminator itself is trained on);
+  the time limit, ``metrics.jsonl``, ``rewards.png``, ``summary.json``, the final folder, and the before /
+  after table on held-out world prompts (``align.evaluate``).
+- TRL 1.16: the GLM chat template applied to the prompts, sampling ``num_generations`` completions per prompt
+  (``transformers`` generate with a KV cache), group-relative (GRPO) or leave-one-out (RLOO) advantages,
+  the clipped policy loss and its variants (``loss_type``), the KL to the reference (``beta``; with LoRA the
+  reference is the adapter switched off), the training loop (``transformers.Trainer``: AdamW, schedule,
+  clipping, tqdm).
+- PEFT: LoRA on the attention / MLP linears, merged into the weights before saving.
+- ours (``kernels/``): Triton kernels swapped into the transformers GLM when a ``kernels:`` section is set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from align.reward_funcs import RewardSetupError, RewardSpec, RuleReward, build_reward_funcs
+from kernels.apply import KernelConfig
+from pretrain.train import OptimConfig
+from recipes.loader import RecipeError
+from recipes.schema import RunConfig, WorldConfig
+from rewards.config import LoRAConfig
+
+# our LoRA target names (pretrain/model.py) -> transformers' GLM module names
+HF_LORA_TARGETS = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_up_proj",),
+    "down_proj": ("down_proj",),
+}
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16's GRPO losses
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recipe sections
+
+
+@dataclass(frozen=True)
+class GRPOModelConfig:
+    init_from: str | None = None  # the policy: an SFT (or base) GLM folder with its tokenizer
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass(frozen=True)
+class GRPODataConfig:
+    """Prompts: the embedded world's train prompts, or files (GSM8K ``{question, answer}`` rows, or
+    ``{prompt, gold?}`` rows where ``prompt`` is a string or chat messages)."""
+
+    source: Literal["world", "files"] = "world"
+    world: WorldConfig = field(default_factory=WorldConfig)
+    train_prompts: int = 512  # world: distinct train prompts; files: a cap (0: every row)
+    paths: tuple[str, ...] = ()  # files: JSONL (.gz allowed)
+    eval_paths: tuple[str, ...] = ()  # files: held-out rows for the before / after rule rewards
+    system_prompt: str | None = None  # files: a system turn in front of every question
+    max_prompt_tokens: int = 512  # longer prompts are left out (and counted)
+
+    def __post_init__(self) -> None:
+        if self.source == "files" and not self.paths:
+            raise ValueError("data.source is 'files' but data.paths is empty; list JSONL prompt files")
+        if self.train_prompts < (1 if self.source == "world" else 0):
+            raise ValueError(
+                f"data.train_prompts must be >= 1 (world) / >= 0 (files), got {self.train_prompts}"
+            )
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How completions are sampled during training."""
+
+    num_generations: int = 8  # completions per prompt (the group)
+    max_completion_length: int = 32  # tokens, the terminator included
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ValueError(f"generation.num_generations must be >= 2 (a group), got {self.num_generations}")
+        if self.max_completion_length < 1:
+            raise ValueError(
+                f"generation.max_completion_length must be >= 1, got {self.max_completion_length}"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"generation.temperature must be > 0 (sampling), got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """The policy-gradient objective. ``beta``: KL coefficient to the reference (0: no reference model)."""
+
+    beta: float = 0.0
+    epsilon: float = 0.2  # clip range of the importance ratio
+    epsilon_high: float | None = None  # upper clip (DAPO: 0.28); default epsilon
+    num_iterations: int = 1  # optimisation passes over each generation batch
+    mask_truncated_completions: bool = False  # leave completions that hit the length limit out of the loss
+    # GRPO only
+    loss_type: str = "dapo"  # one of LOSS_TYPES
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    # RLOO only
+    normalize_advantages: bool = False
+    reward_clip_range: tuple[float, ...] | None = None  # (min, max)
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"algo.loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.beta < 0:
+            raise ValueError(f"algo.beta must be >= 0, got {self.beta}")
+        if self.reward_clip_range is not None and (
+            len(self.reward_clip_range) != 2 or self.reward_clip_range[0] >= self.reward_clip_range[1]
+        ):
+            raise ValueError(
+                f"algo.reward_clip_range must be [min, max] with min < max, got {self.reward_clip_range}"
+            )
+        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
+            raise ValueError("algo.loss_type 'luspo' needs algo.importance_sampling_level: sequence")
+
+
+_GRPO_ONLY = ("loss_type", "scale_rewards", "importance_sampling_level", "multi_objective_aggregation")
+_RLOO_ONLY = ("normalize_advantages", "reward_clip_range")
+
+
+@dataclass(frozen=True)
+class GRPOTrainConfig:
+    prompts_per_step: int = 4  # prompts per optimizer step (x num_generations completions)
+    micro_batch: int | None = None  # completions per forward / backward (default: all of a step's)
+    max_steps: int = 50
+    max_minutes: float | None = None  # stop early (and save) when the wall clock says so
+    log_every: int = 5
+    save_every: int = 0  # 0: only the final folder
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA
+    gradient_checkpointing: bool = False
+    num_threads: int | None = None  # torch CPU threads; default: torch's
+    log_completions: bool = False  # TRL prints a sample table every log step
+
+    def __post_init__(self) -> None:
+        if self.prompts_per_step < 1 or self.max_steps < 1:
+            raise ValueError("train.prompts_per_step and train.max_steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class GRPOEvalConfig:
+    """Before / after: greedy answers to held-out world prompts (world data) or to data.eval_paths (files)."""
+
+    heldout_prompts: int = 200  # 0: no evaluation
+    max_new_tokens: int = 48
+    batch_size: int = 64
+    before: bool = True  # evaluate model.init_from too (the table's baseline)
+    reward_model: str | None = None  # a reward folder: RM rewards and RM win rates in the table
+
+
+@dataclass(frozen=True)
+class GRPORecipe:
+    """`stage: grpo` — GRPO (or RLOO, ``trainer: rloo``) from a chat policy with rule / RM rewards."""
+
+    stage: Literal["grpo"] = "grpo"
+    run: RunConfig = field(default_factory=RunConfig)
+    trainer: Literal["grpo", "rloo"] = "grpo"
+    model: GRPOModelConfig = field(default_factory=GRPOModelConfig)
+    data: GRPODataConfig = field(default_factory=GRPODataConfig)
+    rewards: tuple[RewardSpec, ...] = (RewardSpec("world_correct"),)
+    generation: SamplingConfig = field(default_factory=SamplingConfig)
+    algo: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-4, min_lr_ratio=1.0, warmup_steps=0, weight_decay=0.0)
+    )
+    train: GRPOTrainConfig = field(default_factory=GRPOTrainConfig)
+    eval: GRPOEvalConfig = field(default_factory=GRPOEvalConfig)
+    kernels: KernelConfig | None = None  # null: the model's own torch code
+
+    def __post_init__(self) -> None:
+        if not self.model.init_from:
+            raise ValueError("model.init_from: set it to the policy's folder (an SFT or base GLM folder)")
+        other = _GRPO_ONLY if self.trainer == "rloo" else _RLOO_ONLY
+        default = PolicyLossConfig()
+        changed = [k for k in other if getattr(self.algo, k) != getattr(default, k)]
+        if changed:
+            raise ValueError(
+                f"algo.{', algo.'.join(changed)}: not used by trainer {self.trainer!r} "
+                f"(GRPO only: {', '.join(_GRPO_ONLY)}; RLOO only: {', '.join(_RLOO_ONLY)})"
+            )
+        if not self.rewards:
+            raise ValueError("rewards: name at least one reward (e.g. {name: world_correct})")
+        completions = self.train.prompts_per_step * self.generation.num_generations
+        micro = self.train.micro_batch or completions
+        if completions % micro:
+            raise ValueError(
+                f"train.micro_batch ({micro}) must divide prompts_per_step x num_generations ({completions})"
+            )
+        needs_world = {"world_correct", "world_score"} & {r.name for r in self.rewards}
+        if needs_world and self.data.source != "world":
+            raise ValueError(
+                f"rewards {sorted(needs_world)} need world prompts (data.source: world); for files use gsm8k / exact"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def world_rows(world, split: str, n: int, seed: int) -> list[dict[str, Any]]:
+    """Dataset rows for world prompts: the chat ``prompt`` and the columns the rule rewards read."""
+    return [
+        {"prompt": [dict(m) for m in p.messages], "world_prompt": json.dumps(p.to_dict(), ensure_ascii=False),
+         "gold": p.gold, "lang": p.lang}
+        for p in world.prompts(split, n, seed=seed)
+    ]  # fmt: skip
+
+
+def _open_text(path: Path):
+    import gzip
+
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+
+
+def read_prompt_file(path: str | Path, system_prompt: str | None = None) -> list[dict[str, Any]]:
+    """Rows ``{prompt: messages, gold?}`` from JSONL: GSM8K ``{question, answer}`` (gold = the number after
+    ``####``) or ``{prompt, gold?}`` (``answer`` accepted for ``gold``). Errors name the file, row and field."""
+    from rewards.rules import gsm8k_gold
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"data.paths: no file at {path}")
+    rows = []
+    with _open_text(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecipeError(f"{where}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise RecipeError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+            if "question" in row:
+                question, gold = row["question"], row.get("answer")
+                if isinstance(gold, str) and "####" in gold:
+                    try:
+                        gold = gsm8k_gold(gold)
+                    except ValueError as e:
+                        raise RecipeError(f"{where}: field 'answer': {e}") from None
+                prompt: Any = question
+            elif "prompt" in row:
+                prompt, gold = row["prompt"], row.get("gold", row.get("answer"))
+            else:
+                raise RecipeError(
+                    f"{where}: expected fields 'question' (+ 'answer', GSM8K) or 'prompt' (+ 'gold'); got {sorted(row)}"
+                )
+            if isinstance(prompt, str):
+                if not prompt.strip():
+                    raise RecipeError(f"{where}: empty prompt")
+                messages = [{"role": "user", "content": prompt}]
+            elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+                messages = [{"role": m.get("role"), "content": m.get("content")} for m in prompt]
+                bad = [i for i, m in enumerate(messages) if m["role"] not in ("system", "user", "assistant")
+                       or not isinstance(m["content"], str)]  # fmt: skip
+                if bad or messages[-1]["role"] != "user":
+                    raise RecipeError(
+                        f"{where}: field 'prompt' must be chat messages ending with a user turn "
+                        f"(roles system / user / assistant, string content)"
+                    )
+            else:
+                raise RecipeError(f"{where}: field 'prompt' must be a string or a list of chat messages")
+            if system_prompt and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": system_prompt}, *messages]
+            out = {"prompt": messages}
+            if gold is not None:
+                out["gold"] = str(gold)
+            rows.append(out)
+    if not rows:
+        raise RecipeError(f"data.paths: {path} has no rows")
+    return rows
+
+
+def load_prompts(cfg: GRPODataConfig, seed: int) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """(train rows, held-out rows for the files' before / after, facts)."""
+    if cfg.source == "world":
+        from pretrain.world import make_world
+
+        world = make_world(seed=cfg.world.seed, num_entities=cfg.world.num_entities)
+        return world_rows(world, "train", cfg.train_prompts, seed), [], {"source": "world"}
+    train = [row for p in cfg.paths for row in read_prompt_file(p, cfg.system_prompt)]
+    held = [row for p in cfg.eval_paths for row in read_prompt_file(p, cfg.system_prompt)]
+    random.Random(seed).shuffle(train)
+    if cfg.train_prompts:
+        train = train[: cfg.train_prompts]
+    return train, held, {"source": "files", "paths": list(cfg.paths)}
+
+
+def drop_long_prompts(rows: list[dict], tok, max_tokens: int) -> tuple[list[dict], int]:
+    from pretrain.tokenizer import render_chat
+
+    kept = [
+        r for r in rows
+        if len(tok(render_chat(tok, r["prompt"], add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+        <= max_tokens
+    ]  # fmt: skip
+    return kept, len(rows) - len(kept)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Policy and trainer
+
+
+def load_policy_model(folder: str, device: str = "cpu"):
+    """(``GlmForCausalLM``, tokenizer) with generation stopping at GLM's turn terminators."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pretrain.tokenizer import turn_terminator_ids
+
+    if not (Path(folder) / "config.json").is_file():
+        raise RecipeError(
+            f"model.init_from: no model folder at {folder!r} (expected config.json there); run the SFT stage "
+            "first or point model.init_from at a GLM folder"
+        )
+    if not (Path(folder) / "tokenizer_config.json").is_file():
+        raise RecipeError(f"model.init_from: {folder} has no tokenizer (tokenizer_config.json)")
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.padding_side = "left"  # TRL generates from left-padded prompts
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+    stops = turn_terminator_ids(tok)
+    declared = model.generation_config.eos_token_id
+    declared = [declared] if isinstance(declared, int) else list(declared or [])
+    if set(declared) != set(stops):  # a folder from elsewhere may list <|endoftext|> only
+        print(
+            f"policy: generation stops set to GLM's turn terminators {stops} (the folder declared {declared})"
+        )
+    model.generation_config.eos_token_id = stops
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def peft_config(cfg: LoRAConfig):
+    from peft import LoraConfig
+
+    unknown = sorted(set(cfg.target_modules) - set(HF_LORA_TARGETS))
+    if unknown:
+        raise RecipeError(
+            f"model.lora.target_modules: unknown {unknown}; known: {', '.join(HF_LORA_TARGETS)}"
+        )
+    targets = [name for ours in cfg.target_modules for name in HF_LORA_TARGETS[ours]]
+    return LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
+
+
+def _common_args(recipe: GRPORecipe, use_cuda: bool) -> dict[str, Any]:
+    """TRL arguments shared by GRPOConfig and RLOOConfig."""
+    t, o, g, a = recipe.train, recipe.optim, recipe.generation, recipe.algo
+    completions = t.prompts_per_step * g.num_generations
+    micro = t.micro_batch or completions
+    return dict(
+        output_dir=str(Path(recipe.run.dir) / "trainer"),
+        seed=recipe.run.seed,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=completions // micro,  # one generation batch per optimizer step
+        learning_rate=o.lr,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": o.min_lr_ratio},
+        warmup_steps=o.warmup_steps,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.betas[0],
+        adam_beta2=o.betas[1],
+        adam_epsilon=o.eps,
+        max_grad_norm=o.grad_clip,
+        logging_steps=t.log_every,
+        save_strategy="steps" if t.save_every else "no",
+        save_steps=t.save_every or 500,
+        report_to="none",
+        use_cpu=not use_cuda,
+        bf16=t.dtype == "bfloat16" or (t.dtype == "auto" and use_cuda),
+        gradient_checkpointing=t.gradient_checkpointing,  # TRL turns it on by default; on a CPU it only costs
+        num_generations=g.num_generations,
+        max_completion_length=g.max_completion_length,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        top_k=g.top_k,
+        repetition_penalty=g.repetition_penalty,
+        beta=a.beta,
+        epsilon=a.epsilon,
+        epsilon_high=a.epsilon_high,
+        num_iterations=a.num_iterations,
+        mask_truncated_completions=a.mask_truncated_completions,
+        log_completions=t.log_completions,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def grpo_config(recipe: GRPORecipe, weights: Sequence[float], use_cuda: bool):
+    """Our recipe sections -> TRL's ``GRPOConfig`` (the one place its argument names appear)."""
+    from trl import GRPOConfig
+
+    a = recipe.algo
+    return GRPOConfig(
+        **_common_args(recipe, use_cuda),
+        reward_weights=list(weights),
+        loss_type=a.loss_type,
+        scale_rewards=a.scale_rewards,
+        importance_sampling_level=a.importance_sampling_level,
+        multi_objective_aggregation=a.multi_objective_aggregation,
+    )
+
+
+def rloo_config(recipe: GRPORecipe, weights: Sequence[float], use_cuda: bool):
+    """Our recipe sections -> TRL's ``RLOOConfig``."""
+    from trl import RLOOConfig
+
+    a = recipe.algo
+    return RLOOConfig(
+        **_common_args(recipe, use_cuda),
+        reward_weights=list(weights),
+        normalize_advantages=a.normalize_advantages,
+        reward_clip_range=tuple(a.reward_clip_range) if a.reward_clip_range else None,
+    )
+
+
+def build_trainer(recipe: GRPORecipe, model, tok, reward_funcs, weights, rows: list[dict], callbacks=()):
+    """A TRL GRPOTrainer / RLOOTrainer on ``rows`` (``prompt`` + reward columns) with our reward functions."""
+    from datasets import Dataset
+
+    use_cuda = next(model.parameters()).is_cuda
+    make_args, trainer_cls = {
+        "grpo": (grpo_config, "GRPOTrainer"),
+        "rloo": (rloo_config, "RLOOTrainer"),
+    }[recipe.trainer]
+    import trl
+
+    args = make_args(recipe, weights, use_cuda)
+    return getattr(trl, trainer_cls)(
+        model=model,
+        reward_funcs=list(reward_funcs),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        callbacks=list(callbacks),
+        peft_config=peft_config(recipe.model.lora) if recipe.model.lora.enabled else None,
+    )
+
+
+def _callback(metrics_path: Path, max_minutes: float | None):
+    from transformers import TrainerCallback
+
+    class MetricsAndTimeLimit(TrainerCallback):
+        """Every log line to metrics.jsonl; stop (the final folder is still written) past the time limit."""
+
+        def __init__(self) -> None:
+            self.start = time.time()
+            self.stopped_early = False
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            row = {"step": state.global_step, "elapsed_s": round(time.time() - self.start, 2)}
+            row.update({k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))})
+            with metrics_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if max_minutes is not None and time.time() - self.start > 60 * max_minutes:
+                self.stopped_early = True
+                control.should_training_stop = True
+                control.should_log = True
+
+    return MetricsAndTimeLimit()
+
+
+def plot_rewards(metrics_path: Path, out_png: Path, reward_names: Sequence[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if "reward" in r]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["reward"] for r in rows], lw=1.6, label="reward (weighted sum)")
+    for name in reward_names:
+        key = f"rewards/{name}/mean"
+        if any(key in r for r in rows):
+            ax.plot(steps, [r.get(key, math.nan) for r in rows], lw=1, alpha=0.8, label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("mean reward of sampled completions")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax2.plot(steps, [r.get("completions/mean_length", math.nan) for r in rows], label="completion tokens")
+    if any("kl" in r for r in rows):
+        ax3 = ax2.twinx()
+        ax3.plot(steps, [r.get("kl", math.nan) for r in rows], color="C3", lw=1, label="KL to reference")
+        ax3.set_ylabel("KL", color="C3")
+    ax2.set_xlabel("optimizer step")
+    ax2.set_ylabel("mean completion length (tokens)")
+    ax2.grid(alpha=0.3)
+    fig.suptitle(f"{metrics_path.parent.name}: rewards")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def save_policy(hf_model, folder: Path, tok) -> Path:
+    """A plain GLM folder through ``pretrain.hf`` (LoRA merged before); eos ids = GLM's turn terminators."""
+    from pretrain.hf import from_hf_config, from_hf_state_dict, save_pretrained
+    from pretrain.model import GLM
+    from pretrain.tokenizer import turn_terminator_ids
+
+    cfg = from_hf_config(hf_model.config).with_(
+        eos_token_ids=tuple(turn_terminator_ids(tok)), pad_token_id=tok.pad_token_id
+    )
+    with torch.device("meta"):
+        model = GLM(cfg)
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in hf_model.state_dict().items()}
+    model.load_state_dict(from_hf_state_dict(state, cfg), assign=True)
+    tok.padding_side = "left"
+    return save_pretrained(model, folder, tok)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Before / after
+
+
+def evaluate_world(recipe: GRPORecipe, folders: dict[str, str]) -> dict[str, Any]:
+    """Greedy answers of each policy folder to the same held-out world prompts; table + win rates."""
+    from align.evaluate import compare, evaluate_policy, format_table, load_policy
+    from pretrain.world import make_world
+
+    cfg, w = recipe.eval, recipe.data.world
+    world = make_world(seed=w.seed, num_entities=w.num_entities)
+    prompts = world.prompts("heldout", cfg.heldout_prompts, seed=recipe.run.seed)
+    scorer = None
+    if cfg.reward_model:
+        from rewards.scoring import RewardScorer
+
+        scorer = RewardScorer.from_pretrained(cfg.reward_model)
+    reports = {}
+    for name, folder in folders.items():
+        model, tok = load_policy(folder)
+        reports[name] = evaluate_policy(
+            model, tok, world, prompts, scorer, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
+        )
+    names = list(reports)
+    comparisons = {n: compare(reports[names[0]], reports[n]) for n in names[1:]}
+    return {
+        "prompts": f"world held-out (n={len(prompts)})",
+        "reports": reports,
+        "comparisons": comparisons,
+        "table": format_table(reports, comparisons),
+    }
+
+
+def evaluate_files(
+    recipe: GRPORecipe, folders: dict[str, str], rows: list[dict], reward_funcs
+) -> dict[str, Any]:
+    """Greedy answers to held-out file rows, each rule reward's mean per policy (a table)."""
+    from align.evaluate import generate_answers, load_policy
+
+    rows = rows[: recipe.eval.heldout_prompts]
+    rules = [f for f in reward_funcs if isinstance(f, RuleReward)]
+    columns = {k: [r.get(k) for r in rows] for k in ("gold",) if any(k in r for r in rows)}
+    reports = {}
+    for name, folder in folders.items():
+        model, tok = load_policy(folder)
+        texts = generate_answers(model, tok, [r["prompt"] for r in rows], recipe.eval.max_new_tokens,
+                                 batch_size=recipe.eval.batch_size)  # fmt: skip
+        report = {"n": len(rows), "mean_chars": sum(map(len, texts)) / len(texts)}
+        for f in rules:
+            values = [v for v in f([r["prompt"] for r in rows], texts, **columns) if v is not None]
+            report[f.__name__] = sum(values) / len(values) if values else math.nan
+        report["answers"] = [{"answer": t, "gold": r.get("gold")} for t, r in zip(texts, rows, strict=True)]
+        reports[name] = report
+    cols = [k for k in next(iter(reports.values())) if k not in ("n", "answers")]
+    lines = ["| policy | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    lines += [f"| {n} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |" for n, r in reports.items()]
+    return {"prompts": f"files held-out (n={len(rows)})", "reports": reports, "comparisons": {},
+            "table": "\n".join(lines)}  # fmt: skip
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return str(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
+    t = recipe.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("train.device is 'cuda' but no CUDA device is available; use auto or cpu")
+    run_dir = Path(recipe.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+
+    model, tok = load_policy_model(recipe.model.init_from, "cuda" if use_cuda else "cpu")
+    train_rows, held_rows, facts = load_prompts(recipe.data, recipe.run.seed)
+    train_rows, dropped = drop_long_prompts(train_rows, tok, recipe.data.max_prompt_tokens)
+    if not train_rows:
+        raise RecipeError(f"data: no prompt fits data.max_prompt_tokens={recipe.data.max_prompt_tokens}")
+    facts.update(train_prompts=len(train_rows), dropped_long_prompts=dropped)
+    try:
+        reward_funcs, weights = build_reward_funcs(recipe.rewards)
+    except RewardSetupError as e:
+        raise RecipeError(f"rewards: {e}") from None
+    names = [f.__name__ for f in reward_funcs]
+    print(
+        f"{recipe.trainer.upper()}: {len(train_rows)} prompts ({facts['source']}), rewards "
+        + ", ".join(f"{w:g} x {n}" for n, w in zip(names, weights, strict=True))
+        + f"; {recipe.train.prompts_per_step} prompts x {recipe.generation.num_generations} completions per step"
+    )
+
+    handle = None
+    if recipe.kernels is not None:
+        from kernels.apply import apply_kernels
+
+        handle = apply_kernels(model, recipe.kernels)
+    callback = _callback(metrics_path, t.max_minutes)
+    torch.manual_seed(recipe.run.seed)
+    trainer = build_trainer(recipe, model, tok, reward_funcs, weights, train_rows, [callback])
+    started = time.time()
+    trainer.train()
+    train_s = time.time() - started
+    if handle is not None:
+        handle.remove()
+
+    policy = trainer.model
+    if recipe.model.lora.enabled:
+        policy = policy.merge_and_unload()
+    final = save_policy(policy, run_dir / "final", tok)
+    del trainer, policy, model
+
+    rows = (
+        [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+        if metrics_path.exists()
+        else []
+    )
+    curve = [r for r in rows if "reward" in r]
+    if curve:
+        plot_rewards(metrics_path, run_dir / "rewards.png", names)
+    k = max(1, len(curve) // 5)
+    summary: dict[str, Any] = {
+        "trainer": recipe.trainer,
+        "steps": curve[-1]["step"] if curve else 0,
+        "train_seconds": round(train_s, 1),
+        "stopped_early": callback.stopped_early,
+        "data": facts,
+        "rewards": dict(zip(names, weights, strict=True)),
+        "reward_first": sum(r["reward"] for r in curve[:k]) / k if curve else None,
+        "reward_last": sum(r["reward"] for r in curve[-k:]) / k if curve else None,
+        "final": str(final),
+    }
+    print(
+        f"trained {summary['steps']} steps in {train_s:.0f} s; sampled reward "
+        f"{summary['reward_first']} (first {k} logs) -> {summary['reward_last']} (last {k})"
+    )
+
+    if recipe.eval.heldout_prompts > 0 and (recipe.data.source == "world" or held_rows):
+        folders = {"before": recipe.model.init_from} if recipe.eval.before else {}
+        folders[recipe.trainer] = str(final)
+        if recipe.data.source == "world":
+            ev = evaluate_world(recipe, folders)
+        else:
+            ev = evaluate_files(recipe, folders, held_rows, reward_funcs)
+        eval_dir = run_dir / "eval"
+        eval_dir.mkdir(exist_ok=True)
+        (eval_dir / "table.md").write_text(ev["table"] + "\n", encoding="utf-8")
+        with (eval_dir / "answers.jsonl").open("w", encoding="utf-8") as f:
+            for name, r in ev["reports"].items():
+                for a in r["answers"]:
+                    f.write(json.dumps({"policy": name, **a}, ensure_ascii=False) + "\n")
+        print(f"\n{ev['prompts']}, greedy answers:\n{ev['table']}")
+        summary["eval"] = {
+            "prompts": ev["prompts"],
+            "reports": {n: {k: v for k, v in r.items() if k != "answers"} for n, r in ev["reports"].items()},
+            "comparisons": ev["comparisons"],
+            "table": ev["table"],
+        }
+    (run_dir / "summary.json").write_text(
+        json.dumps(summary, indent=2, ensure_ascii=False, default=_json_safe), encoding="utf-8"
+    )
+    print(f"policy -> {final}; curves -> {run_dir / 'rewards.png'}; summary -> {run_dir / 'summary.json'}")
+    return summary
+
+
+__all__ = [
+    "GRPORecipe",
+    "run_grpo",
+    "build_trainer",
+    "grpo_config",
+    "rloo_config",
+    "load_policy_model",
+    "read_prompt_file",
+    "world_rows",
+]

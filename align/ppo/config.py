@@ -1,0 +1,218 @@
+"""Config sections of the PPO stage: plain frozen dataclasses with no heavy imports (the recipe schema and the
+CLI import them). Each component receives only its own section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rewards.config import LoRAConfig
+
+RULE_NAMES = ("world_correct", "world_score", "gsm8k", "exact", "format", "length")  # rewards.rules.RULES
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The actor: a causal-LM GLM folder (SFT or base), optionally with a LoRA adapter."""
+
+    init_from: str = "runs/sft/final"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # the frozen reference: "auto" = the base with the adapter switched off for a LoRA actor (no extra
+    # copy), else a frozen copy of the initial policy
+    reference: Literal["auto", "copy", "adapter_off"] = "auto"
+    gradient_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    """The value function: a scalar head on a GLM.
+
+    backbone "separate": its own GLM, initialised from ``init_from``: "policy" (the policy's folder), "reward"
+    (the reward section's RM folder, head included) or a folder path (a GLM or reward folder). "shared": the
+    head sits on the actor's backbone (one model fewer; the value loss then also shapes the actor's features,
+    weighted by ppo.vf_coef)."""
+
+    backbone: Literal["separate", "shared"] = "separate"
+    init_from: str = "policy"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # separate critic only
+    lr: float | None = None  # default: optim.lr
+    warmup_steps: int = (
+        0  # PPO steps during which only the critic trains (values settle before the policy moves)
+    )
+
+
+@dataclass(frozen=True)
+class RewardSection:
+    """What scores a response: rules, a reward model in-process, the HTTP scoring API, or rules + RM.
+
+    kind rule: sum of ``rules`` (name -> weight; rewards.rules.RULES). rm: ``rm_weight`` x the RM folder's score.
+    http: ``rm_weight`` x the score from ``url`` (rewards.server). combined: rules + RM (``rm`` or ``url``).
+    """
+
+    kind: Literal["rule", "rm", "http", "combined"] = "rule"
+    rules: dict = field(default_factory=lambda: {"world_correct": 1.0})
+    rm: str | None = None  # reward folder (kind rm / combined)
+    url: str | None = None  # scoring API (kind http, or combined without rm)
+    rm_weight: float = 1.0
+    normalize_rm: bool = True  # standardise RM scores with the mean / std saved in the reward folder
+    head: str | None = None  # RM head (default: the first, the overall reward)
+    empty_score: float = -1.0  # the RM term of an empty response (the RM refuses to score one)
+    missing_terminator_penalty: float = 0.0  # subtracted when a response hits max_new_tokens unterminated
+    length_penalty: float = 0.0  # subtracted per response token (rule "length" penalises characters)
+    clip: float | None = None  # clip the final score to [-clip, clip] (after the penalties)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rules, dict):
+            raise ValueError("reward.rules must be a mapping rule name -> weight")
+        unknown = sorted(set(self.rules) - set(RULE_NAMES))
+        if unknown:
+            raise ValueError(f"reward.rules: unknown rule(s) {unknown}; known: {', '.join(RULE_NAMES)}")
+        for name, w in self.rules.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)):
+                raise ValueError(f"reward.rules.{name} must be a number (the rule's weight), got {w!r}")
+        if self.kind == "rule" and not self.rules:
+            raise ValueError("reward.kind is 'rule' but reward.rules is empty; e.g. {world_correct: 1.0}")
+        if self.kind == "rm" and not self.rm:
+            raise ValueError("reward.kind is 'rm' but reward.rm (a reward-model folder) is not set")
+        if self.kind == "http" and not self.url:
+            raise ValueError(
+                "reward.kind is 'http' but reward.url (the scoring API, e.g. http://127.0.0.1:8008) is not set"
+            )
+        if self.kind == "combined" and not (self.rm or self.url):
+            raise ValueError("reward.kind is 'combined' but neither reward.rm nor reward.url is set")
+        if self.missing_terminator_penalty < 0 or self.length_penalty < 0:
+            raise ValueError(
+                "reward.missing_terminator_penalty and reward.length_penalty are subtracted: use >= 0"
+            )
+        if self.clip is not None and self.clip <= 0:
+            raise ValueError(f"reward.clip must be > 0 or null, got {self.clip}")
+
+
+@dataclass(frozen=True)
+class WorldPromptsConfig:
+    seed: int = 0
+    num_entities: int = 96
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    """Rollout prompts (the world's train split) and evaluation prompts (its held-out split)."""
+
+    source: Literal["world"] = "world"
+    world: WorldPromptsConfig = field(default_factory=WorldPromptsConfig)
+    train_prompts: int = 2000
+    heldout_prompts: int = 200
+    families: tuple[str, ...] = ()  # restrict to these task families (arithmetic, conversion, fact); () = all
+    max_prompt_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.families) - {"arithmetic", "conversion", "fact"})
+        if bad:
+            raise ValueError(f"prompts.families: unknown {bad}; known: arithmetic, conversion, fact")
+        if self.train_prompts < 1 or self.heldout_prompts < 0:
+            raise ValueError("prompts.train_prompts must be >= 1 and prompts.heldout_prompts >= 0")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 48
+    temperature: float = 1.0  # the policy optimised is softmax(logits / temperature)
+    top_p: float = 1.0  # < 1 or top_k > 0 samples from a truncated policy: PPO's ratio is then off-policy
+    top_k: int = 0
+    batch_size: int = 64  # sequences generated at once
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"generation.temperature must be > 0 for PPO rollouts, got {self.temperature}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"generation.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2  # policy ratio clip epsilon
+    clip_range_value: float | None = 0.2  # value clip (null: plain squared error)
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0  # + entropy bonus (loss -= coef x mean entropy)
+    score_norm: Literal["none", "running", "batch"] = "running"  # normalise the sequence score before GAE
+    score_norm_shift: bool = False  # subtract the mean too (else divide by the std only)
+    score_clip: float | None = 10.0  # clip the normalised score to [-clip, clip] (null: no clip)
+    whiten_rewards: bool = False  # whiten per-token rewards (after KL) across the batch, mean kept
+    whiten_advantages: bool = True
+    early_stop_kl: float | None = None  # stop this step's updates once the approx KL to pi_old exceeds it
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ValueError(f"ppo.gamma and ppo.lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        if self.clip_range <= 0:
+            raise ValueError(f"ppo.clip_range must be > 0, got {self.clip_range}")
+
+
+@dataclass(frozen=True)
+class KLConfig:
+    controller: Literal["adaptive", "fixed"] = "adaptive"
+    coef: float = 0.05  # beta (the adaptive controller's initial value)
+    target: float = 6.0  # adaptive: the per-response KL (nats, summed over tokens) to hold
+    horizon: float = 10_000  # adaptive: samples to correct an error (Ziegler et al.)
+    estimator: Literal["k1", "k2", "k3", "abs", "mse"] = "k1"  # per-token penalty
+
+    def __post_init__(self) -> None:
+        if self.coef < 0:
+            raise ValueError(f"kl.coef must be >= 0, got {self.coef}")
+        if self.controller == "adaptive" and (self.target <= 0 or self.horizon <= 0):
+            raise ValueError("kl.target and kl.horizon must be > 0 with the adaptive controller")
+
+
+@dataclass(frozen=True)
+class PPOTrainConfig:
+    steps: int = 100  # PPO steps: rollout -> score -> epochs of minibatch updates
+    batch_size: int = 64  # prompts per step
+    samples_per_prompt: int = 1
+    minibatch_size: int = 32  # responses per optimizer step
+    microbatch_size: int = 32  # responses per forward / backward (gradients accumulate to the minibatch)
+    epochs: int = 2  # passes over each step's rollouts
+    max_minutes: float | None = None
+    log_every: int = 1
+    sample_every: int = 10  # the sample table (per-token KL) every N steps; 0 = never
+    samples_shown: int = 8
+    eval_every: int = 0  # held-out evaluation during training every N steps; 0 = before / after only
+    save_every: int = 0  # 0 = only the final folder
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto = bf16 autocast on CUDA
+    num_threads: int | None = None
+    strategy: Literal["single", "deepspeed"] = "single"
+    zero_stage: int = 2
+    # log-probs / entropy of the chosen tokens: "triton" = kernels.logprobs (chunked LM head, never the full
+    # logits; GPU), "torch" = plain log-softmax; auto = triton on CUDA
+    logprob_kernel: Literal["auto", "torch", "triton"] = "auto"
+
+    def __post_init__(self) -> None:
+        rollouts = self.batch_size * self.samples_per_prompt
+        if min(self.steps, self.batch_size, self.samples_per_prompt, self.epochs) < 1:
+            raise ValueError("train.steps, batch_size, samples_per_prompt and epochs must be >= 1")
+        if self.minibatch_size < 1 or rollouts % self.minibatch_size:
+            raise ValueError(
+                f"train.minibatch_size ({self.minibatch_size}) must divide the responses per step "
+                f"(batch_size x samples_per_prompt = {rollouts})"
+            )
+        if self.microbatch_size < 1 or self.minibatch_size % self.microbatch_size:
+            raise ValueError(
+                f"train.microbatch_size ({self.microbatch_size}) must divide train.minibatch_size ({self.minibatch_size})"
+            )
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"train.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclass(frozen=True)
+class PPOEvalConfig:
+    before: bool = True  # held-out evaluation of the initial policy
+    after: bool = True
+    max_new_tokens: int = 48
+    rm_scores: bool = True  # add RM rewards to the evaluation when the reward section has an RM
+    # also grade the first N rollout (train-split) prompts before / after: did PPO learn what it was rewarded
+    # for, on the prompts it saw? (held-out accuracy answers whether that carries over to new instances)
+    rollout_prompts: int = 0

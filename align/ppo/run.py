@@ -1,0 +1,258 @@
+"""`glmwb run recipes/ppo.yaml`: load config -> policy, critic, reference, reward -> held-out evaluation ->
+PPO -> held-out evaluation -> save (a Hugging Face policy folder, the critic as a one-head reward folder)."""
+
+from __future__ import annotations
+
+import builtins
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from align.ppo.config import (
+    CriticConfig,
+    GenerationConfig,
+    KLConfig,
+    PolicyConfig,
+    PPOConfig,
+    PPOEvalConfig,
+    PPOTrainConfig,
+    PromptsConfig,
+    RewardSection,
+)
+from pretrain.train import OptimConfig
+from recipes.loader import RecipeError
+from recipes.schema import RunConfig
+
+
+def _ppo_optim() -> OptimConfig:
+    return OptimConfig(lr=1e-5, min_lr_ratio=1.0, warmup_steps=0, weight_decay=0.0, betas=(0.9, 0.95))
+
+
+@dataclass(frozen=True)
+class PPORecipe:
+    """`stage: ppo` — our own PPO on a GLM policy, with rule / RM / HTTP rewards, on the world's prompts."""
+
+    stage: Literal["ppo"] = "ppo"
+    run: RunConfig = field(default_factory=RunConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    reward: RewardSection = field(default_factory=RewardSection)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    optim: OptimConfig = field(default_factory=_ppo_optim)
+    train: PPOTrainConfig = field(default_factory=PPOTrainConfig)
+    eval: PPOEvalConfig = field(default_factory=PPOEvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.critic.backbone == "shared" and self.critic.init_from != "policy":
+            raise ValueError(
+                "critic.init_from must be 'policy' with critic.backbone 'shared' (the value head sits on the "
+                f"actor's own backbone), got {self.critic.init_from!r}"
+            )
+        if self.critic.backbone == "shared" and self.critic.lora.enabled:
+            raise ValueError(
+                "critic.lora applies to a separate critic; with backbone 'shared' use policy.lora"
+            )
+        if self.critic.init_from == "reward" and not self.reward.rm:
+            raise ValueError("critic.init_from is 'reward' but reward.rm (a reward-model folder) is not set")
+        if self.policy.reference == "adapter_off" and not self.policy.lora.enabled:
+            raise ValueError(
+                "policy.reference 'adapter_off' needs policy.lora.enabled (else there is no adapter)"
+            )
+
+
+def _need_folder(path: str | None, key: str, what: str) -> None:
+    if path and not (Path(path) / "config.json").is_file():
+        raise RecipeError(f"{key}: no {what} at {path!r} (expected config.json there)")
+
+
+def build_models(recipe: PPORecipe, device: torch.device):
+    """(actor, critic or None, reference, tokenizer, resident / trainable parameter counts)."""
+    from transformers import AutoTokenizer
+
+    from align.ppo.models import Actor, Critic, Reference, ValueHead, apply_lora, parameter_count
+    from pretrain.hf import load_pretrained
+
+    p, c = recipe.policy, recipe.critic
+    tok = AutoTokenizer.from_pretrained(p.init_from)
+    glm = load_pretrained(p.init_from)
+    glm.gradient_checkpointing = p.gradient_checkpointing
+    if p.lora.enabled:
+        apply_lora(glm, p.lora)
+    shared = c.backbone == "shared"
+    actor = Actor(glm, ValueHead(glm.config.hidden_size) if shared else None)
+    mode = (
+        "adapter_off"
+        if p.reference == "adapter_off" or (p.reference == "auto" and p.lora.enabled)
+        else "copy"
+    )
+    reference = Reference(actor, mode)
+    critic = None
+    if not shared:
+        folder = {"policy": p.init_from, "reward": recipe.reward.rm}.get(c.init_from, c.init_from)
+        _need_folder(folder, "critic.init_from", "GLM or reward folder")
+        critic = Critic.from_folder(folder, head=recipe.reward.head if c.init_from == "reward" else None)
+        if critic.backbone.config.vocab_size != glm.config.vocab_size:
+            raise RecipeError(
+                f"critic.init_from: {folder} has a vocabulary of {critic.backbone.config.vocab_size}, the policy "
+                f"{glm.config.vocab_size}; the critic reads the policy's token ids, so it needs the same tokenizer"
+            )
+        if c.lora.enabled:
+            apply_lora(critic.backbone, c.lora)
+        critic.to(device)
+    actor.to(device)
+    reference.to(device)
+    counts = parameter_count(actor, critic, reference.glm)
+    return actor, critic, reference, tok, counts
+
+
+def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
+    from align.evaluate import compare, evaluate_policy, format_table
+    from align.ppo.distributed import make_strategy
+    from align.ppo.models import merged_glm
+    from align.ppo.rollout import PromptCycle, build_reward, world_items
+    from align.ppo.trainer import PPOTrainer
+    from pretrain.hf import save_pretrained
+    from pretrain.tokenizer import turn_terminator_ids
+    from pretrain.train import autocast_dtype, resolve_device, seed_everything
+    from pretrain.world import make_world
+
+    run_dir, t = Path(recipe.run.dir), recipe.train
+    _need_folder(
+        recipe.policy.init_from, "policy.init_from", "policy folder (run SFT first, or point at a GLM folder)"
+    )
+    if recipe.reward.kind in ("rm", "combined"):
+        _need_folder(recipe.reward.rm, "reward.rm", "reward-model folder")
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    strategy = make_strategy(t.strategy, t.zero_stage, recipe.optim.grad_clip)
+    strategy.setup()
+    print = builtins.print if strategy.is_main else (lambda *a, **k: None)  # noqa: A001 (one rank talks)
+    device = torch.device(f"cuda:{torch.cuda.current_device()}") if t.strategy == "deepspeed" and torch.cuda.is_available() else resolve_device(t.device)  # fmt: skip
+    seed_everything(recipe.run.seed)
+
+    actor, critic, reference, tok, counts = build_models(recipe, device)
+    print(f"ppo: actor {'LoRA ' if recipe.policy.lora.enabled else ''}from {recipe.policy.init_from}; critic "
+          f"{recipe.critic.backbone} ({recipe.critic.init_from}); reference {reference.mode}; "
+          f"{counts['resident_M']:.2f}M parameters resident, {counts['trainable_M']:.2f}M trainable")  # fmt: skip
+    reward_fn, scorer = build_reward(recipe.reward, device=str(device))
+    pc = recipe.prompts
+    world = make_world(seed=pc.world.seed, num_entities=pc.world.num_entities)
+    train_prompts = [q for q in world.prompts("train", pc.train_prompts, seed=recipe.run.seed)
+                     if not pc.families or q.family in pc.families]  # fmt: skip
+    heldout = [q for q in world.prompts("heldout", pc.heldout_prompts, seed=recipe.run.seed)
+               if not pc.families or q.family in pc.families] if pc.heldout_prompts else []  # fmt: skip
+    items, dropped = world_items(tok, train_prompts, pc.max_prompt_tokens)
+    if not items:
+        raise RecipeError(
+            f"prompts: no training prompt fits prompts.max_prompt_tokens={pc.max_prompt_tokens}"
+        )
+    print(
+        f"prompts: {len(items)} train (dropped {dropped} over {pc.max_prompt_tokens} tokens), {len(heldout)} held-out"
+    )
+
+    kernel = (
+        t.logprob_kernel if t.logprob_kernel != "auto" else ("triton" if device.type == "cuda" else "torch")
+    )
+    trainer = PPOTrainer(
+        actor, critic, reference, tok, reward_fn, recipe.ppo, recipe.kl, recipe.generation, t, recipe.optim,
+        critic_lr=recipe.critic.lr, critic_warmup_steps=recipe.critic.warmup_steps, stop_ids=turn_terminator_ids(tok),
+        strategy=strategy, device=device, amp_dtype=autocast_dtype(t.dtype, device), seed=recipe.run.seed,
+        run_dir=run_dir, log=print, logprob_kernel=kernel,
+    )  # fmt: skip
+
+    eval_scorer = scorer if recipe.eval.rm_scores else None
+
+    seen = [it.world_prompt for it in items[: recipe.eval.rollout_prompts]]
+
+    def evaluate(prompts: list | None = None) -> dict[str, Any]:
+        prompts = heldout if prompts is None else prompts
+        with strategy.generation_context(trainer.actor) as a:
+            if not strategy.is_main:
+                return {}
+            return evaluate_policy(a.glm, tok, world, prompts, eval_scorer, recipe.eval.max_new_tokens)
+
+    def eval_row(report: dict[str, Any] | None) -> dict[str, float]:
+        keys = ("accuracy", "score", "right_language", "mean_chars", "reward_mean")
+        return {f"eval/{k}": report[k] for k in keys if report and k in report}
+
+    before = evaluate() if recipe.eval.before and heldout else None
+    seen_before = evaluate(seen) if seen else None
+    if before:
+        print(
+            f"held-out before PPO: accuracy {before['accuracy']:.3f}, score {before['score']:.3f} (n={before['n']})"
+        )
+        trainer.write_metrics({"step": 0, **eval_row(before)})
+
+    def on_step(step: int) -> None:
+        if t.save_every and step % t.save_every == 0:
+            with strategy.gathered(trainer.actor):
+                if strategy.is_main:
+                    folder = run_dir / "checkpoints" / f"step_{step:05d}"
+                    save_pretrained(merged_glm(trainer.actor_module.glm), folder, tok)
+
+    periodic_eval = (lambda: eval_row(evaluate())) if heldout else None
+    last = trainer.train(
+        PromptCycle(items, recipe.run.seed), t.steps, t.max_minutes, periodic_eval, t.eval_every, on_step
+    )
+    after = evaluate() if recipe.eval.after and heldout else None
+    seen_after = evaluate(seen) if seen else None
+    if after:
+        trainer.write_metrics({"step": trainer.step_count, **eval_row(after)})
+        if strategy.is_main:
+            from align.ppo.plots import plot_training
+
+            plot_training(run_dir / "metrics.jsonl", run_dir / "training.png")
+
+    with strategy.gathered(trainer.actor):
+        final = (
+            save_pretrained(merged_glm(trainer.actor_module.glm), run_dir / "final", tok)
+            if strategy.is_main
+            else None
+        )
+    if critic is not None:
+        with strategy.gathered(trainer.critic):
+            if strategy.is_main:
+                strategy.unwrap(trainer.critic).save(run_dir / "critic", tok)
+    if not strategy.is_main:
+        return {}
+    summary: dict[str, Any] = {"steps": trainer.step_count, "final": str(final), "parameters": counts,
+                               "last_step": last, "minutes": last.get("time/elapsed_min")}  # fmt: skip
+    if before and after:
+        reports = {"before": before, "after": after}
+        comparison = compare(before, after)
+        table = format_table(reports, {"after": comparison})
+        print(f"\nheld-out world prompts (n={after['n']}), before vs after PPO:\n{table}")
+        (run_dir / "eval").mkdir(exist_ok=True)
+        (run_dir / "eval" / "table.md").write_text(table + "\n")
+        for name, r in reports.items():
+            (run_dir / "eval" / f"{name}.json").write_text(json.dumps(r, indent=2, ensure_ascii=False))
+        summary["eval"] = {"before": _brief(before), "after": _brief(after), "comparison": comparison}
+    if seen_before and seen_after:
+        table = format_table(
+            {"before": seen_before, "after": seen_after}, {"after": compare(seen_before, seen_after)}
+        )
+        print(
+            f"\nrollout (train-split) prompts PPO trained on (n={seen_after['n']}), before vs after:\n{table}"
+        )
+        (run_dir / "eval").mkdir(parents=True, exist_ok=True)
+        (run_dir / "eval" / "rollout_prompts.md").write_text(table + "\n")
+        summary["eval_rollout_prompts"] = {"before": _brief(seen_before), "after": _brief(seen_after)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=_plain))
+    print(f"policy → {final}; metrics → {run_dir / 'metrics.jsonl'}; curves → {run_dir / 'training.png'}")
+    return summary
+
+
+def _brief(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in report.items() if k != "answers"}
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, float):
+        return None
+    return str(x)
