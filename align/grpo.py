@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import torch
 
+from align.hf_common import metrics_callback, peft_config, save_policy
 from align.reward_funcs import RewardSetupError, RewardSpec, RuleReward, build_reward_funcs
 from kernels.apply import KernelConfig
 from pretrain.train import OptimConfig
@@ -43,13 +44,6 @@ from recipes.loader import RecipeError
 from recipes.schema import RunConfig, WorldConfig
 from rewards.config import LoRAConfig
 
-# our LoRA target names (pretrain/model.py) -> transformers' GLM module names
-HF_LORA_TARGETS = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "o_proj": ("o_proj",),
-    "gate_up_proj": ("gate_up_proj",),
-    "down_proj": ("down_proj",),
-}
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16's GRPO losses
 
 
@@ -356,20 +350,6 @@ def load_policy_model(folder: str, device: str = "cpu"):
     return model, tok
 
 
-def peft_config(cfg: LoRAConfig):
-    from peft import LoraConfig
-
-    unknown = sorted(set(cfg.target_modules) - set(HF_LORA_TARGETS))
-    if unknown:
-        raise RecipeError(
-            f"model.lora.target_modules: unknown {unknown}; known: {', '.join(HF_LORA_TARGETS)}"
-        )
-    targets = [name for ours in cfg.target_modules for name in HF_LORA_TARGETS[ours]]
-    return LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM"
-    )
-
-
 def _common_args(recipe: GRPORecipe, use_cuda: bool) -> dict[str, Any]:
     """TRL arguments shared by GRPOConfig and RLOOConfig."""
     t, o, g, a = recipe.train, recipe.optim, recipe.generation, recipe.algo
@@ -465,31 +445,6 @@ def build_trainer(recipe: GRPORecipe, model, tok, reward_funcs, weights, rows: l
     )
 
 
-def _callback(metrics_path: Path, max_minutes: float | None):
-    from transformers import TrainerCallback
-
-    class MetricsAndTimeLimit(TrainerCallback):
-        """Every log line to metrics.jsonl; stop (the final folder is still written) past the time limit."""
-
-        def __init__(self) -> None:
-            self.start = time.time()
-            self.stopped_early = False
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            row = {"step": state.global_step, "elapsed_s": round(time.time() - self.start, 2)}
-            row.update({k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))})
-            with metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if max_minutes is not None and time.time() - self.start > 60 * max_minutes:
-                self.stopped_early = True
-                control.should_training_stop = True
-                control.should_log = True
-
-    return MetricsAndTimeLimit()
-
-
 def plot_rewards(metrics_path: Path, out_png: Path, reward_names: Sequence[str]) -> None:
     import matplotlib
 
@@ -521,23 +476,6 @@ def plot_rewards(metrics_path: Path, out_png: Path, reward_names: Sequence[str])
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
-
-
-def save_policy(hf_model, folder: Path, tok) -> Path:
-    """A plain GLM folder through ``pretrain.hf`` (LoRA merged before); eos ids = GLM's turn terminators."""
-    from pretrain.hf import from_hf_config, from_hf_state_dict, save_pretrained
-    from pretrain.model import GLM
-    from pretrain.tokenizer import turn_terminator_ids
-
-    cfg = from_hf_config(hf_model.config).with_(
-        eos_token_ids=tuple(turn_terminator_ids(tok)), pad_token_id=tok.pad_token_id
-    )
-    with torch.device("meta"):
-        model = GLM(cfg)
-    state = {k: v.detach().to("cpu", torch.float32) for k, v in hf_model.state_dict().items()}
-    model.load_state_dict(from_hf_state_dict(state, cfg), assign=True)
-    tok.padding_side = "left"
-    return save_pretrained(model, folder, tok)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -644,7 +582,7 @@ def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
         from kernels.apply import apply_kernels
 
         handle = apply_kernels(model, recipe.kernels)
-    callback = _callback(metrics_path, t.max_minutes)
+    callback = metrics_callback(metrics_path, t.max_minutes)
     torch.manual_seed(recipe.run.seed)
     trainer = build_trainer(recipe, model, tok, reward_funcs, weights, train_rows, [callback])
     started = time.time()

@@ -32,18 +32,11 @@ from typing import Any, Literal
 
 import torch
 
+from align.hf_common import HF_LORA_TARGETS, metrics_callback, peft_config, save_policy
 from pretrain.train import OptimConfig
 from recipes.loader import RecipeError
 from recipes.schema import RunConfig, WorldConfig
 from rewards.config import LoRAConfig
-
-# our LoRA target names (pretrain/model.py) -> transformers' GLM module names
-HF_LORA_TARGETS = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "o_proj": ("o_proj",),
-    "gate_up_proj": ("gate_up_proj",),
-    "down_proj": ("down_proj",),
-}
 
 
 @dataclass(frozen=True)
@@ -274,40 +267,6 @@ def build_trainer(
     )
 
 
-def peft_config(cfg: LoRAConfig):
-    from peft import LoraConfig
-
-    targets = [name for ours in cfg.target_modules for name in HF_LORA_TARGETS[ours]]
-    return LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM"
-    )
-
-
-def _callbacks(metrics_path: Path, max_minutes: float | None):
-    from transformers import TrainerCallback
-
-    class MetricsAndTimeLimit(TrainerCallback):
-        """Every log line to metrics.jsonl; stop (the final model is still saved) past the time limit."""
-
-        def __init__(self) -> None:
-            self.start = time.time()
-            self.stopped_early = False
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            row = {"step": state.global_step, "elapsed_s": round(time.time() - self.start, 2)}
-            row.update({k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))})
-            with metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if max_minutes is not None and time.time() - self.start > 60 * max_minutes:
-                self.stopped_early = True
-                control.should_training_stop = True
-                control.should_log = True
-
-    return MetricsAndTimeLimit()
-
-
 def plot_loss(metrics_path: Path, out_png: Path) -> None:
     import matplotlib
 
@@ -330,22 +289,6 @@ def plot_loss(metrics_path: Path, out_png: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
-
-
-def save_policy(hf_model, folder: Path, tok) -> Path:
-    """A plain GLM folder through ``pretrain.hf`` (LoRA already merged); eos ids = GLM's turn terminators."""
-    from pretrain.hf import from_hf_config, from_hf_state_dict, save_pretrained
-    from pretrain.model import GLM
-    from pretrain.tokenizer import turn_terminator_ids
-
-    cfg = from_hf_config(hf_model.config).with_(
-        eos_token_ids=tuple(turn_terminator_ids(tok)), pad_token_id=tok.pad_token_id
-    )
-    with torch.device("meta"):
-        model = GLM(cfg)
-    state = {k: v.detach().to("cpu", torch.float32) for k, v in hf_model.state_dict().items()}
-    model.load_state_dict(from_hf_state_dict(state, cfg), assign=True)
-    return save_pretrained(model, folder, tok)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -427,7 +370,7 @@ def run_sft(recipe: SFTRecipe) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
-    callback = _callbacks(metrics_path, t.max_minutes)
+    callback = metrics_callback(metrics_path, t.max_minutes)
     trainer = build_trainer(recipe, tok, train_ds, held_ds, max_steps, use_cuda, [callback])
     n_params = sum(p.numel() for p in trainer.model.parameters())
     n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)

@@ -1,0 +1,78 @@
+"""Pieces shared by the stages that train transformers' GLM through TRL (SFT, GRPO / RLOO): LoRA targets,
+the metrics / time-limit callback, and saving a trained policy as a plain GLM folder."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from recipes.loader import RecipeError
+from rewards.config import LoRAConfig
+
+# our LoRA target names (pretrain/model.py) -> transformers' GLM module names
+HF_LORA_TARGETS = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_up_proj",),
+    "down_proj": ("down_proj",),
+}
+
+
+def peft_config(cfg: LoRAConfig):
+    """PEFT's LoraConfig for transformers' GLM from our LoRA section (our module names)."""
+    from peft import LoraConfig
+
+    unknown = sorted(set(cfg.target_modules) - set(HF_LORA_TARGETS))
+    if unknown:
+        raise RecipeError(
+            f"model.lora.target_modules: unknown {unknown}; known: {', '.join(HF_LORA_TARGETS)}"
+        )
+    targets = [name for ours in cfg.target_modules for name in HF_LORA_TARGETS[ours]]
+    return LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
+
+
+def metrics_callback(metrics_path: Path, max_minutes: float | None):
+    """A TrainerCallback: every log line to ``metrics_path`` (JSONL); training stops past ``max_minutes``
+    (the caller still saves the final model; ``stopped_early`` says it happened)."""
+    from transformers import TrainerCallback
+
+    class MetricsAndTimeLimit(TrainerCallback):
+        def __init__(self) -> None:
+            self.start = time.time()
+            self.stopped_early = False
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            row = {"step": state.global_step, "elapsed_s": round(time.time() - self.start, 2)}
+            row.update({k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))})
+            with metrics_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if max_minutes is not None and time.time() - self.start > 60 * max_minutes:
+                self.stopped_early = True
+                control.should_training_stop = True
+                control.should_log = True
+
+    return MetricsAndTimeLimit()
+
+
+def save_policy(hf_model, folder: Path, tok) -> Path:
+    """A plain GLM folder through ``pretrain.hf`` (merge LoRA first); eos ids = GLM's turn terminators."""
+    from pretrain.hf import from_hf_config, from_hf_state_dict, save_pretrained
+    from pretrain.model import GLM
+    from pretrain.tokenizer import turn_terminator_ids
+
+    cfg = from_hf_config(hf_model.config).with_(
+        eos_token_ids=tuple(turn_terminator_ids(tok)), pad_token_id=tok.pad_token_id
+    )
+    with torch.device("meta"):
+        model = GLM(cfg)
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in hf_model.state_dict().items()}
+    model.load_state_dict(from_hf_state_dict(state, cfg), assign=True)
+    tok.padding_side = "left"  # as our tokenizers ship (generation pads on the left); trainers may change it
+    return save_pretrained(model, folder, tok)
