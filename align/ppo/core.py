@@ -230,7 +230,7 @@ def policy_loss(
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean(log_ratio.exp() - 1 - log_ratio, mask),  # k3 of KL(pi || pi_old)
+            "approx_kl": masked_mean(log_ratio.exp() - 1 - log_ratio, mask),  # k3 of KL(pi_old || pi)
             "ratio_mean": masked_mean(ratio, mask),
             "ratio_max": (ratio * mask).max(),
         }
