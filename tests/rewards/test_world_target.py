@@ -1,5 +1,5 @@
 """The quickstart's reward model against the simulated annotators' agreement ceiling, end to end: world →
-tokenizer → base pretrained for the demo's budget → reward model → held-out pairs (about 8 minutes).
+tokenizer → base pretrained as in the demo (600 steps) → reward model → held-out pairs (about 13 minutes).
 
 The issue's target is 90 % of the ceiling; measured on 2 cores it is about 85 % (docs/rewards.md, with what
 was tried). This test guards the measured level and reports the gap; the target itself is an expected
@@ -20,7 +20,8 @@ def quickstart(tmp_path_factory):
     from recipes.cli import main
 
     out = tmp_path_factory.mktemp("quickstart")
-    assert main(["run", "recipes/quickstart.yaml", f"run.dir={out}", "pretrain.train.max_minutes=20"]) == 0
+    args = ["run", "recipes/quickstart.yaml", f"run.dir={out}", "pretrain.train.max_minutes=30"]
+    assert main([*args, "--only", "tokenizer,pretrain,reward"]) == 0
     return json.loads((out / "reward" / "summary.json").read_text())["eval"]
 
 
