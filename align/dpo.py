@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import torch
 
+from align.hf_common import optim_arguments
 from kernels.apply import KernelConfig
 from pretrain.train import OptimConfig
 from recipes.loader import RecipeError
@@ -303,15 +304,7 @@ def trl_config(recipe: DPORecipe, out_dir: Path, device: str):
         per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         max_steps=t.max_steps,
-        learning_rate=o.lr,
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": o.min_lr_ratio},
-        warmup_steps=o.warmup_steps,
-        weight_decay=o.weight_decay,
-        adam_beta1=o.betas[0],
-        adam_beta2=o.betas[1],
-        adam_epsilon=o.eps,
-        max_grad_norm=o.grad_clip if o.grad_clip > 0 else 0.0,
+        **optim_arguments(o),
         logging_steps=t.log_every,
         save_strategy="no",
         report_to="none",

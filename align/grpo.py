@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import torch
 
-from align.hf_common import metrics_callback, peft_config, save_policy
+from align.hf_common import metrics_callback, optim_arguments, peft_config, save_policy
 from align.reward_funcs import RewardSetupError, RewardSpec, RuleReward, build_reward_funcs
 from kernels.apply import KernelConfig
 from pretrain.train import OptimConfig
@@ -361,15 +361,7 @@ def _common_args(recipe: GRPORecipe, use_cuda: bool) -> dict[str, Any]:
         max_steps=t.max_steps,
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=completions // micro,  # one generation batch per optimizer step
-        learning_rate=o.lr,
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": o.min_lr_ratio},
-        warmup_steps=o.warmup_steps,
-        weight_decay=o.weight_decay,
-        adam_beta1=o.betas[0],
-        adam_beta2=o.betas[1],
-        adam_epsilon=o.eps,
-        max_grad_norm=o.grad_clip,
+        **optim_arguments(o),
         logging_steps=t.log_every,
         save_strategy="steps" if t.save_every else "no",
         save_steps=t.save_every or 500,

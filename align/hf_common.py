@@ -76,3 +76,19 @@ def save_policy(hf_model, folder: Path, tok) -> Path:
     model.load_state_dict(from_hf_state_dict(state, cfg), assign=True)
     tok.padding_side = "left"  # as our tokenizers ship (generation pads on the left); trainers may change it
     return save_pretrained(model, folder, tok)
+
+
+def optim_arguments(o) -> dict:
+    """Our ``OptimConfig`` (pretrain.train) as transformers ``TrainingArguments`` keywords: AdamW with warm-up
+    and a cosine decay to ``min_lr_ratio`` of the peak, weight decay, betas, eps, gradient clipping."""
+    return dict(
+        learning_rate=o.lr,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": o.min_lr_ratio},
+        warmup_steps=o.warmup_steps,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.betas[0],
+        adam_beta2=o.betas[1],
+        adam_epsilon=o.eps,
+        max_grad_norm=o.grad_clip if o.grad_clip > 0 else 0.0,
+    )

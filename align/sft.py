@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import torch
 
-from align.hf_common import HF_LORA_TARGETS, metrics_callback, peft_config, save_policy
+from align.hf_common import HF_LORA_TARGETS, metrics_callback, optim_arguments, peft_config, save_policy
 from pretrain.train import OptimConfig
 from recipes.loader import RecipeError
 from recipes.schema import RunConfig, WorldConfig
@@ -211,15 +211,7 @@ def trl_config(recipe: SFTRecipe, max_steps: int, has_eval: bool, use_cuda: bool
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=16,  # fixed, so held-out losses compare across runs (a mean of batch means)
         gradient_accumulation_steps=t.grad_accum,
-        learning_rate=o.lr,
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": o.min_lr_ratio},
-        warmup_steps=o.warmup_steps,
-        weight_decay=o.weight_decay,
-        adam_beta1=o.betas[0],
-        adam_beta2=o.betas[1],
-        adam_epsilon=o.eps,
-        max_grad_norm=o.grad_clip,
+        **optim_arguments(o),
         logging_steps=t.log_every,
         eval_strategy="steps" if has_eval and t.eval_every else "no",
         eval_steps=t.eval_every or None,
