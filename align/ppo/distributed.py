@@ -33,7 +33,7 @@ class Single:
     zero_stage = 0
 
     def setup(self) -> None:
-        pass
+        """Nothing to set up on one device (DeepSpeed's strategy initialises its process group here)."""
 
     def prepare(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int
