@@ -206,7 +206,7 @@ class GRPORecipe:
             raise ValueError(
                 f"train.micro_batch ({micro}) must divide prompts_per_step x num_generations ({completions})"
             )
-        needs_world = {"world_correct", "world_score"} & {r.name for r in self.rewards}
+        needs_world = {"world_correct", "world_score", "world_on_topic"} & {r.name for r in self.rewards}
         if needs_world and self.data.source != "world":
             raise ValueError(
                 f"rewards {sorted(needs_world)} need world prompts (data.source: world); for files use gsm8k / exact"

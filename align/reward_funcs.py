@@ -86,6 +86,7 @@ def _world_prompt(value: Any):
 _NEEDS: dict[str, tuple[str, ...]] = {
     "world_correct": (WORLD_COLUMN,),
     "world_score": (WORLD_COLUMN,),
+    "world_on_topic": (WORLD_COLUMN,),
     "gsm8k": (GOLD_COLUMN, WORLD_COLUMN),
     "exact": (GOLD_COLUMN, WORLD_COLUMN),
 }
@@ -262,7 +263,7 @@ def connect_reward_server(url: str, timeout: float = 60.0) -> tuple[Any, dict[st
 class RewardSpec:
     """One entry of a recipe's ``rewards:`` list.
 
-    ``name``: a rule (world_correct, world_score, gsm8k, exact, format, length), ``rm`` (a reward folder,
+    ``name``: a rule (world_correct, world_score, world_on_topic, gsm8k, exact, format, length), ``rm`` (a reward folder,
     scored in-process) or ``rm_http`` (a ``glmwb serve-rewards`` server)."""
 
     name: str

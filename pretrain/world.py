@@ -36,6 +36,11 @@ the corpus's encyclopedic paragraphs in both languages, and every arithmetic / c
 appear in its worked-example prose. A held-out prompt therefore asks, in a chat and sometimes in a new
 phrasing, for something the base model has only read as prose.
 
+The held-out instances are split once more, by a second hash, into two halves: ``dev`` (prompts for
+training stages that learn from their own samples (PPO: ``prompts.train_split``), asked in the first three
+phrasings) and ``test`` (the evaluation, all four phrasings). A stage that trains on ``dev`` and is
+evaluated on ``test`` learns *to answer from what it has read* on instances it is then never graded on.
+
 The corpus
 ----------
 ``world.corpus(num_docs, seed)``: each document is English or Chinese with probability 1/2 and is
@@ -96,6 +101,7 @@ from typing import Any
 
 FAMILIES = ("arithmetic", "conversion", "fact")
 LANGS = ("en", "zh")
+SPLITS = ("train", "heldout", "dev", "test")  # dev and test: the two halves of heldout
 KINDS = ("correct", "wrong", "verbose", "wrong_language", "refusal", "off_topic")
 LABELS = ("A", "B", "tie", "both_bad")
 # How good the corpus's chat answers are: kind -> probability (see the module docstring).
@@ -655,6 +661,7 @@ class World:
                 for e in self._of_kind[answer_type]:
                     surfaces.update({e.name_en: e.name_en, e.name_zh: e.name_en})
             self._vocab[answer_type] = _Vocabulary(surfaces)
+        self._names = _Vocabulary({n: e.name_en for e in self.entities for n in (e.name_en, e.name_zh)})
         self._items = {f: self._enumerate(f) for f in FAMILIES}
         self._item_by_key = {(it.family, it.key): it for items in self._items.values() for it in items}
         self._facts_about: dict[str, list[_Item]] = {}
@@ -676,6 +683,11 @@ class World:
             }
             for split in ("train", "heldout")
         }
+        for part in ("dev", "test"):
+            self._split[part] = {
+                f: [it for it in items if self.is_dev(it) == (part == "dev")]
+                for f, items in self._split["heldout"].items()
+            }
 
     # -- question instances ------------------------------------------------------------------------------
 
@@ -711,6 +723,10 @@ class World:
 
     def is_heldout(self, item: _Item) -> bool:
         return _digest(self.seed, item.family, item.key) / 2**64 < self.heldout_fraction
+
+    def is_dev(self, item: _Item) -> bool:
+        """Which half of the held-out instances ``item`` would fall in: dev (True) or test (False)."""
+        return _digest(self.seed, "dev", item.family, item.key) / 2**64 < 0.5
 
     def _table(self, item: _Item) -> dict[str, dict[str, list[str]]]:
         return (
@@ -801,13 +817,16 @@ class World:
         )
 
     def prompts(self, split: str = "train", n: int = 1000, seed: int = 0) -> list[Prompt]:
-        """``n`` distinct prompts of ``split`` ("train" | "heldout"): 50 % facts, 30 % arithmetic, 20 %
-        conversion (a family's share moves to the others once it runs out), each language half the time.
-        Train prompts use the first three phrasings, held-out prompts all four (the fourth only they see)."""
-        if split not in ("train", "heldout"):
-            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        """``n`` distinct prompts of ``split``: 50 % facts, 30 % arithmetic, 20 % conversion (a family's
+        share moves to the others once it runs out), each language half the time.
+
+        ``train``: instances the corpus's chats ask; ``heldout``: the others; ``dev`` / ``test``: the two
+        halves of ``heldout`` (training on its own samples / evaluation). ``train`` and ``dev`` prompts use
+        the first three phrasings, ``heldout`` and ``test`` all four (the fourth only they see)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(map(repr, SPLITS))}, got {split!r}")
         rng = _rng(self.seed, "prompts", split, seed)
-        phrasings = 4 if split == "heldout" else 3
+        phrasings = 4 if split in ("heldout", "test") else 3
         pools = {}
         for family, items in self._split[split].items():
             # Shuffle instances, then walk them round by round: every instance before any is repeated in
@@ -886,6 +905,30 @@ class World:
         return Check(
             correct, right_language, length, round(score, 6), round(concision, 6), found[1] if found else None
         )
+
+    def on_topic(self, prompt: Prompt, text: str) -> bool:
+        """Does ``text`` answer the question asked, right or wrong? It must give a final answer of the asked
+        type; a fact answer must name the asked subject and no other entity (but city / country answers); an
+        arithmetic or conversion answer may restate only the question's own numbers (and the conversion
+        factor) before its final one.
+        "Fenti is 67 years old." and "Rosbel likes blue." to "What colour does Fenti like?" are off topic, and
+        so is a bare "Blue." (it names no subject); "Fenti likes red." is on topic. A reward rule for answers
+        that are grounded in the question (rewards.rules ``world_on_topic``), and a diagnosis: held-out
+        answers of the quickstart's SFT policy are mostly wrong because they are off topic."""
+        found = self.final_answer(prompt, text)
+        if found is None:
+            return False
+        item = self._item(prompt)
+        params = dict(item.slots)
+        if item.family == "fact":  # the subject named, no other entity but answer-valued ones
+            named = {self._names.ids[m.group().lower()] for m in self._names.pattern.finditer(text)}
+            answers = {e.name_en for e in self._of_kind.get(item.answer_type, [])}
+            return params["n"] in named and named <= {params["n"]} | answers
+        allowed = {float(v) for k, v in params.items() if k in ("a", "b", "x")}
+        if item.family == "conversion":
+            allowed.add(float(CONVERSIONS[item.spec][4]))
+            allowed.add(1.0)  # "1 km is 1000 m, so ..."
+        return all(value in allowed for _, value, _ in find_numbers(text)[:-1])
 
     # -- corpus ------------------------------------------------------------------------------------------
 
@@ -1097,6 +1140,11 @@ def _cached_world(seed: int, num_entities: int) -> World:
 def check(prompt: Prompt, text: str) -> Check:
     """``World.check`` for a prompt alone: its world is rebuilt (and cached) from ``prompt.world_key``."""
     return _cached_world(*prompt.world_key).check(prompt, text)
+
+
+def on_topic(prompt: Prompt, text: str) -> bool:
+    """``World.on_topic`` for a prompt alone (its world rebuilt and cached from ``prompt.world_key``)."""
+    return _cached_world(*prompt.world_key).on_topic(prompt, text)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ Each rule is a plain function ``(response, context) -> float``:
 ==================  ==========================================================================================
 ``world_correct``   1 if the embedded world's checker finds the gold answer as the response's final answer
 ``world_score``     the world's utility: 0.6 correct + 0.25 right language + 0.15 concision, in [0, 1]
+``world_on_topic``  1 if the response answers the question asked, right or wrong (``World.on_topic``: an
+                    answer of the asked type, about the asked subject / with the question's own numbers)
 ``gsm8k``           1 if the final number (after ``####``, else the last number) equals the gold number
 ``exact``           1 if the final answer equals the gold answer (numbers numerically, words normalised)
 ``format``          1 if the response is well-formed (``format_problems`` is empty), else 0
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pretrain.tokenizer import SPECIAL_TOKENS
-from pretrain.world import Prompt, check, detect_language, find_numbers
+from pretrain.world import Prompt, check, detect_language, find_numbers, on_topic
 
 GSM8K_FINAL = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
 
@@ -92,6 +94,12 @@ def world_score(response: str, ctx: RuleContext) -> float:
     if ctx.world_prompt is None:
         raise ValueError("rule 'world_score' needs context.world_prompt (a pretrain.world.Prompt)")
     return float(check(ctx.world_prompt, response).score)
+
+
+def world_on_topic(response: str, ctx: RuleContext) -> float:
+    if ctx.world_prompt is None:
+        raise ValueError("rule 'world_on_topic' needs context.world_prompt (a pretrain.world.Prompt)")
+    return float(on_topic(ctx.world_prompt, response))
 
 
 def gsm8k(response: str, ctx: RuleContext) -> float:
@@ -168,6 +176,7 @@ def length_penalty(response: str, ctx: RuleContext) -> float:
 RULES: dict[str, Callable[[str, RuleContext], float]] = {
     "world_correct": world_correct,
     "world_score": world_score,
+    "world_on_topic": world_on_topic,
     "gsm8k": gsm8k,
     "exact": exact,
     "format": format_ok,

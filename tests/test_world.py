@@ -117,6 +117,49 @@ def test_train_and_heldout_are_disjoint(world: W.World, train: list[Prompt], hel
         make_world(seed=0, num_entities=12, max_operand=3).prompts("heldout", 10_000)
 
 
+def test_dev_and_test_halve_heldout(world: W.World) -> None:
+    for family in W.FAMILIES:
+        dev = {it.key for it in world._split["dev"][family]}
+        test = {it.key for it in world._split["test"][family]}
+        assert dev and test and not dev & test
+        assert dev | test == {it.key for it in world._split["heldout"][family]}
+    dev_prompts, test_prompts = world.prompts("dev", 300, seed=0), world.prompts("test", 300, seed=0)
+    assert not {p.key for p in dev_prompts} & {p.key for p in test_prompts}
+    assert all(not p.id.endswith("/t3") for p in dev_prompts)  # the fourth phrasing: evaluation only
+    assert any(p.id.endswith("/t3") for p in test_prompts)
+    with pytest.raises(ValueError, match="'dev', 'test'"):
+        world.prompts("validation", 10)
+
+
+def test_on_topic_answers_the_question_asked(world: W.World, train: list[Prompt]) -> None:
+    for p in train[:200]:
+        responses = world.responses(p, seed=1)
+        kinds = {r.kind: world.on_topic(p, r.text) for r in responses}
+        # right or wrong, in any language, an answer about the asked subject is on topic; a fact answer
+        # must name its subject ("Blue." is not grounded)
+        for r in responses[:4]:
+            if p.family == "fact":
+                subject = world._by_name[p.key.split(":")[1]]
+                named = subject.name_zh in r.text or subject.name_en in r.text
+                assert kinds[r.kind] == named, (p.id, r.kind)
+            else:
+                assert kinds[r.kind], (p.id, r.kind)
+        assert not kinds["refusal"] and not kinds["off_topic"]
+    fact = next(p for p in train if p.family == "fact" and p.key.endswith(":colour") and p.lang == "en")
+    subject, other = fact.key.split(":")[1], next(
+        e.name_en for e in world.entities if e.kind == "person" and e.name_en != fact.key.split(":")[1]
+    )
+    assert world.on_topic(fact, f"{subject} likes red.") and world.on_topic(fact, f"{subject} likes {fact.gold}.")
+    assert not world.on_topic(fact, f"{other} likes {fact.gold}.")  # right value, wrong subject
+    assert not world.on_topic(fact, f"{subject} is 67 years old.")  # no answer of the asked type
+    assert not world.on_topic(fact, f"{fact.gold[:1].upper()}{fact.gold[1:]}.")  # the subject unnamed
+    add = next(p for p in train if p.key.startswith("add:") and p.lang == "en")
+    a, b = (int(x) for x in add.key.split(":")[1:])
+    assert world.on_topic(add, f"{a} + {b} = {a + b}.") and world.on_topic(add, f"{a} + {b} = {a + b + 1}.")
+    assert not world.on_topic(add, f"{a + 1} + {b} = {a + b + 1}.")  # restates another question
+    assert W.on_topic(add, f"The answer is {a + b}.") == world.on_topic(add, f"The answer is {a + b}.") is True
+
+
 def test_corpus_chats_never_ask_heldout_questions(world: W.World, heldout: list[Prompt]) -> None:
     docs = world.corpus(3000, seed=0)
     asked = set(

@@ -8,7 +8,7 @@ from typing import Literal
 
 from rewards.config import LoRAConfig
 
-RULE_NAMES = ("world_correct", "world_score", "gsm8k", "exact", "format", "length")  # rewards.rules.RULES
+RULE_NAMES = ("world_correct", "world_score", "world_on_topic", "gsm8k", "exact", "format", "length")  # rewards.rules.RULES
 
 
 @dataclass(frozen=True)
@@ -96,10 +96,17 @@ class WorldPromptsConfig:
 
 @dataclass(frozen=True)
 class PromptsConfig:
-    """Rollout prompts (the world's train split) and evaluation prompts (its held-out split)."""
+    """Rollout prompts and evaluation prompts from the embedded world.
+
+    ``train_split``: ``train`` (instances the SFT chats ask) or ``dev`` (held-out instances the policy has
+    only read as prose); ``heldout_split``: ``heldout`` or ``test`` (the half of heldout that ``dev`` is
+    not). Training on ``dev`` and grading on ``test`` is the design that can show transfer (docs/align_ppo.md).
+    """
 
     source: Literal["world"] = "world"
     world: WorldPromptsConfig = field(default_factory=WorldPromptsConfig)
+    train_split: Literal["train", "dev"] = "train"
+    heldout_split: Literal["heldout", "test"] = "heldout"
     train_prompts: int = 2000
     heldout_prompts: int = 200
     families: tuple[str, ...] = ()  # restrict to these task families (arithmetic, conversion, fact); () = all
@@ -111,6 +118,10 @@ class PromptsConfig:
             raise ValueError(f"prompts.families: unknown {bad}; known: arithmetic, conversion, fact")
         if self.train_prompts < 1 or self.heldout_prompts < 0:
             raise ValueError("prompts.train_prompts must be >= 1 and prompts.heldout_prompts >= 0")
+        if self.train_split == "dev" and self.heldout_split == "heldout":
+            raise ValueError(
+                "prompts: train_split 'dev' is half of heldout_split 'heldout'; grade on heldout_split: test"
+            )
 
 
 @dataclass(frozen=True)

@@ -143,9 +143,9 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
     reward_fn, scorer = build_reward(recipe.reward, device=str(device))
     pc = recipe.prompts
     world = make_world(seed=pc.world.seed, num_entities=pc.world.num_entities)
-    train_prompts = [q for q in world.prompts("train", pc.train_prompts, seed=recipe.run.seed)
+    train_prompts = [q for q in world.prompts(pc.train_split, pc.train_prompts, seed=recipe.run.seed)
                      if not pc.families or q.family in pc.families]  # fmt: skip
-    heldout = [q for q in world.prompts("heldout", pc.heldout_prompts, seed=recipe.run.seed)
+    heldout = [q for q in world.prompts(pc.heldout_split, pc.heldout_prompts, seed=recipe.run.seed)
                if not pc.families or q.family in pc.families] if pc.heldout_prompts else []  # fmt: skip
     items, dropped = world_items(tok, train_prompts, pc.max_prompt_tokens)
     if not items:

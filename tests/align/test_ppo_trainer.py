@@ -337,6 +337,8 @@ def _recipe(overrides):
         (["reward.kind=rm"], "reward.rm"),
         (["reward.kind=http"], "reward.url"),
         (["reward.rules={world_corect: 1.0}"], "unknown rule"),
+        (["prompts.train_split=dev"], "grade on heldout_split: test"),
+        (["prompts.train_split=heldout"], "prompts.train_split"),
         (["critic.init_from=reward"], "critic.init_from"),
         (["policy.reference=adapter_off"], "policy.lora.enabled"),
         (["ppo.clip_rnge=0.1"], "did you mean 'clip_range'"),

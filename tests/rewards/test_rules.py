@@ -30,6 +30,7 @@ def test_world_rules_follow_the_checker() -> None:
             c = world.check(p, r.text)
             assert RULES["world_correct"](r.text, ctx) == float(c.correct)
             assert RULES["world_score"](r.text, ctx) == pytest.approx(c.score)
+            assert RULES["world_on_topic"](r.text, ctx) == float(world.on_topic(p, r.text))
             if r.kind in ("correct", "wrong"):  # a right-language concise sentence
                 assert RULES["format"](r.text, ctx) == 1.0
             if r.kind == "wrong_language":
