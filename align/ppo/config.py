@@ -191,7 +191,9 @@ class PPOTrainConfig:
     sample_every: int = 10  # the sample table (per-token KL) every N steps; 0 = never
     samples_shown: int = 8
     eval_every: int = 0  # held-out evaluation during training every N steps; 0 = before / after only
-    save_every: int = 0  # 0 = only the final folder
+    save_every: int = 0  # checkpoints/step_N every N steps (policy folder + trainer_state.pt); 0 = final only
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept; 0 = all
+    resume: bool = True  # continue from the newest checkpoint in run.dir (single process), if there is one
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto = bf16 autocast on CUDA
     num_threads: int | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -119,7 +120,7 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
     from align.ppo.trainer import PPOTrainer
     from pretrain.hf import save_pretrained
     from pretrain.tokenizer import turn_terminator_ids
-    from pretrain.train import autocast_dtype, resolve_device, seed_everything
+    from pretrain.train import autocast_dtype, checkpoint_dirs, resolve_device, rng_state, seed_everything
     from pretrain.world import make_world
 
     run_dir, t = Path(recipe.run.dir), recipe.train
@@ -181,25 +182,44 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
         keys = ("accuracy", "score", "right_language", "mean_chars", "reward_mean")
         return {f"eval/{k}": report[k] for k in keys if report and k in report}
 
-    before = evaluate() if recipe.eval.before and heldout else None
-    seen_before = evaluate(seen) if seen else None
+    cycle = PromptCycle(items, recipe.run.seed)
+    resumed = _resume(run_dir, t, strategy, trainer, cycle, print)
+    if resumed is not None:
+        before, seen_before = resumed.get("before"), resumed.get("seen_before")
+    else:
+        for stale in ("metrics.jsonl", "samples.jsonl", "samples.txt"):
+            if strategy.is_main and (run_dir / stale).exists():
+                (run_dir / stale).unlink()
+        before = evaluate() if recipe.eval.before and heldout else None
+        seen_before = evaluate(seen) if seen else None
+        if before:
+            trainer.write_metrics({"step": 0, **eval_row(before)})
     if before:
         print(
             f"held-out before PPO: accuracy {before['accuracy']:.3f}, score {before['score']:.3f} (n={before['n']})"
         )
-        trainer.write_metrics({"step": 0, **eval_row(before)})
 
     def on_step(step: int) -> None:
         if t.save_every and step % t.save_every == 0:
+            folder = run_dir / "checkpoints" / f"step_{step:05d}"
+            tmp = folder.with_name(folder.name + ".tmp")
             with strategy.gathered(trainer.actor):
                 if strategy.is_main:
-                    folder = run_dir / "checkpoints" / f"step_{step:05d}"
-                    save_pretrained(merged_glm(trainer.actor_module.glm), folder, tok)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    save_pretrained(merged_glm(trainer.actor_module.glm), tmp, tok)
+            if strategy.world_size == 1:  # what resume needs; DeepSpeed runs keep the policy folder only
+                extra = {"prompts": cycle.state_dict(), "rng": rng_state(), "before": before,
+                         "seen_before": seen_before}  # fmt: skip
+                torch.save({"trainer": trainer.state_dict(), **extra}, tmp / "trainer_state.pt")
+            if strategy.is_main:
+                shutil.rmtree(folder, ignore_errors=True)
+                tmp.rename(folder)  # a checkpoint folder exists whole or not at all
+                if t.keep_checkpoints:
+                    for old in checkpoint_dirs(run_dir)[: -t.keep_checkpoints]:
+                        shutil.rmtree(old, ignore_errors=True)
 
     periodic_eval = (lambda: eval_row(evaluate())) if heldout else None
-    last = trainer.train(
-        PromptCycle(items, recipe.run.seed), t.steps, t.max_minutes, periodic_eval, t.eval_every, on_step
-    )
+    last = trainer.train(cycle, t.steps, t.max_minutes, periodic_eval, t.eval_every, on_step)
     after = evaluate() if recipe.eval.after and heldout else None
     seen_after = evaluate(seen) if seen else None
     if after:
@@ -246,6 +266,34 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=_plain))
     print(f"policy → {final}; metrics → {run_dir / 'metrics.jsonl'}; curves → {run_dir / 'training.png'}")
     return summary
+
+
+def _resume(run_dir: Path, t, strategy, trainer, cycle, log) -> dict[str, Any] | None:
+    """Load the newest checkpoint of ``run_dir`` into the trainer and the prompt order (``train.resume``);
+    returns the saved evaluations of the start policy, or None when there is nothing to resume."""
+    from pretrain.train import checkpoint_dirs, set_rng_state
+
+    existing = [c for c in checkpoint_dirs(run_dir) if (c / "trainer_state.pt").is_file()] if t.resume else []
+    if not existing:
+        return None
+    if strategy.world_size > 1:
+        raise RecipeError(
+            f"{run_dir} has PPO checkpoints; resuming a multi-rank (DeepSpeed) run is not supported: "
+            "train.resume=false, or a new run.dir"
+        )
+    ckpt = existing[-1]
+    state = torch.load(ckpt / "trainer_state.pt", map_location=trainer.device, weights_only=False)
+    trainer.load_state_dict(state["trainer"])
+    cycle.load_state_dict(state["prompts"])
+    set_rng_state(state["rng"])
+    step = trainer.step_count
+    for name in ("metrics.jsonl", "samples.jsonl"):  # drop what was written after that checkpoint
+        path = run_dir / name
+        if path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+            path.write_text("".join(line + "\n" for line in keep))
+    log(f"ppo: resumed from {ckpt} at step {step} of {t.steps}")
+    return {"before": state.get("before"), "seen_before": state.get("seen_before")}
 
 
 def _brief(report: dict[str, Any]) -> dict[str, Any]:

@@ -432,8 +432,8 @@ class PPOTrainer:
         eval_every: int = 0,
         on_step: Callable[[int], None] | None = None,
     ) -> dict[str, Any]:
-        """Run ``steps`` PPO steps (or until ``max_minutes``); metrics.jsonl, the sample table and
-        training.png in the run folder. Each rank draws its own prompts. Returns the last step's metrics."""
+        """Run PPO up to step ``steps`` (from ``step_count``: a resumed run goes on), or until ``max_minutes``;
+        metrics.jsonl, the sample table and training.png in the run folder. Each rank draws its own prompts. Returns the last step's metrics."""
         from tqdm.auto import tqdm
 
         from align.ppo.plots import plot_training
@@ -443,7 +443,10 @@ class PPOTrainer:
         world, rank = self.strategy.world_size, self.strategy.rank
         started = time.perf_counter()
         last: dict[str, Any] = {}
-        bar = tqdm(range(steps), desc="ppo", disable=not self.strategy.is_main, dynamic_ncols=True)
+        bar = tqdm(
+            range(self.step_count, steps), desc="ppo", disable=not self.strategy.is_main, dynamic_ncols=True,
+            initial=self.step_count, total=steps,
+        )  # fmt: skip
         for _ in bar:
             drawn = prompts.next(cfg.batch_size * world)[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
             items = [it for it in drawn for _ in range(cfg.samples_per_prompt)]
@@ -486,11 +489,37 @@ class PPOTrainer:
             f.write(json.dumps({k: _jsonable(v) for k, v in m.items()}) + "\n")
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything a stopped run needs to go on as if it had not stopped (one process): the actor (LoRA
+        and value head included) and critic weights, both optimizers, the counters, the KL controller, the
+        running score moments and the samplers' generators."""
+        if self.strategy.world_size > 1:
+            raise NotImplementedError("PPOTrainer.state_dict: one process only (DeepSpeed runs do not resume)")
+        critic = self.strategy.unwrap(self.critic) if self.critic is not None else None
         return {
             "step": self.step_count, "updates": self.updates_done, "kl": self.kl_ctl.state_dict(),
             "score_moments": self.score_moments.state_dict(), "generator": self.generator.get_state(),
             "shuffle_generator": self.shuffle_generator.get_state(),
+            "actor": self.actor_module.state_dict(), "actor_opt": self.actor_opt.state_dict(),
+            "critic": critic.state_dict() if critic is not None else None,
+            "critic_opt": self.critic_opt.state_dict() if self.critic_opt is not None else None,
         }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["critic"] is None) != (self.critic is None):
+            raise ValueError(
+                "PPOTrainer.load_state_dict: the checkpoint and this run disagree on critic.backbone "
+                "(shared vs separate); resume with the recipe the checkpoint was written with"
+            )
+        self.actor_module.load_state_dict(state["actor"])
+        self.actor_opt.load_state_dict(state["actor_opt"])
+        if self.critic is not None:
+            self.strategy.unwrap(self.critic).load_state_dict(state["critic"])
+            self.critic_opt.load_state_dict(state["critic_opt"])
+        self.step_count, self.updates_done = state["step"], state["updates"]
+        self.kl_ctl.load_state_dict(state["kl"])
+        self.score_moments.load_state_dict(state["score_moments"])
+        self.generator.set_state(state["generator"])
+        self.shuffle_generator.set_state(state["shuffle_generator"])
 
 
 def format_step(m: dict[str, Any]) -> str:

@@ -401,6 +401,50 @@ def test_glmwb_run_ppo_end_to_end(policy_folder, tmp_path, capsys) -> None:
     assert (run / "checkpoints" / "step_00001" / "config.json").is_file()
 
 
+def test_an_interrupted_run_resumes_to_the_same_policy(policy_folder, tmp_path, monkeypatch) -> None:
+    """Stopped after step 3 (checkpoint at 2), started again: it goes on from step 2 and ends with exactly the
+    weights of a run that was never stopped; metrics.jsonl has each step once."""
+    from align.ppo.trainer import PPOTrainer
+    from recipes.cli import main
+
+    def args(run):
+        return [
+            "run", "recipes/ppo.yaml", f"policy.init_from={policy_folder}", f"run.dir={run}", "train.steps=4",
+            "train.batch_size=8", "train.minibatch_size=4", "train.microbatch_size=2", "train.save_every=2",
+            "prompts.train_prompts=16", "prompts.heldout_prompts=4", "generation.max_new_tokens=6",
+            "eval.max_new_tokens=6", "train.num_threads=1", "critic.backbone=separate", "optim.lr=1e-3",
+            "train.max_minutes=null", "train.keep_checkpoints=1", "kl.controller=adaptive",
+        ]  # fmt: skip
+
+    assert main(args(tmp_path / "straight")) == 0
+    real_step = PPOTrainer.step
+
+    def crash_after_three(self, items):
+        if self.step_count == 3:
+            raise KeyboardInterrupt
+        return real_step(self, items)
+
+    run = tmp_path / "stopped"
+    monkeypatch.setattr(PPOTrainer, "step", crash_after_three)
+    assert main(args(run)) == 130  # glmwb: interrupted
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00002"]
+    monkeypatch.setattr(PPOTrainer, "step", real_step)
+    assert main(args(run)) == 0
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00004"]  # keep_checkpoints=1
+
+    from pretrain.hf import load_pretrained
+
+    a = load_pretrained(tmp_path / "straight" / "final").state_dict()
+    b = load_pretrained(run / "final").state_dict()
+    start = load_pretrained(policy_folder).state_dict()
+    assert any(not torch.equal(a[k], start[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s] == [1, 2, 3, 4, 4] and steps.count(0) == 1  # 4 twice: the after-evaluation
+    assert (run / "critic" / "config.json").is_file()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # DeepSpeed: two ranks on one CPU (gloo)
 
@@ -426,7 +470,7 @@ def test_two_ranks_under_zero(policy_folder, tmp_path, zero_stage, backbone) -> 
         f"train.zero_stage={zero_stage}", f"critic.backbone={backbone}", "train.steps=2", "train.batch_size=8",
         "train.minibatch_size=4", "train.microbatch_size=2", "prompts.train_prompts=32", "prompts.heldout_prompts=8",
         "generation.max_new_tokens=6", "eval.max_new_tokens=6", "train.num_threads=1", "train.max_minutes=null",
-        "optim.lr=1e-3",
+        "optim.lr=1e-3", "train.save_every=2",
     ]  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -442,6 +486,9 @@ def test_two_ranks_under_zero(policy_folder, tmp_path, zero_stage, backbone) -> 
     assert before.keys() == after.keys()
     assert all(after[k].shape == before[k].shape for k in before)  # whole tensors, not ZeRO-3 shards
     assert max(float((after[k] - before[k]).abs().max()) for k in before) > 1e-5
+    # checkpoints of a multi-rank run: the gathered policy folder, not the (unsupported) resume state
+    assert (run / "checkpoints" / "step_00002" / "config.json").is_file()
+    assert not (run / "checkpoints" / "step_00002" / "trainer_state.pt").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------
