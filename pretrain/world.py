@@ -876,6 +876,22 @@ class World:
             texts["verbose"] = texts["verbose"].replace(" ", "")
         return [Response(texts[k], k) for k in KINDS]
 
+    def contrast_responses(self, prompt: Prompt, seed: int = 0) -> dict[str, Response]:
+        """Candidates that differ from one answer sentence in one thing only: ``correct`` (a full sentence
+        with the gold value), ``wrong`` (the same sentence, another value), ``verbose`` (the same sentence
+        in filler). Minimal pairs for preference collection: which one thing makes an answer better."""
+        item, lang = self._item(prompt), prompt.lang
+        rng = _rng(self.seed, "contrast", prompt.id, seed)
+        template = rng.choice(self._table(item)["say"][lang][:2])
+        sentence = self._fill(template, item, lang)
+        sep = " " if lang == "en" else ""
+        verbose = sep.join([rng.choice(_FILLER["pre"][lang]), sentence, rng.choice(_FILLER["post"][lang])])
+        return {
+            "correct": Response(sentence, "correct"),
+            "wrong": Response(self._fill(template, item, lang, value=self._wrong_value(item, rng)), "wrong"),
+            "verbose": Response(verbose, "verbose"),
+        }
+
     def _other_language(self, item: _Item, other: str, rng: random.Random) -> str:
         """A correct answer sentence recognisably in language ``other`` ("13 + 1 = 14." is in neither)."""
         texts = [self._fill(t, item, other) for t in self._table(item)["say"][other]]
@@ -1227,6 +1243,7 @@ def preference_pairs(
     noise: float | Sequence[float] = 0.1,
     seed: int = 0,
     labels_per_pair: int = 1,
+    contrastive: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Label one pair of candidate answers per prompt by ``labels_per_pair`` of ``n_annotators`` simulated
     annotators; one record per label.
@@ -1257,10 +1274,18 @@ def preference_pairs(
     rule = PreferenceRule()
     rng = _rng(world.seed, "pairs", seed)
     records = []
+    if not 0.0 <= contrastive <= 1.0:
+        raise ValueError(f"contrastive must be a fraction in [0, 1], got {contrastive}")
     for prompt in prompts:
-        kind_a, kind_b = rng.choice(KINDS), rng.choice(KINDS)
-        a = world.responses(prompt, seed=rng.randrange(2**31))[KINDS.index(kind_a)]
-        b = world.responses(prompt, seed=rng.randrange(2**31))[KINDS.index(kind_b)]
+        if contrastive and rng.random() < contrastive:  # a minimal pair (World.contrast_responses)
+            options = world.contrast_responses(prompt, seed=rng.randrange(2**31))
+            a, b = options["correct"], options[rng.choice(("wrong", "wrong", "verbose"))]
+            if rng.random() < 0.5:
+                a, b = b, a
+        else:
+            kind_a, kind_b = rng.choice(KINDS), rng.choice(KINDS)
+            a = world.responses(prompt, seed=rng.randrange(2**31))[KINDS.index(kind_a)]
+            b = world.responses(prompt, seed=rng.randrange(2**31))[KINDS.index(kind_b)]
         check_a, check_b = world.check(prompt, a.text), world.check(prompt, b.text)
         rule_label = rule.label(check_a, check_b)
         for annotator in rng.sample(annotators, labels_per_pair):

@@ -103,6 +103,9 @@ class RewardDataConfig:
     annotators: AnnotatorsConfig = field(default_factory=AnnotatorsConfig)
     train_prompts: int = 2000  # world: one pair per prompt (labels_per_pair labels each)
     heldout_prompts: int = 400  # world: held-out prompts (instances never asked in training)
+    # world: the share of training prompts whose pair is a minimal pair (one answer sentence with a wrong value
+    # or wrapped in filler, World.contrast_responses); held-out pairs are always drawn as before
+    contrastive: float = 0.0
     paths: tuple[str, ...] = ()  # files: training data (JSONL / JSON / .gz / parquet / datasets folder)
     eval_paths: tuple[str, ...] = ()  # files: held-out data; default: eval_fraction of paths
     format: Literal["auto", "preference", "hh_rlhf", "oasst_zh"] = "auto"

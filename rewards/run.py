@@ -34,6 +34,7 @@ def load_records(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str
                 noise,
                 seed=seed,
                 labels_per_pair=a.labels_per_pair,
+                contrastive=cfg.contrastive if split == "train" else 0.0,
             )
             for split, n in (("train", cfg.train_prompts), ("heldout", cfg.heldout_prompts))
         }

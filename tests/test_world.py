@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 import math
 import re
@@ -381,6 +383,25 @@ def test_preference_pairs(world: W.World, train: list[Prompt]) -> None:
         assert lo <= agree / len(mine) <= hi, (name, agree / len(mine))
     with pytest.raises(ValueError, match="noise has 1 values"):
         preference_pairs(world, train[:2], n_annotators=2, noise=[0.1])
+
+
+def test_contrastive_pairs_differ_in_one_thing(world: W.World, train: list[Prompt]) -> None:
+    plain = preference_pairs(world, train[:100], n_annotators=3, noise=0.0, seed=2)
+    assert plain == preference_pairs(world, train[:100], n_annotators=3, noise=0.0, seed=2, contrastive=0.0)
+    records = preference_pairs(world, train[:300], n_annotators=3, noise=0.0, seed=2, contrastive=1.0)
+    kinds = Counter(tuple(sorted(r["provenance"]["kinds"])) for r in records)
+    assert set(kinds) == {("correct", "wrong"), ("correct", "verbose")}
+    assert kinds["correct", "wrong"] > kinds["correct", "verbose"] > 50  # about 2 : 1
+    for r in records:
+        short, other = sorted((r["chosen"], r["rejected"]), key=len)
+        if "verbose" in r["provenance"]["kinds"]:
+            assert short in other  # the same sentence, wrapped in filler
+        else:  # the same sentence with another value: equal once the values are taken out
+            a, b = (re.sub(r"\d+|[A-Za-z]+|[\u4e00-\u9fff]+", "#", x) for x in (r["chosen"], r["rejected"]))
+            assert a.count("#") == b.count("#")
+        assert r["provenance"]["rule_choice"] == "chosen" and r["chosen"] == short or "wrong" in r["provenance"]["kinds"]
+    with pytest.raises(ValueError, match="contrastive"):
+        preference_pairs(world, train[:2], contrastive=1.5)
 
 
 # -- the CLI -----------------------------------------------------------------------------------------------
