@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recipes.loader import RecipeError, apply_override, build, dump_yaml, parse_override, read_yaml
+from recipes.loader import RecipeError, apply_override, build, dump_yaml, parse_override, read_yaml, to_plain
 
 USER_ERROR = 2
 
@@ -87,9 +87,60 @@ def _normalise_template(text: str) -> str:
     return text.replace("${run.dir}", "${run_dir}").replace("${run.seed}", "${run_seed}")
 
 
+# Keys that may change between a stopped run and its resumption (budgets, logging, evaluation, threads);
+# any other difference means the checkpoints belong to another experiment.
+RESUMABLE_CHANGES = (
+    "train.max_steps", "train.steps", "train.max_minutes", "train.epochs", "train.eval_every",
+    "train.log_every", "train.save_every", "train.keep_checkpoints", "train.num_threads", "train.sample_every",
+    "train.samples_shown", "train.eval_batches", "train.resume", "eval.",
+)  # fmt: skip
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def resume_conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Recipe keys whose values differ between the run that wrote the checkpoints and this one, leaving out
+    ``RESUMABLE_CHANGES``: "key: old -> new"."""
+    a, b = _flat(old), _flat(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES):
+            continue
+        if a.get(key) != b.get(key):
+            out.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return out
+
+
+def _check_resume(recipe: Any) -> None:
+    """A run folder with checkpoints is resumed by the stages (``train.resume``); refuse when the recipe that
+    wrote them differs from this one, instead of silently mixing two experiments."""
+    run_dir = Path(recipe.run.dir)
+    train = getattr(recipe, "train", None)
+    if not getattr(train, "resume", False) or not any((run_dir / "checkpoints").glob("step_*")):
+        return
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    conflicts = resume_conflicts(read_yaml(saved), to_plain(recipe))
+    if conflicts:
+        shown = "; ".join(conflicts[:4]) + (f"; and {len(conflicts) - 4} more" if len(conflicts) > 4 else "")
+        raise RecipeError(
+            f"{run_dir} has checkpoints of a run with another recipe ({shown}); resuming would mix the two. "
+            "Use a new run.dir, or train.resume=false to start this one over"
+        )
+
+
 def run_stage(recipe: Any) -> dict:
     from recipes.schema import RUNNERS, stage_runner
 
+    _check_resume(recipe)
     dump_yaml(recipe, Path(recipe.run.dir) / "config.yaml")
     if recipe.stage not in RUNNERS:
         raise RecipeError(f"no runner for stage {recipe.stage!r}")

@@ -108,6 +108,7 @@ class RewardDataConfig:
     contrastive: float = 0.0
     paths: tuple[str, ...] = ()  # files: training data (JSONL / JSON / .gz / parquet / datasets folder)
     eval_paths: tuple[str, ...] = ()  # files: held-out data; default: eval_fraction of paths
+    extra_paths: tuple[str, ...] = ()  # more training pairs, whatever the source (a preferences stage's export)
     format: Literal["auto", "preference", "hh_rlhf", "oasst_zh"] = "auto"
     skip_invalid: bool = False  # leave out (and count) malformed rows instead of stopping at the first
     eval_fraction: float = 0.05
@@ -201,6 +202,7 @@ LAZY_STAGES: dict[str, str] = {
     "ppo": "align.ppo.run:PPORecipe",
     "grpo": "align.grpo:GRPORecipe",
     "align_eval": "align.evaluate:EvalRecipe",
+    "preferences": "annotation.collect:PreferencesRecipe",
 }
 
 RUNNERS: dict[str, str] = {
@@ -213,6 +215,7 @@ RUNNERS: dict[str, str] = {
     "ppo": "align.ppo.run:run_ppo",
     "grpo": "align.grpo:run_grpo",
     "align_eval": "align.evaluate:run_eval",
+    "preferences": "annotation.collect:run_preferences",
 }
 
 

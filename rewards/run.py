@@ -16,7 +16,27 @@ from recipes.schema import RewardDataConfig, RewardRecipe
 
 
 def load_records(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
-    """(train records, held-out records, facts about them) from the embedded world or from files."""
+    """(train records, held-out records, facts about them) from the embedded world or from files, plus the
+    training pairs of ``cfg.extra_paths`` (e.g. a preferences stage's export)."""
+    train, held, facts = _load_source(cfg, seed)
+    extra = getattr(cfg, "extra_paths", ())
+    if extra:
+        from rewards.data import read_preferences
+
+        added, skipped = [], []
+        for path in extra:
+            if not Path(path).exists():
+                raise RecipeError(f"data.extra_paths: no preference file at {path} (run the preferences stage)")
+            res = read_preferences(path, "auto", cfg.skip_invalid)
+            added += res.records
+            skipped += res.skipped
+        train = train + added
+        random.Random(seed + 1).shuffle(train)
+        facts = {**facts, "extra_pairs": len(added), "extra_skipped": len(skipped)}
+    return train, held, facts
+
+
+def _load_source(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
     from rewards.data import read_preferences
 
     if cfg.source == "world":
@@ -34,7 +54,7 @@ def load_records(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str
                 noise,
                 seed=seed,
                 labels_per_pair=a.labels_per_pair,
-                contrastive=cfg.contrastive if split == "train" else 0.0,
+                contrastive=getattr(cfg, "contrastive", 0.0) if split == "train" else 0.0,
             )
             for split, n in (("train", cfg.train_prompts), ("heldout", cfg.heldout_prompts))
         }

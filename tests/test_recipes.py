@@ -161,3 +161,24 @@ def test_validate_prints_resolved_config(capsys):
     assert main(["validate", str(ROOT / "recipes" / "pretrain_tiny.yaml"), "train.max_steps=5"]) == 0
     out = capsys.readouterr().out
     assert "max_steps: 5" in out and "num_kv_heads: 2" in out
+
+
+def test_resuming_with_another_recipe_is_refused(tmp_path) -> None:
+    """Checkpoints in run.dir are resumed; a recipe that differs in more than budgets / logging / evaluation
+    is refused before anything runs (it would mix two experiments), and the message names the keys."""
+    from recipes.cli import load_recipe, resume_conflicts, run_stage
+    from recipes.loader import dump_yaml, read_yaml, to_plain
+
+    run = tmp_path / "rm"
+    first = load_recipe("recipes/reward.yaml", [f"run.dir={run}"])
+    dump_yaml(first, run / "config.yaml")
+    (run / "checkpoints" / "step_000010").mkdir(parents=True)
+    longer = load_recipe("recipes/reward.yaml", [f"run.dir={run}", "train.max_steps=400", "train.max_minutes=9"])
+    assert resume_conflicts(read_yaml(run / "config.yaml"), to_plain(longer)) == []
+    other = load_recipe("recipes/reward.yaml", [f"run.dir={run}", "data.train_prompts=50", "optim.lr=1e-3"])
+    assert resume_conflicts(read_yaml(run / "config.yaml"), to_plain(other)) == [
+        "data.train_prompts: 2000 -> 50", "optim.lr: 0.0003 -> 0.001"
+    ]
+    with pytest.raises(RecipeError, match=r"another recipe \(data.train_prompts: 2000 -> 50; optim.lr"):
+        run_stage(other)
+    assert read_yaml(run / "config.yaml")["data"]["train_prompts"] == 2000  # nothing was overwritten

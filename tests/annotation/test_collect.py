@@ -1,0 +1,103 @@
+"""The preferences stage: policy samples -> store items -> simulated annotators' votes through the store's
+assignment -> export that the reward and DPO stages read; reruns go on instead of starting over."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from annotation import tasks
+from annotation.store import NewResponse
+from recipes.cli import load_recipe
+from recipes.loader import RecipeError
+from tests.annotation.test_tasks import tiny_glm_folder  # noqa: F401 (fixture)
+
+
+def _recipe(tmp_path, policy, *more):
+    return load_recipe(
+        "recipes/preferences.yaml",
+        [f"run.dir={tmp_path / 'prefs'}", f"policies=[{policy}]", "prompts.n=12", "sampling.k=2",
+         "sampling.max_new_tokens=6", *more],
+    )  # fmt: skip
+
+
+def test_world_candidates_as_samples_are_labelled_by_quality(tmp_path, monkeypatch, tiny_glm_folder) -> None:
+    """Answers of known quality (the world's correct / wrong / verbose candidates stand in for samples):
+    noise-free annotators' majority always prefers the better answer by the world's checker, each item gets
+    `overlap` votes, and the export is read as is by the reward stage's reader."""
+    from annotation.collect import run_preferences
+    from rewards.data import read_preferences
+
+    def fake_samples(prompts, folder, config, model_name=None, progress=True):
+        cands = tasks.world_candidates(prompts, seed=0)
+        keep = ("correct", "wrong", "verbose")
+        return {
+            uid: [NewResponse(r.text, "fake", meta=r.meta) for r in rs if r.meta["kind"] in keep]
+            for uid, rs in cands.items()
+        }
+
+    monkeypatch.setattr(tasks, "sample_responses", fake_samples)
+    recipe = _recipe(tmp_path, tiny_glm_folder, "annotators.noise=0.0", "items_per_prompt=2")
+    summary = run_preferences(recipe)
+    assert summary["items_added"] == 24 and summary["votes_cast"] == 24 * 3 == summary["votes"]
+    assert summary["rows"] == 24
+    q = summary["world"]
+    assert q["strict_pairs"] >= 12 and q["chosen_better"] == 1.0 and q["chosen_worse"] == 0.0
+    out = tmp_path / "prefs"
+    records = read_preferences(out / "preferences.jsonl").records
+    assert len(records) == 24 and all(r.chosen and r.rejected for r in records)
+    assert (out / "agreement.md").read_text().strip() and (out / "summary.json").is_file()
+
+    again = run_preferences(recipe)  # the round is in the store: nothing added, nothing voted twice
+    assert again["items_added"] == 0 and again["votes_cast"] == 0 and again["rows"] == 24
+
+
+def test_sampled_answers_from_a_policy_folder(tmp_path, tiny_glm_folder) -> None:
+    from annotation.collect import run_preferences
+
+    summary = run_preferences(_recipe(tmp_path, tiny_glm_folder))
+    assert 1 <= summary["items_added"] <= 12 and summary["votes"] == 3 * summary["items_added"]
+    rows = [json.loads(x) for x in (tmp_path / "prefs" / "preferences.jsonl").read_text().splitlines()]
+    assert rows and all(r["provenance"]["batch"] == "round-1" for r in rows)
+    assert all(r["provenance"]["models"][0] == tiny_glm_folder.name for r in rows)
+
+
+def test_reward_stage_takes_the_export_as_extra_pairs(tmp_path) -> None:
+    from rewards.run import load_records
+
+    path = tmp_path / "p.jsonl"
+    row = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
+           "rejected": [{"role": "assistant", "content": "5"}]}  # fmt: skip
+    path.write_text(json.dumps(row) + "\n")
+    base = load_recipe("recipes/reward.yaml", ["data.train_prompts=20", "data.heldout_prompts=10"]).data
+    with_extra = load_recipe(
+        "recipes/reward.yaml", ["data.train_prompts=20", "data.heldout_prompts=10", f"data.extra_paths=[{path}]"]
+    ).data
+    train0, held0, _ = load_records(base, 0)
+    train1, held1, facts = load_records(with_extra, 0)
+    assert len(train1) == len(train0) + 1 and facts["extra_pairs"] == 1 and len(held1) == len(held0)
+    assert any(r.chosen == "4" for r in train1)
+    missing = load_recipe("recipes/reward.yaml", [f"data.extra_paths=[{tmp_path / 'nope.jsonl'}]"]).data
+    with pytest.raises(RecipeError, match="data.extra_paths: no preference file"):
+        load_records(missing, 0)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["annotators.overlap=4"], "needs as many simulated annotators"),
+        (["sampling.k=0"], "sampling.k"),
+        (["policies=[]"], "policies"),
+    ],
+)
+def test_recipe_mistakes(tmp_path, tiny_glm_folder, overrides, message) -> None:
+    with pytest.raises(RecipeError, match=message):
+        _recipe(tmp_path, tiny_glm_folder, *overrides)
+
+
+def test_missing_policy_folder(tmp_path) -> None:
+    from annotation.collect import run_preferences
+
+    with pytest.raises(RecipeError, match="no model folder"):
+        run_preferences(_recipe(tmp_path, tmp_path / "nope"))
