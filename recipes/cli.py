@@ -123,7 +123,14 @@ def _check_resume(recipe: Any) -> None:
     wrote them differs from this one, instead of silently mixing two experiments."""
     run_dir = Path(recipe.run.dir)
     train = getattr(recipe, "train", None)
-    if not getattr(train, "resume", False) or not any((run_dir / "checkpoints").glob("step_*")):
+    if train is None or not hasattr(train, "resume") or not any((run_dir / "checkpoints").glob("step_*")):
+        return
+    if not train.resume:  # starting over: set the old checkpoints aside (never resumed by mistake, not lost)
+        import time
+
+        aside = run_dir / f"checkpoints.before-{time.strftime('%Y%m%d-%H%M%S')}"
+        (run_dir / "checkpoints").rename(aside)
+        print(f"train.resume=false: the previous checkpoints moved to {aside}")
         return
     saved = run_dir / "config.yaml"
     if not saved.is_file():

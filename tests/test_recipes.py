@@ -182,3 +182,10 @@ def test_resuming_with_another_recipe_is_refused(tmp_path) -> None:
     with pytest.raises(RecipeError, match=r"another recipe \(data.train_prompts: 2000 -> 50; optim.lr"):
         run_stage(other)
     assert read_yaml(run / "config.yaml")["data"]["train_prompts"] == 2000  # nothing was overwritten
+
+    from recipes.cli import _check_resume
+
+    fresh = load_recipe("recipes/reward.yaml", [f"run.dir={run}", "data.train_prompts=50", "train.resume=false"])
+    _check_resume(fresh)  # starting over: the old checkpoints are set aside, not resumed, not deleted
+    assert not (run / "checkpoints").exists()
+    assert [p.name for p in run.glob("checkpoints.before-*/step_*")] == ["step_000010"]

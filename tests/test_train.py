@@ -151,8 +151,12 @@ def test_quickstart_pipeline_end_to_end(tmp_path, capsys):
     assert summary["heldout_loss_after"] < summary["heldout_loss_before"]
     assert summary["heldout_loss_after"] < summary["unigram_baseline"] + 0.5
     assert {s["lang"] for s in summary["samples"]} == {"en", "zh"}
-    for stage in ("tokenizer", "pretrain", "reward"):
-        assert (tmp_path / stage / "config.yaml").is_file()
+    for stage in ("tokenizer", "pretrain", "sft", "preferences", "reward", "dpo", "ppo", "eval"):
+        assert (tmp_path / stage / "config.yaml").is_file(), stage
+    prefs = json.loads((tmp_path / "preferences" / "summary.json").read_text())
+    assert prefs["votes"] == 3 * (prefs["items_added"]) > 0  # the SFT policy's samples, voted on in the store
+    reward_data = json.loads((tmp_path / "reward" / "summary.json").read_text())["data"]
+    assert reward_data["extra_pairs"] == prefs["rows"]  # ... and read by the reward stage
     reward = json.loads((tmp_path / "reward" / "summary.json").read_text())
     assert reward["eval"]["world"]["pairs"] > 0 and "fraction_of_ceiling" in reward["eval"]["world"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
