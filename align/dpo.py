@@ -59,7 +59,9 @@ class DPODataConfig:
     heldout_prompts: int = 200  # world: held-out pairs (instances never asked in training)
     paths: tuple[str, ...] = ()  # files: JSONL / JSON / parquet / datasets folders (hh-rlhf, TRL, oasst-zh)
     eval_paths: tuple[str, ...] = ()  # files: held-out pairs; default: eval_fraction of paths
-    extra_paths: tuple[str, ...] = ()  # more training pairs, whatever the source (a preferences stage's export)
+    extra_paths: tuple[
+        str, ...
+    ] = ()  # more training pairs, whatever the source (a preferences stage's export)
     format: Literal["auto", "preference", "hh_rlhf", "oasst_zh"] = "auto"
     skip_invalid: bool = False
     eval_fraction: float = 0.05

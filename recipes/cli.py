@@ -272,7 +272,10 @@ def make_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--only", metavar="A,B", help="pipeline: run only these stages")
     r.add_argument(
-        "--from", dest="start", metavar="STAGE", help="pipeline: run from this stage on (reusing earlier outputs)"
+        "--from",
+        dest="start",
+        metavar="STAGE",
+        help="pipeline: run from this stage on (reusing earlier outputs)",
     )
     r.set_defaults(func=cmd_run)
 

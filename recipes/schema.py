@@ -108,7 +108,9 @@ class RewardDataConfig:
     contrastive: float = 0.0
     paths: tuple[str, ...] = ()  # files: training data (JSONL / JSON / .gz / parquet / datasets folder)
     eval_paths: tuple[str, ...] = ()  # files: held-out data; default: eval_fraction of paths
-    extra_paths: tuple[str, ...] = ()  # more training pairs, whatever the source (a preferences stage's export)
+    extra_paths: tuple[
+        str, ...
+    ] = ()  # more training pairs, whatever the source (a preferences stage's export)
     format: Literal["auto", "preference", "hh_rlhf", "oasst_zh"] = "auto"
     skip_invalid: bool = False  # leave out (and count) malformed rows instead of stopping at the first
     eval_fraction: float = 0.05

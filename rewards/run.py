@@ -26,7 +26,9 @@ def load_records(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str
         added, skipped = [], []
         for path in extra:
             if not Path(path).exists():
-                raise RecipeError(f"data.extra_paths: no preference file at {path} (run the preferences stage)")
+                raise RecipeError(
+                    f"data.extra_paths: no preference file at {path} (run the preferences stage)"
+                )
             res = read_preferences(path, "auto", cfg.skip_invalid)
             added += res.records
             skipped += res.skipped

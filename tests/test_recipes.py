@@ -173,11 +173,14 @@ def test_resuming_with_another_recipe_is_refused(tmp_path) -> None:
     first = load_recipe("recipes/reward.yaml", [f"run.dir={run}"])
     dump_yaml(first, run / "config.yaml")
     (run / "checkpoints" / "step_000010").mkdir(parents=True)
-    longer = load_recipe("recipes/reward.yaml", [f"run.dir={run}", "train.max_steps=400", "train.max_minutes=9"])
+    longer = load_recipe(
+        "recipes/reward.yaml", [f"run.dir={run}", "train.max_steps=400", "train.max_minutes=9"]
+    )
     assert resume_conflicts(read_yaml(run / "config.yaml"), to_plain(longer)) == []
     other = load_recipe("recipes/reward.yaml", [f"run.dir={run}", "data.train_prompts=50", "optim.lr=1e-3"])
     assert resume_conflicts(read_yaml(run / "config.yaml"), to_plain(other)) == [
-        "data.train_prompts: 2000 -> 50", "optim.lr: 0.0003 -> 0.001"
+        "data.train_prompts: 2000 -> 50",
+        "optim.lr: 0.0003 -> 0.001",
     ]
     with pytest.raises(RecipeError, match=r"another recipe \(data.train_prompts: 2000 -> 50; optim.lr"):
         run_stage(other)
@@ -185,7 +188,9 @@ def test_resuming_with_another_recipe_is_refused(tmp_path) -> None:
 
     from recipes.cli import _check_resume
 
-    fresh = load_recipe("recipes/reward.yaml", [f"run.dir={run}", "data.train_prompts=50", "train.resume=false"])
+    fresh = load_recipe(
+        "recipes/reward.yaml", [f"run.dir={run}", "data.train_prompts=50", "train.resume=false"]
+    )
     _check_resume(fresh)  # starting over: the old checkpoints are set aside, not resumed, not deleted
     assert not (run / "checkpoints").exists()
     assert [p.name for p in run.glob("checkpoints.before-*/step_*")] == ["step_000010"]

@@ -10,23 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.config import GLMConfig
 from pretrain.data import DedupConfig, FilterConfig, build_dataset, load_packed
 from pretrain.model import GLM
 from pretrain.train import OptimConfig, TrainConfig, lr_at, train
 from pretrain.world import make_world
 from recipes.cli import main
-
-TINY = GLMConfig(
-    vocab_size=832,
-    hidden_size=48,
-    intermediate_size=80,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=12,
-    max_position_embeddings=256,
-)
+from tests.tiny import TINY
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import json
 import math
 import re
 import time
+from collections import Counter
 
 import pytest
 
@@ -148,10 +147,13 @@ def test_on_topic_answers_the_question_asked(world: W.World, train: list[Prompt]
                 assert kinds[r.kind], (p.id, r.kind)
         assert not kinds["refusal"] and not kinds["off_topic"]
     fact = next(p for p in train if p.family == "fact" and p.key.endswith(":colour") and p.lang == "en")
-    subject, other = fact.key.split(":")[1], next(
-        e.name_en for e in world.entities if e.kind == "person" and e.name_en != fact.key.split(":")[1]
+    subject, other = (
+        fact.key.split(":")[1],
+        next(e.name_en for e in world.entities if e.kind == "person" and e.name_en != fact.key.split(":")[1]),
     )
-    assert world.on_topic(fact, f"{subject} likes red.") and world.on_topic(fact, f"{subject} likes {fact.gold}.")
+    assert world.on_topic(fact, f"{subject} likes red.") and world.on_topic(
+        fact, f"{subject} likes {fact.gold}."
+    )
     assert not world.on_topic(fact, f"{other} likes {fact.gold}.")  # right value, wrong subject
     assert not world.on_topic(fact, f"{subject} is 67 years old.")  # no answer of the asked type
     assert not world.on_topic(fact, f"{fact.gold[:1].upper()}{fact.gold[1:]}.")  # the subject unnamed
@@ -159,7 +161,9 @@ def test_on_topic_answers_the_question_asked(world: W.World, train: list[Prompt]
     a, b = (int(x) for x in add.key.split(":")[1:])
     assert world.on_topic(add, f"{a} + {b} = {a + b}.") and world.on_topic(add, f"{a} + {b} = {a + b + 1}.")
     assert not world.on_topic(add, f"{a + 1} + {b} = {a + b + 1}.")  # restates another question
-    assert W.on_topic(add, f"The answer is {a + b}.") == world.on_topic(add, f"The answer is {a + b}.") is True
+    assert (
+        W.on_topic(add, f"The answer is {a + b}.") == world.on_topic(add, f"The answer is {a + b}.") is True
+    )
 
 
 def test_corpus_chats_never_ask_heldout_questions(world: W.World, heldout: list[Prompt]) -> None:
@@ -399,7 +403,11 @@ def test_contrastive_pairs_differ_in_one_thing(world: W.World, train: list[Promp
         else:  # the same sentence with another value: equal once the values are taken out
             a, b = (re.sub(r"\d+|[A-Za-z]+|[\u4e00-\u9fff]+", "#", x) for x in (r["chosen"], r["rejected"]))
             assert a.count("#") == b.count("#")
-        assert r["provenance"]["rule_choice"] == "chosen" and r["chosen"] == short or "wrong" in r["provenance"]["kinds"]
+        assert (
+            r["provenance"]["rule_choice"] == "chosen"
+            and r["chosen"] == short
+            or "wrong" in r["provenance"]["kinds"]
+        )
     with pytest.raises(ValueError, match="contrastive"):
         preference_pairs(world, train[:2], contrastive=1.5)
 

@@ -8,7 +8,15 @@ from typing import Literal
 
 from rewards.config import LoRAConfig
 
-RULE_NAMES = ("world_correct", "world_score", "world_on_topic", "gsm8k", "exact", "format", "length")  # rewards.rules.RULES
+RULE_NAMES = (
+    "world_correct",
+    "world_score",
+    "world_on_topic",
+    "gsm8k",
+    "exact",
+    "format",
+    "length",
+)  # rewards.rules.RULES
 
 
 @dataclass(frozen=True)

@@ -290,7 +290,9 @@ def _resume(run_dir: Path, t, strategy, trainer, cycle, log) -> dict[str, Any] |
     for name in ("metrics.jsonl", "samples.jsonl"):  # drop what was written after that checkpoint
         path = run_dir / name
         if path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+            keep = [
+                ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step
+            ]
             path.write_text("".join(line + "\n" for line in keep))
     log(f"ppo: resumed from {ckpt} at step {step} of {t.steps}")
     return {"before": state.get("before"), "seen_before": state.get("seen_before")}

@@ -493,7 +493,9 @@ class PPOTrainer:
         and value head included) and critic weights, both optimizers, the counters, the KL controller, the
         running score moments and the samplers' generators."""
         if self.strategy.world_size > 1:
-            raise NotImplementedError("PPOTrainer.state_dict: one process only (DeepSpeed runs do not resume)")
+            raise NotImplementedError(
+                "PPOTrainer.state_dict: one process only (DeepSpeed runs do not resume)"
+            )
         critic = self.strategy.unwrap(self.critic) if self.critic is not None else None
         return {
             "step": self.step_count, "updates": self.updates_done, "kl": self.kl_ctl.state_dict(),

@@ -13,15 +13,7 @@ import torch
 from align.dpo import DPORecipe, conversational_rows, load_pairs, make_trl_trainer, training_tokenizer
 from recipes.loader import RecipeError, build
 from tests.rewards.conftest import planted_records, tiny_glm
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: on 2 shared cores, two OpenMP threads wait on each other (10-40x slower steps here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.tiny import one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 
 @pytest.fixture(scope="module")

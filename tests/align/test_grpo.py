@@ -24,27 +24,16 @@ from align.grpo import (
     run_grpo,
 )
 from align.reward_funcs import RuleReward
-from pretrain.config import GLMConfig
 from pretrain.hf import save_pretrained
 from pretrain.model import GLM
 from pretrain.tokenizer import turn_terminator_ids
 from pretrain.train import OptimConfig
 from recipes.cli import load_recipe, main
 from recipes.loader import RecipeError
+from tests.tiny import TINY, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 GSM8K = ROOT.parent / "shared" / "data" / "eval_gsm8k" / "test.jsonl"
-TINY = GLMConfig(vocab_size=832, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4,
-                 num_kv_heads=2, head_dim=12, max_position_embeddings=256)  # fmt: skip
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the machine's 2 cores are shared, and two threads then mostly wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -5,19 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from align.online_dpo import OnlineDPORecipe, best_worst_records
 from recipes.loader import RecipeError, build
 from tests.rewards.conftest import reward_folder, tiny_glm  # noqa: F401  (reward_folder is a fixture)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.tiny import one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 
 @pytest.fixture(scope="module")

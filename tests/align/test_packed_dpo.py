@@ -24,20 +24,12 @@ from align.packed_dpo import (
 )
 from pretrain.config import GLMConfig
 from pretrain.model import GLM
+from tests.tiny import one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 CFG = GLMConfig(
     vocab_size=211, hidden_size=48, intermediate_size=72, num_layers=2, num_heads=4, num_kv_heads=2,
     head_dim=12, max_position_embeddings=256,
 )  # fmt: skip
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: on 2 shared cores, two OpenMP threads wait on each other (10-40x slower steps here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def random_pairs(n: int, seed: int = 0) -> list[PairTokens]:

@@ -14,15 +14,11 @@ from align.ppo.config import GenerationConfig, KLConfig, PPOConfig, PPOTrainConf
 from align.ppo.models import Actor, Critic, Reference, ValueHead, apply_lora, parameter_count
 from align.ppo.rollout import PromptItem, build_reward, encode_prompt, sample
 from align.ppo.trainer import PPOTrainer
-from pretrain.config import GLMConfig
 from pretrain.model import GLM
 from pretrain.train import OptimConfig
 from rewards.config import LoRAConfig
+from tests.tiny import TINY
 
-TINY = GLMConfig(
-    vocab_size=832, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4, num_kv_heads=2,
-    head_dim=12, max_position_embeddings=256,
-)  # fmt: skip
 QUESTIONS = ["hello", "what is 2+2?", "天气怎么样", "tell me a story about the sea"]
 MODEL_OVERRIDE = (
     "{vocab_size: 832, hidden_size: 48, intermediate_size: 80, num_layers: 2, num_heads: 4, num_kv_heads: 2, "

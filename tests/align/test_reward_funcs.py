@@ -21,15 +21,12 @@ from align.reward_funcs import (
     completion_text,
     connect_reward_server,
 )
-from pretrain.config import GLMConfig
 from pretrain.model import GLM
 from pretrain.world import KINDS, make_world
 from rewards.rules import CombinedReward, RuleContext, length_penalty
 from rewards.scoring import RewardScorer
 from rewards.server import RewardClient, create_app
-
-TINY = GLMConfig(vocab_size=832, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4,
-                 num_kv_heads=2, head_dim=12, max_position_embeddings=256)  # fmt: skip
+from tests.tiny import TINY
 
 
 @pytest.fixture(scope="module")

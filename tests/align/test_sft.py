@@ -19,25 +19,15 @@ from align.sft import (
     encode_dataset,
     save_policy,
 )
-from pretrain.config import GLMConfig
 from pretrain.hf import load_pretrained, save_pretrained
 from pretrain.model import GLM
 from pretrain.tokenizer import turn_terminator_ids
 from pretrain.train import OptimConfig
 from recipes.schema import RunConfig
 from rewards.config import LoRAConfig
+from tests.tiny import TINY as BASE_TINY
 
-TINY = GLMConfig(
-    vocab_size=832,
-    hidden_size=48,
-    intermediate_size=80,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=12,
-    max_position_embeddings=256,
-    initializer_range=0.2,  # larger than GLM's 0.02, so that attention is far from uniform at initialisation
-)
+TINY = BASE_TINY.with_(initializer_range=0.2)  # attention far from uniform at initialisation
 
 
 def call(name: str, **arguments) -> dict:

@@ -11,7 +11,6 @@ from annotation import tasks
 from annotation.store import NewResponse
 from recipes.cli import load_recipe
 from recipes.loader import RecipeError
-from tests.annotation.test_tasks import tiny_glm_folder  # noqa: F401 (fixture)
 
 
 def _recipe(tmp_path, policy, *more):
@@ -72,7 +71,8 @@ def test_reward_stage_takes_the_export_as_extra_pairs(tmp_path) -> None:
     path.write_text(json.dumps(row) + "\n")
     base = load_recipe("recipes/reward.yaml", ["data.train_prompts=20", "data.heldout_prompts=10"]).data
     with_extra = load_recipe(
-        "recipes/reward.yaml", ["data.train_prompts=20", "data.heldout_prompts=10", f"data.extra_paths=[{path}]"]
+        "recipes/reward.yaml",
+        ["data.train_prompts=20", "data.heldout_prompts=10", f"data.extra_paths=[{path}]"],
     ).data
     train0, held0, _ = load_records(base, 0)
     train1, held1, facts = load_records(with_extra, 0)

@@ -9,33 +9,8 @@ import pytest
 
 from annotation import tasks
 from annotation.store import Store
-from pretrain.config import GLMConfig
-from pretrain.hf import save_pretrained
-from pretrain.model import GLM
-from pretrain.tokenizer import turn_terminator_ids
 from recipes.cli import main as glmwb
 from tests.annotation.conftest import cheap_hasher
-
-
-@pytest.fixture(scope="module")
-def tiny_glm_folder(tiny_tokenizer, tmp_path_factory):
-    """A tiny random GLM saved with the tiny tokenizer as a Hugging Face folder."""
-    import torch
-
-    torch.manual_seed(0)
-    cfg = GLMConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=16,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-        eos_token_ids=tuple(turn_terminator_ids(tiny_tokenizer)),
-    )
-    folder = tmp_path_factory.mktemp("tiny_glm")
-    return save_pretrained(GLM(cfg).eval(), folder, tokenizer=tiny_tokenizer)
 
 
 def test_sample_k_answers_per_prompt_with_provenance(tiny_glm_folder, tiny_tokenizer):

@@ -8,19 +8,9 @@ import pytest
 import torch
 
 from annotation.records import PreferenceRecord
-from pretrain.config import GLMConfig
 from pretrain.model import GLM
+from tests.tiny import TINY
 
-TINY = GLMConfig(
-    vocab_size=832,
-    hidden_size=48,
-    intermediate_size=80,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=12,
-    max_position_embeddings=256,
-)
 WORDS = "the quick brown fox jumps over lazy dog reward model scores two answers better one chosen".split()
 MARKER = "😀"  # the planted preference: answers with it are better
 
