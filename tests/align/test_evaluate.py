@@ -8,24 +8,14 @@ import pytest
 import torch
 
 from align.evaluate import compare, evaluate_policy, format_table, generate_answers
-from pretrain.config import GLMConfig
 from pretrain.model import GLM
 from pretrain.world import make_world
-
-TINY = dict(
-    vocab_size=832,
-    hidden_size=48,
-    intermediate_size=80,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=12,
-)
+from tests.tiny import TINY
 
 
 def tiny_policy(tok, seed: int = 0) -> GLM:
     torch.manual_seed(seed)
-    return GLM(GLMConfig(**TINY, max_position_embeddings=256, pad_token_id=tok.pad_token_id)).eval()
+    return GLM(TINY.with_(pad_token_id=tok.pad_token_id)).eval()
 
 
 @pytest.fixture(scope="module")
