@@ -25,23 +25,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from rewards.strategy import SingleDevice
 
-class Single:
-    world_size = 1
-    rank = 0
-    is_main = True
+
+class Single(SingleDevice):
+    """One process: ``rewards.strategy.SingleDevice`` (backward, all_reduce, unwrap, gathered) plus what PPO
+    adds — ``prepare`` with its micro-batch count, ``micro_step`` and ``generation_context``."""
+
     zero_stage = 0
 
-    def setup(self) -> None:
-        """Nothing to set up on one device (DeepSpeed's strategy initialises its process group here)."""
-
-    def prepare(
+    def prepare(  # type: ignore[override]
         self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int
     ) -> tuple[nn.Module, Any]:
         return model, optimizer
-
-    def backward(self, loss: torch.Tensor, model: nn.Module) -> None:
-        loss.backward()
 
     def micro_step(self, model: nn.Module, optimizer: Any, boundary: bool, grad_clip: float) -> float | None:
         """Called after every micro-batch's backward; steps (and returns the grad norm) at the boundary."""
@@ -52,15 +48,6 @@ class Single:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def gathered(self, model: nn.Module):
-        return contextlib.nullcontext()
 
     @contextlib.contextmanager
     def generation_context(self, model: nn.Module) -> Iterator[nn.Module]:
