@@ -141,6 +141,9 @@ class RewardEvalConfig:
     ensemble: int = 0  # extra members trained with other seeds, for the ensemble-disagreement metrics
     bins: int = 10  # calibration bins
     target_fraction_of_ceiling: float = 0.9  # world: held-out accuracy / annotators' agreement ceiling
+    # a causal-LM folder whose own Σ log p(response | prompt) is scored on the held-out pairs beside the RM
+    # ("init": model.init_from); null: skip
+    likelihood_baseline: str | None = None
 
 
 @dataclass(frozen=True)

@@ -286,6 +286,58 @@ def world_agreement(records: Sequence[Any], chosen: Tensor, rejected: Tensor) ->
     }
 
 
+def response_logprobs(
+    folder: str | Path, records: Sequence[Any], max_length: int = 1024, batch_tokens: int = 4096
+) -> tuple[Tensor, Tensor]:
+    """Σ log π(response | prompt) (terminator included) of each record's chosen and rejected response under
+    the causal LM in ``folder``: (N,) each, fp32. Prompts longer than ``max_length`` minus the longer
+    response lose tokens on the left; a response longer than ``max_length`` keeps its first tokens.
+    Packed (padding-free) batches of about ``batch_tokens`` tokens, through align.packed_dpo."""
+    from align.packed_dpo import PairTokens, encode_pair, pack_batch, pair_logps
+    from pretrain.hf import load_pretrained
+    from pretrain.run import load_tokenizer
+
+    model = load_pretrained(folder).eval()
+    if model.lm_head is None:
+        raise ValueError(f"likelihood baseline: {folder} has no language-model head (a causal-LM GLM folder)")
+    tok = load_tokenizer(str(folder))
+    pairs = []
+    for r in records:
+        p = encode_pair(tok, r.prompt, r.chosen, r.rejected)
+        chosen, rejected = p.chosen_ids[:max_length], p.rejected_ids[:max_length]
+        keep = max(1, max_length - max(len(chosen), len(rejected)))
+        pairs.append(PairTokens(p.prompt_ids[-keep:], chosen, rejected))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    chosen_lp, rejected_lp = [], []
+    start = 0
+    with torch.no_grad():
+        while start < len(pairs):
+            end, used = start, 0
+            while end < len(pairs) and (end == start or used + pairs[end].num_tokens <= batch_tokens):
+                used += pairs[end].num_tokens
+                end += 1
+            c, j = pair_logps(
+                model, pack_batch(pairs[start:end], pad_id, row_tokens=max(256, batch_tokens // 4))
+            )
+            chosen_lp.append(c.float().cpu())
+            rejected_lp.append(j.float().cpu())
+            start = end
+    return torch.cat(chosen_lp), torch.cat(rejected_lp)
+
+
+def likelihood_baseline(folder: str | Path, records: Sequence[Any], max_length: int = 1024) -> dict[str, Any]:
+    """A zero-training "reward model": the causal LM's own Σ log π(response | prompt). Reports its pairwise
+    accuracy on ``records`` (and, for the embedded world, its agreement with the annotators against their
+    ceiling), to set beside the trained RM's: an RM that does not beat it has learnt nothing the LM it
+    started from did not already rank. (Summed, not length-normalised: it also prefers shorter answers.)"""
+    chosen, rejected = response_logprobs(folder, records, max_length)
+    tie = torch.tensor([bool(r.tie) for r in records], dtype=torch.bool)
+    out: dict[str, Any] = {"model": str(folder), "pairwise": pairwise_metrics(chosen, rejected, tie)}
+    if records and records[0].provenance.get("source") == "world":
+        out["world"] = world_agreement(records, chosen, rejected)
+    return out
+
+
 def format_summary(metrics: Mapping[str, Any]) -> str:
     """One line for logs: accuracy, loss, ECE, length correlation."""
     parts = []

@@ -124,6 +124,7 @@ def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
             f"model.init_from: no model folder at {recipe.model.init_from!r} (expected config.json there); "
             "run the pretrain stage first or point model.init_from at a GLM folder"
         )
+    baseline = _baseline_folder(recipe)  # checked before training, so a wrong folder costs nothing
     tok_path = recipe.data.tokenizer or recipe.model.init_from
     if tok_path is None:
         raise RecipeError("data.tokenizer: needed when model.init_from is null")
@@ -198,6 +199,10 @@ def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
             f"(target {target:.0%}: {'met' if w['meets_target'] else 'NOT met'}); "
             f"vs the noise-free rule {w['accuracy_vs_rule']:.3f}"
         )
+    if baseline:
+        summary["likelihood_baseline"] = _likelihood_baseline(
+            baseline, recipe.data.max_length, held_records, report, run_dir, print
+        )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
     info_path = final / "reward_config.json"
     info = json.loads(info_path.read_text())
@@ -205,3 +210,45 @@ def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
     info_path.write_text(json.dumps(info, indent=2, ensure_ascii=False))
     print(f"reward model → {final}; evaluation → {run_dir / 'eval'}")
     return summary
+
+
+def _baseline_folder(recipe: RewardRecipe) -> str | None:
+    """The causal-LM folder ``eval.likelihood_baseline`` names ("init": model.init_from; skipped, with a note,
+    for a model trained from a random initialisation), or None."""
+    folder = recipe.eval.likelihood_baseline
+    if folder == "init":
+        if not recipe.model.init_from:
+            builtins.print("eval.likelihood_baseline: skipped (model.init_from is null: no LM to score with)")
+            return None
+        folder = recipe.model.init_from
+    if folder is None:
+        return None
+    config = Path(folder) / "config.json"
+    if not config.is_file() or "ForCausalLM" not in config.read_text():
+        raise RecipeError(
+            f"eval.likelihood_baseline: {folder!r} is not a causal-LM GLM folder (config.json with "
+            "GlmForCausalLM); point it at a base or SFT folder, or set it to null"
+        )
+    return folder
+
+
+def _likelihood_baseline(
+    folder: str, max_length: int, held_records, report, run_dir: Path, print
+) -> dict[str, Any]:
+    """Score the held-out pairs by the causal LM's own log-likelihood (rewards.evaluate.likelihood_baseline),
+    print it next to the RM's figures, and write eval/likelihood_baseline.json."""
+    from rewards.evaluate import likelihood_baseline
+
+    base = likelihood_baseline(folder, held_records, max_length)
+    rm_acc, lb_acc = report["pairwise"].get("accuracy"), base["pairwise"].get("accuracy")
+    line = f"likelihood baseline (Σ log p(answer) under {folder}): pairwise accuracy {lb_acc:.3f}"
+    if rm_acc is not None:
+        line += f" (the RM: {rm_acc:.3f}, {rm_acc - lb_acc:+.3f})"
+    w = base.get("world", {})
+    if w.get("pairs"):
+        line += (
+            f"; vs annotators {w['accuracy_vs_annotators']:.3f} → {w['fraction_of_ceiling']:.1%} of ceiling"
+        )
+    print(line)
+    (run_dir / "eval" / "likelihood_baseline.json").write_text(json.dumps(base, indent=2, ensure_ascii=False))
+    return base

@@ -110,3 +110,85 @@ def test_world_agreement_against_the_ceiling() -> None:
         2 / 3 / ceiling
     )
     assert m["by_kinds"]["correct>wrong"]["pairs"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The likelihood baseline: the causal LM's own Σ log p(response | prompt)
+
+
+@pytest.fixture(scope="module")
+def causal_lm_folder(tiny_tokenizer, tmp_path_factory):
+    from pretrain.hf import save_pretrained
+    from tests.rewards.conftest import tiny_glm
+
+    return save_pretrained(
+        tiny_glm(tiny_tokenizer).eval(), tmp_path_factory.mktemp("lm"), tokenizer=tiny_tokenizer
+    )
+
+
+def _direct_response_logprob(folder, record, response: str) -> float:
+    """Independent of the packed path: one padded forward over the whole text, full log-softmax."""
+    from pretrain.hf import load_pretrained
+    from pretrain.run import load_tokenizer
+    from rewards.data import encode_response
+
+    model, tok = load_pretrained(folder).eval(), load_tokenizer(str(folder))
+    prompt = tok.apply_chat_template(
+        [dict(m) for m in record.prompt], tokenize=True, return_dict=False, add_generation_prompt=True,
+        sanitize_control_tokens=True,
+    )  # fmt: skip
+    ids = encode_response(tok, record.prompt, response)
+    assert ids[: len(prompt)] == list(prompt)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(
+            model(x).logits.float()[0, :-1], -1
+        )  # (T-1, V): position t predicts token t + 1
+    return float(sum(logp[t - 1, ids[t]] for t in range(len(prompt), len(ids))))
+
+
+def test_likelihood_baseline_sums_the_response_logprobs(causal_lm_folder) -> None:
+    from rewards.evaluate import likelihood_baseline, response_logprobs
+    from tests.rewards.conftest import planted_records
+
+    records = planted_records(9, seed=3)
+    chosen, rejected = response_logprobs(
+        causal_lm_folder, records, batch_tokens=200
+    )  # several packed batches
+    for i in (0, 4, 8):
+        assert chosen[i].item() == pytest.approx(
+            _direct_response_logprob(causal_lm_folder, records[i], records[i].chosen), abs=1e-3
+        )
+        assert rejected[i].item() == pytest.approx(
+            _direct_response_logprob(causal_lm_folder, records[i], records[i].rejected), abs=1e-3
+        )
+    # a pair whose two answers are the same text scores an exact tie (accuracy 1/2), and the report counts pairs
+    same = [PreferenceRecord.from_dict({"prompt": "q", "chosen": "a b c", "rejected": "a b c"})]
+    report = likelihood_baseline(causal_lm_folder, records + same)
+    assert report["pairwise"]["pairs"] == 10
+    c, r = response_logprobs(causal_lm_folder, same)
+    assert c.item() == r.item()
+    # a prompt longer than max_length loses tokens on the left; the response is still scored whole
+    cut_c, _ = response_logprobs(causal_lm_folder, records[:1], max_length=len(records[0].chosen.split()) + 6)
+    assert torch.isfinite(cut_c).all() and cut_c.item() != pytest.approx(chosen[0].item(), abs=1e-6)
+
+
+def test_reward_stage_checks_the_likelihood_baseline_folder_before_training(
+    reward_folder, causal_lm_folder
+) -> None:
+    from recipes.loader import RecipeError, build
+    from recipes.schema import RewardRecipe
+    from rewards.run import _baseline_folder
+
+    def recipe(init_from, baseline):
+        model = {"init_from": init_from} if init_from else {"config": {"vocab_size": 64}}
+        return build(RewardRecipe, {"model": model, "eval": {"likelihood_baseline": baseline}})
+
+    assert _baseline_folder(recipe(str(causal_lm_folder), "init")) == str(causal_lm_folder)
+    assert _baseline_folder(recipe(str(reward_folder), str(causal_lm_folder))) == str(causal_lm_folder)
+    assert _baseline_folder(recipe(None, "init")) is None  # trained from scratch: nothing to compare with
+    assert _baseline_folder(recipe(str(causal_lm_folder), None)) is None
+    with pytest.raises(RecipeError, match="not a causal-LM GLM folder"):
+        _baseline_folder(recipe(str(reward_folder), "init"))  # a reward folder has no LM head
+    with pytest.raises(RecipeError, match="not a causal-LM GLM folder"):
+        _baseline_folder(recipe(str(causal_lm_folder), "/nowhere"))
