@@ -241,6 +241,9 @@ def _likelihood_baseline(
 
     base = likelihood_baseline(folder, held_records, max_length)
     rm_acc, lb_acc = report["pairwise"].get("accuracy"), base["pairwise"].get("accuracy")
+    if lb_acc is None:  # every held-out pair is a tie: there is no accuracy to compare
+        print(f"likelihood baseline (Σ log p(answer) under {folder}): no strict held-out pairs to score")
+        return base
     line = f"likelihood baseline (Σ log p(answer) under {folder}): pairwise accuracy {lb_acc:.3f}"
     if rm_acc is not None:
         line += f" (the RM: {rm_acc:.3f}, {rm_acc - lb_acc:+.3f})"
