@@ -31,7 +31,10 @@ def run_tokenizer(recipe: TokenizerRecipe) -> dict[str, Any]:
     out = Path(recipe.run.dir)
     texts = corpus_texts(recipe.corpus)
     tok = train_tokenizer(
-        texts, vocab_size=recipe.tokenizer.vocab_size, min_frequency=recipe.tokenizer.min_frequency
+        texts,
+        vocab_size=recipe.tokenizer.vocab_size,
+        min_frequency=recipe.tokenizer.min_frequency,
+        cjk=recipe.tokenizer.cjk,
     )
     tok.model_max_length = recipe.tokenizer.model_max_length
     tok.save_pretrained(out)

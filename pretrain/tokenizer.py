@@ -50,22 +50,38 @@ PAD_TOKEN = "<|endoftext|>"
 TURN_TERMINATORS: tuple[str, ...] = ("<|user|>", "<|observation|>", "<|endoftext|>")
 
 # Pre-tokenizer: cl100k / GLM-4-style split (contractions, letter runs, 1-3 digit groups, punctuation runs,
-# newlines, spaces), except that Han / kana runs are split from Latin-script letter runs ("GLM模型" ->
-# "GLM", "模型") and take at most a leading space, not a punctuation mark ("你好，世界" -> "你好", "，",
-# "世界"), so BPE merges learn Chinese words and punctuation separately.
+# newlines, spaces), except that Han / kana are split from Latin-script letter runs ("GLM模型" -> "GLM",
+# "模型") and take at most a leading space, not a punctuation mark ("你好，世界" -> "你好", "，", "世界").
+# Two ways to cut Han / kana (``cjk``):
+#   "char" (default): every character its own pre-token, so a token is at most one character ("你", "好").
+#     A small or repetitive corpus cannot then merge whole sentences into one token: on the embedded world
+#     the "run" split learnt "文多兽住在约诺堡" (a whole fact) as ONE token, so the name and the city inside it
+#     shared nothing with the same name in a question, and Chinese questions were answered from memorised
+#     chats instead of the facts (docs/world.md, "Tokenizer").
+#   "run": a Han / kana run is one pre-token and BPE learns multi-character words ("你好", "世界"), as
+#     GLM-4's own tokenizer does — for large, varied corpora.
 _CJK = r"\p{Han}\p{Hiragana}\p{Katakana}"
-PRETOKENIZE_PATTERN = "|".join(
-    [
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)",
-        rf"[^\r\n\p{{L}}\p{{N}}]?[\p{{L}}&&[^{_CJK}]]+",
-        rf" ?[{_CJK}]+",
-        r"\p{N}{1,3}",
-        r" ?[^\s\p{L}\p{N}]+[\r\n]*",
-        r"\s*[\r\n]+",
-        r"\s+(?!\S)",
-        r"\s+",
-    ]
-)
+CJK_SPLITS = ("char", "run")
+
+
+def pretokenize_pattern(cjk: str = "char") -> str:
+    """The pre-tokenizer's regex; ``cjk`` is "char" (one pre-token per Han / kana character) or "run"."""
+    if cjk not in CJK_SPLITS:
+        raise ValueError(f"cjk must be one of {', '.join(map(repr, CJK_SPLITS))}, got {cjk!r}")
+    return "|".join(
+        [
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)",
+            rf"[^\r\n\p{{L}}\p{{N}}]?[\p{{L}}&&[^{_CJK}]]+",
+            rf" ?[{_CJK}]" + ("+" if cjk == "run" else ""),
+            r"\p{N}{1,3}",
+            r" ?[^\s\p{L}\p{N}]+[\r\n]*",
+            r"\s*[\r\n]+",
+            r"\s+(?!\S)",
+            r"\s+",
+        ]
+    )
+
+
 
 # The GLM-4 chat template (our own text; same rendered format as THUDM's glm-4-9b-chat). Role tokens are
 # literals, never built from the role string, so `apply_chat_template(..., sanitize_control_tokens=True)`
@@ -195,15 +211,19 @@ def train_tokenizer(
     min_frequency: int = 2,
     show_progress: bool = True,
     model_max_length: int = 8192,
+    cjk: str = "char",
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer with GLM's special tokens (ids 0..9) and the GLM-4 chat template.
 
     No normalizer: byte-level BPE is lossless, so ``decode(encode(x)) == x`` for any text (normalise
     Unicode in the data pipeline if wanted). Special tokens in the training text (rendered chats) are
     cut out before counting, so no merge is learned across or inside them.
+    ``cjk``: how Han / kana text is pre-split, "char" (tokens of at most one character) or "run" (BPE may
+    merge runs into words; see ``pretokenize_pattern``).
     Training runs in Rust on all cores; on 2 CPU cores 6.8 MB of English takes ~3 s and 13.6 MB of
     English + Chinese ~11-13 s (Chinese costs more bytes per character).
     """
+    pattern = pretokenize_pattern(cjk)
     num_reserved = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
     if vocab_size < num_reserved:
         raise ValueError(
@@ -213,7 +233,7 @@ def train_tokenizer(
     backend = Tokenizer(models.BPE())  # no unk token: every byte is in the vocabulary
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )

@@ -49,6 +49,7 @@ class TokenizerConfig:
     vocab_size: int = 4096
     min_frequency: int = 2
     model_max_length: int = 2048
+    cjk: Literal["char", "run"] = "char"  # Han / kana: one token per character at most, or BPE over runs
 
 
 @dataclass(frozen=True)

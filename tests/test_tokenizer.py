@@ -137,14 +137,31 @@ def test_decode_encode_round_trip(tiny_tokenizer, text):
     assert tiny_tokenizer.decode(ids) == text
 
 
-def test_chinese_is_compressed_and_split_from_latin(tiny_tokenizer):
+def test_chinese_characters_are_tokens_and_split_from_latin(tiny_tokenizer):
     sentence = "今天北京的天气很好，阳光明媚。"  # from the training corpus
     ids = tiny_tokenizer(sentence, add_special_tokens=False)["input_ids"]
-    assert len(ids) * 4 < len(sentence.encode("utf-8"))  # merges were learned on Chinese, not bytes only
-    # The pre-tokenizer cuts Han runs from Latin letters and from punctuation.
+    # cjk="char" (the default): merges join each character's UTF-8 bytes, never two characters
+    assert [tiny_tokenizer.decode([i]) for i in ids] == list(sentence)
     pieces = tiny_tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str("GLM模型很好，真的！ Hello 世界")
     words = ["GLM模型很好，真的！ Hello 世界"[a:b] for _, (a, b) in pieces]
+    assert words == ["GLM", "模", "型", "很", "好", "，", "真", "的", "！", " Hello", " 世", "界"]
+
+
+def test_cjk_run_mode_learns_multi_character_tokens():
+    tok = train_tokenizer(tiny_corpus(), vocab_size=800, show_progress=False, cjk="run")
+    sentence = "今天北京的天气很好，阳光明媚。"
+    ids = tok(sentence, add_special_tokens=False)["input_ids"]
+    assert len(ids) * 4 < len(sentence.encode("utf-8"))  # words, not just characters
+    assert tok.decode(ids) == sentence
+    # The pre-tokenizer still cuts Han runs from Latin letters and from punctuation.
+    pieces = tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("GLM模型很好，真的！ Hello 世界")
+    words = ["GLM模型很好，真的！ Hello 世界"[a:b] for _, (a, b) in pieces]
     assert words == ["GLM", "模型很好", "，", "真的", "！", " Hello", " 世界"]
+
+
+def test_unknown_cjk_mode_is_an_error():
+    with pytest.raises(ValueError, match="cjk must be one of 'char', 'run'"):
+        train_tokenizer(["hello"], vocab_size=300, show_progress=False, cjk="word")
 
 
 # --- chat template: golden renders ------------------------------------------------------------------------
