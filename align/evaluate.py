@@ -198,7 +198,7 @@ class PolicyRef:
 @dataclass(frozen=True)
 class EvalDataConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
-    split: Literal["heldout", "train"] = "heldout"
+    split: Literal["heldout", "test", "dev", "train"] = "heldout"  # test: the half of heldout PPO never samples
     n_prompts: int = 200
     max_new_tokens: int = 48
 
@@ -242,6 +242,17 @@ def format_table(reports: dict[str, dict[str, Any]], comparisons: dict[str, dict
         if has_rm:
             cells.append(f"{c['by_reward_model']['win_rate']:.3f}" if c else "—")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_family_table(reports: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table of accuracy per task family (columns) for each policy (rows), with the counts."""
+    families = sorted({f for r in reports.values() for f in r.get("by_family", {})})
+    first = next(iter(reports.values()))
+    head = ["policy", *(f"{f} (n={first['by_family'][f]['n']})" for f in families)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in reports.items():
+        lines.append("| " + " | ".join([name, *(f"{r['by_family'][f]['accuracy']:.3f}" for f in families)]) + " |")
     return "\n".join(lines)
 
 
@@ -300,8 +311,10 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
     base = policies[0].name
     comparisons = {n: compare(reports[base], r) for n, r in reports.items() if n != base}
     table = format_table(reports, comparisons)
+    families = format_family_table(reports)
     print(f"\nheld-out world prompts ({cfg.split}, n={len(prompts)}); win rates against {base!r}:\n{table}")
-    (out / "table.md").write_text(table + "\n")
+    print(f"\naccuracy by task family:\n{families}")
+    (out / "table.md").write_text(table + "\n\naccuracy by task family:\n\n" + families + "\n")
     plot_comparison(reports, out / "comparison.png")
     with (out / "answers.jsonl").open("w", encoding="utf-8") as f:
         for name, r in reports.items():
@@ -313,6 +326,7 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
         "reports": {n: {k: v for k, v in r.items() if k != "answers"} for n, r in reports.items()},
         "comparisons": comparisons,
         "table": table,
+        "family_table": families,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=_json_num))
     return summary

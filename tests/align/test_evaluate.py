@@ -91,7 +91,14 @@ def test_align_eval_stage_end_to_end(tiny_tokenizer, tmp_path, capsys) -> None:
     assert main(["run", str(recipe)]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert set(summary["reports"]) == {"base", "tuned"} and "tuned" in summary["comparisons"]
-    assert "| tuned |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| tuned |" in out and "accuracy by task family" in out
+    fam = summary["family_table"].splitlines()
+    counts = {f: summary["reports"]["base"]["by_family"][f]["n"] for f in summary["reports"]["base"]["by_family"]}
+    assert sum(counts.values()) == 6 and len(fam) == 4  # header, rule, two policies
+    for name, line in zip(("base", "tuned"), fam[2:], strict=True):
+        by = summary["reports"][name]["by_family"]
+        assert line == "| " + " | ".join([name, *(f"{by[f]['accuracy']:.3f}" for f in sorted(by))]) + " |"
     assert (tmp_path / "run" / "comparison.png").stat().st_size > 1000
     assert len((tmp_path / "run" / "answers.jsonl").read_text().splitlines()) == 12
     assert main(["run", str(recipe), f"policies=[{{name: x, path: {tmp_path}/nothing}}]"]) == 2

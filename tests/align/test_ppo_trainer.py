@@ -333,7 +333,7 @@ def _recipe(overrides):
         (["reward.kind=rm"], "reward.rm"),
         (["reward.kind=http"], "reward.url"),
         (["reward.rules={world_corect: 1.0}"], "unknown rule"),
-        (["prompts.train_split=dev"], "grade on heldout_split: test"),
+        (["prompts.heldout_split=heldout"], "grade on heldout_split: test"),
         (["prompts.train_split=heldout"], "prompts.train_split"),
         (["critic.init_from=reward"], "critic.init_from"),
         (["policy.reference=adapter_off"], "policy.lora.enabled"),
