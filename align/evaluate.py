@@ -198,7 +198,8 @@ class PolicyRef:
 @dataclass(frozen=True)
 class EvalDataConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
-    split: Literal["heldout", "test", "dev", "train"] = "heldout"  # test: the half of heldout PPO never samples
+    # test: the half of heldout that PPO (rollouts on dev) never samples
+    split: Literal["heldout", "test", "dev", "train"] = "heldout"
     n_prompts: int = 200
     max_new_tokens: int = 48
 
@@ -252,7 +253,9 @@ def format_family_table(reports: dict[str, dict[str, Any]]) -> str:
     head = ["policy", *(f"{f} (n={first['by_family'][f]['n']})" for f in families)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in reports.items():
-        lines.append("| " + " | ".join([name, *(f"{r['by_family'][f]['accuracy']:.3f}" for f in families)]) + " |")
+        lines.append(
+            "| " + " | ".join([name, *(f"{r['by_family'][f]['accuracy']:.3f}" for f in families)]) + " |"
+        )
     return "\n".join(lines)
 
 

@@ -82,7 +82,6 @@ def pretokenize_pattern(cjk: str = "char") -> str:
     )
 
 
-
 # The GLM-4 chat template (our own text; same rendered format as THUDM's glm-4-9b-chat). Role tokens are
 # literals, never built from the role string, so `apply_chat_template(..., sanitize_control_tokens=True)`
 # can escape control tokens inside message text. `{% generation %}` marks what the model generates in an

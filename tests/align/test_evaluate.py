@@ -94,8 +94,8 @@ def test_align_eval_stage_end_to_end(tiny_tokenizer, tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "| tuned |" in out and "accuracy by task family" in out
     fam = summary["family_table"].splitlines()
-    counts = {f: summary["reports"]["base"]["by_family"][f]["n"] for f in summary["reports"]["base"]["by_family"]}
-    assert sum(counts.values()) == 6 and len(fam) == 4  # header, rule, two policies
+    base_by = summary["reports"]["base"]["by_family"]
+    assert sum(base_by[f]["n"] for f in base_by) == 6 and len(fam) == 4  # header, rule, two policies
     for name, line in zip(("base", "tuned"), fam[2:], strict=True):
         by = summary["reports"][name]["by_family"]
         assert line == "| " + " | ".join([name, *(f"{by[f]['accuracy']:.3f}" for f in sorted(by))]) + " |"
