@@ -12,7 +12,7 @@ from typing import Literal
 from kernels.apply import KernelConfig
 from pretrain.config import GLMConfig
 from pretrain.train import DataConfig, OptimConfig, TrainConfig
-from rewards.config import LoRAConfig, RewardLossConfig, RewardTrainConfig
+from rewards.config import LoRAConfig, RewardLossConfig, RewardTrainConfig, VerifierConfig
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,7 @@ class RewardModelConfig:
     score_token: Literal["<|endoftext|>", "<|user|>", "none"] = "<|endoftext|>"
     config: GLMConfig | None = None  # random initialisation when init_from is null (baselines, tests)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)  # likelihood features of a frozen LM
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,29 @@ class LoRAConfig:
     target_modules: tuple[str, ...] = LORA_TARGETS
 
 
+# rewards/verifier.py: statistics of a frozen LM's per-token predictions over the judged answer
+VERIFIER_FEATURES = (
+    "contradiction", "contradiction_sum", "confident_misses", "logp_sum", "logp_min", "length"
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    """Likelihood features of a frozen causal LM added to the reward through learned weights
+    (docs/rewards.md, "Likelihood features")."""
+
+    enabled: bool = False
+    lm: str = "init"  # a causal-LM GLM folder (same tokenizer), or "init": model.init_from
+    features: tuple[str, ...] = ("contradiction", "contradiction_sum", "confident_misses", "length")
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.features if f not in VERIFIER_FEATURES]
+        if bad or not self.features:
+            raise ValueError(
+                f"model.verifier.features {list(self.features)}: unknown {bad}; choose from {list(VERIFIER_FEATURES)}"
+            )
+
+
 @dataclass(frozen=True)
 class RewardLossConfig:
     tie_model: Literal["drop", "davidson", "rao_kupper"] = "davidson"  # "drop" = plain Bradley-Terry
@@ -57,6 +80,7 @@ class RewardTrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     gradient_checkpointing: bool = False
     packing: bool = False  # padding-free batches (doc ids) instead of right padding
+    verifier_lr: float = 0.02  # learning rate of the likelihood-feature weights (model.verifier)
     pack_tokens: int = 2048  # row length of packed batches
     num_threads: int | None = None
     strategy: Literal["single", "deepspeed"] = "single"

@@ -56,10 +56,15 @@ class RewardInfo:
         "<|endoftext|>"  # appended after the response; the reward is read at the last token
     )
     extra: dict[str, Any] = field(default_factory=dict)  # evaluation summary, data provenance, ...
+    # likelihood features of a frozen LM (rewards/verifier.py, saved in verifier/): names, W (heads x F)
+    verifier_features: list[str] = field(default_factory=list)
+    verifier_weight: list[list[float]] = field(default_factory=list)
+    verifier_assistant_id: int | None = None
 
 
 class RewardModel(nn.Module):
-    """GLM backbone (its lm_head removed) + ``score`` = Linear(D, num_heads, bias=False)."""
+    """GLM backbone (its lm_head removed) + ``score`` = Linear(D, num_heads, bias=False), and optionally a
+    frozen ``LikelihoodVerifier`` whose features enter through ``verifier_weight`` (heads x F, learned)."""
 
     def __init__(
         self,
@@ -83,6 +88,22 @@ class RewardModel(nn.Module):
         # r = <w, h> with h of RMS ~1 after the final norm: std 1/sqrt(D) starts rewards at O(1)
         nn.init.normal_(self.score.weight, std=1.0 / d**0.5)
         self.info = info or RewardInfo(heads=self.heads)
+        self.verifier = None
+        self.verifier_weight = None
+
+    def attach_verifier(self, verifier: Any, weight: Tensor | None = None) -> RewardModel:
+        """Add a frozen ``rewards.verifier.LikelihoodVerifier``; its weights start at zero (the reward is
+        unchanged until training moves them) unless ``weight`` (heads x F) is given."""
+        k, f = len(self.heads), len(verifier.names)
+        w = torch.zeros(k, f) if weight is None else torch.as_tensor(weight, dtype=torch.float32)
+        if tuple(w.shape) != (k, f):
+            raise ValueError(
+                f"verifier weight has shape {tuple(w.shape)}, expected (heads, features) = {(k, f)}"
+            )
+        dtype = self.score.weight.dtype
+        self.verifier = verifier.to(device=self.score.weight.device, dtype=dtype)
+        self.verifier_weight = nn.Parameter(w.to(self.score.weight.device, dtype))
+        return self
 
     @property
     def config(self) -> GLMConfig:
@@ -116,6 +137,9 @@ class RewardModel(nn.Module):
         )  # (B, T, D)
         h_last = h.flatten(0, 1)[score_index]  # (N, D): gather first, so the head runs on N rows, not B * T
         rewards = self.score(h_last).float()  # (N, K)
+        if self.verifier is not None:
+            phi = self.verifier(input_ids, score_index, attention_mask, doc_ids, position_ids)  # (N, F)
+            rewards = rewards + phi.float() @ self.verifier_weight.float().T
         return (rewards, h) if return_hidden else rewards
 
     # -- folders ---------------------------------------------------------------------------------------------
@@ -151,6 +175,11 @@ class RewardModel(nn.Module):
             tok = _with_reward_pad(tokenizer)
             tok.save_pretrained(folder)
         self.info.heads = list(self.heads)
+        if self.verifier is not None:
+            self.verifier.save(folder, tokenizer)
+            self.info.verifier_features = list(self.verifier.names)
+            self.info.verifier_weight = self.verifier_weight.detach().float().cpu().tolist()
+            self.info.verifier_assistant_id = self.verifier.assistant_id
         (folder / REWARD_CONFIG).write_text(json.dumps(asdict(self.info), indent=2, ensure_ascii=False))
         return folder
 
@@ -214,6 +243,13 @@ class RewardModel(nn.Module):
         else:
             model = cls(backbone, list(heads or ("reward",)), keep_lm_head=keep_lm_head)
             model.score.to(dtype)
+        if info.verifier_features:
+            from rewards.verifier import VERIFIER_DIR, LikelihoodVerifier
+
+            verifier = LikelihoodVerifier.from_pretrained(
+                folder / VERIFIER_DIR, info.verifier_assistant_id, info.verifier_features, dtype
+            )
+            model.attach_verifier(verifier, info.verifier_weight)
         return model.to(device) if device is not None else model
 
 

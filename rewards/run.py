@@ -107,7 +107,34 @@ def build_model(recipe: RewardRecipe, tok):
         raise RecipeError(f"model.heads {heads} != the heads of {recipe.model.init_from}: {model.heads}")
     if recipe.model.lora.enabled:
         apply_lora(model, recipe.model.lora)
+    if recipe.model.verifier.enabled:
+        attach_verifier(model, recipe, tok)
     return model
+
+
+def attach_verifier(model, recipe: RewardRecipe, tok) -> None:
+    """The frozen LM of ``model.verifier`` (``init`` = model.init_from), checked to be a causal LM that
+    shares the reward model's tokenizer."""
+    from rewards.verifier import ASSISTANT_TOKEN, LikelihoodVerifier
+
+    v = recipe.model.verifier
+    folder = recipe.model.init_from if v.lm == "init" else v.lm
+    if folder is None:
+        raise RecipeError("model.verifier.lm: 'init' needs model.init_from; or give a causal-LM GLM folder")
+    if not (Path(folder) / "config.json").is_file():
+        raise RecipeError(f"model.verifier.lm: no model folder at {folder!r} (expected config.json there)")
+    assistant_id = tok.convert_tokens_to_ids(ASSISTANT_TOKEN)
+    if assistant_id is None or assistant_id == tok.unk_token_id:
+        raise RecipeError(f"model.verifier: the tokenizer has no {ASSISTANT_TOKEN} token to find answers by")
+    try:
+        verifier = LikelihoodVerifier.from_pretrained(folder, assistant_id, v.features)
+    except (ValueError, KeyError) as e:
+        raise RecipeError(f"model.verifier.lm = {folder}: not a causal-LM GLM folder ({e})") from None
+    if verifier.lm.config.vocab_size < len(tok):
+        raise RecipeError(
+            f"model.verifier.lm = {folder}: vocabulary {verifier.lm.config.vocab_size} < the tokenizer's {len(tok)}"
+        )
+    model.attach_verifier(verifier)
 
 
 def run_reward(recipe: RewardRecipe) -> dict[str, Any]:

@@ -238,6 +238,8 @@ def save_reward_folder(model: RewardModel, folder: str | Path, tokenizer=None) -
     plain.load_state_dict(weights, assign=True)
     merged = RewardModel(plain, model.heads, model.info)
     merged.score.weight = model.score.weight
+    if model.verifier is not None:
+        merged.attach_verifier(model.verifier, model.verifier_weight.detach())
     return merged.save(folder, tokenizer)
 
 
@@ -324,6 +326,15 @@ def train_reward_model(
         optimizer.add_param_group(
             {"params": [tie.raw], "weight_decay": 0.0, "lr_scale": loss_cfg.tie_param_lr / optim_cfg.lr}
         )
+    if model.verifier_weight is not None and model.verifier_weight.requires_grad:
+        # likelihood-feature weights: O(1) values on O(1) features, far from where the model's lr would get
+        # them in a few hundred steps; no decay, their own lr (scaled by the same schedule)
+        w = model.verifier_weight
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if p is not w]
+        optimizer.add_param_group(
+            {"params": [w], "weight_decay": 0.0, "lr_scale": train_cfg.verifier_lr / optim_cfg.lr}
+        )
     model, optimizer = strategy.prepare(model, optimizer)
     core: RewardModel = strategy.unwrap(model)
 
@@ -349,6 +360,8 @@ def train_reward_model(
             loaded = RewardModel.from_pretrained(ckpt)
             core.backbone.load_state_dict(loaded.backbone.state_dict(), strict=core.backbone.lm_head is None)
             core.score.load_state_dict(loaded.score.state_dict())
+            if core.verifier is not None:
+                core.verifier_weight.data.copy_(loaded.verifier_weight.data)
         tie.raw.data.copy_(state["tie_raw"])
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])

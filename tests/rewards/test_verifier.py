@@ -1,0 +1,149 @@
+"""Likelihood features (rewards/verifier.py): the answer's span, each feature against hand-computed values,
+padded = packed, the weights learnt by the preference loss, the folder round trip, and bad settings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pretrain.hf import save_pretrained
+from recipes.loader import RecipeError
+from rewards.config import RewardLossConfig, RewardTrainConfig, VerifierConfig
+from rewards.data import encode_pairs, encode_response
+from rewards.model import RewardModel, packed_batch, padded_batch, reward_pad_id, score_sequences
+from rewards.verifier import ASSISTANT_TOKEN, LikelihoodVerifier, answer_spans, token_features
+from tests.rewards.conftest import planted_records, tiny_glm
+
+ALL = ("contradiction", "contradiction_sum", "confident_misses", "logp_sum", "logp_min", "length")
+PROMPTS = [[{"role": "user", "content": "What is 2+2?"}], [{"role": "user", "content": "hi"}]]
+ANSWERS = ["4, of course.", "hello there, the quick brown fox"]
+
+
+def _verifier(tok, names=ALL, seed=1) -> LikelihoodVerifier:
+    return LikelihoodVerifier(tiny_glm(tok, seed=seed), tok.convert_tokens_to_ids(ASSISTANT_TOKEN), names)
+
+
+def test_answer_span_is_what_follows_the_assistant_token(tiny_tokenizer) -> None:
+    tok = tiny_tokenizer
+    seqs = [encode_response(tok, p, a) for p, a in zip(PROMPTS, ANSWERS, strict=True)]
+    aid = tok.convert_tokens_to_ids(ASSISTANT_TOKEN)
+    pad = reward_pad_id(tok)
+    for batch in (padded_batch(seqs, pad), packed_batch(seqs, pad, row_tokens=256)):
+        spans = answer_spans(batch["input_ids"], batch["score_index"], aid, batch.get("doc_ids"))
+        for (row, first, last), seq, answer in zip(spans, seqs, ANSWERS, strict=True):
+            ids = batch["input_ids"][row, first : last + 1].tolist()
+            assert batch["input_ids"][row, first - 1] == aid
+            assert ids == seq[len(seq) - len(ids) :]  # the sequence's tail, terminator included
+            assert answer in tok.decode(ids)
+            assert tok.decode(ids[-1:]) == "<|endoftext|>"
+
+
+def test_features_against_hand_computed_values() -> None:
+    # three answer tokens over a 3-token vocabulary
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25], [0.9, 0.05, 0.05]])
+    targets = torch.tensor(
+        [1, 0, 0]
+    )  # a miss where the LM was sure (0.7), its first choice, its first choice
+    phi = token_features(probs.log(), targets, ALL)
+    c1 = 0.7 * math.log(0.7 / 0.2)  # the only token off the LM's first choice
+    expected = {
+        "contradiction": c1 / 5.0,
+        "contradiction_sum": c1 / 10.0,
+        "confident_misses": 1 / 2.0,  # 0.7 > 0.5 and missed; the others hit
+        "logp_sum": (math.log(0.2) + math.log(0.4) + math.log(0.9)) / 20.0,
+        "logp_min": math.log(0.2) / 10.0,
+        "length": 3 / 32.0,
+    }
+    assert phi.tolist() == pytest.approx([expected[n] for n in ALL], abs=1e-6)
+    # an unsure miss is no confident miss
+    unsure = token_features(torch.tensor([[0.45, 0.3, 0.25]]).log(), torch.tensor([1]), ALL)
+    assert unsure[ALL.index("confident_misses")] == 0
+
+
+def test_padded_packed_and_reward_folder_round_trip(tiny_tokenizer, tmp_path) -> None:
+    tok = tiny_tokenizer
+    pad = reward_pad_id(tok)
+    seqs = [encode_response(tok, p, a) for p, a in zip(PROMPTS, ANSWERS, strict=True)]
+    model = RewardModel(tiny_glm(tok), heads=["reward", "correctness"])
+    plain = model(**padded_batch(seqs, pad)).detach()
+    model.attach_verifier(_verifier(tok))
+    # the weights start at zero: attaching changes nothing until training moves them
+    assert torch.allclose(model(**padded_batch(seqs, pad)), plain, atol=1e-6)
+    with torch.no_grad():
+        model.verifier_weight.copy_(torch.randn(2, len(ALL)))
+    padded = model(**padded_batch(seqs, pad))
+    packed = model(**packed_batch(seqs, pad, row_tokens=256))
+    assert torch.allclose(padded, packed, atol=1e-5) and not torch.allclose(padded, plain, atol=1e-3)
+    # the same features one sequence at a time
+    single = torch.cat([model.verifier(**_vb(padded_batch([s], pad))) for s in seqs])
+    assert torch.allclose(single, model.verifier(**_vb(padded_batch(seqs, pad))), atol=1e-5)
+    folder = model.save(tmp_path / "rm", tok)
+    assert (folder / "verifier" / "config.json").is_file()
+    loaded = RewardModel.from_pretrained(folder)
+    assert loaded.verifier.names == ALL
+    assert torch.allclose(score_sequences(loaded, seqs, pad), padded.detach(), atol=1e-5)
+    # the verifier LM is frozen and never part of the Hugging Face classifier weights
+    assert not any(p.requires_grad for p in loaded.verifier.parameters())
+    assert not any(k.startswith("verifier") for k in loaded.hf_state_dict())
+
+
+def _vb(batch):
+    return {k: batch[k] for k in ("input_ids", "score_index", "attention_mask")}
+
+
+def test_the_preference_loss_learns_the_feature_weights(tiny_tokenizer, tmp_path) -> None:
+    """Planted: the shorter answer is better. With the backbone's lr at zero, only the verifier weights can
+    learn it, through the `length` feature: its weight turns negative and held-out accuracy is high."""
+    from pretrain.train import OptimConfig
+    from rewards.train import train_reward_model
+
+    tok = tiny_tokenizer
+
+    def shorter_wins(records):
+        out = []
+        for r in records:
+            a, b = sorted((r.chosen, r.rejected), key=lambda s: len(tok(s)["input_ids"]))
+            if len(tok(a)["input_ids"]) + 1 < len(tok(b)["input_ids"]):
+                out.append(r.__class__.from_dict({"prompt": r.prompt, "chosen": a, "rejected": b}))
+        return out
+
+    train, _ = encode_pairs(tok, shorter_wins(planted_records(200, seed=0)), 96)
+    held, _ = encode_pairs(tok, shorter_wins(planted_records(80, seed=1)), 96)
+    model = RewardModel(tiny_glm(tok)).attach_verifier(_verifier(tok, names=("length", "logp_sum")))
+    head_before = model.score.weight.detach().clone()
+    summary = train_reward_model(
+        model, tok, train, held, RewardLossConfig(tie_model="drop"),
+        OptimConfig(lr=1e-12, warmup_steps=0, weight_decay=0.0),
+        RewardTrainConfig(batch_size=16, max_steps=30, eval_every=1000, log_every=10, verifier_lr=0.1),
+        tmp_path, reward_pad_id(tok), log=lambda s: None,
+    )  # fmt: skip
+    assert torch.allclose(model.score.weight, head_before, atol=1e-6)  # lr ~0: only the verifier moved
+    assert model.verifier_weight[0, 0] < -0.5, model.verifier_weight
+    assert summary["eval_before"]["accuracy"] < 0.8
+    assert summary["eval_after"]["accuracy"] > 0.9, summary["eval_after"]
+
+
+def test_bad_verifier_settings_are_named(tiny_tokenizer, tmp_path) -> None:
+    with pytest.raises(ValueError, match="unknown \\['sarcasm'\\]; choose from"):
+        VerifierConfig(enabled=True, features=("length", "sarcasm"))
+    with pytest.raises(ValueError, match="needs a causal-LM"):
+        lm = tiny_glm(tiny_tokenizer)
+        lm.lm_head = None
+        LikelihoodVerifier(lm, 5)
+    # a reward folder is no verifier LM: the recipe says so before training
+    from recipes.loader import build
+    from recipes.schema import RewardRecipe
+    from rewards.run import build_model
+
+    base = save_pretrained(tiny_glm(tiny_tokenizer), tmp_path / "base", tiny_tokenizer)
+    rm = RewardModel(tiny_glm(tiny_tokenizer)).save(tmp_path / "rm", tiny_tokenizer)
+    recipe = build(
+        RewardRecipe, {"model": {"init_from": str(base), "verifier": {"enabled": True, "lm": str(rm)}}}
+    )
+    with pytest.raises(RecipeError, match="not a causal-LM GLM folder"):
+        build_model(recipe, tiny_tokenizer)
+    recipe = build(RewardRecipe, {"model": {"init_from": str(base), "verifier": {"enabled": True}}})
+    model = build_model(recipe, tiny_tokenizer)
+    assert model.verifier is not None and model.verifier_weight.shape == (1, 4)
