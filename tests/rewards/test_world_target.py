@@ -2,8 +2,8 @@
 tokenizer → base pretrained as in the demo (600 steps) → SFT → preferences → reward model → held-out pairs
 (about 14 minutes).
 
-The issue's target is 90 % of the ceiling; measured on 2 cores it is about 85 % (docs/rewards.md, with what
-was tried and why). The first test guards the measured level; the second is the target itself and FAILS
+The issue's target is 90 % of the ceiling; measured on 2 cores it is about 88 % with the likelihood features
+of recipes/reward.yaml (84 % without; docs/rewards.md, with what was tried and why). The first test guards the measured level; the second is the target itself and FAILS
 until a base that knows more of the world (or a better recipe) closes the gap — it is not hidden.
 """
 
@@ -29,7 +29,7 @@ def quickstart(tmp_path_factory):
 def test_world_reward_model_reaches_the_measured_level(quickstart) -> None:
     world = quickstart["world"]
     assert world["pairs"] > 600 and world["ceiling"] == pytest.approx(0.974, abs=0.001)
-    assert world["fraction_of_ceiling"] > 0.80, world
+    assert world["fraction_of_ceiling"] > 0.85, world
     assert world["accuracy_vs_rule"] > 0.82
     assert quickstart["calibration"]["ece"] < 0.1
     for easy in ("correct>refusal", "correct>off_topic", "verbose>wrong", "wrong_language>refusal"):
