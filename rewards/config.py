@@ -22,7 +22,8 @@ class LoRAConfig:
 
 # rewards/verifier.py: statistics of a frozen LM's per-token predictions over the judged answer
 VERIFIER_FEATURES = (
-    "contradiction", "contradiction_sum", "confident_misses", "logp_sum", "logp_min", "length"
+    "contradiction", "contradiction_sum", "confident_misses", "logp_sum", "logp_min", "length",
+    "opening_contradiction", "body_contradiction", "body_contradiction_sum", "body_confident_misses",
 )  # fmt: skip
 
 

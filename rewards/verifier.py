@@ -20,7 +20,12 @@ p_t the LM's probability of the token written and m_t its largest probability at
 - ``confident_misses``: #{t : m_t > 0.5 and the token written is not the LM's first choice};
 - ``logp_sum``: Σ_t log p_t (the plain likelihood; it also pays for length);
 - ``logp_min``: min_t log p_t;
-- ``length``: the number of answer tokens / 32.
+- ``length``: the number of answer tokens / 32;
+- ``opening_contradiction``: ``contradiction`` over the answer's opening (its first ``OPENING`` tokens: the
+  newline GLM writes after ``<|assistant|>`` and the first word, where form and language are decided);
+- ``body_contradiction``, ``body_contradiction_sum``, ``body_confident_misses``: the same three over the
+  rest, where the content (names, values) is. A language switch or a filler opening then no longer reads
+  as a wrong value.
 
 Features are computed in fp32 under ``torch.no_grad`` and never train the LM. The LM is saved in the reward
 folder's ``verifier/`` (a GLM causal-LM folder); ``reward_config.json`` records the feature names, W and the
@@ -49,7 +54,12 @@ FEATURES: dict[str, float] = {
     "logp_sum": 20.0,
     "logp_min": 10.0,
     "length": 32.0,
+    "opening_contradiction": 5.0,
+    "body_contradiction": 5.0,
+    "body_contradiction_sum": 10.0,
+    "body_confident_misses": 2.0,
 }
+OPENING = 2  # answer tokens in the opening: GLM's newline after <|assistant|> and the first word
 DEFAULT_FEATURES = VerifierConfig().features
 assert set(FEATURES) == set(VERIFIER_FEATURES)
 
@@ -94,10 +104,17 @@ def token_features(logprobs: Tensor, targets: Tensor, names: Sequence[str]) -> T
     top = logprobs.max(-1).values  # log m_t
     m = top.exp()
     regret = top - lp  # log(m_t / p_t) >= 0
+    c = m * regret
+    miss = ((m > 0.5) & (regret > 1e-6)).float()
+    body = c[OPENING:]
     values = {
-        "contradiction": (m * regret).max(),
-        "contradiction_sum": (m * regret).sum(),
-        "confident_misses": ((m > 0.5) & (regret > 1e-6)).sum().float(),
+        "contradiction": c.max(),
+        "contradiction_sum": c.sum(),
+        "confident_misses": miss.sum(),
+        "opening_contradiction": c[:OPENING].max(),
+        "body_contradiction": body.max() if len(body) else c.new_zeros(()),
+        "body_contradiction_sum": body.sum(),
+        "body_confident_misses": miss[OPENING:].sum(),
         "logp_sum": lp.sum(),
         "logp_min": lp.min(),
         "length": torch.tensor(float(len(targets))),

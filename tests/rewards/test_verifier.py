@@ -57,6 +57,12 @@ def test_features_against_hand_computed_values() -> None:
         "length": 3 / 32.0,
     }
     assert phi.tolist() == pytest.approx([expected[n] for n in ALL], abs=1e-6)
+    # opening (GLM's newline and the first word) vs body: a language switch is not a wrong value
+    probs = torch.tensor([[0.9, 0.05, 0.05], [0.7, 0.2, 0.1], [0.4, 0.35, 0.25], [0.9, 0.05, 0.05]])
+    split = ("opening_contradiction", "body_contradiction", "body_contradiction_sum", "body_confident_misses")
+    phi = token_features(probs.log(), torch.tensor([0, 1, 1, 2]), split)
+    opening, body = 0.7 * math.log(0.7 / 0.2), [0.4 * math.log(0.4 / 0.35), 0.9 * math.log(0.9 / 0.05)]
+    assert phi.tolist() == pytest.approx([opening / 5, max(body) / 5, sum(body) / 10, 1 / 2], abs=1e-6)
     # an unsure miss is no confident miss
     unsure = token_features(torch.tensor([[0.45, 0.3, 0.25]]).log(), torch.tensor([1]), ALL)
     assert unsure[ALL.index("confident_misses")] == 0
