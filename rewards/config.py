@@ -34,7 +34,9 @@ class VerifierConfig:
 
     enabled: bool = False
     lm: str = "init"  # a causal-LM GLM folder (same tokenizer), or "init": model.init_from
-    features: tuple[str, ...] = ("contradiction", "contradiction_sum", "confident_misses", "length")
+    features: tuple[str, ...] = (
+        "opening_contradiction", "body_contradiction", "body_contradiction_sum", "body_confident_misses"
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         bad = [f for f in self.features if f not in VERIFIER_FEATURES]
