@@ -20,11 +20,32 @@ class LoRAConfig:
     target_modules: tuple[str, ...] = LORA_TARGETS
 
 
-# rewards/verifier.py: statistics of a frozen LM's per-token predictions over the judged answer
-VERIFIER_FEATURES = (
-    "contradiction", "contradiction_sum", "confident_misses", "logp_sum", "logp_min", "length",
-    "opening_contradiction", "body_contradiction", "body_contradiction_sum", "body_confident_misses",
-)  # fmt: skip
+# rewards/verifier.py: statistics of a frozen LM's per-token predictions over the judged answer, each
+# divided by its scale so that all are O(1) for the optimiser (name -> scale)
+VERIFIER_FEATURES: dict[str, float] = {
+    "contradiction": 5.0,
+    "contradiction_sum": 10.0,
+    "confident_misses": 2.0,
+    "logp_sum": 20.0,
+    "logp_min": 10.0,
+    "length": 32.0,
+    "opening_contradiction": 5.0,
+    "body_contradiction": 5.0,
+    "body_contradiction_sum": 10.0,
+    "body_confident_misses": 2.0,
+}
+
+
+def check_verifier_features(names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The names as a tuple, or a ValueError naming the unknown / repeated ones and the choices."""
+    names = tuple(names)
+    bad = [n for n in names if n not in VERIFIER_FEATURES]
+    if bad or not names or len(set(names)) != len(names):
+        raise ValueError(
+            f"model.verifier.features {list(names)}: unknown {bad}, or empty, or a name repeated; "
+            f"choose from {list(VERIFIER_FEATURES)}"
+        )
+    return names
 
 
 @dataclass(frozen=True)
@@ -39,11 +60,7 @@ class VerifierConfig:
     )  # fmt: skip
 
     def __post_init__(self) -> None:
-        bad = [f for f in self.features if f not in VERIFIER_FEATURES]
-        if bad or not self.features:
-            raise ValueError(
-                f"model.verifier.features {list(self.features)}: unknown {bad}; choose from {list(VERIFIER_FEATURES)}"
-            )
+        check_verifier_features(self.features)
 
 
 @dataclass(frozen=True)

@@ -207,6 +207,13 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
 
 
+def own_lr_group(optimizer: torch.optim.Optimizer, param: nn.Parameter, lr_scale: float) -> None:
+    """Move ``param`` into a group of its own: no weight decay, lr = the schedule's lr x ``lr_scale``."""
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if p is not param]
+    optimizer.add_param_group({"params": [param], "weight_decay": 0.0, "lr_scale": lr_scale})
+
+
 def save_checkpoint(run_dir: Path, model: RewardModel, tokenizer, state: dict, keep: int, lora: bool) -> Path:
     final = run_dir / "checkpoints" / f"step_{state['step']:06d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -320,21 +327,12 @@ def train_reward_model(
     tie = TieParameter(loss_cfg.tie_model, loss_cfg.tie_param, K, loss_cfg.learn_tie_param).to(device)
     model.tie = tie  # a submodule, so the optimizer, strategy and checkpoints see it
     optimizer = make_optimizer(model, optim_cfg, device)
-    if tie.raw.requires_grad:  # its own group: no decay, its own lr (scaled by the same schedule)
-        for group in optimizer.param_groups:
-            group["params"] = [p for p in group["params"] if p is not tie.raw]
-        optimizer.add_param_group(
-            {"params": [tie.raw], "weight_decay": 0.0, "lr_scale": loss_cfg.tie_param_lr / optim_cfg.lr}
-        )
+    if tie.raw.requires_grad:
+        own_lr_group(optimizer, tie.raw, loss_cfg.tie_param_lr / optim_cfg.lr)
     if model.verifier_weight is not None and model.verifier_weight.requires_grad:
         # likelihood-feature weights: O(1) values on O(1) features, far from where the model's lr would get
-        # them in a few hundred steps; no decay, their own lr (scaled by the same schedule)
-        w = model.verifier_weight
-        for group in optimizer.param_groups:
-            group["params"] = [p for p in group["params"] if p is not w]
-        optimizer.add_param_group(
-            {"params": [w], "weight_decay": 0.0, "lr_scale": train_cfg.verifier_lr / optim_cfg.lr}
-        )
+        # them in a few hundred steps
+        own_lr_group(optimizer, model.verifier_weight, train_cfg.verifier_lr / optim_cfg.lr)
     model, optimizer = strategy.prepare(model, optimizer)
     core: RewardModel = strategy.unwrap(model)
 

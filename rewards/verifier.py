@@ -42,38 +42,12 @@ import torch
 from torch import Tensor, nn
 
 from pretrain.model import GLM
-from rewards.config import VERIFIER_FEATURES, VerifierConfig
+from rewards.config import VERIFIER_FEATURES, VerifierConfig, check_verifier_features
 
 VERIFIER_DIR = "verifier"
 ASSISTANT_TOKEN = "<|assistant|>"
-# name -> scale: each feature is divided by its scale so that all are O(1) for the optimiser
-FEATURES: dict[str, float] = {
-    "contradiction": 5.0,
-    "contradiction_sum": 10.0,
-    "confident_misses": 2.0,
-    "logp_sum": 20.0,
-    "logp_min": 10.0,
-    "length": 32.0,
-    "opening_contradiction": 5.0,
-    "body_contradiction": 5.0,
-    "body_contradiction_sum": 10.0,
-    "body_confident_misses": 2.0,
-}
 OPENING = 2  # answer tokens in the opening: GLM's newline after <|assistant|> and the first word
 DEFAULT_FEATURES = VerifierConfig().features
-assert set(FEATURES) == set(VERIFIER_FEATURES)
-
-
-def check_features(names: Sequence[str]) -> tuple[str, ...]:
-    names = tuple(names)
-    if not names:
-        raise ValueError(f"verifier features: give at least one of {sorted(FEATURES)}")
-    bad = [n for n in names if n not in FEATURES]
-    if bad:
-        raise ValueError(f"verifier features {bad} are unknown; choose from {sorted(FEATURES)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"verifier features {list(names)} repeat a name")
-    return names
 
 
 def answer_spans(
@@ -81,20 +55,21 @@ def answer_spans(
 ) -> list[tuple[int, int, int]]:
     """(row, first, last) per scored sequence: the answer's token positions, from the token after the last
     ``<|assistant|>`` before ``score_index`` (in the same packed document) to ``score_index`` itself. A
-    sequence without an assistant token (its prompt truncated away) is scored from its first token."""
-    T = input_ids.shape[1]
-    spans = []
-    for flat in score_index.tolist():
-        row, last = divmod(flat, T)
-        ids = input_ids[row, : last + 1]
-        start = 0
-        if doc_ids is not None:
-            same = (doc_ids[row, : last + 1] != doc_ids[row, last]).nonzero()
-            start = int(same[-1]) + 1 if len(same) else 0
-        hits = (ids[start:] == assistant_id).nonzero()
-        first = start + int(hits[-1]) + 1 if len(hits) else start + 1
-        spans.append((row, min(first, last), last))
-    return spans
+    sequence without an assistant token (its prompt truncated away) is scored from its second token."""
+    B, T = input_ids.shape
+    pos = torch.arange(T, device=input_ids.device).expand(B, T)
+    # running max over positions: the last assistant token so far, and the start of the current document
+    last_assistant = torch.where(input_ids == assistant_id, pos, -1).cummax(dim=1).values
+    if doc_ids is None:
+        doc_start = torch.zeros_like(pos)
+    else:
+        new_doc = torch.ones_like(doc_ids, dtype=torch.bool)
+        new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        doc_start = torch.where(new_doc, pos, 0).cummax(dim=1).values
+    rows, last = score_index // T, score_index % T
+    a, start = last_assistant[rows, last], doc_start[rows, last]
+    first = torch.where(a >= start, a + 1, start + 1).minimum(last)
+    return list(zip(rows.tolist(), first.tolist(), last.tolist(), strict=True))
 
 
 def token_features(logprobs: Tensor, targets: Tensor, names: Sequence[str]) -> Tensor:
@@ -119,7 +94,7 @@ def token_features(logprobs: Tensor, targets: Tensor, names: Sequence[str]) -> T
         "logp_min": lp.min(),
         "length": torch.tensor(float(len(targets))),
     }
-    return torch.stack([values[n] / FEATURES[n] for n in names])
+    return torch.stack([values[n] / VERIFIER_FEATURES[n] for n in names])
 
 
 class LikelihoodVerifier(nn.Module):
@@ -131,7 +106,7 @@ class LikelihoodVerifier(nn.Module):
             raise ValueError("the verifier needs a causal-LM GLM (with an lm_head), not a reward model")
         self.lm = lm.eval().requires_grad_(False)
         self.assistant_id = int(assistant_id)
-        self.names = check_features(names)
+        self.names = check_verifier_features(names)
 
     def train(self, mode: bool = True) -> LikelihoodVerifier:  # always in eval mode: it is never trained
         super().train(False)
