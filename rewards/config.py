@@ -101,7 +101,15 @@ class RewardTrainConfig:
     gradient_checkpointing: bool = False
     packing: bool = False  # padding-free batches (doc ids) instead of right padding
     verifier_lr: float = 0.02  # learning rate of the likelihood-feature weights (model.verifier)
+    # fit those weights alone on this many training pairs (cached features, L-BFGS) before the joint training
+    verifier_prefit_pairs: int = 0
     pack_tokens: int = 2048  # row length of packed batches
     num_threads: int | None = None
     strategy: Literal["single", "deepspeed"] = "single"
     zero_stage: int = 2
+
+    def __post_init__(self) -> None:
+        if self.verifier_prefit_pairs < 0:
+            raise ValueError(
+                f"train.verifier_prefit_pairs must be >= 0 (0 = off), got {self.verifier_prefit_pairs}"
+            )

@@ -329,9 +329,28 @@ def score_sequences(
     max_batch: int = 64,
 ) -> Tensor:
     """Rewards (N, K) of token sequences, in batches of similar length (sorted), returned in input order."""
+    return _in_length_batches(model, model, sequences, pad_id, len(model.heads), batch_tokens, max_batch)
+
+
+def verifier_features(
+    model: RewardModel,
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_tokens: int = 8192,
+    max_batch: int = 64,
+) -> Tensor:
+    """The likelihood features φ (N, F) of ``model.verifier`` on token sequences, in input order."""
+    if model.verifier is None:
+        raise ValueError("the reward model has no verifier (model.verifier.enabled)")
+    width = len(model.verifier.names)
+    return _in_length_batches(model, model.verifier, sequences, pad_id, width, batch_tokens, max_batch)
+
+
+def _in_length_batches(model, fn, sequences, pad_id, width, batch_tokens, max_batch) -> Tensor:
+    """``fn(**padded batch)`` (N, width) over sequences batched by similar length, under no_grad in eval."""
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    out = torch.empty(len(sequences), len(model.heads))
+    out = torch.empty(len(sequences), width)
     start = 0
     was_training = model.training
     model.eval()
@@ -348,7 +367,7 @@ def score_sequences(
             idx = order[start:end]
             batch = padded_batch([sequences[i] for i in idx], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            out[idx] = model(**batch).cpu()
+            out[idx] = fn(**batch).float().cpu()
             start = end
     model.train(was_training)
     return out

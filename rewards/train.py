@@ -44,7 +44,7 @@ from rewards.config import LoRAConfig, RewardLossConfig, RewardTrainConfig
 from rewards.data import EncodedPair
 from rewards.evaluate import pairwise_metrics
 from rewards.losses import TIE_PARAM_TRANSFORMS, centering_loss, label_mask, multi_head_loss
-from rewards.model import RewardModel, packed_batch, padded_batch, score_sequences
+from rewards.model import RewardModel, packed_batch, padded_batch, score_sequences, verifier_features
 from rewards.strategy import SingleDevice
 
 # ----------------------------------------------------------------------------------------------------------
@@ -197,6 +197,61 @@ def evaluate_pairs(
             d = (chosen[strict, k] - rejected[strict, k]) * labels[strict, k]
             metrics[f"accuracy/{head}"] = float(((d > 0).float() + 0.5 * (d == 0).float()).mean())
     return metrics, chosen, rejected
+
+
+def prefit_verifier(
+    model: RewardModel,
+    pairs: Sequence[EncodedPair],
+    pad_id: int,
+    loss_cfg: RewardLossConfig,
+    tie: TieParameter,
+    max_iter: int = 100,
+) -> dict[str, Any]:
+    """Fit the likelihood-feature weights W (and the tie parameter) alone, by the training loss on ``pairs``,
+    before the joint training; the backbone and the head are not touched.
+
+    The verifier is frozen, so its features are computed once and the fit is a small convex problem (full
+    batch, L-BFGS). Started from W = 0 instead, the head learns the surface features that stand in for a
+    value check in the first steps (filler and the other language come with right values in the world) and
+    keeps them after W has caught up (docs/rewards.md, "Likelihood features"). Returns the fit's summary."""
+    n = len(pairs)
+    phi = verifier_features(model, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], pad_id)
+    phi_c, phi_r = phi[:n].double(), phi[n:].double()  # (n, F)
+    t = pair_tensors(pairs, "cpu")
+    weight = t["weight"].double() if loss_cfg.weights != "none" else torch.ones(n, dtype=torch.float64)
+    margin = t["margin"].double() * loss_cfg.margin_scale if loss_cfg.use_margin else None
+    norm = (weight[:, None] * label_mask(t["labels"], loss_cfg.tie_model)).sum(0).clamp_min(1e-9)  # (K,)
+    W = torch.zeros_like(model.verifier_weight, dtype=torch.float64, device="cpu").requires_grad_(True)
+    raw = tie.raw.detach().double().cpu().clone().requires_grad_(tie.raw.requires_grad)
+    params = [W] + ([raw] if raw.requires_grad else [])
+    opt = torch.optim.LBFGS(params, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def loss_at() -> Tensor:
+        loss, _ = multi_head_loss(
+            phi_c @ W.T, phi_r @ W.T, t["labels"], loss_cfg.tie_model, tie.transform(raw), margin, weight, norm
+        )
+        return loss
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = loss_at()
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        before = float(loss_at())
+    opt.step(closure)
+    with torch.no_grad():
+        after = float(loss_at())
+        d = (phi_c - phi_r) @ W.T  # (n, K)
+        strict = (t["labels"][:, 0] == 1) | (t["labels"][:, 0] == -1)
+        acc = float(((d[strict, 0] * t["labels"][strict, 0]) > 0).double().mean()) if strict.any() else math.nan
+    if not math.isfinite(after):
+        raise ValueError("train.verifier_prefit_pairs: the feature-weight fit diverged (non-finite loss)")
+    model.verifier_weight.data.copy_(W.detach().to(model.verifier_weight))
+    tie.raw.data.copy_(raw.detach().to(tie.raw))
+    return {"pairs": n, "loss_before": before, "loss_after": after, "train_accuracy": acc,
+            "weight": W.detach().tolist()}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -385,6 +440,16 @@ def train_reward_model(
         return metrics
 
     summary: dict[str, Any] = {"start_step": step, "max_steps": max_steps, "train_pairs": len(train_pairs)}
+    if step == 0 and core.verifier is not None and train_cfg.verifier_prefit_pairs > 0:
+        take = np.random.default_rng(seed).permutation(len(train_pairs))[: train_cfg.verifier_prefit_pairs]
+        summary["verifier_prefit"] = fit = prefit_verifier(
+            core, [train_pairs[i] for i in sorted(take)], pad_id, loss_cfg, tie
+        )
+        names = ", ".join(f"{n} {w:+.3f}" for n, w in zip(core.verifier.names, fit["weight"][0], strict=True))
+        log(
+            f"verifier weights fitted on {fit['pairs']} train pairs (loss {fit['loss_before']:.3f} -> "
+            f"{fit['loss_after']:.3f}, accuracy {fit['train_accuracy']:.3f}): {names}"
+        )
     if step == 0 and eval_pairs:
         summary["eval_before"] = m0 = run_eval()
         write({"kind": "eval", "step": 0, **m0})

@@ -99,6 +99,16 @@ def _vb(batch):
     return {k: batch[k] for k in ("input_ids", "score_index", "attention_mask")}
 
 
+def _shorter_wins(tok, records):
+    """The planted preference: of two answers, the one with fewer tokens (by a margin of two) is better."""
+    out = []
+    for r in records:
+        a, b = sorted((r.chosen, r.rejected), key=lambda s: len(tok(s)["input_ids"]))
+        if len(tok(a)["input_ids"]) + 1 < len(tok(b)["input_ids"]):
+            out.append(r.__class__.from_dict({"prompt": r.prompt, "chosen": a, "rejected": b}))
+    return out
+
+
 def test_the_preference_loss_learns_the_feature_weights(tiny_tokenizer, tmp_path) -> None:
     """Planted: the shorter answer is better. With the backbone's lr at zero, only the verifier weights can
     learn it, through the `length` feature: its weight turns negative and held-out accuracy is high."""
@@ -106,17 +116,8 @@ def test_the_preference_loss_learns_the_feature_weights(tiny_tokenizer, tmp_path
     from rewards.train import train_reward_model
 
     tok = tiny_tokenizer
-
-    def shorter_wins(records):
-        out = []
-        for r in records:
-            a, b = sorted((r.chosen, r.rejected), key=lambda s: len(tok(s)["input_ids"]))
-            if len(tok(a)["input_ids"]) + 1 < len(tok(b)["input_ids"]):
-                out.append(r.__class__.from_dict({"prompt": r.prompt, "chosen": a, "rejected": b}))
-        return out
-
-    train, _ = encode_pairs(tok, shorter_wins(planted_records(200, seed=0)), 96)
-    held, _ = encode_pairs(tok, shorter_wins(planted_records(80, seed=1)), 96)
+    train, _ = encode_pairs(tok, _shorter_wins(tok, planted_records(200, seed=0)), 96)
+    held, _ = encode_pairs(tok, _shorter_wins(tok, planted_records(80, seed=1)), 96)
     model = RewardModel(tiny_glm(tok)).attach_verifier(_verifier(tok, names=("length", "logp_sum")))
     head_before = model.score.weight.detach().clone()
     summary = train_reward_model(
@@ -129,6 +130,38 @@ def test_the_preference_loss_learns_the_feature_weights(tiny_tokenizer, tmp_path
     assert model.verifier_weight[0, 0] < -0.5, model.verifier_weight
     assert summary["eval_before"]["accuracy"] < 0.8
     assert summary["eval_after"]["accuracy"] > 0.9, summary["eval_after"]
+
+
+def test_prefit_fits_the_feature_weights_alone(tiny_tokenizer, tmp_path) -> None:
+    """train.verifier_prefit_pairs: the weights are fitted on cached features before training (L-BFGS on
+    the same loss); the backbone and head stay as they were; the planted "shorter wins" is found at once."""
+    from pretrain.train import OptimConfig
+    from rewards.train import TieParameter, prefit_verifier, train_reward_model
+
+    tok = tiny_tokenizer
+    train, _ = encode_pairs(tok, _shorter_wins(tok, planted_records(200, seed=0)), 96)
+    held, _ = encode_pairs(tok, _shorter_wins(tok, planted_records(80, seed=1)), 96)
+    model = RewardModel(tiny_glm(tok)).attach_verifier(_verifier(tok, names=("length", "logp_sum")))
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("verifier")}
+    tie = TieParameter("davidson", 1.0, 1, learn=True)
+    fit = prefit_verifier(model, train, reward_pad_id(tok), RewardLossConfig(tie_model="davidson"), tie)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert fit["loss_after"] < fit["loss_before"] and fit["train_accuracy"] > 0.9, fit
+    assert model.verifier_weight[0, 0] < -0.5
+    assert fit["weight"][0][0] == pytest.approx(model.verifier_weight[0, 0].item(), rel=1e-6)
+    assert tie().item() < 0.5  # no ties in these pairs: Davidson's nu is driven down with the weights
+    # inside the trainer, with the backbone's lr ~0: held-out accuracy is high before the first step
+    model = RewardModel(tiny_glm(tok)).attach_verifier(_verifier(tok, names=("length", "logp_sum")))
+    summary = train_reward_model(
+        model, tok, train, held, RewardLossConfig(tie_model="drop"),
+        OptimConfig(lr=1e-12, warmup_steps=0, weight_decay=0.0),
+        RewardTrainConfig(batch_size=16, max_steps=1, eval_every=1000, log_every=1, verifier_prefit_pairs=150),
+        tmp_path, reward_pad_id(tok), log=lambda s: None,
+    )  # fmt: skip
+    assert summary["verifier_prefit"]["pairs"] == 150
+    assert summary["eval_before"]["accuracy"] > 0.9, summary["eval_before"]
+    with pytest.raises(ValueError, match="verifier_prefit_pairs must be >= 0"):
+        RewardTrainConfig(verifier_prefit_pairs=-1)
 
 
 def test_bad_verifier_settings_are_named(tiny_tokenizer, tmp_path) -> None:
