@@ -227,8 +227,9 @@ def prefit_verifier(
     opt = torch.optim.LBFGS(params, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def loss_at() -> Tensor:
+        y, tie_param = t["labels"], tie.transform(raw)
         loss, _ = multi_head_loss(
-            phi_c @ W.T, phi_r @ W.T, t["labels"], loss_cfg.tie_model, tie.transform(raw), margin, weight, norm
+            phi_c @ W.T, phi_r @ W.T, y, loss_cfg.tie_model, tie_param, margin, weight, norm
         )
         return loss
 
@@ -244,8 +245,9 @@ def prefit_verifier(
     with torch.no_grad():
         after = float(loss_at())
         d = (phi_c - phi_r) @ W.T  # (n, K)
-        strict = (t["labels"][:, 0] == 1) | (t["labels"][:, 0] == -1)
-        acc = float(((d[strict, 0] * t["labels"][strict, 0]) > 0).double().mean()) if strict.any() else math.nan
+        y = t["labels"][:, 0]
+        strict = (y == 1) | (y == -1)
+        acc = float(((d[strict, 0] * y[strict]) > 0).double().mean()) if strict.any() else math.nan
     if not math.isfinite(after):
         raise ValueError("train.verifier_prefit_pairs: the feature-weight fit diverged (non-finite loss)")
     model.verifier_weight.data.copy_(W.detach().to(model.verifier_weight))
