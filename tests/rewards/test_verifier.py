@@ -109,23 +109,29 @@ def _shorter_wins(tok, records):
     return out
 
 
+def _train_frozen_backbone(model, tok, train, held, run_dir, **train_cfg):
+    """``train_reward_model`` with the backbone's and head's lr ~0 (only the verifier weights can learn)."""
+    from pretrain.train import OptimConfig
+    from rewards.train import train_reward_model
+
+    return train_reward_model(
+        model, tok, train, held, RewardLossConfig(tie_model="drop"),
+        OptimConfig(lr=1e-12, warmup_steps=0, weight_decay=0.0),
+        RewardTrainConfig(batch_size=16, eval_every=1000, log_every=10, **train_cfg),
+        run_dir, reward_pad_id(tok), log=lambda s: None,
+    )  # fmt: skip
+
+
 def test_the_preference_loss_learns_the_feature_weights(tiny_tokenizer, tmp_path) -> None:
     """Planted: the shorter answer is better. With the backbone's lr at zero, only the verifier weights can
     learn it, through the `length` feature: its weight turns negative and held-out accuracy is high."""
-    from pretrain.train import OptimConfig
-    from rewards.train import train_reward_model
 
     tok = tiny_tokenizer
     train, _ = encode_pairs(tok, _shorter_wins(tok, planted_records(200, seed=0)), 96)
     held, _ = encode_pairs(tok, _shorter_wins(tok, planted_records(80, seed=1)), 96)
     model = RewardModel(tiny_glm(tok)).attach_verifier(_verifier(tok, names=("length", "logp_sum")))
     head_before = model.score.weight.detach().clone()
-    summary = train_reward_model(
-        model, tok, train, held, RewardLossConfig(tie_model="drop"),
-        OptimConfig(lr=1e-12, warmup_steps=0, weight_decay=0.0),
-        RewardTrainConfig(batch_size=16, max_steps=30, eval_every=1000, log_every=10, verifier_lr=0.1),
-        tmp_path, reward_pad_id(tok), log=lambda s: None,
-    )  # fmt: skip
+    summary = _train_frozen_backbone(model, tok, train, held, tmp_path, max_steps=30, verifier_lr=0.1)
     assert torch.allclose(model.score.weight, head_before, atol=1e-6)  # lr ~0: only the verifier moved
     assert model.verifier_weight[0, 0] < -0.5, model.verifier_weight
     assert summary["eval_before"]["accuracy"] < 0.8
@@ -135,8 +141,7 @@ def test_the_preference_loss_learns_the_feature_weights(tiny_tokenizer, tmp_path
 def test_prefit_fits_the_feature_weights_alone(tiny_tokenizer, tmp_path) -> None:
     """train.verifier_prefit_pairs: the weights are fitted on cached features before training (L-BFGS on
     the same loss); the backbone and head stay as they were; the planted "shorter wins" is found at once."""
-    from pretrain.train import OptimConfig
-    from rewards.train import TieParameter, prefit_verifier, train_reward_model
+    from rewards.train import TieParameter, prefit_verifier
 
     tok = tiny_tokenizer
     train, _ = encode_pairs(tok, _shorter_wins(tok, planted_records(200, seed=0)), 96)
@@ -152,12 +157,9 @@ def test_prefit_fits_the_feature_weights_alone(tiny_tokenizer, tmp_path) -> None
     assert tie().item() < 0.5  # no ties in these pairs: Davidson's nu is driven down with the weights
     # inside the trainer, with the backbone's lr ~0: held-out accuracy is high before the first step
     model = RewardModel(tiny_glm(tok)).attach_verifier(_verifier(tok, names=("length", "logp_sum")))
-    summary = train_reward_model(
-        model, tok, train, held, RewardLossConfig(tie_model="drop"),
-        OptimConfig(lr=1e-12, warmup_steps=0, weight_decay=0.0),
-        RewardTrainConfig(batch_size=16, max_steps=1, eval_every=1000, log_every=1, verifier_prefit_pairs=150),
-        tmp_path, reward_pad_id(tok), log=lambda s: None,
-    )  # fmt: skip
+    summary = _train_frozen_backbone(
+        model, tok, train, held, tmp_path, max_steps=1, verifier_prefit_pairs=150
+    )
     assert summary["verifier_prefit"]["pairs"] == 150
     assert summary["eval_before"]["accuracy"] > 0.9, summary["eval_before"]
     with pytest.raises(ValueError, match="verifier_prefit_pairs must be >= 0"):
