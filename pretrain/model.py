@@ -103,6 +103,11 @@ class KVCache:
     def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v (B, K, T, hd) after the cached positions; return every key / value (B, K, S, hd)."""
         start, end = self.length, self.length + k.shape[2]
+        if k.device != self.keys[layer_idx].device:
+            raise ValueError(
+                f"KVCache: the cache is on {self.keys[layer_idx].device} but the model's keys are on {k.device}; "
+                f"build it with KVCache(..., device={str(k.device)!r})"
+            )
         if end > self.max_len:
             raise ValueError(f"KVCache: {end} positions do not fit in max_len={self.max_len}")
         self.keys[layer_idx][:, :, start:end] = k

@@ -253,6 +253,13 @@ def test_kv_cache_overflow_is_an_error():
         random_glm(cfg)(torch.zeros(1, 5, dtype=torch.long), kv_cache=KVCache(cfg, 1, max_len=4))
 
 
+def test_kv_cache_on_another_device_than_the_model_is_an_error():
+    cfg = small_config()
+    cache = KVCache(cfg, 1, max_len=8, device="meta")  # the model runs on the CPU
+    with pytest.raises(ValueError, match=r"cache is on meta.*device='cpu'"):
+        random_glm(cfg)(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Loss, init, training features
 

@@ -16,8 +16,9 @@ log-probs at 32 x 1,024 tokens. bf16 throughout.
 
 Baselines: "eager" is the plain PyTorch a user would write (``transformers``' GLM modules and functions where
 they exist), "compile" is ``torch.compile`` of that same function, "liger" is Liger-Kernel (``pip install
-liger-kernel``; RMSNorm, fused add + RMSNorm when the installed version has it, SwiGLU on separate gate and
-up tensors (Liger's layout; ours reads the fused gate-first gate_up), fused linear CE). Liger has no GLM
+liger-kernel``; RMSNorm, fused add + RMSNorm when the installed version has it, SwiGLU as its GLM-4 patch
+runs it on the fused gate_up (chunk, then its function) and, as "liger_sep", on separate contiguous gate and up
+tensors (its own layout, for reference), fused linear CE). Liger has no GLM
 (partial, interleaved) rotary and no selective log-prob op: those columns are absent. When Liger cannot be
 imported or run (no GPU), its columns are skipped and its targets print SKIP.
 
@@ -42,11 +43,13 @@ import csv  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import asdict, dataclass, fields  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+import torch._functorch.config as torch_functorch_config  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------
@@ -365,11 +368,16 @@ def bench_swiglu(bench: Bench, shapes: Shapes, liger: dict, dtype: torch.dtype) 
         inputs = [gate_up]
         notes = {}
         if "swiglu" in liger:
+            # "liger": as Liger's GLM-4 patch runs it (LigerPhi3SwiGLUMLP: chunk the fused gate_up, then its
+            # function, which makes the halves contiguous). "liger_sep": Liger's best case, gate and up
+            # already separate contiguous tensors (not GLM's layout; for reference, no target).
+            forwards["liger"] = lambda g=gate_up: liger["swiglu"].apply(*g.chunk(2, dim=-1))
+            notes["liger"] = "Liger's GLM-4 path: chunk(gate_up) + LigerSiLUMulFunction"
             gate = torch.randn(n, inter, device=bench.device, dtype=dtype, requires_grad=True)
             up = torch.randn(n, inter, device=bench.device, dtype=dtype, requires_grad=True)
-            forwards["liger"] = lambda g=gate, u=up: liger["swiglu"].apply(g, u)
+            forwards["liger_sep"] = lambda g=gate, u=up: liger["swiglu"].apply(g, u)
             inputs += [gate, up]
-            notes["liger"] = "separate gate / up tensors (Liger's layout)"
+            notes["liger_sep"] = "separate contiguous gate / up tensors (Liger's own layout, not GLM's)"
         elem = gate_up.element_size()
         work = {
             "fwd": 3 * n * inter * elem / 1e9,
@@ -662,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.tokens:
         shapes = Shapes(**{**asdict(shapes), "tokens": tuple(args.tokens)})
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    # The bwd-only timing replays one retained graph; compiled backwards donate their saved buffers unless
+    # told not to, and then refuse retain_graph.
+    torch_functorch_config.donated_buffer = False
     bench = Bench(device, args.dry_run)
     bench.measure_ceilings()
     liger = {} if args.no_liger else liger_modules()
@@ -675,11 +686,18 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     rows: list[Row] = []
-    for op in args.ops:
-        rows += BENCHES[op](bench, shapes, liger, dtype)
-
+    failed: list[str] = []
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, args.out / "bench_kernels.csv")
+    for op in args.ops:
+        try:
+            rows += BENCHES[op](bench, shapes, liger, dtype)
+        except Exception:  # noqa: BLE001 - one broken op must not lose the others' figures
+            traceback.print_exc()
+            print(f"  {op}: FAILED (traceback above); going on with the other ops", flush=True)
+            failed.append(op)
+        if cuda:
+            torch.cuda.empty_cache()
+        write_csv(rows, args.out / "bench_kernels.csv")  # after every op: a killed run keeps what it had
     ceilings = (
         f"copy {bench.copy_gbps:.0f} GB/s, matmul {bench.matmul_tflops:.0f} TFLOP/s"
         if bench.copy_gbps
@@ -690,6 +708,9 @@ def main(argv: list[str] | None = None) -> int:
     print("targets:")
     for line in check_targets(rows, bench, shapes):
         print("  " + line)
+    if failed:
+        print(f"ops that failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

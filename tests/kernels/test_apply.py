@@ -167,7 +167,7 @@ def test_our_glm_padding_kv_cache_and_checkpointing_with_kernels():
     with torch.no_grad():
         assert max_diff(model(input_ids, attention_mask=attention_mask).logits, padded) <= TOL
         full = model(input_ids).logits
-        cache = KVCache(model.config, batch_size=2, max_len=8)
+        cache = KVCache(model.config, batch_size=2, max_len=8, device=input_ids.device)
         steps = [model(input_ids[:, :5], kv_cache=cache).logits]
         steps += [model(input_ids[:, t : t + 1], kv_cache=cache).logits for t in (5, 6)]
     assert max_diff(torch.cat(steps, dim=1), full) <= TOL
@@ -278,7 +278,11 @@ def test_hf_glm_same_outputs_with_kernels_and_remove_restores(post_norms, attn_i
     k_logits, k_loss, k_train, k_grads = run()
     assert all(launches[k] > 0 for k in launches), launches
     assert k_train.logits is None and plain_train.logits is not None  # training with labels: fused, as Liger
-    assert max_diff(k_logits, logits) <= TOL and max_diff(k_loss, loss) <= TOL
+    # Padded query positions attend to nothing real; what they output is undefined (HF's eager softmax over
+    # its finfo.min mask and CUDA's SDPA kernels disagree there), so only real positions are compared.
+    real = attention_mask.bool()
+    assert torch.isfinite(k_logits).all()
+    assert max_diff(k_logits[real], logits[real]) <= TOL and max_diff(k_loss, loss) <= TOL
     assert max_diff(k_train.loss, plain_train.loss) <= TOL
     assert grads.keys() == k_grads.keys()
     for name, g in grads.items():
