@@ -94,13 +94,13 @@ def test_fp32_loss_and_gradients_match_reference(case):
 
 
 def test_default_chunking_and_leading_dims():
-    # (B, T, D) hidden with (B, T) labels, the default chunk size (2 rows here: 19 chunks).
+    # (B, T, D) hidden with (B, T) labels, the default chunk size (4 rows here: 10 chunks).
     hidden, weight, _, labels = make_inputs(seed=2)
-    assert default_chunk_size(N, D, V) == 2
+    assert default_chunk_size(N, D, V) == 4
     got = run(fused_linear_cross_entropy, hidden[:36].view(4, 9, D), weight, None, labels[:36].view(4, 9))
     want = run(linear_cross_entropy_ref, hidden[:36].view(4, 9, D), weight, None, labels[:36].view(4, 9))
     assert_all_fp32_close(got, want)
-    assert default_chunk_size(32768, 4096, 151552) == 1024  # GLM-4-9B: chunk logits ~ the hidden input
+    assert default_chunk_size(32768, 4096, 151552) == 2048  # GLM-4-9B: chunk logits ~ 2x the hidden input
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -225,8 +225,13 @@ def test_glm4_9b_vocab_on_gpu_without_full_logits():
     base = torch.cuda.memory_allocated()
     kernel = run(fused_linear_cross_entropy, hidden, weight, None, labels)
     peak = torch.cuda.max_memory_allocated() - base
-    # the (n, V) bf16 logits alone would be 1.24 GB; the fused op holds ~ d weight (fp32) + one chunk
-    assert peak < 2 * v * d * 4 + 4 * n * d * 2, f"peak {peak / 2**30:.2f} GiB"
+    # run() clones hidden and weight (bf16); the op itself holds d weight in fp32 and its bf16 cast, d hidden and
+    # one chunk of logits (256 rows here: fp32 logits + bf16 gradient). The (n, V) fp32 logits alone would be
+    # 2.5 GB: what is left beyond the known buffers must be far under that.
+    known = v * d * (2 + 4 + 2) + n * d * 2 * 2
+    assert peak - known < n * v * 4 / 8, (
+        f"peak {peak / 2**30:.2f} GiB, {(peak - known) / 2**20:.0f} MiB unexplained"
+    )
     plain = run(plain_loss, hidden, weight, None, labels)
     reference = run(linear_cross_entropy_ref, hidden, weight, None, labels, torch.float32)
     for name, k, p, r in zip(NAMES, kernel, plain, reference, strict=True):
