@@ -3,6 +3,7 @@
 #
 #   bash .ci/gpu.sh env tests kernels        # stages run in the order given
 #   KERNEL_ARGS="--ops fused_linear_ce logprobs" bash .ci/gpu.sh kernels
+#   TESTS="tests/kernels tests/test_model.py" TEST_K="apply or gpu" bash .ci/gpu.sh tests
 #
 # Stages: env (device, versions), tests (every kernel test natively on the GPU, the `gpu`-marked ones
 # too), kernels (kernels.bench.bench_kernels), sweep (kernels.bench.sweep_lm_head), pretrain (pretrain.bench_throughput, ours vs HF GLM),
@@ -42,7 +43,7 @@ for stage in "$@"; do
         ;;
     tests)
         run tests_kernels "${TESTS_TIMEOUT:-300}" $PY -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
-            -n "${TEST_WORKERS:-4}" tests/kernels ${TEST_ARGS:-}
+            -n "${TEST_WORKERS:-4}" ${TESTS:-tests/kernels} ${TEST_K:+-k "$TEST_K"}
         ;;
     kernels)
         run bench_kernels "${BENCH_TIMEOUT:-480}" $PY -m kernels.bench.bench_kernels --out "$OUT/kernels" ${KERNEL_ARGS:-}

@@ -341,7 +341,10 @@ def bench_add_rmsnorm(bench: Bench, shapes: Shapes, liger: dict, dtype: torch.dt
     h = shapes.hidden
     for n in shapes.tokens:
         x = torch.randn(n, h, device=bench.device, dtype=dtype, requires_grad=True)
-        res = torch.randn(n, h, device=bench.device, dtype=dtype, requires_grad=True)
+        # In a model x and the residual are both outputs of earlier ops and receive d(x + residual) by
+        # reference. Two leaves would each copy it into their .grad (a pass over the tensor that no model
+        # makes, for every provider alike), so here only x is a leaf that takes a gradient.
+        res = torch.randn(n, h, device=bench.device, dtype=dtype)
         weight = torch.nn.Parameter(torch.rand(h, device=bench.device, dtype=dtype) + 0.5)
         dy, dres = torch.randn_like(x), torch.randn_like(x)
         eager = GlmRMSNorm(h, EPS).to(bench.device, dtype)
