@@ -47,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="also time both models with kernels.apply_kernels (Triton RMSNorm, SwiGLU, rotary, fused CE)",
+    )
     return p.parse_args(argv)
 
 
@@ -109,14 +114,23 @@ def main(argv: list[str] | None = None) -> dict:
     ours, hf = build_models(cfg, device, dtype)
     input_ids = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len), device=device)
     steps = {"ours": make_step(ours, False, input_ids), "hf": make_step(hf, True, input_ids)}
+    if args.kernels:
+        import copy
+
+        from kernels import apply_kernels
+
+        for name, model, is_hf in (("ours+kernels", ours, False), ("hf+kernels", hf, True)):
+            twin = copy.deepcopy(model)
+            apply_kernels(twin)
+            steps[name] = make_step(twin, is_hf, input_ids)
 
     first_loss = {name: step() for name, step in steps.items()}  # same weights, same batch: same loss
     for _ in range(args.warmup - 1):
         for step in steps.values():
             step()
-    times: dict[str, list[float]] = {"ours": [], "hf": []}
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(args.steps):
-        order = ("ours", "hf") if i % 2 == 0 else ("hf", "ours")
+        order = list(steps) if i % 2 == 0 else list(reversed(steps))
         for name in order:
             times[name].append(timed(steps[name], device)[0])
 
@@ -154,11 +168,15 @@ def main(argv: list[str] | None = None) -> dict:
         f"{ours.num_params() / 1e6:.2f}M params | batch {args.batch_size} x {args.seq_len} | {args.dtype} | "
         f"{device} ({torch.get_num_threads()} threads) | median of {args.steps} after {args.warmup} warm-up"
     )
-    print(f"first-step loss: ours {first_loss['ours']:.6f}  hf {first_loss['hf']:.6f}")
-    print(f"{'model':<24}{'ms/step':>10}{'min ms':>10}{'tokens/s':>12}")
-    for name, label in (("ours", "ours (pretrain.model)"), ("hf", "transformers Glm")):
+    print("first-step loss: " + "  ".join(f"{name} {loss:.6f}" for name, loss in first_loss.items()))
+    labels = {"ours": "ours (pretrain.model)", "hf": "transformers Glm"}
+    print(f"{'model':<24}{'ms/step':>10}{'min ms':>10}{'tokens/s':>12}{'vs HF':>8}")
+    for name in times:
         r = results[name]
-        print(f"{label:<24}{r['ms_per_step']:>10.1f}{r['min_ms_per_step']:>10.1f}{r['tokens_per_s']:>12,.0f}")
+        print(
+            f"{labels.get(name, name):<24}{r['ms_per_step']:>10.1f}{r['min_ms_per_step']:>10.1f}"
+            f"{r['tokens_per_s']:>12,.0f}{results['hf']['ms_per_step'] / r['ms_per_step']:>7.2f}x"
+        )
     print(
         f"speed ours/HF: {results['speedup_ours_over_hf']:.3f}x (medians), "
         f"{results['paired_speedup_ours_over_hf']:.3f}x (median of paired steps)"
