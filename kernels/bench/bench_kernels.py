@@ -663,23 +663,68 @@ def write_csv(rows: list[Row], path: Path) -> None:
             writer.writerow(asdict(r))
 
 
+PROVIDER_COLORS = {"eager": "tab:orange", "compile": "tab:blue", "liger": "tab:green", "liger_sep": "tab:olive",
+                   "separate": "tab:gray", "triton": "tab:red"}  # fmt: skip
+
+
+def read_csv(path: Path) -> list[Row]:
+    """Rows back from a ``bench_kernels.csv`` (to re-plot a run made elsewhere)."""
+    types = {f.name: f.type for f in fields(Row)}
+    rows = []
+    with path.open() as f:
+        for record in csv.DictReader(f):
+            values = {}
+            for name, text in record.items():
+                if name in ("op", "provider", "mode", "unit", "note"):
+                    values[name] = text
+                elif text in ("", "None"):
+                    values[name] = None
+                else:
+                    values[name] = int(text) if types[name] == "int" else float(text)
+            rows.append(Row(**values))
+    return rows
+
+
 def plot(rows: list[Row], path: Path, title: str) -> None:
+    """Top: fwd+bwd time per provider (a log-scale line over the token sweep, bars for one size).
+    Bottom: peak extra memory of that pass. One colour per provider in every panel; ours is red."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ops = [op for op in BENCHES if any(r.op == op for r in rows)]
-    fig, axes = plt.subplots(1, max(len(ops), 1), figsize=(4.2 * max(len(ops), 1), 3.6), squeeze=False)
-    for ax, op in zip(axes[0], ops, strict=False):
+    n = max(len(ops), 1)
+    fig, axes = plt.subplots(2, n, figsize=(3.6 * n, 6.0), squeeze=False)
+    for col, op in enumerate(ops):
         op_rows = [r for r in rows if r.op == op and r.mode == "full" and r.ms is not None]
-        for provider in sorted({r.provider for r in op_rows}):
-            pts = sorted((r.tokens, r.ms) for r in op_rows if r.provider == provider)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
-        ax.set_title(f"{op} (fwd+bwd)")
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("ms")
-        ax.legend(fontsize=7)
+        providers = [p for p in PROVIDER_COLORS if any(r.provider == p for r in op_rows)]
+        sizes = sorted({r.tokens for r in op_rows})
+        time_ax, mem_ax = axes[0][col], axes[1][col]
+        for i, provider in enumerate(providers):
+            pts = sorted((r.tokens, r.ms, r.peak_mem_mb or 0.0) for r in op_rows if r.provider == provider)
+            color = PROVIDER_COLORS[provider]
+            if len(sizes) > 1:
+                xs = [p[0] for p in pts]
+                time_ax.plot(xs, [p[1] for p in pts], marker="o", color=color, label=provider)
+                mem_ax.plot(xs, [p[2] for p in pts], marker="o", color=color, label=provider)
+            else:
+                time_ax.bar(i, pts[0][1], color=color, label=provider)
+                mem_ax.bar(i, pts[0][2], color=color, label=provider)
+        if len(sizes) == 1:
+            for ax in (time_ax, mem_ax):
+                ax.set_xticks(range(len(providers)), providers, rotation=30, fontsize=7)
+            time_ax.set_title(f"{op} (fwd+bwd, {sizes[0]} tokens)", fontsize=9)
+            time_ax.set_ylabel("ms")
+        else:
+            time_ax.set_xscale("log", base=2)
+            mem_ax.set_xscale("log", base=2)
+            mem_ax.set_xlabel("tokens")
+            time_ax.set_title(f"{op} (fwd+bwd)", fontsize=9)
+            time_ax.set_yscale("log")
+            time_ax.set_ylabel("ms (log)")
+        mem_ax.set_ylabel("peak extra MiB")
+        time_ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -694,11 +739,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/bench_kernels"))
     p.add_argument("--dry-run", action="store_true", help="tiny shapes, CPU interpreter ok, no claims")
     p.add_argument("--no-liger", action="store_true", help="leave the Liger-Kernel columns out")
+    p.add_argument("--replot", type=Path, default=None, help="only redraw the plot of this bench_kernels.csv")
+    p.add_argument("--title", default=None, help="plot title with --replot")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot is not None:
+        out = args.replot.with_suffix(".png")
+        plot(read_csv(args.replot), out, args.title or str(args.replot))
+        print(f"wrote {out}")
+        return 0
     cuda = torch.cuda.is_available()
     if not cuda and not args.dry_run:
         print("bench_kernels: needs a CUDA GPU (use --dry-run to check the script on a CPU)", file=sys.stderr)

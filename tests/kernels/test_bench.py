@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.bench.bench_kernels import GLM4_9B, Bench, Row, check_targets
+from kernels.bench.bench_kernels import GLM4_9B, Bench, Row, check_targets, main, read_csv, write_csv
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,6 +56,15 @@ def test_targets_pass_fail_and_skip():
     assert check_targets([], dry, GLM4_9B) == [
         "DRY-RUN: no timing claims (targets are checked only on a CUDA GPU)"
     ]
+
+
+def test_csv_round_trip_and_replot(tmp_path):
+    rows = synthetic_rows(2.0, 0.9, 0.1, liger=True)
+    rows.append(Row("rmsnorm", "eager", "full", 4096, None, None, "GB/s", None, None, "OOM"))
+    write_csv(rows, tmp_path / "run.csv")
+    assert read_csv(tmp_path / "run.csv") == rows
+    assert main(["--replot", str(tmp_path / "run.csv"), "--title", "synthetic"]) == 0
+    assert (tmp_path / "run.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
