@@ -6,7 +6,8 @@ functional form, module); docs/kernels.md describes them all:
 - ``kernels.rmsnorm``: ``rmsnorm``, ``rmsnorm_add`` (fused residual add), ``TritonRMSNorm``
 - ``kernels.swiglu``: ``swiglu`` on the fused gate-first ``gate_up``, ``TritonSwiGLU``
 - ``kernels.rotary``: ``apply_rotary`` (GLM partial interleaved rotary, q and k in one launch),
-  ``rotary_inv_freq``, ``TritonRotary``
+  ``apply_rotary_qkv_`` (the same in place on a fused qkv buffer, rotating half only), ``rotary_inv_freq``,
+  ``TritonRotary``
 - ``kernels.fused_linear_ce``: ``fused_linear_cross_entropy`` (LM head + CE without the full logits),
   ``linear_cross_entropy_ref``, ``FusedLinearCrossEntropy``
 - ``kernels.logprobs``: ``selective_logprobs`` (from logits), ``linear_selective_logprobs`` (chunked from
@@ -37,6 +38,7 @@ _EXPORTS = {
     "swiglu_ref": "kernels.swiglu",
     "TritonSwiGLU": "kernels.swiglu",
     "apply_rotary": "kernels.rotary",
+    "apply_rotary_qkv_": "kernels.rotary",
     "rotary_ref": "kernels.rotary",
     "rotary_inv_freq": "kernels.rotary",
     "TritonRotary": "kernels.rotary",

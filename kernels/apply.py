@@ -332,23 +332,29 @@ def _our_hidden_states(positions: _PositionsByCos) -> Callable:
 
 def _our_attention_forward(cfg: KernelConfig, positions: _PositionsByCos, inv_freq: torch.Tensor) -> Callable:
     from kernels.attention import attention
-    from kernels.rotary import apply_rotary
+    from kernels.rotary import apply_rotary_qkv_
     from pretrain.model import apply_rotary as torch_rotary
 
     backend = "sdpa" if cfg.attention == "torch" else cfg.attention
     freqs: dict[torch.device, torch.Tensor] = {}
 
     def forward(self, x, cos, sin, attn_mask, is_causal, kv_cache=None, *, original):
-        B, T, _ = x.shape
+        B, T, C = x.shape
         H, K, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x).view(B, T, H + 2 * K, hd)  # (B, T, H + 2K, hd)
-        qk, v = qkv.split((H + K, K), dim=2)  # (B, T, H + K, hd), (B, T, K, hd)
         pos = positions.positions_for(cos) if cfg.rotary == "triton" else None
         if pos is not None:
             if x.device not in freqs:
                 freqs[x.device] = inv_freq.to(x.device)
-            q, k = apply_rotary(*qk.split((H, K), dim=2), pos, freqs[x.device])  # (B, T, H | K, hd)
+            # A Linear on 2-D input returns a fresh tensor (on 3-D input, a view): rotate its q and k heads in
+            # place, touching only their rotary half, then view and split (q, k, v: views of one buffer).
+            qkv = self.qkv_proj(x.reshape(B * T, C))  # (B * T, (H + 2K) * hd)
+            if qkv._base is not None:  # a wrapper returned a view: rotating it in place would copy more
+                qkv = qkv.clone(memory_format=torch.contiguous_format)
+            qkv = apply_rotary_qkv_(qkv, pos, freqs[x.device], H, K).view(B, T, H + 2 * K, hd)
+            q, k, v = qkv.split((H, K, K), dim=2)  # (B, T, H | K | K, hd) views
         else:
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * K, hd)  # (B, T, H + 2K, hd)
+            qk, v = qkv.split((H + K, K), dim=2)  # (B, T, H + K, hd), (B, T, K, hd)
             q, k = torch_rotary(qk, cos, sin).split((H, K), dim=2)
         if kv_cache is not None:
             k_all, v_all = kv_cache.update(

@@ -13,7 +13,9 @@ API: ``apply_rotary(q, k, position_ids, inv_freq) -> (q_out, k_out)`` with q (B,
 k (B, T, Hkv, D) (any GQA ratio; any strides but a contiguous last dim, so q and k may be views of one
 fused qkv projection), position_ids (B, T) or (1, T) integers (arbitrary per token: packed documents
 restart at 0) and inv_freq (R / 2,) (R = 2 * len(inv_freq) <= D). Outputs are new contiguous
-(B, T, H, D) tensors; the inputs are never written.
+(B, T, H, D) tensors; the inputs are never written. ``apply_rotary_qkv_(qkv, position_ids, inv_freq, H, K)``
+rotates the q and k heads of a fused qkv projection output in place instead, reading and writing only
+their first R dims (forward and backward): half the bytes for GLM, whose other half passes through.
 
 Why angles in the kernel rather than a cos / sin cache: one program handles one token, all Hq + Hkv
 heads, so it computes R/2 sin / cos pairs once and reuses them over (Hq + Hkv) * D / 2 rotations; the op
@@ -205,6 +207,60 @@ def _rotary(
     return q_out, k_out
 
 
+def _rotary_inplace(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor
+) -> None:
+    """Rotate the first R dims of every q and k head IN PLACE, one launch; dims R .. D - 1 are neither read nor
+    written (half the bytes of the out-of-place kernel for GLM's R = D / 2). q, k: views with a contiguous
+    last dim (e.g. of one fused qkv buffer). The same kernel as ``_rotary``, its output pointers the inputs'
+    and its head extent R instead of D."""
+    batch, seq_len, n_q_heads, _ = q.shape
+    n_kv_heads = k.shape[2]
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("apply_rotary_qkv_: q and k need a contiguous last dim to be rotated in place")
+    position_ids = position_ids.expand(batch, seq_len)
+    inv_freq = inv_freq.to(torch.float32).contiguous()
+    if batch * seq_len == 0 or inv_freq.shape[0] == 0:
+        return
+    rotary_dim = 2 * inv_freq.shape[0]
+    block_d = max(2, next_power_of_2(rotary_dim))
+    max_heads = max(1, _TILE_ELEMS // block_d)
+    block_hq = min(next_power_of_2(max(n_q_heads, 1)), max_heads)
+    block_hk = min(next_power_of_2(max(n_kv_heads, 1)), max_heads)
+    _rotary_fwd_kernel[(batch * seq_len,)](
+        q, k, q, k, position_ids, inv_freq,
+        *q.stride()[:3], *k.stride()[:3], *q.stride()[:3], *k.stride()[:3], *position_ids.stride(),
+        seq_len, n_q_heads, n_kv_heads, rotary_dim, inv_freq.shape[0],
+        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
+        num_warps=num_warps_for(block_hq * block_d),
+    )  # fmt: skip
+
+
+def _qk_views(
+    qkv: torch.Tensor, position_ids: torch.Tensor, num_heads: int, num_kv_heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, T, H, D) and k (B, T, K, D) views of a fused (B * T or B x T, (H + 2K) * D) projection output."""
+    op = "apply_rotary_qkv_"
+    n_slots = num_heads + 2 * num_kv_heads
+    if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(
+            f"{op}: num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})"
+        )
+    if qkv.dim() < 2 or qkv.shape[-1] % n_slots or not qkv.is_contiguous():
+        raise ValueError(
+            f"{op}: qkv must be a contiguous (..., (num_heads + 2 * num_kv_heads) * head_dim) tensor, "
+            f"(..., {n_slots} * head_dim) here, got shape {tuple(qkv.shape)} (contiguous: {qkv.is_contiguous()})"
+        )
+    if position_ids.dim() != 2:
+        raise ValueError(f"{op}: position_ids must be (B, T) or (1, T), got {tuple(position_ids.shape)}")
+    seq_len = position_ids.shape[1]
+    rows = qkv.numel() // qkv.shape[-1]
+    if seq_len == 0 or rows % seq_len:
+        raise ValueError(f"{op}: qkv holds {rows} tokens, not a whole number of sequences of T = {seq_len}")
+    view = qkv.view(rows // seq_len, seq_len, n_slots, qkv.shape[-1] // n_slots)  # (B, T, H + 2K, D)
+    return view[:, :, :num_heads], view[:, :, num_heads : num_heads + num_kv_heads]
+
+
 def _rotary_fwd(
     q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,6 +326,57 @@ class RotaryFunction(torch.autograd.Function):
         position_ids, inv_freq = ctx.saved_tensors
         dq, dk = _rotary_bwd(dq_out, dk_out, position_ids, inv_freq)
         return dq, dk, None, None
+
+
+class RotaryQKVInplaceFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        qkv: torch.Tensor,
+        position_ids: torch.Tensor,
+        inv_freq: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+    ) -> torch.Tensor:
+        q, k = _qk_views(qkv, position_ids, num_heads, num_kv_heads)
+        _check_inputs(q, k, position_ids, inv_freq)
+        _rotary_inplace(q, k, position_ids, inv_freq)
+        ctx.mark_dirty(qkv)
+        ctx.save_for_backward(position_ids, inv_freq)
+        ctx.heads = (num_heads, num_kv_heads)
+        return qkv
+
+    @staticmethod
+    def backward(ctx, d_qkv: torch.Tensor):
+        position_ids, inv_freq = ctx.saved_tensors
+        # The gradient reaching the fused buffer is rotated back in place (flash-attn's rotary does the same):
+        # it comes fresh from the split / view backward that made q, k and v. A strided one is copied first.
+        d_qkv = d_qkv.contiguous()
+        dq, dk = _qk_views(d_qkv, position_ids, *ctx.heads)
+        _rotary_inplace(dq, dk, position_ids, -inv_freq)
+        return d_qkv, None, None, None, None
+
+
+def apply_rotary_qkv_(
+    qkv: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, num_heads: int, num_kv_heads: int
+) -> torch.Tensor:
+    """GLM rotary IN PLACE on the q and k heads of a fused projection output; returns ``qkv`` itself.
+
+    qkv: contiguous (B * T, (H + 2K) * D) or (B, T, (H + 2K) * D), tokens in (B, T) order, heads laid out
+    q | k | v (our ``qkv_proj``). Only the first R = 2 * len(inv_freq) dims of each q / k head are read and
+    written, forward and backward: half the bytes of ``apply_rotary`` for GLM, which must copy the
+    pass-through half too. qkv must be an op's fresh output (a Linear on 2-D input is), not a leaf that
+    requires grad (autograd forbids that) and best not a view (autograd would copy the whole buffer's
+    gradient to rebase it). Values equal ``apply_rotary``'s on the split bitwise. The backward rotates the
+    gradient it receives in place (as flash-attn's rotary does): in a model that is the fresh output of the
+    split that made q, k and v; a caller handing ``backward`` its own tensor gets it back modified.
+    """
+    if qkv.requires_grad and qkv.is_leaf:
+        raise ValueError(
+            "apply_rotary_qkv_: qkv is a leaf that requires grad and cannot be rotated in place; pass the "
+            "projection's output, or use apply_rotary (out of place)"
+        )
+    return RotaryQKVInplaceFunction.apply(qkv, position_ids, inv_freq, num_heads, num_kv_heads)
 
 
 def apply_rotary(

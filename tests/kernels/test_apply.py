@@ -73,6 +73,7 @@ def launches(monkeypatch):
         ("rmsnorm", kernels.rmsnorm, "_rmsnorm_fwd"),
         ("swiglu", kernels.swiglu, "_swiglu_fwd"),
         ("rotary", kernels.rotary, "_rotary_fwd"),
+        ("rotary", kernels.rotary, "_rotary_inplace"),  # our GLM's path: in place on the fused qkv
         ("fused_ce", kernels.fused_linear_ce, "_fused_linear_ce_fwd"),
     ]:
         original = getattr(module, name)

@@ -24,6 +24,8 @@ def synthetic_rows(speedup: float, fraction: float, mem_ratio: float, liger: boo
         for n in GLM4_9B.tokens:
             for mode in ("fwd", "bwd", "full"):
                 rows.append(Row(op, "triton", mode, n, 1.0, 1.0, "GB/s", fraction, 100.0))
+                if op == "rotary":
+                    rows.append(Row(op, "triton_inplace", mode, n, 1.0, 1.0, "GB/s", fraction, 0.0))
                 rows += [
                     Row(op, p, mode, n, speedup, 1.0, "GB/s", fraction / speedup, 100.0) for p in providers
                 ]
@@ -42,7 +44,7 @@ def gpu_bench() -> Bench:
 
 def test_targets_pass_fail_and_skip():
     lines = check_targets(synthetic_rows(20.0, 0.9, 0.1, liger=True), gpu_bench(), GLM4_9B)
-    assert len(lines) == 12 and all(line.startswith("PASS") for line in lines), lines
+    assert len(lines) == 14 and all(line.startswith("PASS") for line in lines), lines
 
     lines = check_targets(synthetic_rows(0.5, 0.5, 0.5, liger=False), gpu_bench(), GLM4_9B)
     verdicts = {line.split(":")[0].split("  ", 1)[1]: line.split()[0] for line in lines}

@@ -10,7 +10,13 @@ from transformers.models.glm.modeling_glm import GlmRotaryEmbedding, apply_rotar
 pytest.importorskip("triton")
 
 import kernels._common  # noqa: E402
-from kernels.rotary import TritonRotary, apply_rotary, rotary_inv_freq, rotary_ref  # noqa: E402
+from kernels.rotary import (  # noqa: E402
+    TritonRotary,
+    apply_rotary,
+    apply_rotary_qkv_,
+    rotary_inv_freq,
+    rotary_ref,
+)
 from tests.kernels.checks import (  # noqa: E402
     DEVICE,
     assert_fp32_close,
@@ -141,6 +147,54 @@ def test_q_and_k_as_views_of_a_fused_qkv_projection():
     assert_fp32_close("dq", qkv.grad[:, :, :n_q], ones_back)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_in_place_on_fused_qkv_equals_out_of_place_bitwise(config, dtype):
+    batch, seq_len, n_q, n_kv, head_dim, factor = config
+    gen = torch.Generator().manual_seed(5)
+    width = (n_q + 2 * n_kv) * head_dim
+    x = torch.randn(batch * seq_len, 8, generator=gen).to(DEVICE, dtype)
+    w = torch.randn(width, 8, generator=gen).to(DEVICE, dtype).requires_grad_()
+    d_out = torch.randn(batch * seq_len, width, generator=gen).to(DEVICE, dtype)
+    position_ids = packed_positions(batch, seq_len, seed=5)
+    inv_freq = rotary_inv_freq(int(head_dim * factor)).to(DEVICE)
+
+    def heads(t):  # (B * T, width) -> q, k, v (B, T, H, D) views
+        return t.view(batch, seq_len, n_q + 2 * n_kv, head_dim).split((n_q, n_kv, n_kv), dim=2)
+
+    qkv = x @ w.t()  # a projection's fresh output, as in the model
+    before = qkv.detach().clone()
+    rotated = apply_rotary_qkv_(qkv, position_ids, inv_freq, n_q, n_kv)
+    assert rotated is qkv  # in place
+    d_given = d_out.clone()
+    rotated.backward(d_given)  # the backward rotates the gradient it is given in place (as flash-attn's)
+    assert not torch.equal(d_given, d_out)
+    grad_in_place, w.grad = w.grad, None
+
+    q, k, v = heads(x @ w.t())
+    q_out, k_out = apply_rotary(q, k, position_ids, inv_freq)
+    torch.cat([t.flatten(2) for t in (q_out, k_out, v)], dim=2).flatten(0, 1).backward(d_out)
+    q_in, k_in, v_in = heads(rotated.detach())
+    assert torch.equal(q_in, q_out) and torch.equal(k_in, k_out) and torch.equal(v_in, heads(before)[2])
+    rotary_dim = inv_freq.shape[0] * 2
+    assert torch.equal(q_in[..., rotary_dim:], heads(before)[0][..., rotary_dim:])  # pass-through untouched
+    assert torch.equal(grad_in_place, w.grad)
+
+
+def test_in_place_rejects_a_leaf_and_bad_layouts():
+    position_ids = packed_positions(2, 13)
+    inv_freq = rotary_inv_freq(8).to(DEVICE)
+    leaf = torch.randn(26, 5 * 16, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="leaf that requires grad"):
+        apply_rotary_qkv_(leaf, position_ids, inv_freq, 3, 1)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 5 \* head_dim\)"):
+        apply_rotary_qkv_(torch.randn(26, 81, device=DEVICE), position_ids, inv_freq, 3, 1)
+    with pytest.raises(ValueError, match="not a whole number of sequences of T = 13"):
+        apply_rotary_qkv_(torch.randn(25, 80, device=DEVICE), position_ids, inv_freq, 3, 1)
+    with pytest.raises(ValueError, match="positive multiple of num_kv_heads"):
+        apply_rotary_qkv_(torch.randn(26, 80, device=DEVICE), position_ids, inv_freq, 3, 2)
+
+
 def test_positions_broadcast_over_the_batch():
     q, k, _, _, _, rope = make_inputs((3, 13, 3, 1, 16, 0.5), torch.float32)
     positions = torch.arange(100, 113, device=DEVICE)[None]  # (1, T)
@@ -239,3 +293,8 @@ def test_glm4_9b_shapes_on_gpu(dtype):
         plain = run(hf_rotary(rope), q, k, dq_out, dk_out, position_ids, rope.inv_freq)
         for name, kk, p, r in zip(NAMES, kernel, plain, reference, strict=True):
             assert_low_precision_close(name, kk, p, r)
+    # In place on a fused buffer (our GLM's path): the same values as out of place, bit for bit.
+    qkv = torch.cat([q.flatten(2), k.flatten(2), k.flatten(2)], dim=2).flatten(0, 1) * 1  # (B * T, 36 * 128)
+    apply_rotary_qkv_(qkv, position_ids, rope.inv_freq, 32, 2)
+    q_in, k_in = qkv.view(2, 1024, 36, 128)[:, :, :32], qkv.view(2, 1024, 36, 128)[:, :, 32:34]
+    assert torch.equal(q_in, kernel[0]) and torch.equal(k_in, kernel[1])
