@@ -462,7 +462,7 @@ def bench_rotary(bench: Bench, shapes: Shapes, liger: dict, dtype: torch.dtype) 
             k_: fwd_bwd_fns(f, [q, k], lambda out, dq=dq, dk=dk: [dq, dk]) for k_, f in forwards.items()
         }
         providers["triton_inplace"] = _rotary_inplace_provider(
-            bench, batch, seq, shapes, position_ids, inv_freq
+            bench, batch, seq, shapes, position_ids, inv_freq, dtype
         )
         notes = {"triton_inplace": "apply_rotary_qkv_'s two launches (fwd, bwd) on a fused qkv buffer, timed "
                                    "without autograd; rotates the first half of each head in place"}  # fmt: skip
