@@ -367,7 +367,8 @@ def apply_rotary_qkv_(
     written, forward and backward: half the bytes of ``apply_rotary`` for GLM, which must copy the
     pass-through half too. qkv must be an op's fresh output (a Linear on 2-D input is), not a leaf that
     requires grad (autograd forbids that) and best not a view (autograd would copy the whole buffer's
-    gradient to rebase it). Values equal ``apply_rotary``'s on the split bitwise. The backward rotates the
+    gradient to rebase it). Values equal ``apply_rotary``'s on the split (bitwise in the interpreter; on a GPU the
+    two kernel specialisations may round a multiply-add one ulp apart). The backward rotates the
     gradient it receives in place (as flash-attn's rotary does): in a model that is the fresh output of the
     split that made q, k and v; a caller handing ``backward`` its own tensor gets it back modified.
     """
