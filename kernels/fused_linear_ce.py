@@ -141,7 +141,7 @@ def default_chunk_size(n_rows: int, hidden_size: int, vocab_size: int) -> int:
     input (N x D), rounded up to a power of two: ~ 2 N D / V. GLM-4-9B at 32,768 tokens: 2,048 rows.
 
     Liger-Kernel takes half that (~ N D / V). Measured on an H100 at GLM-4-9B's head and 32,768 tokens
-    (docs/benchmarks.md, kernels.bench.sweep_lm_head): 1,024-row chunks cost 1.14x eager's time, 2,048
+    (docs/kernels.md, kernels.bench.sweep_lm_head): 1,024-row chunks cost 1.14x eager's time, 2,048
     rows 1.01x at 15 % of eager's peak memory, 4,096 rows 0.95x at 26 %: each chunk re-reads and re-writes
     the fp32 d weight (V x D), which small chunks pay too often."""
     per_chunk = cdiv(2 * max(n_rows, 1), max(1, cdiv(vocab_size, hidden_size)))
