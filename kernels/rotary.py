@@ -180,6 +180,32 @@ def _check_inputs(
     check_device(op, _rotary_fwd_kernel, q=q, k=k, position_ids=position_ids, inv_freq=inv_freq)
 
 
+def _launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_out: torch.Tensor,
+    k_out: torch.Tensor,
+    position_ids: torch.Tensor,
+    inv_freq: torch.Tensor,
+    extent: int,
+) -> None:
+    """One program per token rotates dims [0, extent) of every q and k head into q_out / k_out (which may
+    be q / k themselves); position_ids (B, T) (a broadcast view is fine), inv_freq fp32 contiguous."""
+    batch, seq_len, n_q_heads, _ = q.shape
+    n_kv_heads = k.shape[2]
+    block_d = max(2, next_power_of_2(extent))
+    max_heads = max(1, _TILE_ELEMS // block_d)
+    block_hq = min(next_power_of_2(max(n_q_heads, 1)), max_heads)
+    block_hk = min(next_power_of_2(max(n_kv_heads, 1)), max_heads)
+    _rotary_fwd_kernel[(batch * seq_len,)](
+        q, k, q_out, k_out, position_ids, inv_freq,
+        *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3], *position_ids.stride(),
+        seq_len, n_q_heads, n_kv_heads, extent, inv_freq.shape[0],
+        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
+        num_warps=num_warps_for(block_hq * block_d),
+    )  # fmt: skip
+
+
 def _rotary(
     q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,23 +213,11 @@ def _rotary(
     batch, seq_len, n_q_heads, head_dim = q.shape
     n_kv_heads = k.shape[2]
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
-    position_ids = position_ids.expand(batch, seq_len)  # (1, T) broadcasts with stride 0
-    inv_freq = inv_freq.to(torch.float32).contiguous()
     q_out = torch.empty((batch, seq_len, n_q_heads, head_dim), dtype=q.dtype, device=q.device)
     k_out = torch.empty((batch, seq_len, n_kv_heads, head_dim), dtype=k.dtype, device=k.device)
-    if batch * seq_len == 0:
-        return q_out, k_out
-    block_d = max(2, next_power_of_2(head_dim))
-    max_heads = max(1, _TILE_ELEMS // block_d)
-    block_hq = min(next_power_of_2(max(n_q_heads, 1)), max_heads)
-    block_hk = min(next_power_of_2(max(n_kv_heads, 1)), max_heads)
-    _rotary_fwd_kernel[(batch * seq_len,)](
-        q, k, q_out, k_out, position_ids, inv_freq,
-        *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3], *position_ids.stride(),
-        seq_len, n_q_heads, n_kv_heads, head_dim, inv_freq.shape[0],
-        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
-        num_warps=num_warps_for(block_hq * block_d),
-    )  # fmt: skip
+    if batch * seq_len > 0:
+        position_ids = position_ids.expand(batch, seq_len)  # (1, T) broadcasts with stride 0
+        _launch(q, k, q_out, k_out, position_ids, inv_freq.to(torch.float32).contiguous(), head_dim)
     return q_out, k_out
 
 
@@ -214,26 +228,12 @@ def _rotary_inplace(
     written (half the bytes of the out-of-place kernel for GLM's R = D / 2). q, k: views with a contiguous
     last dim (e.g. of one fused qkv buffer). The same kernel as ``_rotary``, its output pointers the inputs'
     and its head extent R instead of D."""
-    batch, seq_len, n_q_heads, _ = q.shape
-    n_kv_heads = k.shape[2]
+    batch, seq_len = q.shape[:2]
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("apply_rotary_qkv_: q and k need a contiguous last dim to be rotated in place")
-    position_ids = position_ids.expand(batch, seq_len)
-    inv_freq = inv_freq.to(torch.float32).contiguous()
-    if batch * seq_len == 0 or inv_freq.shape[0] == 0:
-        return
-    rotary_dim = 2 * inv_freq.shape[0]
-    block_d = max(2, next_power_of_2(rotary_dim))
-    max_heads = max(1, _TILE_ELEMS // block_d)
-    block_hq = min(next_power_of_2(max(n_q_heads, 1)), max_heads)
-    block_hk = min(next_power_of_2(max(n_kv_heads, 1)), max_heads)
-    _rotary_fwd_kernel[(batch * seq_len,)](
-        q, k, q, k, position_ids, inv_freq,
-        *q.stride()[:3], *k.stride()[:3], *q.stride()[:3], *k.stride()[:3], *position_ids.stride(),
-        seq_len, n_q_heads, n_kv_heads, rotary_dim, inv_freq.shape[0],
-        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
-        num_warps=num_warps_for(block_hq * block_d),
-    )  # fmt: skip
+    if batch * seq_len > 0 and inv_freq.shape[0] > 0:
+        position_ids = position_ids.expand(batch, seq_len)
+        _launch(q, k, q, k, position_ids, inv_freq.to(torch.float32).contiguous(), 2 * inv_freq.shape[0])
 
 
 def _qk_views(
