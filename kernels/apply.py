@@ -5,7 +5,8 @@ instance; classes and the ``transformers`` module namespace are never touched):
 
 | choice      | ``pretrain.model.GLM``                         | ``transformers`` Glm / Glm4 (CausalLM, Model, ...) |
 |-------------|------------------------------------------------|-----------------------------------------------------|
-| rmsnorm     | every ``RMSNorm`` -> ``kernels.rmsnorm``       | every ``GlmRMSNorm`` / ``Glm4RMSNorm``              |
+| rmsnorm     | every ``RMSNorm`` -> ``kernels.rmsnorm``;      | every ``GlmRMSNorm`` / ``Glm4RMSNorm``              |
+|             | ``Block``: residual add + MLP norm fused       |                                                     |
 | swiglu      | ``MLP``: down(swiglu(gate_up(x)))              | ``GlmMLP`` / ``Glm4MLP`` (hidden_act must be silu)  |
 | rotary      | ``Attention``: Triton rotary on q and k        | ``GlmAttention`` / ``Glm4Attention``: Triton rotary |
 | attention   | ``Attention``: ``kernels.attention`` dispatch  | same, for the sdpa / eager attn_implementation      |
@@ -263,6 +264,21 @@ class _PositionsByCos:
         return positions
 
 
+def _our_block_forward(self, x, cos, sin, attn_mask, is_causal, kv_cache=None, *, original):
+    """``Block.forward`` with the attention's residual add and the MLP's norm in one kernel
+    (``rmsnorm_add``: one pass over the rows instead of an add, then a norm that reads the sum again)."""
+    from kernels.rmsnorm import rmsnorm_add
+
+    h = self.attn(self.attn_norm(x), cos, sin, attn_mask, is_causal, kv_cache)
+    if self.post_attn_norm is not None:
+        h = self.post_attn_norm(h)
+    normed, x = rmsnorm_add(h, x, self.mlp_norm.weight, self.mlp_norm.eps)  # mlp_norm(x + h), x + h
+    h = self.mlp(normed)
+    if self.post_mlp_norm is not None:
+        h = self.post_mlp_norm(h)
+    return x + h
+
+
 def _apply_to_our_glm(model: nn.Module, cfg: KernelConfig, handle: KernelHandle) -> None:
     from pretrain import model as glm
 
@@ -271,6 +287,8 @@ def _apply_to_our_glm(model: nn.Module, cfg: KernelConfig, handle: KernelHandle)
         for module in model.modules():
             if isinstance(module, glm.RMSNorm):
                 handle.patch(module, "forward", forward, "rmsnorm")
+            elif isinstance(module, glm.Block):
+                handle.patch(module, "forward", _our_block_forward, "add+rmsnorm")
     if cfg.swiglu == "triton":
         for module in model.modules():
             if isinstance(module, glm.MLP):

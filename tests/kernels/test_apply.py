@@ -68,7 +68,7 @@ def batch(seed: int = 1, shape=(2, 7)):
 @pytest.fixture
 def launches(monkeypatch):
     """Counts of each Triton launcher called, to prove the kernels (not the torch code) ran."""
-    counts = {"rmsnorm": 0, "swiglu": 0, "rotary": 0, "fused_ce": 0}
+    counts = {"rmsnorm": 0, "swiglu": 0, "rotary": 0, "fused_ce": 0, "rmsnorm_add": 0}
     for key, module, name in [
         ("rmsnorm", kernels.rmsnorm, "_rmsnorm_fwd"),
         ("swiglu", kernels.swiglu, "_swiglu_fwd"),
@@ -80,10 +80,15 @@ def launches(monkeypatch):
 
         def counted(*args, _original=original, _key=key, **kwargs):
             counts[_key] += 1
+            if _key == "rmsnorm" and len(args) > 3 and args[3] is not None:  # (x, weight, eps, residual)
+                counts["rmsnorm_add"] += 1
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(module, name, counted)
     return counts
+
+
+KERNELS = ("rmsnorm", "swiglu", "rotary", "fused_ce")
 
 
 def max_diff(a, b) -> float:
@@ -130,13 +135,15 @@ def test_our_glm_same_logits_loss_and_gradients_then_remove_restores(launches):
     handle = apply_kernels(model)
     assert handle.replaced == {
         "rmsnorm": 5,
+        "add+rmsnorm": 2,
         "swiglu": 2,
         "rotary+attention": 2,
         "positions": 1,
         "fused_ce": 1,
     }
     k_logits, k_loss, k_fused, k_grads = run()
-    assert all(launches[k] > 0 for k in launches), launches
+    assert all(launches[k] > 0 for k in KERNELS), launches
+    assert launches["rmsnorm_add"] == 4, launches  # 2 blocks x (forward for logits + forward for the loss)
     assert k_fused.logits is None and plain_fused.logits is None  # logits not requested: fused linear + CE
     assert max_diff(k_logits, logits) <= TOL and logits.abs().max() > 1
     assert max_diff(k_loss, loss) <= TOL and max_diff(k_fused.loss, plain_fused.loss) <= TOL
@@ -189,7 +196,7 @@ def test_partial_configs_replace_only_what_they_name():
     handle = apply_kernels(
         model, {"rmsnorm": "triton"}, swiglu=False, rotary=False, fused_ce=False, attention=False
     )
-    assert handle.replaced == {"rmsnorm": 5}
+    assert handle.replaced == {"rmsnorm": 5, "add+rmsnorm": 2}
     handle.remove()
     handle = apply_kernels(model, KernelConfig.all_torch(), attention="sdpa")
     assert handle.replaced == {"attention": 2}
@@ -277,7 +284,7 @@ def test_hf_glm_same_outputs_with_kernels_and_remove_restores(post_norms, attn_i
     n_norms = 9 if post_norms else 5
     assert handle.replaced == {"rmsnorm": n_norms, "swiglu": 2, "rotary+attention": 2, "fused_ce": 1}
     k_logits, k_loss, k_train, k_grads = run()
-    assert all(launches[k] > 0 for k in launches), launches
+    assert all(launches[k] > 0 for k in KERNELS), launches
     assert k_train.logits is None and plain_train.logits is not None  # training with labels: fused, as Liger
     # Padded query positions attend to nothing real; what they output is undefined (HF's eager softmax over
     # its finfo.min mask and CUDA's SDPA kernels disagree there), so only real positions are compared.
