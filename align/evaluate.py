@@ -6,8 +6,10 @@ their weighted ``score``, docs/world.md); a reward model, when given, scores it 
 
     load_policy(folder) -> (GLM, tokenizer)
     generate_answers(model, tok, prompts_as_messages) -> [str]
-    evaluate_policy(model, tok, world, prompts, scorer=None) -> report dict (accuracy, ..., answers)
-    compare(before, after) -> win / tie / loss of ``after`` over ``before``, by the checker and by the RM
+    evaluate_policy(model, tok, world, prompts, scorer=None, samples=0) -> report dict (accuracy, ..., answers;
+        with samples=k also sample_accuracy: the share right of k temperature-1 answers per prompt)
+    compare(before, after) -> win / tie / loss of ``after`` over ``before``, by the checker and by the RM, with
+        paired tests (McNemar on greedy correctness, Wilcoxon on per-prompt sample accuracy)
     `glmwb run recipes/align_eval.yaml` (stage ``align_eval``): several policy folders side by side, a table
     printed and saved (summary.json, table.md, comparison.png).
 """
@@ -97,15 +99,32 @@ def evaluate_policy(
     max_new_tokens: int = 48,
     batch_size: int = 64,
     progress: bool = False,
+    samples: int = 0,
+    sample_temperature: float = 1.0,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Greedy answers to world ``prompts`` graded by the world's checker (and ``scorer``, a RewardScorer or
     RewardClient, when given). Returns the report: accuracy, right_language, concision, score, mean_chars,
-    empty (answers with no text), reward_mean, by_lang / by_family breakdowns, n, and ``answers``."""
+    empty (answers with no text), reward_mean, by_lang / by_family breakdowns, n, and ``answers``.
+
+    ``samples`` = k > 0 also draws k answers per prompt at ``sample_temperature`` (the distribution an RL
+    policy is trained and used with; greedy decoding hides how much of it is right) and adds
+    ``sample_accuracy`` (the share right of all k x n answers; per prompt in each answer's record).
+    Seeded by ``seed``: two policies evaluated with the same seed draw with the same random stream."""
     if not prompts:
         raise ValueError("evaluate_policy: no prompts")
-    texts = generate_answers(
-        model, tok, [p.messages for p in prompts], max_new_tokens, batch_size=batch_size, progress=progress
-    )
+    if samples < 0:
+        raise ValueError(f"evaluate_policy: samples must be >= 0, got {samples}")
+    messages = [p.messages for p in prompts]
+    texts = generate_answers(model, tok, messages, max_new_tokens, batch_size=batch_size, progress=progress)
+    sampled: list[list[str]] = [[] for _ in prompts]
+    for k in range(samples):
+        seed_k = seed + 7919 * (k + 1)
+        got = generate_answers(
+            model, tok, messages, max_new_tokens, sample_temperature, batch_size, seed_k, progress
+        )
+        for row, text in zip(sampled, got, strict=True):
+            row.append(text)
     rewards: list[float | None] = [None] * len(texts)
     if scorer is not None:
         scorable = [i for i, t in enumerate(texts) if t.strip()]
@@ -117,7 +136,7 @@ def evaluate_policy(
         floor = min((r for r in rewards if r is not None), default=0.0)
         rewards = [floor if r is None else r for r in rewards]
     answers = []
-    for p, text, reward in zip(prompts, texts, rewards, strict=True):
+    for p, text, reward, drawn in zip(prompts, texts, rewards, sampled, strict=True):
         c = world.check(p, text)
         answers.append(
             {
@@ -133,6 +152,7 @@ def evaluate_policy(
                 "score": float(c.score),
                 "chars": len(text),
                 **({"reward": reward} if reward is not None else {}),
+                **({"sample_accuracy": _mean([world.check(p, t).correct for t in drawn])} if drawn else {}),
             }
         )
     report = _summarise(answers)
@@ -157,6 +177,8 @@ def _summarise(answers: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
     if answers and "reward" in answers[0]:
         out["reward_mean"] = _mean([a["reward"] for a in answers])
+    if answers and "sample_accuracy" in answers[0]:
+        out["sample_accuracy"] = _mean([a["sample_accuracy"] for a in answers])
     return out
 
 
@@ -181,9 +203,56 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         "accuracy_delta": after["accuracy"] - before["accuracy"],
         "score_delta": after["score"] - before["score"],
     }
+    fixed = sum(not x["correct"] and y["correct"] for x, y in zip(a, b, strict=True))
+    broken = sum(x["correct"] and not y["correct"] for x, y in zip(a, b, strict=True))
+    out["mcnemar"] = {"fixed": fixed, "broken": broken, "p": mcnemar_p(fixed, broken)}
     if "reward" in a[0] and "reward" in b[0]:
         out["by_reward_model"] = _wins([x["reward"] for x in a], [x["reward"] for x in b])
+    if "sample_accuracy" in a[0] and "sample_accuracy" in b[0]:
+        xs, ys = [x["sample_accuracy"] for x in a], [y["sample_accuracy"] for y in b]
+        out["sample_accuracy_delta"] = after["sample_accuracy"] - before["sample_accuracy"]
+        out["sample_accuracy_test"] = paired_test(xs, ys)
     return out
+
+
+def significance_line(comparison: dict[str, Any]) -> str:
+    """One line for a before / after ``compare``: accuracy change with McNemar's counts and p-value, and the
+    sampled-accuracy change with its standard error and Wilcoxon p-value when both reports have samples."""
+    m = comparison["mcnemar"]
+    line = (
+        f"greedy accuracy {comparison['accuracy_delta']:+.3f} (fixed {m['fixed']}, broken {m['broken']}, "
+        f"McNemar p {m['p']:.3g})"
+    )
+    if "sample_accuracy_test" in comparison:
+        t = comparison["sample_accuracy_test"]
+        line += (
+            f"; sampled accuracy {comparison['sample_accuracy_delta']:+.3f} ± {t['se']:.3f} "
+            f"(Wilcoxon p {t['p']:.3g}, {t['changed']} of {t['n']} prompts changed)"
+        )
+    return line
+
+
+def mcnemar_p(fixed: int, broken: int) -> float:
+    """Exact two-sided McNemar p-value: under "no change" each discordant prompt is fixed or broken with
+    probability 1/2 (scipy's binomial test on the discordant pairs). 1.0 when nothing changed."""
+    from scipy.stats import binomtest
+
+    n = fixed + broken
+    return float(binomtest(fixed, n, 0.5).pvalue) if n else 1.0
+
+
+def paired_test(before: Sequence[float], after: Sequence[float]) -> dict[str, float]:
+    """Wilcoxon signed-rank test (two-sided, scipy; zero differences dropped) of per-prompt scores after vs
+    before, with the mean difference and its standard error."""
+    from scipy.stats import wilcoxon
+
+    d = [y - x for x, y in zip(before, after, strict=True)]
+    n = len(d)
+    mean = sum(d) / n if n else float("nan")
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n) if n > 1 else float("nan")
+    nonzero = sum(abs(x) > 1e-12 for x in d)
+    p = float(wilcoxon(d, zero_method="wilcox").pvalue) if nonzero else 1.0
+    return {"mean_delta": mean, "se": se, "p": p, "n": n, "changed": nonzero}
 
 
 # -- the `align_eval` stage ----------------------------------------------------------------------------------
@@ -202,10 +271,17 @@ class EvalDataConfig:
     split: Literal["heldout", "test", "dev", "train"] = "heldout"
     n_prompts: int = 200
     max_new_tokens: int = 48
+    # also k temperature-1 answers per prompt: sample_accuracy, and a Wilcoxon test against the baseline
+    samples: int = 0
+    sample_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.n_prompts < 1:
             raise ValueError(f"data.n_prompts must be >= 1, got {self.n_prompts}")
+        if self.samples < 0:
+            raise ValueError(f"data.samples must be >= 0, got {self.samples}")
+        if self.samples and self.sample_temperature <= 0:
+            raise ValueError(f"data.sample_temperature must be > 0 to sample, got {self.sample_temperature}")
 
 
 @dataclass(frozen=True)
@@ -234,6 +310,8 @@ def format_table(reports: dict[str, dict[str, Any]], comparisons: dict[str, dict
     """A Markdown table: one row per policy, the metrics and win rates against the baseline."""
     has_rm = all("reward_mean" in r for r in reports.values())
     cols = [m for m in METRICS if m != "reward_mean" or has_rm]
+    if all("sample_accuracy" in r for r in reports.values()):
+        cols.insert(1, "sample_accuracy")
     head = ["policy", *cols, "win vs base (world)", *(["win vs base (RM)"] if has_rm else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in reports.items():
@@ -309,7 +387,10 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
     reports: dict[str, dict[str, Any]] = {}
     for p in tqdm(policies, desc="policies"):
         model, tok = load_policy(p.path)
-        reports[p.name] = evaluate_policy(model, tok, world, prompts, scorer, cfg.max_new_tokens)
+        reports[p.name] = evaluate_policy(
+            model, tok, world, prompts, scorer, cfg.max_new_tokens, samples=cfg.samples,
+            sample_temperature=cfg.sample_temperature, seed=recipe.run.seed,
+        )  # fmt: skip
         del model
     base = policies[0].name
     comparisons = {n: compare(reports[base], r) for n, r in reports.items() if n != base}
@@ -317,7 +398,12 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
     families = format_family_table(reports)
     print(f"\nheld-out world prompts ({cfg.split}, n={len(prompts)}); win rates against {base!r}:\n{table}")
     print(f"\naccuracy by task family:\n{families}")
-    (out / "table.md").write_text(table + "\n\naccuracy by task family:\n\n" + families + "\n")
+    tests = "\n".join(f"- {n} vs {base}: {significance_line(c)}" for n, c in comparisons.items())
+    if tests:
+        print(f"\npaired tests against {base!r}:\n{tests}")
+    (out / "table.md").write_text(
+        f"{table}\n\naccuracy by task family:\n\n{families}\n\npaired tests against {base!r}:\n\n{tests}\n"
+    )
     plot_comparison(reports, out / "comparison.png")
     with (out / "answers.jsonl").open("w", encoding="utf-8") as f:
         for name, r in reports.items():

@@ -1236,6 +1236,20 @@ def _sign(x: float, tolerance: float = 1e-9) -> int:
     return 0 if abs(x) <= tolerance else (1 if x > 0 else -1)
 
 
+_CONTRAST = ("correct", "wrong", "verbose")
+
+
+def _contrast_kinds(spec: str) -> tuple[str, str]:
+    """'correct>verbose' -> ("correct", "verbose"): two of ``World.contrast_responses``' kinds."""
+    parts = spec.split(">") if isinstance(spec, str) else []
+    if len(parts) != 2 or parts[0] == parts[1] or any(p not in _CONTRAST for p in parts):
+        raise ValueError(
+            f"contrast_kinds: {spec!r} is not two different minimal-pair kinds 'a>b' "
+            f"with a and b from {list(_CONTRAST)} (e.g. 'correct>verbose')"
+        )
+    return parts[0], parts[1]
+
+
 def preference_pairs(
     world: World,
     prompts: Sequence[Prompt],
@@ -1244,9 +1258,14 @@ def preference_pairs(
     seed: int = 0,
     labels_per_pair: int = 1,
     contrastive: float = 0.0,
+    contrast_kinds: Sequence[str] = ("correct>wrong", "correct>wrong", "correct>verbose"),
 ) -> list[dict[str, Any]]:
     """Label one pair of candidate answers per prompt by ``labels_per_pair`` of ``n_annotators`` simulated
     annotators; one record per label.
+
+    ``contrastive`` is the share of prompts whose pair is a minimal pair instead (``World.contrast_responses``:
+    one answer sentence with the gold value, with another value, wrapped in filler), its two kinds drawn from
+    ``contrast_kinds`` ('correct>wrong', 'correct>verbose', 'verbose>wrong'; repeat one to weight it).
 
     ``noise`` is one probability for every annotator or one per annotator (reliable and careless ones).
     Each record is a dict that ``annotation.records.PreferenceRecord.from_dict`` accepts (and its ``to_dict``
@@ -1276,10 +1295,14 @@ def preference_pairs(
     records = []
     if not 0.0 <= contrastive <= 1.0:
         raise ValueError(f"contrastive must be a fraction in [0, 1], got {contrastive}")
+    contrast = [_contrast_kinds(k) for k in contrast_kinds]
+    if contrastive and not contrast:
+        raise ValueError("contrast_kinds is empty; name at least one minimal pair such as 'correct>wrong'")
     for prompt in prompts:
         if contrastive and rng.random() < contrastive:  # a minimal pair (World.contrast_responses)
             options = world.contrast_responses(prompt, seed=rng.randrange(2**31))
-            a, b = options["correct"], options[rng.choice(("wrong", "wrong", "verbose"))]
+            kind_a, kind_b = rng.choice(contrast)
+            a, b = options[kind_a], options[kind_b]
             if rng.random() < 0.5:
                 a, b = b, a
         else:

@@ -16,6 +16,17 @@ from recipes.schema import RewardDataConfig, RewardRecipe
 
 
 def load_records(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
+    """Training and held-out ``PreferenceRecord``s for ``cfg`` (world or files, plus ``extra_paths``), and a
+    summary of where they came from. ``both_bad: drop`` leaves "both bad" pairs out of training only."""
+    train, held, facts = _load_records(cfg, seed)
+    if cfg.both_bad == "drop":
+        keep = [r for r in train if (r.provenance or {}).get("label") != "both_bad"]
+        facts["both_bad_dropped"] = len(train) - len(keep)
+        train = keep
+    return train, held, facts
+
+
+def _load_records(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
     """(train records, held-out records, facts about them) from the embedded world or from files, plus the
     training pairs of ``cfg.extra_paths`` (e.g. a preferences stage's export)."""
     train, held, facts = _load_source(cfg, seed)
@@ -57,6 +68,7 @@ def _load_source(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str
                 seed=seed,
                 labels_per_pair=a.labels_per_pair,
                 contrastive=getattr(cfg, "contrastive", 0.0) if split == "train" else 0.0,
+                contrast_kinds=cfg.contrast_kinds,
             )
             for split, n in (("train", cfg.train_prompts), ("heldout", cfg.heldout_prompts))
         }

@@ -412,6 +412,28 @@ def test_contrastive_pairs_differ_in_one_thing(world: W.World, train: list[Promp
         preference_pairs(world, train[:2], contrastive=1.5)
 
 
+def test_contrast_kinds_choose_the_minimal_pairs(world: W.World, train: list[Prompt]) -> None:
+    kinds = ("correct>wrong", "correct>verbose", "verbose>wrong")
+    records = preference_pairs(
+        world, train[:300], 3, noise=0.0, seed=2, contrastive=1.0, contrast_kinds=kinds
+    )
+    seen = Counter(
+        tuple(r["provenance"]["kinds"]) for r in records if r["provenance"]["rule_choice"] == "chosen"
+    )
+    # noise-free labels: the better answer of every minimal pair is chosen, each kind about a third of the time
+    assert len(records) == 300 and set(seen) == {
+        ("correct", "wrong"),
+        ("correct", "verbose"),
+        ("verbose", "wrong"),
+    }
+    assert min(seen.values()) > 70 and sum(seen.values()) == 300
+    filler_over_wrong = [r for r in records if r["provenance"]["kinds"] == ["verbose", "wrong"]]
+    assert all(r["provenance"]["scores"]["chosen"]["correctness"] == 1.0 for r in filler_over_wrong)
+    for bad in ("correct>correct", "correct>refusal", "correct", "a>b>c"):
+        with pytest.raises(ValueError, match="contrast_kinds.*minimal-pair kinds"):
+            preference_pairs(world, train[:2], contrastive=0.5, contrast_kinds=[bad])
+
+
 # -- the CLI -----------------------------------------------------------------------------------------------
 
 

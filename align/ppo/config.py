@@ -237,3 +237,13 @@ class PPOEvalConfig:
     # also grade the first N rollout (train-split) prompts before / after: did PPO learn what it was rewarded
     # for, on the prompts it saw? (held-out accuracy answers whether that carries over to new instances)
     rollout_prompts: int = 0
+    # also k temperature-1 answers per held-out prompt before / after (sample_accuracy, Wilcoxon p): PPO
+    # trains the sampling distribution, and greedy accuracy moves only where the argmax flips
+    samples: int = 0
+    sample_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.samples < 0:
+            raise ValueError(f"eval.samples must be >= 0, got {self.samples}")
+        if self.samples and self.sample_temperature <= 0:
+            raise ValueError(f"eval.sample_temperature must be > 0 to sample, got {self.sample_temperature}")

@@ -113,7 +113,7 @@ def build_models(recipe: PPORecipe, device: torch.device):
 
 
 def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
-    from align.evaluate import compare, evaluate_policy, format_table
+    from align.evaluate import compare, evaluate_policy, format_table, significance_line
     from align.ppo.distributed import make_strategy
     from align.ppo.models import merged_glm
     from align.ppo.rollout import PromptCycle, build_reward, world_items
@@ -171,12 +171,15 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
 
     seen = [it.world_prompt for it in items[: recipe.eval.rollout_prompts]]
 
-    def evaluate(prompts: list | None = None) -> dict[str, Any]:
+    def evaluate(prompts: list | None = None, samples: int = 0) -> dict[str, Any]:
         prompts = heldout if prompts is None else prompts
         with strategy.generation_context(trainer.actor) as a:
             if not strategy.is_main:
                 return {}
-            return evaluate_policy(a.glm, tok, world, prompts, eval_scorer, recipe.eval.max_new_tokens)
+            return evaluate_policy(
+                a.glm, tok, world, prompts, eval_scorer, recipe.eval.max_new_tokens, samples=samples,
+                sample_temperature=recipe.eval.sample_temperature, seed=recipe.run.seed,
+            )  # fmt: skip
 
     def eval_row(report: dict[str, Any] | None) -> dict[str, float]:
         keys = ("accuracy", "score", "right_language", "mean_chars", "reward_mean")
@@ -190,7 +193,7 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
         for stale in ("metrics.jsonl", "samples.jsonl", "samples.txt"):
             if strategy.is_main and (run_dir / stale).exists():
                 (run_dir / stale).unlink()
-        before = evaluate() if recipe.eval.before and heldout else None
+        before = evaluate(samples=recipe.eval.samples) if recipe.eval.before and heldout else None
         seen_before = evaluate(seen) if seen else None
         if before:
             trainer.write_metrics({"step": 0, **eval_row(before)})
@@ -220,7 +223,7 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
 
     periodic_eval = (lambda: eval_row(evaluate())) if heldout else None
     last = trainer.train(cycle, t.steps, t.max_minutes, periodic_eval, t.eval_every, on_step)
-    after = evaluate() if recipe.eval.after and heldout else None
+    after = evaluate(samples=recipe.eval.samples) if recipe.eval.after and heldout else None
     seen_after = evaluate(seen) if seen else None
     if after:
         trainer.write_metrics({"step": trainer.step_count, **eval_row(after)})
@@ -248,8 +251,9 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
         comparison = compare(before, after)
         table = format_table(reports, {"after": comparison})
         print(f"\nheld-out world prompts (n={after['n']}), before vs after PPO:\n{table}")
+        print(significance_line(comparison))
         (run_dir / "eval").mkdir(exist_ok=True)
-        (run_dir / "eval" / "table.md").write_text(table + "\n")
+        (run_dir / "eval" / "table.md").write_text(f"{table}\n\n{significance_line(comparison)}\n")
         for name, r in reports.items():
             (run_dir / "eval" / f"{name}.json").write_text(json.dumps(r, indent=2, ensure_ascii=False))
         summary["eval"] = {"before": _brief(before), "after": _brief(after), "comparison": comparison}

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
-from align.evaluate import compare, evaluate_policy, format_table, generate_answers
+from align.evaluate import (
+    compare,
+    evaluate_policy,
+    format_table,
+    generate_answers,
+    mcnemar_p,
+    paired_test,
+    significance_line,
+)
 from pretrain.model import GLM
 from pretrain.world import make_world
 from tests.tiny import TINY
@@ -42,6 +51,38 @@ def test_report_is_the_world_checkers_verdict(tiny_tokenizer, world) -> None:
     assert sum(g["n"] for g in report["by_lang"].values()) == 10
 
 
+def test_sampled_accuracy_grades_every_draw(tiny_tokenizer, world) -> None:
+    model, prompts = tiny_policy(tiny_tokenizer), world.prompts("heldout", 6, seed=1)
+    report = evaluate_policy(model, tiny_tokenizer, world, prompts, max_new_tokens=8, samples=3, seed=4)
+    draws = [
+        generate_answers(model, tiny_tokenizer, [p.messages for p in prompts], 8, 1.0, 64, 4 + 7919 * (k + 1))
+        for k in range(3)
+    ]
+    greedy = generate_answers(model, tiny_tokenizer, [p.messages for p in prompts], 8)
+    assert any(d != greedy for d in draws)  # temperature 1 draws, not the greedy answer three times
+    for i, (p, a) in enumerate(zip(prompts, report["answers"], strict=True)):
+        assert a["sample_accuracy"] == pytest.approx(sum(world.check(p, d[i]).correct for d in draws) / 3)
+    assert report["sample_accuracy"] == pytest.approx(
+        sum(a["sample_accuracy"] for a in report["answers"]) / 6
+    )
+    assert "sample_accuracy" not in evaluate_policy(
+        model, tiny_tokenizer, world, prompts[:2], max_new_tokens=4
+    )
+    with pytest.raises(ValueError, match="samples must be >= 0"):
+        evaluate_policy(model, tiny_tokenizer, world, prompts, samples=-1)
+
+
+def test_paired_tests_by_hand() -> None:
+    assert mcnemar_p(10, 0) == pytest.approx(2 * 0.5**10)  # exact binomial, two-sided
+    assert mcnemar_p(3, 3) == pytest.approx(1.0) and mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(7, 2) == pytest.approx(2 * sum(math.comb(9, k) for k in range(3)) / 2**9)
+    up = paired_test([0.25] * 30, [0.5] * 30)  # every prompt up by 0.25
+    assert up["mean_delta"] == pytest.approx(0.25) and up["se"] == pytest.approx(0.0) and up["p"] < 1e-6
+    flat = paired_test([0.0, 0.5, 1.0, 0.5], [0.5, 0.0, 0.5, 1.0])  # two up, two down by the same amount
+    assert flat["mean_delta"] == pytest.approx(0.0) and flat["p"] > 0.5 and flat["changed"] == 4
+    assert paired_test([0.5, 0.5], [0.5, 0.5])["p"] == 1.0
+
+
 def _report(scores, correct, rewards=None):
     answers = [
         {"id": str(i), "score": s, "correct": c, **({"reward": rewards[i]} if rewards else {})}
@@ -58,6 +99,8 @@ def test_win_rates_by_hand() -> None:
     assert c["by_world_score"] == {"win": 0.5, "tie": 0.25, "loss": 0.25, "win_rate": 0.625, "n": 4}
     assert c["by_reward_model"]["win_rate"] == pytest.approx((1 + 0.5) / 4)
     assert c["accuracy_delta"] == pytest.approx(0.25)
+    assert c["mcnemar"] == {"fixed": 2, "broken": 1, "p": pytest.approx(1.0)}
+    assert "fixed 2, broken 1" in significance_line(c) and "sampled" not in significance_line(c)
     with pytest.raises(ValueError, match="different prompts"):
         compare(before, _report([1.0], [1]))
 

@@ -368,11 +368,12 @@ def test_glmwb_run_ppo_end_to_end(policy_folder, tmp_path, capsys) -> None:
         "prompts.train_prompts=16", "prompts.heldout_prompts=6", "generation.max_new_tokens=6",
         "eval.max_new_tokens=6", "train.num_threads=1", "critic.backbone=separate",
         "train.max_minutes=null", "reward.rules={world_score: 1.0, format: 0.2}", "train.save_every=1",
-        "eval.rollout_prompts=4",
+        "eval.rollout_prompts=4", "eval.samples=2",
     ])  # fmt: skip
     assert code == 0
     out = capsys.readouterr().out
     assert "before vs after PPO" in out and "| after |" in out and "rollout (train-split) prompts" in out
+    assert "McNemar p" in out and "sampled accuracy" in out and "Wilcoxon p" in out
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/accuracy" in r]
     assert [r["step"] for r in evals] == [0, 2]  # before and after, on the accuracy curve
@@ -383,6 +384,8 @@ def test_glmwb_run_ppo_end_to_end(policy_folder, tmp_path, capsys) -> None:
         assert key in rows[0]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and "comparison" in summary["eval"]
+    assert 0 <= summary["eval"]["after"]["sample_accuracy"] <= 1
+    assert summary["eval"]["comparison"]["sample_accuracy_test"]["n"] == summary["eval"]["after"]["n"]
     names = ("training.png", "samples.html", "samples.jsonl", "samples.txt", "eval/table.md", "config.yaml",
              "eval/rollout_prompts.md", "eval/before.json", "eval/after.json")  # fmt: skip
     for name in names:

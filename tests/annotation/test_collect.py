@@ -83,6 +83,23 @@ def test_reward_stage_takes_the_export_as_extra_pairs(tmp_path) -> None:
         load_records(missing, 0)
 
 
+def test_reward_data_both_bad_drop_leaves_out_only_those_training_pairs() -> None:
+    from rewards.run import load_records
+
+    over = ["data.train_prompts=300", "data.heldout_prompts=100"]
+    train0, held0, _ = load_records(load_recipe("recipes/reward.yaml", over).data, 0)
+    train1, held1, facts = load_records(
+        load_recipe("recipes/reward.yaml", [*over, "data.both_bad=drop"]).data, 0
+    )
+    both_bad = [r for r in train0 if r.provenance["label"] == "both_bad"]
+    assert both_bad and all(r.tie for r in both_bad)  # the world's annotators say "both bad" -> a tie row
+    assert facts["both_bad_dropped"] == len(both_bad) and len(train1) == len(train0) - len(both_bad)
+    assert [r.id for r in train1] == [r.id for r in train0 if r.provenance["label"] != "both_bad"]
+    assert [r.id for r in held1] == [r.id for r in held0]  # held-out pairs are evaluated as they are
+    with pytest.raises(RecipeError, match="both_bad"):
+        load_recipe("recipes/reward.yaml", ["data.both_bad=maybe"])
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
