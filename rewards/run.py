@@ -19,7 +19,7 @@ def load_records(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str
     """Training and held-out ``PreferenceRecord``s for ``cfg`` (world or files, plus ``extra_paths``), and a
     summary of where they came from. ``both_bad: drop`` leaves "both bad" pairs out of training only."""
     train, held, facts = _load_records(cfg, seed)
-    if cfg.both_bad == "drop":
+    if getattr(cfg, "both_bad", "tie") == "drop":  # DPO's data config reads the same way and has no such key
         keep = [r for r in train if (r.provenance or {}).get("label") != "both_bad"]
         facts["both_bad_dropped"] = len(train) - len(keep)
         train = keep
@@ -68,7 +68,7 @@ def _load_source(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str
                 seed=seed,
                 labels_per_pair=a.labels_per_pair,
                 contrastive=getattr(cfg, "contrastive", 0.0) if split == "train" else 0.0,
-                contrast_kinds=cfg.contrast_kinds,
+                **({"contrast_kinds": cfg.contrast_kinds} if hasattr(cfg, "contrast_kinds") else {}),
             )
             for split, n in (("train", cfg.train_prompts), ("heldout", cfg.heldout_prompts))
         }
