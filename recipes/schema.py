@@ -141,6 +141,16 @@ class RewardModelConfig:
     config: GLMConfig | None = None  # random initialisation when init_from is null (baselines, tests)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)  # likelihood features of a frozen LM
+    # > 1: that many RMs on the same pairs from seeds seed, seed+1, ...; final/ is their ensemble (rewards/ensemble.py:
+    # the mean reward, minus ensemble_penalty x the members' std), evaluated as one
+    ensemble: int = 1
+    ensemble_penalty: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.ensemble < 1:
+            raise ValueError(f"model.ensemble must be >= 1 (1 = a single reward model), got {self.ensemble}")
+        if self.ensemble_penalty < 0:
+            raise ValueError(f"model.ensemble_penalty must be >= 0, got {self.ensemble_penalty}")
 
 
 @dataclass(frozen=True)
@@ -169,6 +179,10 @@ class RewardRecipe:
     def __post_init__(self) -> None:
         if self.model.init_from is None and self.model.config is None:
             raise ValueError("set model.init_from (a GLM folder) or model.config (random initialisation)")
+        if self.model.ensemble > 1 and self.eval.ensemble:
+            raise ValueError(
+                "model.ensemble > 1 already trains the members whose disagreement is evaluated; set eval.ensemble: 0"
+            )
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ class RewardTrainConfig:
     max_steps: int = 200
     epochs: float | None = None  # when set, max_steps = ceil(epochs x pairs / (batch_size x grad_accum))
     max_minutes: float | None = None
-    eval_every: int = 50
+    eval_every: int = 50  # held-out evaluation every N steps (and at the end; 0: only at the end)
     log_every: int = 10
     save_every: int = 0  # 0: only the final checkpoint
     keep_checkpoints: int = 1

@@ -366,11 +366,12 @@ def evaluate_folder(
     """Score held-out ``pairs`` (``data.EncodedPair``, from ``records``) with the reward folder, and write
     ``metrics.json``, ``reliability.png`` and ``distributions.png`` into ``out_dir``. ``members``: more reward
     folders, for ensemble disagreement (the first member is ``folder`` itself)."""
+    from rewards.ensemble import RewardEnsemble, load_reward_model
     from rewards.model import RewardModel, score_sequences
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = RewardModel.from_pretrained(folder)
+    model = load_reward_model(folder)  # an ensemble folder is scored as its ensemble
     info = model.info
     pad_id = _pad_id(folder)
 
@@ -404,7 +405,21 @@ def evaluate_folder(
     )
     if records and records[0].provenance.get("source") == "world":
         report["world"] = world_agreement(records, chosen, rejected)
-    if members:
+    if (
+        isinstance(model, RewardEnsemble) and not members
+    ):  # its own members' disagreement, each one's accuracy
+        scores = [score(m) for m in model.members]
+        report["ensemble"] = ensemble_disagreement(
+            torch.stack([c for c, _ in scores]), torch.stack([r for _, r in scores]), tie
+        )
+        report["ensemble"]["member_accuracy"] = [
+            pairwise_metrics(c, r, tie, info.tie_model, tie_param)["accuracy"] for c, r in scores
+        ]
+        if "world" in report:
+            report["ensemble"]["member_fraction_of_ceiling"] = [
+                world_agreement(records, c, r).get("fraction_of_ceiling") for c, r in scores
+            ]
+    elif members:
         scores = [score(RewardModel.from_pretrained(m)) for m in members]
         report["ensemble"] = ensemble_disagreement(
             torch.stack([chosen, *[c for c, _ in scores]]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import json
 import random
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -209,15 +210,30 @@ def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
         return summary
 
     members = [final]
-    for i in range(1, recipe.eval.ensemble + 1):  # more members: same data and schedule, other seeds
+    extra = recipe.model.ensemble - 1 or recipe.eval.ensemble  # members beyond the first, same data
+    for i in range(1, extra + 1):  # same data and schedule, other seeds
         torch.manual_seed(recipe.run.seed + i)
         member = build_model(recipe, tok)  # a new head (and, from scratch, a new backbone) from this seed
         member_dir = run_dir / f"ensemble_{i}"
+        print(f"ensemble member {i + 1} of {extra + 1} (seed {recipe.run.seed + i})")
         train_reward_model(
             member, tok, train_pairs, [], recipe.loss, recipe.optim, replace(recipe.train, resume=False),
             member_dir, pad_id, seed=recipe.run.seed + i, lora=recipe.model.lora.enabled, log=lambda s: None,
         )  # fmt: skip
         members.append(save_reward_folder(member, member_dir / "final", tok))
+    if recipe.model.ensemble > 1:  # final/ becomes the ensemble: member 0 there, the others in final/members/
+        from rewards.ensemble import RewardEnsemble
+        from rewards.model import RewardModel
+        from rewards.train import reward_statistics
+
+        ensemble = RewardEnsemble(
+            [RewardModel.from_pretrained(m) for m in members], recipe.model.ensemble_penalty
+        )
+        reward_statistics(ensemble, train_pairs, pad_id, recipe.run.seed)
+        ensemble.save(final, tok, member_folders=members[1:])
+        for m in members[1:]:
+            shutil.rmtree(m.parent, ignore_errors=True)  # now in final/members/
+        members = [final]
 
     report = evaluate_folder(
         final, held_records, held_pairs, run_dir / "eval", members=members[1:], bins=recipe.eval.bins
@@ -238,12 +254,26 @@ def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
             f"(target {target:.0%}: {'met' if w['meets_target'] else 'NOT met'}); "
             f"vs the noise-free rule {w['accuracy_vs_rule']:.3f}"
         )
+    ens = report.get("ensemble", {})
+    if ens.get("member_accuracy"):
+        members_line = ", ".join(f"{a:.3f}" for a in ens["member_accuracy"])
+        print(
+            f"ensemble of {ens['members']}: pairwise accuracy of the members {members_line}; the ensemble's above"
+        )
+        if ens.get("member_fraction_of_ceiling"):
+            print(
+                "  members vs annotators: "
+                + ", ".join(f"{f:.1%}" for f in ens["member_fraction_of_ceiling"])
+                + " of ceiling"
+            )
     if baseline:
         summary["likelihood_baseline"] = _likelihood_baseline(
             baseline, recipe.data.max_length, held_records, report, run_dir, print
         )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
-    info_path = final / "reward_config.json"
+    from rewards.ensemble import ENSEMBLE_INFO, is_ensemble
+
+    info_path = final / (ENSEMBLE_INFO if is_ensemble(final) else "reward_config.json")
     info = json.loads(info_path.read_text())
     info["extra"]["eval"] = {k: report[k] for k in ("pairwise", "world") if k in report}
     info_path.write_text(json.dumps(info, indent=2, ensure_ascii=False))

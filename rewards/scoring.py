@@ -22,6 +22,7 @@ import torch
 
 from annotation.records import ROLES
 from rewards.data import PreferenceDataError, encode_response, truncate
+from rewards.ensemble import RewardEnsemble, load_reward_model
 from rewards.model import RewardModel, reward_pad_id, score_sequences
 
 
@@ -58,7 +59,7 @@ def _messages(prompt: Any, where: str) -> list[dict[str, Any]]:
 class RewardScorer:
     def __init__(
         self,
-        model: RewardModel,
+        model: RewardModel | RewardEnsemble,
         tokenizer: Any,
         max_length: int | None = None,
         truncation: str = "left",
@@ -86,7 +87,9 @@ class RewardScorer:
 
         folder = Path(folder)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = RewardModel.from_pretrained(folder, dtype=dtype, device=device)
+        model = load_reward_model(
+            folder, dtype=dtype, device=device
+        )  # a RewardEnsemble for an ensemble folder
         tok = AutoTokenizer.from_pretrained(folder)
         return cls(
             model,

@@ -199,6 +199,16 @@ def evaluate_pairs(
     return metrics, chosen, rejected
 
 
+def reward_statistics(model, pairs: Sequence[EncodedPair], pad_id: int, seed: int, n: int = 256) -> None:
+    """Set ``model.info.reward_mean`` / ``reward_std`` (per head) over the responses of (a seeded sample of
+    ``n``) training pairs: what PPO and the scoring API normalise with."""
+    sample = [pairs[i] for i in np.random.default_rng(seed).permutation(len(pairs))[:n]]
+    rewards = score_sequences(
+        model, [p.chosen_ids for p in sample] + [p.rejected_ids for p in sample], pad_id
+    )
+    model.info.reward_mean, model.info.reward_std = rewards.mean(0).tolist(), rewards.std(0).tolist()
+
+
 def prefit_verifier(
     model: RewardModel,
     pairs: Sequence[EncodedPair],
@@ -540,7 +550,9 @@ def train_reward_model(
         if strategy.world_size > 1:  # every rank must stop at the same step
             out_of_time = bool(strategy.all_reduce(torch.tensor(float(out_of_time))) > 0)
         last = step == max_steps or out_of_time
-        if eval_pairs and (step % train_cfg.eval_every == 0 or last):
+        if eval_pairs and (
+            (train_cfg.eval_every and step % train_cfg.eval_every == 0) or last
+        ):  # 0: at the end
             m = run_eval()
             write({"kind": "eval", "step": step, **m})
             bar.write(
@@ -568,10 +580,7 @@ def train_reward_model(
     if strategy.is_main and metrics_path.exists():
         plot_training(metrics_path, run_dir / "training.png")
 
-    # reward statistics over (a sample of) the training responses: PPO may normalise with them
-    sample = [train_pairs[i] for i in np.random.default_rng(seed).permutation(len(train_pairs))[:256]]
-    rewards = score_sequences(core, [p.chosen_ids for p in sample] + [p.rejected_ids for p in sample], pad_id)
-    core.info.reward_mean, core.info.reward_std = rewards.mean(0).tolist(), rewards.std(0).tolist()
+    reward_statistics(core, train_pairs, pad_id, seed)
     core.info.tie_model, core.info.tie_params = loss_cfg.tie_model, tie().tolist()
     del core.tie
     summary.update(
