@@ -879,18 +879,36 @@ class World:
     def contrast_responses(self, prompt: Prompt, seed: int = 0) -> dict[str, Response]:
         """Candidates that differ from one answer sentence in one thing only: ``correct`` (a full sentence
         with the gold value), ``wrong`` (the same sentence, another value), ``verbose`` (the same sentence
-        in filler). Minimal pairs for preference collection: which one thing makes an answer better."""
+        in filler). Minimal pairs for preference collection: which one thing makes an answer better.
+
+        Also ``wrong_language`` (one sentence in the other language) and two counterfactual kinds that
+        ``responses`` never offers: ``verbose_wrong`` (the wrong sentence in the same filler) and
+        ``wrong_language_wrong`` (the other-language sentence with the wrong value). Among ``KINDS`` filler and the other language only ever wrap the right value, so an RM can
+        learn them as a sign of correctness; pairs with these two break that shortcut."""
         item, lang = self._item(prompt), prompt.lang
         rng = _rng(self.seed, "contrast", prompt.id, seed)
         template = rng.choice(self._table(item)["say"][lang][:2])
         sentence = self._fill(template, item, lang)
         sep = " " if lang == "en" else ""
-        verbose = sep.join([rng.choice(_FILLER["pre"][lang]), sentence, rng.choice(_FILLER["post"][lang])])
-        return {
+        pre, post = rng.choice(_FILLER["pre"][lang]), rng.choice(_FILLER["post"][lang])
+        wrong_value = self._wrong_value(item, rng)  # (draw order kept from before the counterfactual kinds)
+        wrong = self._fill(template, item, lang, value=wrong_value)
+        other = "zh" if lang == "en" else "en"
+        out = {
             "correct": Response(sentence, "correct"),
-            "wrong": Response(self._fill(template, item, lang, value=self._wrong_value(item, rng)), "wrong"),
-            "verbose": Response(verbose, "verbose"),
+            "wrong": Response(wrong, "wrong"),
+            "verbose": Response(sep.join([pre, sentence, post]), "verbose"),
+            "verbose_wrong": Response(sep.join([pre, wrong, post]), "verbose_wrong"),
         }
+        # the same other-language sentence with the gold value and with the wrong one
+        says = self._table(item)["say"][other]
+        templates = [t for t in says if detect_language(self._fill(t, item, other)) == other]
+        template = rng.choice(templates)
+        out["wrong_language"] = Response(self._fill(template, item, other), "wrong_language")
+        out["wrong_language_wrong"] = Response(
+            self._fill(template, item, other, value=wrong_value), "wrong_language_wrong"
+        )
+        return out
 
     def _other_language(self, item: _Item, other: str, rng: random.Random) -> str:
         """A correct answer sentence recognisably in language ``other`` ("13 + 1 = 14." is in neither)."""
@@ -1236,7 +1254,7 @@ def _sign(x: float, tolerance: float = 1e-9) -> int:
     return 0 if abs(x) <= tolerance else (1 if x > 0 else -1)
 
 
-_CONTRAST = ("correct", "wrong", "verbose")
+_CONTRAST = ("correct", "wrong", "verbose", "verbose_wrong", "wrong_language", "wrong_language_wrong")
 
 
 def _contrast_kinds(spec: str) -> tuple[str, str]:
@@ -1265,7 +1283,10 @@ def preference_pairs(
 
     ``contrastive`` is the share of prompts whose pair is a minimal pair instead (``World.contrast_responses``:
     one answer sentence with the gold value, with another value, wrapped in filler), its two kinds drawn from
-    ``contrast_kinds`` ('correct>wrong', 'correct>verbose', 'verbose>wrong'; repeat one to weight it).
+    ``contrast_kinds`` ('correct>wrong', 'correct>verbose', 'verbose>wrong', and the counterfactual
+    'correct>verbose_wrong', 'verbose>verbose_wrong', 'wrong>verbose_wrong', 'correct>wrong_language_wrong'
+    ...; repeat one to weight it). The annotators label every pair by their rule: 'a>b' names the two
+    kinds shown, not the label (two wrong answers are "both bad").
 
     ``noise`` is one probability for every annotator or one per annotator (reliable and careless ones).
     Each record is a dict that ``annotation.records.PreferenceRecord.from_dict`` accepts (and its ``to_dict``

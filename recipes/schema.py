@@ -107,7 +107,8 @@ class RewardDataConfig:
     # world: the share of training prompts whose pair is a minimal pair (one answer sentence with a wrong value
     # or wrapped in filler, World.contrast_responses); held-out pairs are always drawn as before
     contrastive: float = 0.0
-    # which minimal pairs, drawn uniformly ('a>b', a and b from correct / wrong / verbose; repeat one to weight it)
+    # which minimal pairs, drawn uniformly ('a>b', a and b from correct / wrong / verbose / wrong_language and the
+    # counterfactual verbose_wrong / wrong_language_wrong; repeat one to weight it; the annotators give the label)
     contrast_kinds: tuple[str, ...] = ("correct>wrong", "correct>wrong", "correct>verbose")
     # training pairs an annotator marked "both bad" (provenance.label; the store's export and the world's
     # annotators): a tie (the loss's tie term pulls the two rewards together) or left out (docs/rewards.md)

@@ -429,9 +429,67 @@ def test_contrast_kinds_choose_the_minimal_pairs(world: W.World, train: list[Pro
     assert min(seen.values()) > 70 and sum(seen.values()) == 300
     filler_over_wrong = [r for r in records if r["provenance"]["kinds"] == ["verbose", "wrong"]]
     assert all(r["provenance"]["scores"]["chosen"]["correctness"] == 1.0 for r in filler_over_wrong)
-    for bad in ("correct>correct", "correct>refusal", "correct", "a>b>c"):
+    for bad in ("correct>correct", "correct>refusal", "correct", "a>b>c", "verbose>verbose_right"):
         with pytest.raises(ValueError, match="contrast_kinds.*minimal-pair kinds"):
             preference_pairs(world, train[:2], contrastive=0.5, contrast_kinds=[bad])
+
+
+def test_counterfactual_kinds_break_the_filler_and_language_shortcuts(
+    world: W.World, train: list[Prompt]
+) -> None:
+    for prompt in train[:60]:
+        r = world.contrast_responses(prompt, seed=5)
+        correct, wrong = r["correct"].text, r["wrong"].text
+        # filler and the other language wrap the wrong value exactly as they wrap the right one
+        assert r["verbose_wrong"].text == r["verbose"].text.replace(correct, wrong)
+        assert correct in r["verbose"].text and wrong in r["verbose_wrong"].text
+        checks = {k: world.check(prompt, v.text) for k, v in r.items()}
+        assert [k for k, c in checks.items() if c.correct] == ["correct", "verbose", "wrong_language"]
+        assert (
+            not checks["wrong_language"].right_language and not checks["wrong_language_wrong"].right_language
+        )
+        assert checks["wrong_language"].answer != checks["wrong_language_wrong"].answer
+    # the default minimal pairs stay the original two kinds
+    old = preference_pairs(world, train[:50], 3, noise=0.0, seed=4, contrastive=1.0)
+    assert {tuple(sorted(r["provenance"]["kinds"])) for r in old} == {
+        ("correct", "wrong"),
+        ("correct", "verbose"),
+    }
+    kinds = (
+        "correct>verbose_wrong",
+        "verbose>verbose_wrong",
+        "wrong>verbose_wrong",
+        "wrong_language>wrong_language_wrong",
+    )
+    records = preference_pairs(
+        world, train[:400], 3, noise=0.0, seed=2, contrastive=1.0, contrast_kinds=kinds
+    )
+    by_kinds: dict[frozenset, Counter] = {}
+    for r in records:
+        by_kinds.setdefault(frozenset(r["provenance"]["kinds"]), Counter())[
+            (
+                r["provenance"]["kinds"][0]
+                if r["provenance"]["rule_choice"] == "chosen"
+                else r["provenance"]["rule_choice"]
+            )
+        ] += 1
+    # noise-free labels: the right value wins whatever wraps it; two wrong answers are "both bad" (a tie)
+    assert by_kinds == {
+        frozenset({"correct", "verbose_wrong"}): Counter(
+            correct=by_kinds[frozenset({"correct", "verbose_wrong"})]["correct"]
+        ),
+        frozenset({"verbose", "verbose_wrong"}): Counter(
+            verbose=by_kinds[frozenset({"verbose", "verbose_wrong"})]["verbose"]
+        ),
+        frozenset({"wrong", "verbose_wrong"}): Counter(
+            both_bad=by_kinds[frozenset({"wrong", "verbose_wrong"})]["both_bad"]
+        ),
+        frozenset({"wrong_language", "wrong_language_wrong"}): Counter(
+            wrong_language=by_kinds[frozenset({"wrong_language", "wrong_language_wrong"})]["wrong_language"]
+        ),
+    }
+    assert min(sum(c.values()) for c in by_kinds.values()) > 70
+    assert all(r["tie"] for r in records if r["provenance"]["rule_choice"] == "both_bad")
 
 
 # -- the CLI -----------------------------------------------------------------------------------------------
