@@ -131,6 +131,17 @@ class RewardDataConfig:
             raise ValueError("data.source is 'files' but data.paths is empty; list preference files")
         if self.max_length < 8:
             raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
+        if not 0.0 <= self.contrastive <= 1.0:
+            raise ValueError(f"data.contrastive must be a fraction in [0, 1], got {self.contrastive}")
+        if self.contrastive:
+            from pretrain.world import _contrast_kinds  # names the allowed kinds in its error
+
+            if not self.contrast_kinds:
+                raise ValueError(
+                    "data.contrast_kinds is empty; name at least one minimal pair such as 'correct>wrong'"
+                )
+            for spec in self.contrast_kinds:
+                _contrast_kinds(spec)
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,18 @@ def test_model_config_errors_are_recipe_errors(tmp_path):
         load_recipe(path)
 
 
+def test_reward_minimal_pair_kinds_are_checked_at_load(tmp_path):
+    path = write(tmp_path, "stage: reward\nmodel:\n  init_from: somewhere\ndata:\n  contrastive: 0.3\n")
+    ok = load_recipe(path, ["data.contrast_kinds=[correct>verbose_wrong,wrong_language>wrong_language_wrong]"])
+    assert ok.data.contrast_kinds == ("correct>verbose_wrong", "wrong_language>wrong_language_wrong")
+    with pytest.raises(RecipeError, match="'correct>verbose_right'.*verbose_wrong"):
+        load_recipe(path, ["data.contrast_kinds=[correct>verbose_right]"])
+    with pytest.raises(RecipeError, match="contrast_kinds is empty"):
+        load_recipe(path, ["data.contrast_kinds=[]"])
+    with pytest.raises(RecipeError, match="contrastive must be a fraction"):
+        load_recipe(path, ["data.contrastive=1.5"])
+
+
 def test_overrides_are_applied_last_and_typed(tmp_path):
     path = write(tmp_path, "stage: pretrain\ntrain:\n  max_steps: 10\n")
     recipe = load_recipe(path, ["train.max_steps=3", "optim.lr=1e-3", "model.post_norms=true"])
