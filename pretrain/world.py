@@ -1257,13 +1257,25 @@ def _sign(x: float, tolerance: float = 1e-9) -> int:
 _CONTRAST = ("correct", "wrong", "verbose", "verbose_wrong", "wrong_language", "wrong_language_wrong")
 
 
+def contrast_pairs(specs: Sequence[str]) -> list[tuple[str, str]]:
+    """The minimal pairs ``specs`` name: 'a>b' each, or 'all' for every pairing of the six kinds of
+    ``World.contrast_responses`` (15: surface form and value independent, the counterfactual design)."""
+    pairs: list[tuple[str, str]] = []
+    for spec in specs:
+        if spec == "all":
+            pairs += [(a, b) for i, a in enumerate(_CONTRAST) for b in _CONTRAST[i + 1 :]]
+        else:
+            pairs.append(_contrast_kinds(spec))
+    return pairs
+
+
 def _contrast_kinds(spec: str) -> tuple[str, str]:
     """'correct>verbose' -> ("correct", "verbose"): two of ``World.contrast_responses``' kinds."""
     parts = spec.split(">") if isinstance(spec, str) else []
     if len(parts) != 2 or parts[0] == parts[1] or any(p not in _CONTRAST for p in parts):
         raise ValueError(
             f"contrast_kinds: {spec!r} is not two different minimal-pair kinds 'a>b' "
-            f"with a and b from {list(_CONTRAST)} (e.g. 'correct>verbose')"
+            f"with a and b from {list(_CONTRAST)} (e.g. 'correct>verbose'), or 'all'"
         )
     return parts[0], parts[1]
 
@@ -1285,8 +1297,8 @@ def preference_pairs(
     one answer sentence with the gold value, with another value, wrapped in filler), its two kinds drawn from
     ``contrast_kinds`` ('correct>wrong', 'correct>verbose', 'verbose>wrong', and the counterfactual
     'correct>verbose_wrong', 'verbose>verbose_wrong', 'wrong>verbose_wrong', 'correct>wrong_language_wrong'
-    ...; repeat one to weight it). The annotators label every pair by their rule: 'a>b' names the two
-    kinds shown, not the label (two wrong answers are "both bad").
+    ...; 'all' for all 15 pairings; repeat one to weight it). The annotators label every pair by their
+    rule: 'a>b' names the two kinds shown, not the label (two wrong answers are "both bad").
 
     ``noise`` is one probability for every annotator or one per annotator (reliable and careless ones).
     Each record is a dict that ``annotation.records.PreferenceRecord.from_dict`` accepts (and its ``to_dict``
@@ -1316,7 +1328,7 @@ def preference_pairs(
     records = []
     if not 0.0 <= contrastive <= 1.0:
         raise ValueError(f"contrastive must be a fraction in [0, 1], got {contrastive}")
-    contrast = [_contrast_kinds(k) for k in contrast_kinds]
+    contrast = contrast_pairs(contrast_kinds)
     if contrastive and not contrast:
         raise ValueError("contrast_kinds is empty; name at least one minimal pair such as 'correct>wrong'")
     for prompt in prompts:

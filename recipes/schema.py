@@ -108,7 +108,8 @@ class RewardDataConfig:
     # or wrapped in filler, World.contrast_responses); held-out pairs are always drawn as before
     contrastive: float = 0.0
     # which minimal pairs, drawn uniformly ('a>b', a and b from correct / wrong / verbose / wrong_language and the
-    # counterfactual verbose_wrong / wrong_language_wrong; repeat one to weight it; the annotators give the label)
+    # counterfactual verbose_wrong / wrong_language_wrong; 'all': every pairing of those six; repeat one to weight
+    # it; the annotators give the label)
     contrast_kinds: tuple[str, ...] = ("correct>wrong", "correct>wrong", "correct>verbose")
     # training pairs an annotator marked "both bad" (provenance.label; the store's export and the world's
     # annotators): a tie (the loss's tie term pulls the two rewards together) or left out (docs/rewards.md)
@@ -134,14 +135,13 @@ class RewardDataConfig:
         if not 0.0 <= self.contrastive <= 1.0:
             raise ValueError(f"data.contrastive must be a fraction in [0, 1], got {self.contrastive}")
         if self.contrastive:
-            from pretrain.world import _contrast_kinds  # names the allowed kinds in its error
+            from pretrain.world import contrast_pairs  # names the allowed kinds in its error
 
             if not self.contrast_kinds:
                 raise ValueError(
                     "data.contrast_kinds is empty; name at least one minimal pair such as 'correct>wrong'"
                 )
-            for spec in self.contrast_kinds:
-                _contrast_kinds(spec)
+            contrast_pairs(self.contrast_kinds)
 
 
 @dataclass(frozen=True)

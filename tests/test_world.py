@@ -490,6 +490,12 @@ def test_counterfactual_kinds_break_the_filler_and_language_shortcuts(
     }
     assert min(sum(c.values()) for c in by_kinds.values()) > 70
     assert all(r["tie"] for r in records if r["provenance"]["rule_choice"] == "both_bad")
+    every = W.contrast_pairs(["all"])
+    assert len(every) == len(set(every)) == 15 and ("correct", "wrong_language_wrong") in every
+    shown = preference_pairs(
+        world, train[:600], 3, noise=0.0, seed=2, contrastive=1.0, contrast_kinds=["all"]
+    )
+    assert len({frozenset(r["provenance"]["kinds"]) for r in shown}) == 15
 
 
 # -- the CLI -----------------------------------------------------------------------------------------------
