@@ -140,7 +140,7 @@ def test_quickstart_pipeline_end_to_end(tmp_path, capsys):
     assert summary["heldout_loss_after"] < summary["heldout_loss_before"]
     assert summary["heldout_loss_after"] < summary["unigram_baseline"] + 0.5
     assert {s["lang"] for s in summary["samples"]} == {"en", "zh"}
-    for stage in ("tokenizer", "pretrain", "sft", "preferences", "reward", "dpo", "ppo", "eval"):
+    for stage in ("tokenizer", "pretrain", "sft", "preferences", "reward", "dpo", "ppo", "ppo_rm", "eval"):
         assert (tmp_path / stage / "config.yaml").is_file(), stage
     prefs = json.loads((tmp_path / "preferences" / "summary.json").read_text())
     assert prefs["votes"] == 3 * (prefs["items_added"]) > 0  # the SFT policy's samples, voted on in the store
