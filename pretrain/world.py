@@ -683,6 +683,11 @@ class World:
             }
             for split in ("train", "heldout")
         }
+        # training-split items by spec (other subjects for World.contrast_responses: no held-out fact leaks)
+        self._train_by_spec: dict[str, list[_Item]] = {}
+        for items in self._split["train"].values():
+            for it in items:
+                self._train_by_spec.setdefault(it.spec, []).append(it)
         for part in ("dev", "test"):
             self._split[part] = {
                 f: [it for it in items if self.is_dev(it) == (part == "dev")]
@@ -884,10 +889,15 @@ class World:
         Also ``wrong_language`` (one sentence in the other language) and two counterfactual kinds that
         ``responses`` never offers: ``verbose_wrong`` (the wrong sentence in the same filler) and
         ``wrong_language_wrong`` (the other-language sentence with the wrong value). Among ``KINDS`` filler and the other language only ever wrap the right value, so an RM can
-        learn them as a sign of correctness; pairs with these two break that shortcut."""
+        learn them as a sign of correctness; pairs with these two break that shortcut.
+
+        And the forms a policy drifts to under RL, which ``responses`` never offers either: ``terse`` (the value
+        alone, "14" / "Silk."), ``terse_wrong`` (the wrong value alone) and ``other_subject`` (the same sentence
+        about another subject — entity, operands, quantity — with that subject's own value: true, but not an
+        answer to this question; the base LM finds its value likely, so likelihood features cannot tell)."""
         item, lang = self._item(prompt), prompt.lang
         rng = _rng(self.seed, "contrast", prompt.id, seed)
-        template = rng.choice(self._table(item)["say"][lang][:2])
+        template = sentence_template = rng.choice(self._table(item)["say"][lang][:2])
         sentence = self._fill(template, item, lang)
         sep = " " if lang == "en" else ""
         pre, post = rng.choice(_FILLER["pre"][lang]), rng.choice(_FILLER["post"][lang])
@@ -908,7 +918,25 @@ class World:
         out["wrong_language_wrong"] = Response(
             self._fill(template, item, other, value=wrong_value), "wrong_language_wrong"
         )
+        # the bare value, right and wrong (what a terse policy writes), and a true sentence about another
+        # subject (another entity, other operands, another quantity) whose value is not the gold one
+        out["terse"] = Response(self._terse(item, lang), "terse")
+        out["terse_wrong"] = Response(self._terse(item, lang, value=wrong_value), "terse_wrong")
+        others = [it for it in self._train_by_spec.get(item.spec, ()) if it.value != item.value]
+        if others:
+            out["other_subject"] = Response(
+                self._fill(sentence_template, rng.choice(others), lang), "other_subject"
+            )
+        else:  # (no other subject with another value: fall back to the wrong value)
+            out["other_subject"] = Response(wrong, "other_subject")
         return out
+
+    def _terse(self, item: _Item, lang: str, value: int | str | None = None) -> str:
+        """The answer value alone: "14", "Silk.", "面包师。"."""
+        v = self._surface(item.answer_type, item.value if value is None else value, lang)
+        if item.answer_type == "number":
+            return v
+        return v[:1].upper() + v[1:] + "." if lang == "en" else v + "。"
 
     def _other_language(self, item: _Item, other: str, rng: random.Random) -> str:
         """A correct answer sentence recognisably in language ``other`` ("13 + 1 = 14." is in neither)."""
@@ -1254,12 +1282,22 @@ def _sign(x: float, tolerance: float = 1e-9) -> int:
     return 0 if abs(x) <= tolerance else (1 if x > 0 else -1)
 
 
-_CONTRAST = ("correct", "wrong", "verbose", "verbose_wrong", "wrong_language", "wrong_language_wrong")
+_CONTRAST = (
+    "correct",
+    "wrong",
+    "verbose",
+    "verbose_wrong",
+    "wrong_language",
+    "wrong_language_wrong",
+    "terse",
+    "terse_wrong",
+    "other_subject",
+)
 
 
 def contrast_pairs(specs: Sequence[str]) -> list[tuple[str, str]]:
-    """The minimal pairs ``specs`` name: 'a>b' each, or 'all' for every pairing of the six kinds of
-    ``World.contrast_responses`` (15: surface form and value independent, the counterfactual design)."""
+    """The minimal pairs ``specs`` name: 'a>b' each, or 'all' for every pairing of the nine kinds of
+    ``World.contrast_responses`` (36: surface form and value independent, the counterfactual design)."""
     pairs: list[tuple[str, str]] = []
     for spec in specs:
         if spec == "all":
@@ -1297,7 +1335,7 @@ def preference_pairs(
     one answer sentence with the gold value, with another value, wrapped in filler), its two kinds drawn from
     ``contrast_kinds`` ('correct>wrong', 'correct>verbose', 'verbose>wrong', and the counterfactual
     'correct>verbose_wrong', 'verbose>verbose_wrong', 'wrong>verbose_wrong', 'correct>wrong_language_wrong'
-    ...; 'all' for all 15 pairings; repeat one to weight it). The annotators label every pair by their
+    ...; 'all' for all 36 pairings; repeat one to weight it). The annotators label every pair by their
     rule: 'a>b' names the two kinds shown, not the label (two wrong answers are "both bad").
 
     ``noise`` is one probability for every annotator or one per annotator (reliable and careless ones).

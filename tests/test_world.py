@@ -444,7 +444,28 @@ def test_counterfactual_kinds_break_the_filler_and_language_shortcuts(
         assert r["verbose_wrong"].text == r["verbose"].text.replace(correct, wrong)
         assert correct in r["verbose"].text and wrong in r["verbose_wrong"].text
         checks = {k: world.check(prompt, v.text) for k, v in r.items()}
-        assert [k for k, c in checks.items() if c.correct] == ["correct", "verbose", "wrong_language"]
+        assert [k for k, c in checks.items() if c.correct] == [
+            "correct",
+            "verbose",
+            "wrong_language",
+            "terse",
+        ]
+        # the bare value, right and wrong: as concise as it gets, right language (numbers have none)
+        assert r["terse"].text.rstrip(".。").lower() in correct.lower()
+        assert r["terse_wrong"].text.rstrip(".。").lower() in wrong.lower()
+        assert checks["terse"].score == 1.0 and checks["terse_wrong"].right_language
+        # another subject's own true sentence: wrong here, and never a held-out fact
+        other = r["other_subject"].text
+        assert other != correct and not checks["other_subject"].correct
+        if prompt.family == "fact":
+            spec = world._item(prompt).spec
+            about = [
+                it
+                for it in world._items["fact"]
+                if it.spec == spec and world._by_name[dict(it.slots)["n"]].name(prompt.lang) in other
+            ]
+            assert about and not any(world.is_heldout(it) for it in about), (other, about)
+            assert any(world._fill("{v}", it, prompt.lang) in other for it in about)  # its own value
         assert (
             not checks["wrong_language"].right_language and not checks["wrong_language_wrong"].right_language
         )
@@ -491,11 +512,11 @@ def test_counterfactual_kinds_break_the_filler_and_language_shortcuts(
     assert min(sum(c.values()) for c in by_kinds.values()) > 70
     assert all(r["tie"] for r in records if r["provenance"]["rule_choice"] == "both_bad")
     every = W.contrast_pairs(["all"])
-    assert len(every) == len(set(every)) == 15 and ("correct", "wrong_language_wrong") in every
+    assert len(every) == len(set(every)) == 36 and ("correct", "other_subject") in every
     shown = preference_pairs(
         world, train[:600], 3, noise=0.0, seed=2, contrastive=1.0, contrast_kinds=["all"]
     )
-    assert len({frozenset(r["provenance"]["kinds"]) for r in shown}) == 15
+    assert len({frozenset(r["provenance"]["kinds"]) for r in shown}) == 36
 
 
 # -- the CLI -----------------------------------------------------------------------------------------------
