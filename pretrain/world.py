@@ -888,8 +888,9 @@ class World:
 
         Also ``wrong_language`` (one sentence in the other language) and two counterfactual kinds that
         ``responses`` never offers: ``verbose_wrong`` (the wrong sentence in the same filler) and
-        ``wrong_language_wrong`` (the other-language sentence with the wrong value). Among ``KINDS`` filler and the other language only ever wrap the right value, so an RM can
-        learn them as a sign of correctness; pairs with these two break that shortcut.
+        ``wrong_language_wrong`` (the other-language sentence with the wrong value). Among ``KINDS`` filler
+        and the other language only ever wrap the right value, so an RM can learn them as a sign of
+        correctness; pairs with these two break that shortcut.
 
         And the forms a policy drifts to under RL, which ``responses`` never offers either: ``terse`` (the value
         alone, "14" / "Silk."), ``terse_wrong`` (the wrong value alone) and ``other_subject`` (the same sentence
@@ -897,7 +898,7 @@ class World:
         answer to this question; the base LM finds its value likely, so likelihood features cannot tell)."""
         item, lang = self._item(prompt), prompt.lang
         rng = _rng(self.seed, "contrast", prompt.id, seed)
-        template = sentence_template = rng.choice(self._table(item)["say"][lang][:2])
+        template = rng.choice(self._table(item)["say"][lang][:2])
         sentence = self._fill(template, item, lang)
         sep = " " if lang == "en" else ""
         pre, post = rng.choice(_FILLER["pre"][lang]), rng.choice(_FILLER["post"][lang])
@@ -912,11 +913,10 @@ class World:
         }
         # the same other-language sentence with the gold value and with the wrong one
         says = self._table(item)["say"][other]
-        templates = [t for t in says if detect_language(self._fill(t, item, other)) == other]
-        template = rng.choice(templates)
-        out["wrong_language"] = Response(self._fill(template, item, other), "wrong_language")
+        other_template = rng.choice([t for t in says if detect_language(self._fill(t, item, other)) == other])
+        out["wrong_language"] = Response(self._fill(other_template, item, other), "wrong_language")
         out["wrong_language_wrong"] = Response(
-            self._fill(template, item, other, value=wrong_value), "wrong_language_wrong"
+            self._fill(other_template, item, other, value=wrong_value), "wrong_language_wrong"
         )
         # the bare value, right and wrong (what a terse policy writes), and a true sentence about another
         # subject (another entity, other operands, another quantity) whose value is not the gold one
@@ -924,9 +924,7 @@ class World:
         out["terse_wrong"] = Response(self._terse(item, lang, value=wrong_value), "terse_wrong")
         others = [it for it in self._train_by_spec.get(item.spec, ()) if it.value != item.value]
         if others:
-            out["other_subject"] = Response(
-                self._fill(sentence_template, rng.choice(others), lang), "other_subject"
-            )
+            out["other_subject"] = Response(self._fill(template, rng.choice(others), lang), "other_subject")
         else:  # (no other subject with another value: fall back to the wrong value)
             out["other_subject"] = Response(wrong, "other_subject")
         return out
