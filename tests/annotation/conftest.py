@@ -87,9 +87,33 @@ def pg_url():
     try:
         yield base.set(database=name).render_as_string(hide_password=False)
     finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        _drop_database(admin, name)
         admin.dispose()
+
+
+def _drop_database(admin, name: str, tries: int = 10) -> None:
+    """Drop a test database. WITH (FORCE) ends our own lingering pooled sessions; when the server refuses it
+    (InsufficientPrivilege: another role's process, e.g. an autovacuum worker, is on the database and the
+    role lacks pg_signal_backend), a plain DROP DATABASE is tried, which cancels autovacuum itself; it is
+    retried while the server still reports the database in use."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    with admin.connect() as c:
+        try:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            return
+        except DBAPIError:
+            pass
+    for attempt in range(tries):
+        with admin.connect() as c:
+            try:
+                c.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+                return
+            except DBAPIError:
+                if attempt == tries - 1:
+                    raise
+        time.sleep(0.5)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
