@@ -104,6 +104,11 @@ class RewardDataConfig:
     annotators: AnnotatorsConfig = field(default_factory=AnnotatorsConfig)
     train_prompts: int = 2000  # world: one pair per prompt (labels_per_pair labels each)
     heldout_prompts: int = 400  # world: held-out prompts (instances never asked in training)
+    # world: also this many training prompts from the `dev` half of the held-out instances, the prompts PPO
+    # samples on (recipes/ppo.yaml prompts.train_split): annotators label answers on the distribution RL will
+    # run on, as in any RLHF loop. The evaluation then uses only the other half (heldout_split: test).
+    dev_prompts: int = 0
+    heldout_split: Literal["heldout", "test"] = "heldout"  # world: the instances the held-out pairs come from
     # world: the share of training prompts whose pair is a minimal pair (one answer sentence with a wrong value
     # or wrapped in filler, World.contrast_responses); held-out pairs are always drawn as before
     contrastive: float = 0.0
@@ -134,6 +139,13 @@ class RewardDataConfig:
             raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
         if not 0.0 <= self.contrastive <= 1.0:
             raise ValueError(f"data.contrastive must be a fraction in [0, 1], got {self.contrastive}")
+        if self.dev_prompts < 0:
+            raise ValueError(f"data.dev_prompts must be >= 0, got {self.dev_prompts}")
+        if self.dev_prompts and self.heldout_split != "test":
+            raise ValueError(
+                f"data.dev_prompts ({self.dev_prompts}) trains on the world's dev instances, which are half of "
+                "heldout_split 'heldout': set data.heldout_split: test (the other half) to keep the evaluation held out"
+            )
         if self.contrastive:
             from pretrain.world import contrast_pairs  # names the allowed kinds in its error
 

@@ -60,6 +60,12 @@ def _load_source(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str
         world = make_world(seed=cfg.world.seed, num_entities=cfg.world.num_entities)
         a = cfg.annotators
         noise = list(a.noise_per_annotator) or a.noise
+        heldout_split = getattr(cfg, "heldout_split", "heldout")
+        parts = [
+            ("train", cfg.train_prompts),
+            ("dev", getattr(cfg, "dev_prompts", 0)),
+            (heldout_split, cfg.heldout_prompts),
+        ]
         pairs = {
             split: preference_pairs(
                 world,
@@ -68,14 +74,18 @@ def _load_source(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str
                 noise,
                 seed=seed,
                 labels_per_pair=a.labels_per_pair,
-                contrastive=getattr(cfg, "contrastive", 0.0) if split == "train" else 0.0,
+                contrastive=getattr(cfg, "contrastive", 0.0) if split in ("train", "dev") else 0.0,
                 **({"contrast_kinds": cfg.contrast_kinds} if hasattr(cfg, "contrast_kinds") else {}),
             )
-            for split, n in (("train", cfg.train_prompts), ("heldout", cfg.heldout_prompts))
+            for split, n in parts
+            if n > 0
         }
-        train = records_from_dicts(pairs["train"], "world train pairs")
-        held = records_from_dicts(pairs["heldout"], "world held-out pairs")
-        return train, held, {"source": "world", "noise": noise, "annotators": a.n}
+        train = records_from_dicts(pairs["train"] + pairs.get("dev", []), "world train pairs")
+        if "dev" in pairs:
+            random.Random(seed).shuffle(train)
+        held = records_from_dicts(pairs[heldout_split], "world held-out pairs")
+        info = {"source": "world", "noise": noise, "annotators": a.n, "heldout_split": heldout_split}
+        return train, held, {**info, "dev_pairs": len(pairs.get("dev", []))}
     skipped: list[str] = []
     train = []
     for path in cfg.paths:

@@ -94,6 +94,33 @@ def test_reward_minimal_pair_kinds_are_checked_at_load(tmp_path):
         load_recipe(path, ["data.contrastive=1.5"])
 
 
+def test_reward_dev_prompts_train_on_dev_and_evaluate_on_test_only(tmp_path):
+    """data.dev_prompts adds labelled pairs on the world's dev instances (PPO's rollout prompts); the held-out
+    pairs must then come from the other half (test), and the recipe says so when they would not."""
+    from pretrain.world import make_world
+    from recipes.schema import RewardDataConfig
+    from rewards.run import load_records
+
+    path = write(tmp_path, "stage: reward\nmodel:\n  init_from: somewhere\n")
+    with pytest.raises(RecipeError, match="heldout_split: test"):
+        load_recipe(path, ["data.dev_prompts=100"])
+    assert load_recipe(path, ["data.dev_prompts=100", "data.heldout_split=test"]).data.dev_prompts == 100
+
+    world = make_world(seed=0, num_entities=96)
+
+    def instances(records, split):
+        keys = {(f, it.key) for f, items in world._split[split].items() for it in items}
+        ids = {r.provenance["prompt_id"] for r in records}
+        return {k for k in keys if any(i.startswith(f"{k[0]}/{k[1]}/") for i in ids)}
+
+    cfg = RewardDataConfig(train_prompts=40, dev_prompts=60, heldout_prompts=50, heldout_split="test")
+    train, held, info = load_records(cfg, seed=0)
+    assert info["dev_pairs"] == 60 and len(train) == 100 and len(held) == 50
+    assert instances(train, "dev") and instances(train, "train")
+    assert not instances(train, "test") and not instances(held, "dev") and not instances(held, "train")
+    assert instances(held, "test")
+
+
 def test_overrides_are_applied_last_and_typed(tmp_path):
     path = write(tmp_path, "stage: pretrain\ntrain:\n  max_steps: 10\n")
     recipe = load_recipe(path, ["train.max_steps=3", "optim.lr=1e-3", "model.post_norms=true"])

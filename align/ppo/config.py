@@ -157,7 +157,12 @@ class PPOConfig:
     clip_range_value: float | None = 0.2  # value clip (null: plain squared error)
     vf_coef: float = 0.1
     entropy_coef: float = 0.0  # + entropy bonus (loss -= coef x mean entropy)
-    score_norm: Literal["none", "running", "batch"] = "running"  # normalise the sequence score before GAE
+    # normalise the sequence score before GAE: running / batch = divide by the std (running across steps, or
+    # this batch's); group = subtract the mean of the same prompt's other samples (leave-one-out, as RLOO does;
+    # needs train.samples_per_prompt >= 2), then divide by the running std. A Bradley-Terry RM is fitted on
+    # pairs of answers to one prompt, so its score carries a per-prompt offset the pairs never pinned down;
+    # the group baseline cancels it and leaves only what the RM was trained to judge.
+    score_norm: Literal["none", "running", "batch", "group"] = "running"
     score_norm_shift: bool = False  # subtract the mean too (else divide by the std only)
     score_clip: float | None = 10.0  # clip the normalised score to [-clip, clip] (null: no clip)
     whiten_rewards: bool = False  # whiten per-token rewards (after KL) across the batch, mean kept

@@ -108,6 +108,18 @@ class RunningMoments:
 # KL between the policy and the reference, per token
 
 
+def leave_one_out(scores: Tensor, group_size: int) -> Tensor:
+    """Each score minus the mean of the other scores of its group (consecutive runs of ``group_size``: the
+    samples of one prompt), the RLOO baseline: r_i - (sum_j r_j - r_i) / (k - 1)."""
+    if group_size < 2 or scores.numel() % group_size:
+        raise ValueError(
+            f"leave_one_out: {scores.numel()} scores do not split into groups of {group_size} (need >= 2 each)"
+        )
+    g = scores.reshape(-1, group_size)
+    others = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
+    return (g - others).reshape(scores.shape)
+
+
 def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     """k1 = log pi(a) - log pi_ref(a): unbiased for KL(pi || ref) under samples from pi, but negative per token."""
     return logprobs - ref_logprobs

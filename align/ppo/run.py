@@ -59,6 +59,11 @@ class PPORecipe:
             raise ValueError(
                 "critic.lora applies to a separate critic; with backbone 'shared' use policy.lora"
             )
+        if self.ppo.score_norm == "group" and self.train.samples_per_prompt < 2:
+            raise ValueError(
+                "ppo.score_norm 'group' compares each answer with the other answers to the same prompt: set "
+                f"train.samples_per_prompt >= 2 (got {self.train.samples_per_prompt})"
+            )
         if self.critic.init_from == "reward" and not self.reward.rm:
             raise ValueError("critic.init_from is 'reward' but reward.rm (a reward-model folder) is not set")
         if self.policy.reference == "adapter_off" and not self.policy.lora.enabled:

@@ -109,6 +109,8 @@ class PPOTrainer:
             raise ValueError(
                 "PPOTrainer: give a separate critic or an actor with a value head (shared backbone)"
             )
+        if ppo.score_norm == "group" and train.samples_per_prompt < 2:
+            raise ValueError("PPOTrainer: ppo.score_norm 'group' needs train.samples_per_prompt >= 2")
         if critic is not None and actor.value_head is not None:
             raise ValueError("PPOTrainer: a separate critic and a shared value head at once; pick one")
         self.strategy = strategy or Single()
@@ -129,6 +131,7 @@ class PPOTrainer:
 
         self.kl_ctl = core.make_kl_controller(kl.controller, kl.coef, kl.target, kl.horizon)
         self.score_moments = core.RunningMoments(self.strategy.all_reduce)
+        self.loo_moments = core.RunningMoments(self.strategy.all_reduce)  # score_norm group: the centred scores
         self.generator = torch.Generator(device=self.device).manual_seed(seed + 1000 * self.strategy.rank)
         self.shuffle_generator = torch.Generator().manual_seed(seed + 7)
         self.step_count = 0
@@ -239,6 +242,10 @@ class PPOTrainer:
             )
         elif p.score_norm == "batch":
             norm = (scores - (batch_mean if p.score_norm_shift else 0.0)) / max(batch_std, 1e-2)
+        elif p.score_norm == "group":
+            loo = core.leave_one_out(scores, self.cfg.samples_per_prompt)
+            self.loo_moments.update(loo)
+            norm = loo / max(self.loo_moments.std, 1e-2)
         else:
             norm = scores.clone()
         if p.score_clip is not None:
@@ -499,7 +506,8 @@ class PPOTrainer:
         critic = self.strategy.unwrap(self.critic) if self.critic is not None else None
         return {
             "step": self.step_count, "updates": self.updates_done, "kl": self.kl_ctl.state_dict(),
-            "score_moments": self.score_moments.state_dict(), "generator": self.generator.get_state(),
+            "score_moments": self.score_moments.state_dict(), "loo_moments": self.loo_moments.state_dict(),
+            "generator": self.generator.get_state(),
             "shuffle_generator": self.shuffle_generator.get_state(),
             "actor": self.actor_module.state_dict(), "actor_opt": self.actor_opt.state_dict(),
             "critic": critic.state_dict() if critic is not None else None,
@@ -520,6 +528,8 @@ class PPOTrainer:
         self.step_count, self.updates_done = state["step"], state["updates"]
         self.kl_ctl.load_state_dict(state["kl"])
         self.score_moments.load_state_dict(state["score_moments"])
+        if "loo_moments" in state:  # checkpoints written before score_norm 'group' existed lack it
+            self.loo_moments.load_state_dict(state["loo_moments"])
         self.generator.set_state(state["generator"])
         self.shuffle_generator.set_state(state["shuffle_generator"])
 

@@ -146,6 +146,20 @@ def test_running_moments_match_the_concatenated_data() -> None:
     assert rm.var == pytest.approx(float(everything.var(unbiased=False)), rel=1e-6)
 
 
+def test_leave_one_out_baseline_by_hand_and_blind_to_a_per_prompt_offset() -> None:
+    scores = t([1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 10.0, 10.0])
+    loo = core.leave_one_out(scores, 4)
+    # 1 - (2 + 3 + 4) / 3 = -2, 2 - 8/3, 3 - 7/3, 4 - 2; a group of equal scores has nothing to prefer
+    assert torch.allclose(loo, t([-2.0, -2 / 3, 2 / 3, 2.0, 0.0, 0.0, 0.0, 0.0]))
+    offset = t([100.0] * 4 + [-7.0] * 4)  # what a Bradley-Terry RM never pinned down: a constant per prompt
+    assert torch.allclose(core.leave_one_out(scores + offset, 4), loo)
+    assert torch.allclose(core.leave_one_out(t([3.0, 5.0]), 2), t([-2.0, 2.0]))
+    with pytest.raises(ValueError, match="groups of 3"):
+        core.leave_one_out(scores, 3)
+    with pytest.raises(ValueError, match="groups of 1"):
+        core.leave_one_out(scores, 1)
+
+
 def test_explained_variance() -> None:
     ret = t([[1.0, 2.0, 3.0, 4.0]])
     mask = t([[1, 1, 1, 1]])
