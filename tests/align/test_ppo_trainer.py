@@ -167,7 +167,9 @@ def test_group_baseline_learns_through_a_per_prompt_offset(tiny_tokenizer) -> No
 
         def vowels() -> float:  # fresh samples, same seed before and after
             tr.generator.set_state(fresh.get_state())
-            return float(vowel_reward(None, decode_responses(tok, tr.generate(held_out)), None, None)[0].mean())
+            return float(
+                vowel_reward(None, decode_responses(tok, tr.generate(held_out)), None, None)[0].mean()
+            )
 
         before = vowels()
         rollouts = [it for it in items(tok, prompts) for _ in range(samples_per_prompt)]
