@@ -78,14 +78,13 @@ def _load_source(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str
                 **({"contrast_kinds": cfg.contrast_kinds} if hasattr(cfg, "contrast_kinds") else {}),
             )
             for split, n in parts
-            if n > 0
         }
-        train = records_from_dicts(pairs["train"] + pairs.get("dev", []), "world train pairs")
-        if "dev" in pairs:
+        train = records_from_dicts(pairs["train"] + pairs["dev"], "world train pairs")
+        if pairs["dev"]:
             random.Random(seed).shuffle(train)
         held = records_from_dicts(pairs[heldout_split], "world held-out pairs")
         info = {"source": "world", "noise": noise, "annotators": a.n, "heldout_split": heldout_split}
-        return train, held, {**info, "dev_pairs": len(pairs.get("dev", []))}
+        return train, held, {**info, "dev_pairs": len(pairs["dev"])}
     skipped: list[str] = []
     train = []
     for path in cfg.paths:

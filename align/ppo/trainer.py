@@ -131,9 +131,8 @@ class PPOTrainer:
 
         self.kl_ctl = core.make_kl_controller(kl.controller, kl.coef, kl.target, kl.horizon)
         self.score_moments = core.RunningMoments(self.strategy.all_reduce)
-        self.loo_moments = core.RunningMoments(
-            self.strategy.all_reduce
-        )  # score_norm group: the centred scores
+        # score_norm 'group': the moments of the leave-one-out differences
+        self.loo_moments = core.RunningMoments(self.strategy.all_reduce)
         self.generator = torch.Generator(device=self.device).manual_seed(seed + 1000 * self.strategy.rank)
         self.shuffle_generator = torch.Generator().manual_seed(seed + 7)
         self.step_count = 0
