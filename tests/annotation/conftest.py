@@ -99,12 +99,12 @@ def _drop_database(admin, name: str, tries: int = 10) -> None:
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
 
-    with admin.connect() as c:
-        try:
+    try:
+        with admin.connect() as c:
             c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            return
-        except DBAPIError:
-            pass
+        return
+    except DBAPIError:  # refused: fall through to the plain DROP below
+        admin.dispose()
     for attempt in range(tries):
         with admin.connect() as c:
             try:
