@@ -263,6 +263,11 @@ def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
             f"(target {target:.0%}: {'met' if w['meets_target'] else 'NOT met'}); "
             f"vs the noise-free rule {w['accuracy_vs_rule']:.3f}"
         )
+    if summary.get("stopped_early"):  # a figure from a cut-short run is not the recipe's figure: say so
+        print(
+            f"note: training stopped at step {summary['steps']} of {recipe.train.max_steps} "
+            f"(train.max_minutes={recipe.train.max_minutes} reached): the figures above are for that shorter run"
+        )
     ens = report.get("ensemble", {})
     if ens.get("member_accuracy"):
         members_line = ", ".join(f"{a:.3f}" for a in ens["member_accuracy"])

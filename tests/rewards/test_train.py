@@ -185,7 +185,7 @@ def test_reward_recipe_end_to_end(tiny_tokenizer, tmp_path, capsys) -> None:
     ])  # fmt: skip
     assert code == 0
     out = capsys.readouterr().out
-    assert "agreement ceiling" in out and "of ceiling" in out
+    assert "agreement ceiling" in out and "of ceiling" in out and "training stopped at step" not in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     world = summary["eval"]["world"]
     assert world["pairs"] > 0 and 0.9 < world["ceiling"] < 1 and "meets_target" in world
@@ -198,6 +198,23 @@ def test_reward_recipe_end_to_end(tiny_tokenizer, tmp_path, capsys) -> None:
     )
     assert main(["run", "recipes/reward.yaml", f"run.dir={tmp_path}/x", "model.init_from=/nowhere"]) == 2
     assert "model.init_from: no model folder" in capsys.readouterr().err
+
+
+def test_a_reward_run_cut_short_by_the_clock_says_so(tiny_tokenizer, tmp_path, capsys) -> None:
+    from recipes.cli import main
+
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    code = main([
+        "run", "recipes/reward.yaml", f"run.dir={tmp_path}/run", "model.init_from=null", f"data.tokenizer={tmp_path}/tok",
+        "model.config={vocab_size: 832, hidden_size: 32, intermediate_size: 64, num_layers: 1, num_heads: 2, "
+        "num_kv_heads: 1, head_dim: 16}",
+        "data.train_prompts=32", "data.heldout_prompts=24", "train.max_steps=5", "train.batch_size=4",
+        "train.max_minutes=0", "eval.ensemble=0", "model.verifier.enabled=false", "eval.likelihood_baseline=null",
+    ])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "training stopped at step 1 of 5 (train.max_minutes=0.0 reached)" in out
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["stopped_early"] is True
 
 
 def test_auxiliary_lm_loss_keeps_a_frozen_lm_head_that_is_never_saved(
