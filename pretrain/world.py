@@ -685,9 +685,12 @@ class World:
         }
         # training-split items by spec (other subjects for World.contrast_responses: no held-out fact leaks)
         self._train_by_spec: dict[str, list[_Item]] = {}
+        # ... and by subject (entity, operands, quantity): its other training-split facts, for other_attribute
+        self._train_by_slots: dict[tuple[str, tuple], list[_Item]] = {}
         for items in self._split["train"].values():
             for it in items:
                 self._train_by_spec.setdefault(it.spec, []).append(it)
+                self._train_by_slots.setdefault((it.family, it.slots), []).append(it)
         for part in ("dev", "test"):
             self._split[part] = {
                 f: [it for it in items if self.is_dev(it) == (part == "dev")]
@@ -895,7 +898,12 @@ class World:
         And the forms a policy drifts to under RL, which ``responses`` never offers either: ``terse`` (the value
         alone, "14" / "Silk."), ``terse_wrong`` (the wrong value alone) and ``other_subject`` (the same sentence
         about another subject — entity, operands, quantity — with that subject's own value: true, but not an
-        answer to this question; the base LM finds its value likely, so likelihood features cannot tell)."""
+        answer to this question; the base LM finds its value likely, so likelihood features cannot tell).
+
+        And ``other_attribute`` / ``terse_other``: a true sentence about the *same* subject that answers another
+        question (its age, asked where it lives; the product, asked for the sum), and that value alone — what a
+        policy writes when a trained RM rewards bare values whatever they answer ("70" for a city, session 13).
+        Both come from training-split facts only."""
         item, lang = self._item(prompt), prompt.lang
         rng = _rng(self.seed, "contrast", prompt.id, seed)
         template = rng.choice(self._table(item)["say"][lang][:2])
@@ -927,7 +935,34 @@ class World:
             out["other_subject"] = Response(self._fill(template, rng.choice(others), lang), "other_subject")
         else:  # (no other subject with another value: fall back to the wrong value)
             out["other_subject"] = Response(wrong, "other_subject")
+        other_item = self._other_attribute(item, rng)
+        if other_item is not None:
+            other_says = self._table(other_item)["say"][lang][:2]
+            out["other_attribute"] = Response(
+                self._fill(rng.choice(other_says), other_item, lang), "other_attribute"
+            )
+            out["terse_other"] = Response(self._terse(other_item, lang), "terse_other")
+        else:  # (a subject with no other training-split fact: the other subject's sentence, the wrong value)
+            out["other_attribute"] = Response(out["other_subject"].text, "other_attribute")
+            out["terse_other"] = Response(out["terse_wrong"].text, "terse_other")
         return out
+
+    def _other_attribute(self, item: _Item, rng: random.Random) -> _Item | None:
+        """A training-split item about the same subject (same family and slots) that asks something else and
+        whose answer is not this one's; else one of the same family with another answer type; else None."""
+        gold = self._surface(item.answer_type, item.value, "en")
+
+        def differs(it: _Item) -> bool:
+            return it.spec != item.spec and self._surface(it.answer_type, it.value, "en") != gold
+
+        same = [it for it in self._train_by_slots.get((item.family, item.slots), ()) if differs(it)]
+        if not same:
+            same = [
+                it
+                for it in self._split["train"].get(item.family, ())
+                if it.answer_type != item.answer_type and differs(it)
+            ]
+        return rng.choice(same) if same else None
 
     def _terse(self, item: _Item, lang: str, value: int | str | None = None) -> str:
         """The answer value alone: "14", "Silk.", "面包师。"."""
@@ -1290,12 +1325,14 @@ _CONTRAST = (
     "terse",
     "terse_wrong",
     "other_subject",
+    "other_attribute",
+    "terse_other",
 )
 
 
 def contrast_pairs(specs: Sequence[str]) -> list[tuple[str, str]]:
-    """The minimal pairs ``specs`` name: 'a>b' each, or 'all' for every pairing of the nine kinds of
-    ``World.contrast_responses`` (36: surface form and value independent, the counterfactual design)."""
+    """The minimal pairs ``specs`` name: 'a>b' each, or 'all' for every pairing of the eleven kinds of
+    ``World.contrast_responses`` (55: surface form and value independent, the counterfactual design)."""
     pairs: list[tuple[str, str]] = []
     for spec in specs:
         if spec == "all":
@@ -1333,7 +1370,7 @@ def preference_pairs(
     one answer sentence with the gold value, with another value, wrapped in filler), its two kinds drawn from
     ``contrast_kinds`` ('correct>wrong', 'correct>verbose', 'verbose>wrong', and the counterfactual
     'correct>verbose_wrong', 'verbose>verbose_wrong', 'wrong>verbose_wrong', 'correct>wrong_language_wrong'
-    ...; 'all' for all 36 pairings; repeat one to weight it). The annotators label every pair by their
+    ...; 'all' for all 55 pairings; repeat one to weight it). The annotators label every pair by their
     rule: 'a>b' names the two kinds shown, not the label (two wrong answers are "both bad").
 
     ``noise`` is one probability for every annotator or one per annotator (reliable and careless ones).

@@ -113,8 +113,8 @@ class RewardDataConfig:
     # or wrapped in filler, World.contrast_responses); held-out pairs are always drawn as before
     contrastive: float = 0.0
     # which minimal pairs, drawn uniformly ('a>b', a and b from correct / wrong / verbose / wrong_language and the
-    # counterfactual verbose_wrong / wrong_language_wrong / terse / terse_wrong / other_subject; 'all': every
-    # pairing of those nine; repeat one to weight it; the annotators give the label)
+    # counterfactual verbose_wrong / wrong_language_wrong / terse / terse_wrong / other_subject / other_attribute /
+    # terse_other; 'all': every pairing of those eleven; repeat one to weight it; the annotators give the label)
     contrast_kinds: tuple[str, ...] = ("correct>wrong", "correct>wrong", "correct>verbose")
     # training pairs an annotator marked "both bad" (provenance.label; the store's export and the world's
     # annotators): a tie (the loss's tie term pulls the two rewards together) or left out (docs/rewards.md)

@@ -437,6 +437,7 @@ def test_contrast_kinds_choose_the_minimal_pairs(world: W.World, train: list[Pro
 def test_counterfactual_kinds_break_the_filler_and_language_shortcuts(
     world: W.World, train: list[Prompt]
 ) -> None:
+    checked = 0
     for prompt in train[:60]:
         r = world.contrast_responses(prompt, seed=5)
         correct, wrong = r["correct"].text, r["wrong"].text
@@ -466,10 +467,22 @@ def test_counterfactual_kinds_break_the_filler_and_language_shortcuts(
             ]
             assert about and not any(world.is_heldout(it) for it in about), (other, about)
             assert any(world._fill("{v}", it, prompt.lang) in other for it in about)  # its own value
+        # a true sentence about the same subject that answers another question, and that value alone: wrong
+        assert not checks["other_attribute"].correct and not checks["terse_other"].correct
+        item = world._item(prompt)
+        other_items = [it for it in world._items[prompt.family] if it.slots == item.slots and it.spec != item.spec]
+        if prompt.family == "fact" and any(not world.is_heldout(it) for it in other_items):
+            name = world._by_name[dict(item.slots)["n"]].name(prompt.lang)
+            assert name in r["other_attribute"].text and r["other_attribute"].text != correct
+            told = [it for it in other_items if world._fill("{v}", it, prompt.lang) in r["other_attribute"].text]
+            assert told and not any(world.is_heldout(it) for it in told), r["other_attribute"].text
+            assert r["terse_other"].text.rstrip(".。").lower() in r["other_attribute"].text.lower()
+            checked += 1
         assert (
             not checks["wrong_language"].right_language and not checks["wrong_language_wrong"].right_language
         )
         assert checks["wrong_language"].answer != checks["wrong_language_wrong"].answer
+    assert checked > 10  # most facts' subjects have another training-split fact
     # the default minimal pairs stay the original two kinds
     old = preference_pairs(world, train[:50], 3, noise=0.0, seed=4, contrastive=1.0)
     assert {tuple(sorted(r["provenance"]["kinds"])) for r in old} == {
@@ -512,11 +525,11 @@ def test_counterfactual_kinds_break_the_filler_and_language_shortcuts(
     assert min(sum(c.values()) for c in by_kinds.values()) > 70
     assert all(r["tie"] for r in records if r["provenance"]["rule_choice"] == "both_bad")
     every = W.contrast_pairs(["all"])
-    assert len(every) == len(set(every)) == 36 and ("correct", "other_subject") in every
+    assert len(every) == len(set(every)) == 55 and ("correct", "other_subject") in every
     shown = preference_pairs(
         world, train[:600], 3, noise=0.0, seed=2, contrastive=1.0, contrast_kinds=["all"]
     )
-    assert len({frozenset(r["provenance"]["kinds"]) for r in shown}) == 36
+    assert len({frozenset(r["provenance"]["kinds"]) for r in shown}) == 55
 
 
 # -- the CLI -----------------------------------------------------------------------------------------------
