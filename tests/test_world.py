@@ -470,11 +470,15 @@ def test_counterfactual_kinds_break_the_filler_and_language_shortcuts(
         # a true sentence about the same subject that answers another question, and that value alone: wrong
         assert not checks["other_attribute"].correct and not checks["terse_other"].correct
         item = world._item(prompt)
-        other_items = [it for it in world._items[prompt.family] if it.slots == item.slots and it.spec != item.spec]
+        other_items = [
+            it for it in world._items[prompt.family] if it.slots == item.slots and it.spec != item.spec
+        ]
         if prompt.family == "fact" and any(not world.is_heldout(it) for it in other_items):
             name = world._by_name[dict(item.slots)["n"]].name(prompt.lang)
             assert name in r["other_attribute"].text and r["other_attribute"].text != correct
-            told = [it for it in other_items if world._fill("{v}", it, prompt.lang) in r["other_attribute"].text]
+            told = [
+                it for it in other_items if world._fill("{v}", it, prompt.lang) in r["other_attribute"].text
+            ]
             assert told and not any(world.is_heldout(it) for it in told), r["other_attribute"].text
             assert r["terse_other"].text.rstrip(".。").lower() in r["other_attribute"].text.lower()
             checked += 1
