@@ -169,20 +169,28 @@ def test_attribute_heads_learn_their_own_labels(tiny_tokenizer, tmp_path) -> Non
     assert summary["eval_after"]["accuracy"] > 0.9 and summary["eval_after"]["accuracy/marker"] > 0.9
 
 
+def _run_tiny_reward_recipe(tokenizer, tmp_path, *overrides: str) -> int:
+    """``glmwb run recipes/reward.yaml`` on a tiny random-init GLM (a random init has no language model for
+    the verifier features to read, so they are off)."""
+    from recipes.cli import main
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    return main([
+        "run", "recipes/reward.yaml", f"run.dir={tmp_path}/run", "model.init_from=null", f"data.tokenizer={tmp_path}/tok",
+        "model.config={vocab_size: 832, hidden_size: 48, intermediate_size: 80, num_layers: 2, num_heads: 4, "
+        "num_kv_heads: 2, head_dim: 12}", "model.verifier.enabled=false", *overrides,
+    ])  # fmt: skip
+
+
 def test_reward_recipe_end_to_end(tiny_tokenizer, tmp_path, capsys) -> None:
     from transformers import AutoModelForSequenceClassification
 
     from recipes.cli import main
 
-    tiny_tokenizer.save_pretrained(tmp_path / "tok")
-    code = main([
-        "run", "recipes/reward.yaml", f"run.dir={tmp_path}/run", "model.init_from=null", f"data.tokenizer={tmp_path}/tok",
-        "model.config={vocab_size: 832, hidden_size: 48, intermediate_size: 80, num_layers: 2, num_heads: 4, "
-        "num_kv_heads: 2, head_dim: 12}",
-        "data.train_prompts=64", "data.heldout_prompts=48", "train.max_steps=4", "train.batch_size=8",
-        "train.eval_every=2", "eval.ensemble=1", "train.packing=true", "train.max_minutes=null",
-        "model.verifier.enabled=false",  # a random init has no language model to verify with
-    ])  # fmt: skip
+    code = _run_tiny_reward_recipe(
+        tiny_tokenizer, tmp_path, "data.train_prompts=64", "data.heldout_prompts=48", "train.max_steps=4",
+        "train.batch_size=8", "train.eval_every=2", "eval.ensemble=1", "train.packing=true", "train.max_minutes=null",
+    )  # fmt: skip
     assert code == 0
     out = capsys.readouterr().out
     assert "agreement ceiling" in out and "of ceiling" in out and "training stopped at step" not in out
@@ -201,16 +209,10 @@ def test_reward_recipe_end_to_end(tiny_tokenizer, tmp_path, capsys) -> None:
 
 
 def test_a_reward_run_cut_short_by_the_clock_says_so(tiny_tokenizer, tmp_path, capsys) -> None:
-    from recipes.cli import main
-
-    tiny_tokenizer.save_pretrained(tmp_path / "tok")
-    code = main([
-        "run", "recipes/reward.yaml", f"run.dir={tmp_path}/run", "model.init_from=null", f"data.tokenizer={tmp_path}/tok",
-        "model.config={vocab_size: 832, hidden_size: 32, intermediate_size: 64, num_layers: 1, num_heads: 2, "
-        "num_kv_heads: 1, head_dim: 16}",
-        "data.train_prompts=32", "data.heldout_prompts=24", "train.max_steps=5", "train.batch_size=4",
-        "train.max_minutes=0", "eval.ensemble=0", "model.verifier.enabled=false", "eval.likelihood_baseline=null",
-    ])  # fmt: skip
+    code = _run_tiny_reward_recipe(
+        tiny_tokenizer, tmp_path, "data.train_prompts=32", "data.heldout_prompts=24", "train.max_steps=5",
+        "train.batch_size=4", "train.max_minutes=0", "eval.ensemble=0",
+    )  # fmt: skip
     assert code == 0
     out = capsys.readouterr().out
     assert "training stopped at step 1 of 5 (train.max_minutes=0.0 reached)" in out
