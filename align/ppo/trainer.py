@@ -481,7 +481,8 @@ class PPOTrainer:
             if on_step is not None:
                 on_step(self.step_count)
             last = m
-            if max_minutes is not None and (time.perf_counter() - started) / 60 >= max_minutes:
+            over = max_minutes is not None and (time.perf_counter() - started) / 60 >= max_minutes
+            if over and self.step_count < steps:  # (the last step done in time is no early stop)
                 self.log(
                     f"ppo: stopping after {self.step_count} steps: train.max_minutes={max_minutes} reached"
                 )

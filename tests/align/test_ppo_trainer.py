@@ -237,6 +237,22 @@ def test_micro_batches_give_the_same_update_as_one_batch(tiny_tokenizer) -> None
     assert moved > 1e-3  # the update did something
 
 
+def test_the_clock_stops_a_run_early_and_says_so_only_when_steps_remain(tiny_tokenizer) -> None:
+    from align.ppo.rollout import PromptCycle
+
+    tok = tiny_tokenizer
+    for steps, stopped_at in ((3, 1), (1, None)):
+        lines: list[str] = []
+        tr = trainer(tok, Actor(tiny_glm(tok), ValueHead(TINY.hidden_size)), steps=steps)
+        tr.log = lines.append
+        tr.train(PromptCycle(items(tok), seed=0), steps=steps, max_minutes=0.0)
+        assert tr.step_count == (stopped_at or steps)
+        said = [x for x in lines if "max_minutes" in x]
+        assert said == (
+            [f"ppo: stopping after {stopped_at} steps: train.max_minutes=0.0 reached"] if stopped_at else []
+        )
+
+
 def test_lora_actor_with_the_adapter_switched_off_as_reference(tiny_tokenizer) -> None:
     tok = tiny_tokenizer
     base = tiny_glm(tok)
