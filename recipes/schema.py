@@ -119,6 +119,9 @@ class RewardDataConfig:
     # training pairs an annotator marked "both bad" (provenance.label; the store's export and the world's
     # annotators): a tie (the loss's tie term pulls the two rewards together) or left out (docs/rewards.md)
     both_bad: Literal["tie", "drop"] = "tie"
+    # with both_bad: tie, the weight of those tie pairs in the loss (x the record's own): < 1 lets two wrong
+    # answers of different forms keep apart (a wrong sentence above a refusal) while still learning ties
+    both_bad_weight: float = 1.0
     paths: tuple[str, ...] = ()  # files: training data (JSONL / JSON / .gz / parquet / datasets folder)
     eval_paths: tuple[str, ...] = ()  # files: held-out data; default: eval_fraction of paths
     extra_paths: tuple[
@@ -141,6 +144,11 @@ class RewardDataConfig:
             raise ValueError(f"data.contrastive must be a fraction in [0, 1], got {self.contrastive}")
         if self.dev_prompts < 0:
             raise ValueError(f"data.dev_prompts must be >= 0, got {self.dev_prompts}")
+        if not 0.0 < self.both_bad_weight <= 1.0:
+            raise ValueError(
+                f"data.both_bad_weight must be in (0, 1] (the weight of 'both bad' tie pairs; "
+                f"data.both_bad: drop leaves them out), got {self.both_bad_weight}"
+            )
         if self.dev_prompts and self.heldout_split != "test":
             raise ValueError(
                 f"data.dev_prompts ({self.dev_prompts}) trains on the world's dev instances, which are half of "

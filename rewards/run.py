@@ -18,12 +18,20 @@ from recipes.schema import RewardDataConfig, RewardRecipe
 
 def load_records(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
     """Training and held-out ``PreferenceRecord``s for ``cfg`` (world or files, plus ``extra_paths``), and a
-    summary of where they came from. ``both_bad: drop`` leaves "both bad" pairs out of training only."""
+    summary of where they came from. ``both_bad: drop`` leaves "both bad" pairs out of training only;
+    ``both_bad_weight`` < 1 keeps them as ties with that weight."""
     train, held, facts = _load_records(cfg, seed)
+    both_bad = [(r.provenance or {}).get("label") == "both_bad" for r in train]
     if getattr(cfg, "both_bad", "tie") == "drop":  # DPO's data config reads the same way and has no such key
-        keep = [r for r in train if (r.provenance or {}).get("label") != "both_bad"]
+        keep = [r for r, bad in zip(train, both_bad, strict=True) if not bad]
         facts["both_bad_dropped"] = len(train) - len(keep)
         train = keep
+    elif getattr(cfg, "both_bad_weight", 1.0) != 1.0:
+        w = cfg.both_bad_weight
+        train = [
+            replace(r, weight=r.weight * w) if bad else r for r, bad in zip(train, both_bad, strict=True)
+        ]
+        facts["both_bad_weighted"] = sum(both_bad)
     return train, held, facts
 
 

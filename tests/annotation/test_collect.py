@@ -100,6 +100,25 @@ def test_reward_data_both_bad_drop_leaves_out_only_those_training_pairs() -> Non
         load_recipe("recipes/reward.yaml", ["data.both_bad=maybe"])
 
 
+def test_reward_data_both_bad_weight_scales_only_those_training_pairs() -> None:
+    from rewards.run import load_records
+
+    over = ["data.train_prompts=300", "data.heldout_prompts=100"]
+    train0, held0, _ = load_records(load_recipe("recipes/reward.yaml", over).data, 0)
+    train1, held1, facts = load_records(
+        load_recipe("recipes/reward.yaml", [*over, "data.both_bad_weight=0.25"]).data, 0
+    )
+    assert [r.id for r in train1] == [r.id for r in train0]  # nothing left out
+    bad = [r.provenance["label"] == "both_bad" for r in train0]
+    assert facts["both_bad_weighted"] == sum(bad) > 0
+    for r0, r1, b in zip(train0, train1, bad, strict=True):
+        assert r1.weight == pytest.approx(r0.weight * (0.25 if b else 1.0)) and r1.tie == r0.tie
+    assert [r.weight for r in held1] == [r.weight for r in held0]  # held-out pairs untouched
+    for wrong in ("0", "1.5"):
+        with pytest.raises(RecipeError, match="both_bad_weight must be in"):
+            load_recipe("recipes/reward.yaml", [f"data.both_bad_weight={wrong}"])
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
