@@ -133,6 +133,10 @@ def test_quickstart_pipeline_end_to_end(tmp_path, capsys):
             "reward.data.heldout_prompts=48",
             "reward.train.max_steps=4",
             "reward.train.eval_every=2",
+            "ppo.train.steps=3",  # (the recipe's 40 steps would be bounded only by its 12-minute safety net)
+            "ppo.train.eval_every=0",
+            "ppo_rm.train.steps=3",
+            "ppo_rm.train.eval_every=0",
         ]
     )
     assert code == 0
