@@ -6,7 +6,8 @@
 #   TESTS="tests/kernels tests/test_model.py" TEST_K="apply or gpu" bash .ci/gpu.sh tests
 #
 # Stages: env (device, versions), tests (every kernel test natively on the GPU, the `gpu`-marked ones
-# too), kernels (kernels.bench.bench_kernels), sweep (kernels.bench.sweep_lm_head), pretrain (pretrain.bench_throughput, ours vs HF GLM),
+# too), kernels (kernels.bench.bench_kernels), sweep (kernels.bench.sweep_lm_head), tune (kernels.bench.tune_kernels:
+# launch parameters of RMSNorm and rotary), pretrain (pretrain.bench_throughput, ours vs HF GLM),
 # dpo / ppo (align.bench.*; ppo needs POLICY=<folder with a tokenizer>).
 # Logs and CSVs go under $OUT (set by the device tool; runs/gpu otherwise). Wheels the machine lacks
 # (Liger-Kernel for the comparison columns) are installed from .whl/ when that folder is there.
@@ -51,6 +52,9 @@ for stage in "$@"; do
     sweep)
         run sweep_lm_head "${BENCH_TIMEOUT:-300}" $PY -m kernels.bench.sweep_lm_head ${SWEEP_ARGS:-}
         ;;
+    tune)
+        run tune_kernels "${BENCH_TIMEOUT:-420}" $PY -m kernels.bench.tune_kernels --out "$OUT/tune" ${TUNE_ARGS:-}
+        ;;
     pretrain)
         run bench_throughput "${BENCH_TIMEOUT:-300}" $PY -m pretrain.bench_throughput --device cuda --dtype bf16 \
             --hidden-size 2048 --num-layers 8 --head-dim 128 --num-heads 16 --num-kv-heads 2 \
@@ -67,7 +71,7 @@ for stage in "$@"; do
             --out "$OUT/ppo_step.csv" ${PPO_ARGS:-}
         ;;
     *)
-        echo "unknown stage $stage (env tests kernels sweep pretrain dpo ppo)" >&2
+        echo "unknown stage $stage (env tests kernels sweep tune pretrain dpo ppo)" >&2
         status=2
         ;;
     esac

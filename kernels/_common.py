@@ -63,11 +63,12 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def num_persistent_programs(device: torch.device) -> int:
-    """Programs for a persistent (grid-stride) kernel: two per SM on a GPU; 4 in the interpreter, so
+def num_persistent_programs(device: torch.device, per_sm: int = 2) -> int:
+    """Programs for a persistent (grid-stride) kernel: ``per_sm`` per SM on a GPU; 4 in the interpreter, so
     that small test inputs still exercise several programs that each loop over several blocks."""
     if device.type == "cuda":
-        return 2 * _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return per_sm * _cuda_sm_count(index)
     return 4
 
 

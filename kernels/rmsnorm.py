@@ -114,6 +114,7 @@ def _rmsnorm_bwd_kernel(
     HAS_DRESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     # Persistent: program p owns rows [p * rows_per_program, (p + 1) * rows_per_program) and keeps its
     # share of dweight in registers, written once at the end (no atomics, deterministic).
@@ -125,7 +126,9 @@ def _rmsnorm_bwd_kernel(
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)  # (BLOCK_N,)
     dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    for row0 in range(row_start, row_end, BLOCK_M):
+    # NUM_STAGES > 1 asks Triton to issue the next rows' loads before this row's math (software pipelining);
+    # None is a plain range loop.
+    for row0 in tl.range(row_start, row_end, BLOCK_M, num_stages=NUM_STAGES):
         rows = row0 + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         row_mask = rows < row_end
         mask = row_mask[:, None] & col_mask[None, :]
@@ -157,10 +160,10 @@ def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _tile(n_cols: int) -> tuple[int, int, int]:
+def _tile(n_cols: int, block_m: int | None = None, num_warps: int | None = None) -> tuple[int, int, int]:
     block_n = next_power_of_2(n_cols)
-    block_m = min(16, max(1, _TILE_ELEMS // block_n))
-    return block_m, block_n, num_warps_for(block_m * block_n)
+    block_m = block_m or min(16, max(1, _TILE_ELEMS // block_n))
+    return block_m, block_n, num_warps or num_warps_for(block_m * block_n)
 
 
 def _check_inputs(op: str, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
@@ -190,9 +193,16 @@ def _check_inputs(op: str, x: torch.Tensor, weight: torch.Tensor, residual: torc
 
 
 def _rmsnorm_fwd(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    *,
+    block_m: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Return (y, residual_out or None, rstd); y and residual_out have x's shape, rstd is (M,) fp32."""
+    """Return (y, residual_out or None, rstd); y and residual_out have x's shape, rstd is (M,) fp32.
+    block_m / num_warps override the launch heuristics (``kernels.bench.tune_kernels`` sweeps them)."""
     op = "rmsnorm" if residual is None else "rmsnorm_add"
     _check_inputs(op, x, weight, residual)
     n_cols = x.shape[-1]
@@ -207,7 +217,7 @@ def _rmsnorm_fwd(
     else:
         res2 = res_out = x2  # unused: HAS_RESIDUAL is off
     if n_rows > 0:
-        block_m, block_n, num_warps = _tile(n_cols)
+        block_m, block_n, num_warps = _tile(n_cols, block_m, num_warps)
         _rmsnorm_fwd_kernel[(cdiv(n_rows, block_m),)](
             x2, res2, weight, y, res_out, rstd,
             x2.stride(0), res2.stride(0), y.stride(0), res_out.stride(0),
@@ -226,27 +236,35 @@ def _rmsnorm_bwd(
     weight: torch.Tensor,
     rstd: torch.Tensor,
     dresidual: torch.Tensor | None = None,
+    *,
+    block_m: int | None = None,
+    num_warps: int | None = None,
+    programs_per_sm: int = 2,
+    num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (dx, dweight); dx has x's shape and dtype (it already includes dresidual when given)."""
+    """Return (dx, dweight); dx has x's shape and dtype (it already includes dresidual when given).
+    The keyword arguments override the launch heuristics (``kernels.bench.tune_kernels`` sweeps them)."""
     n_cols = x.shape[-1]
     x2 = _rows(x, n_cols)
     dy2 = _rows(dy, n_cols)
     n_rows = x2.shape[0]
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     dres2 = _rows(dresidual, n_cols) if dresidual is not None else dy2
-    block_m, block_n, num_warps = _tile(n_cols)
-    programs = min(cdiv(n_rows, block_m), num_persistent_programs(x.device))
+    block_m, block_n, num_warps = _tile(n_cols, block_m, num_warps)
+    programs = min(cdiv(n_rows, block_m), num_persistent_programs(x.device, programs_per_sm))
     rows_per_program = cdiv(cdiv(n_rows, max(programs, 1)), block_m) * block_m
     programs = cdiv(n_rows, rows_per_program) if n_rows > 0 else 0
-    dw_partial = torch.zeros((max(programs, 1), n_cols), dtype=torch.float32, device=x.device)
-    if programs > 0:
-        _rmsnorm_bwd_kernel[(programs,)](
-            dy2, x2, weight.contiguous(), rstd, dres2, dx, dw_partial,
-            dy2.stride(0), x2.stride(0), dres2.stride(0), dx.stride(0),
-            n_rows, n_cols, rows_per_program,
-            HAS_DRESIDUAL=dresidual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=num_warps,
-        )  # fmt: skip
+    # Every program writes its row of partial sums, so no memset: with no rows, dweight is zeros.
+    if programs == 0:
+        return dx.view(x.shape), torch.zeros_like(weight)
+    dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
+    _rmsnorm_bwd_kernel[(programs,)](
+        dy2, x2, weight.contiguous(), rstd, dres2, dx, dw_partial,
+        dy2.stride(0), x2.stride(0), dres2.stride(0), dx.stride(0),
+        n_rows, n_cols, rows_per_program,
+        HAS_DRESIDUAL=dresidual is not None, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=num_stages,
+        num_warps=num_warps,
+    )  # fmt: skip
     dweight = dw_partial.sum(0).to(weight.dtype)  # (N,): the second pass of the reduction
     return dx.view(x.shape), dweight
 

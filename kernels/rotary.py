@@ -17,8 +17,8 @@ restart at 0) and inv_freq (R / 2,) (R = 2 * len(inv_freq) <= D). Outputs are ne
 rotates the q and k heads of a fused qkv projection output in place instead, reading and writing only
 their first R dims (forward and backward): half the bytes for GLM, whose other half passes through.
 
-Why angles in the kernel rather than a cos / sin cache: one program handles one token, all Hq + Hkv
-heads, so it computes R/2 sin / cos pairs once and reuses them over (Hq + Hkv) * D / 2 rotations; the op
+Why angles in the kernel rather than a cos / sin cache: one program handles a few whole tokens, all Hq + Hkv
+heads of each, so it computes R/2 sin / cos pairs per token and reuses them over (Hq + Hkv) * D / 2 rotations; the op
 stays memory-bound on q and k alone, with no (B, T, R) cos / sin tensors to build, store or read per
 forward, no cache length to outgrow, and packed positions cost nothing extra. The angle is
 pos (fp32) * inv_freq (fp32), the same fp32 product as Hugging Face, and cos / sin stay fp32 (Hugging
@@ -35,7 +35,8 @@ from torch import nn
 
 from kernels._common import check_device, check_dtype, next_power_of_2, num_warps_for
 
-_TILE_ELEMS = 4096  # heads per program iteration: up to this many elements (32 heads x 128 dims)
+_TILE_ELEMS = 4096  # tokens per program: as many as fit this many elements of q (32 heads x 128 dims)
+MAX_HEAD_ELEMS = 16384  # one token's q heads are one tile: next_pow2(Hq) x next_pow2(D) at most this
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -43,35 +44,12 @@ _TILE_ELEMS = 4096  # heads per program iteration: up to this many elements (32 
 
 
 @triton.jit
-def _rotate_heads(
-    # pointers (already at this token)
-    X,
-    OUT,
-    # strides
-    stride_x_head,
-    stride_out_head,
-    # meta
-    n_heads,
-    head_dim,
-    cos,  # (1, BLOCK_D // 2) fp32
-    sin,  # (1, BLOCK_D // 2) fp32
-    rotates,  # (1, BLOCK_D // 2) bool: pair i < R / 2
-    BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    dims = tl.arange(0, BLOCK_D)
-    for h0 in range(0, n_heads, BLOCK_H):
-        heads = h0 + tl.arange(0, BLOCK_H)
-        mask = (heads[:, None] < n_heads) & (dims[None, :] < head_dim)  # (BLOCK_H, BLOCK_D)
-        # Whole head rows: contiguous, vectorised loads; the pairs are split in registers.
-        x = tl.load(X + heads[:, None] * stride_x_head + dims[None, :], mask=mask, other=0.0)
-        x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_H, BLOCK_D // 2, 2)))  # (BLOCK_H, BLOCK_D/2)
-        y0 = tl.where(rotates, x0 * cos - x1 * sin, x0)  # pass-through dims stay bit-exact
-        y1 = tl.where(rotates, x1 * cos + x0 * sin, x1)
-        y = tl.reshape(tl.join(y0, y1), (BLOCK_H, BLOCK_D))
-        tl.store(
-            OUT + heads[:, None] * stride_out_head + dims[None, :], y.to(OUT.dtype.element_ty), mask=mask
-        )
+def _rotate(x, cos, sin, rotates, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(BLOCK_T, BLOCK_H, BLOCK_D) whole head rows -> rotated, fp32; the pairs are split in registers."""
+    x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_T, BLOCK_H, BLOCK_D // 2, 2)))
+    y0 = tl.where(rotates, x0 * cos - x1 * sin, x0)  # pass-through dims stay bit-exact
+    y1 = tl.where(rotates, x1 * cos + x0 * sin, x1)
+    return tl.reshape(tl.join(y0, y1), (BLOCK_T, BLOCK_H, BLOCK_D))
 
 
 @triton.jit
@@ -99,38 +77,48 @@ def _rotary_fwd_kernel(
     stride_pb,
     stride_pt,
     # meta
+    n_tokens,  # B * T
     seq_len,
     n_q_heads,
     n_kv_heads,
-    head_dim,
+    head_dim,  # the extent rotated per head: D out of place, R in place
     half_rotary,  # R / 2 = len(inv_freq)
+    BLOCK_T: tl.constexpr,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # One program per token (b, t): every q and k head of that token, one set of angles.
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // seq_len
-    t = pid % seq_len
+    # One program per BLOCK_T tokens: every q and k head of each, one set of angles per token. Both tiles
+    # are loaded before any arithmetic, so a program has all its bytes in flight at once.
+    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,) over B * T
+    tok_mask = tok < n_tokens
+    b = tok // seq_len
+    t = tok % seq_len
+    dims = tl.arange(0, BLOCK_D)[None, None, :]  # (1, 1, BLOCK_D)
+    q_heads = tl.arange(0, BLOCK_HQ)[None, :, None]  # (1, BLOCK_HQ, 1)
+    k_heads = tl.arange(0, BLOCK_HK)[None, :, None]
+    row_mask = tok_mask[:, None, None] & (dims < head_dim)
+    q_mask = row_mask & (q_heads < n_q_heads)  # (BLOCK_T, BLOCK_HQ, BLOCK_D)
+    k_mask = row_mask & (k_heads < n_kv_heads)
+    q_offs = (b * stride_qb + t * stride_qt)[:, None, None] + q_heads * stride_qh + dims
+    k_offs = (b * stride_kb + t * stride_kt)[:, None, None] + k_heads * stride_kh + dims
+    q = tl.load(Q + q_offs, mask=q_mask, other=0.0)
+    k = tl.load(K + k_offs, mask=k_mask, other=0.0)
 
-    pos = tl.load(POSITION_IDS + b * stride_pb + t * stride_pt).to(tl.float32)
-    pairs = tl.arange(0, BLOCK_D // 2)[None, :]  # (1, BLOCK_D / 2)
-    rotates = pairs < half_rotary
-    inv_freq = tl.load(INV_FREQ + pairs, mask=rotates, other=0.0)
-    angle = pos * inv_freq  # fp32, as Hugging Face: position_ids.float() * inv_freq
+    pos = tl.load(POSITION_IDS + b * stride_pb + t * stride_pt, mask=tok_mask, other=0).to(tl.float32)
+    pairs = tl.arange(0, BLOCK_D // 2)
+    inv_freq = tl.load(INV_FREQ + pairs, mask=pairs < half_rotary, other=0.0)
+    angle = pos[:, None, None] * inv_freq[None, None, :]  # (BLOCK_T, 1, BLOCK_D / 2), fp32 as Hugging Face
     cos = tl.cos(angle)
     sin = tl.sin(angle)
+    rotates = (pairs < half_rotary)[None, None, :]
 
-    _rotate_heads(
-        Q + b * stride_qb + t * stride_qt, Q_OUT + b * stride_qob + t * stride_qot,
-        stride_qh, stride_qoh, n_q_heads, head_dim, cos, sin, rotates,
-        BLOCK_H=BLOCK_HQ, BLOCK_D=BLOCK_D,
-    )  # fmt: skip
-    _rotate_heads(
-        K + b * stride_kb + t * stride_kt, K_OUT + b * stride_kob + t * stride_kot,
-        stride_kh, stride_koh, n_kv_heads, head_dim, cos, sin, rotates,
-        BLOCK_H=BLOCK_HK, BLOCK_D=BLOCK_D,
-    )  # fmt: skip
+    q_rot = _rotate(q, cos, sin, rotates, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_HQ, BLOCK_D=BLOCK_D)
+    k_rot = _rotate(k, cos, sin, rotates, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_HK, BLOCK_D=BLOCK_D)
+    q_out_offs = (b * stride_qob + t * stride_qot)[:, None, None] + q_heads * stride_qoh + dims
+    k_out_offs = (b * stride_kob + t * stride_kot)[:, None, None] + k_heads * stride_koh + dims
+    tl.store(Q_OUT + q_out_offs, q_rot.to(Q_OUT.dtype.element_ty), mask=q_mask)
+    tl.store(K_OUT + k_out_offs, k_rot.to(K_OUT.dtype.element_ty), mask=k_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -174,6 +162,11 @@ def _check_inputs(
             f"{op}: inv_freq must be a 1-D float tensor (rotary_dim / 2,), got {inv_freq.dtype} "
             f"of shape {tuple(inv_freq.shape)}"
         )
+    if next_power_of_2(q.shape[2]) * next_power_of_2(head_dim) > MAX_HEAD_ELEMS:
+        raise ValueError(
+            f"{op}: {q.shape[2]} q heads of {head_dim} dims exceed one tile (next powers of two multiplied "
+            f"at most {MAX_HEAD_ELEMS}); use rotary_ref for such shapes"
+        )
     rotary_dim = 2 * inv_freq.shape[0]
     if rotary_dim > head_dim:
         raise ValueError(f"{op}: rotary_dim = 2 * len(inv_freq) = {rotary_dim} exceeds head_dim {head_dim}")
@@ -188,21 +181,26 @@ def _launch(
     position_ids: torch.Tensor,
     inv_freq: torch.Tensor,
     extent: int,
+    *,
+    block_t: int | None = None,
+    num_warps: int | None = None,
 ) -> None:
-    """One program per token rotates dims [0, extent) of every q and k head into q_out / k_out (which may
-    be q / k themselves); position_ids (B, T) (a broadcast view is fine), inv_freq fp32 contiguous."""
+    """Rotate dims [0, extent) of every q and k head into q_out / k_out (which may be q / k themselves),
+    BLOCK_T tokens per program; position_ids (B, T) (a broadcast view is fine), inv_freq fp32 contiguous.
+    block_t / num_warps override the heuristics (``kernels.bench.tune_kernels`` sweeps them)."""
     batch, seq_len, n_q_heads, _ = q.shape
     n_kv_heads = k.shape[2]
     block_d = max(2, next_power_of_2(extent))
-    max_heads = max(1, _TILE_ELEMS // block_d)
-    block_hq = min(next_power_of_2(max(n_q_heads, 1)), max_heads)
-    block_hk = min(next_power_of_2(max(n_kv_heads, 1)), max_heads)
-    _rotary_fwd_kernel[(batch * seq_len,)](
+    block_hq = next_power_of_2(max(n_q_heads, 1))
+    block_hk = next_power_of_2(max(n_kv_heads, 1))
+    block_t = block_t or max(1, _TILE_ELEMS // (block_hq * block_d))
+    n_tokens = batch * seq_len
+    _rotary_fwd_kernel[(triton.cdiv(n_tokens, block_t),)](
         q, k, q_out, k_out, position_ids, inv_freq,
         *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3], *position_ids.stride(),
-        seq_len, n_q_heads, n_kv_heads, extent, inv_freq.shape[0],
-        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
-        num_warps=num_warps_for(block_hq * block_d),
+        n_tokens, seq_len, n_q_heads, n_kv_heads, extent, inv_freq.shape[0],
+        BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
+        num_warps=num_warps or num_warps_for(block_t * block_hq * block_d),
     )  # fmt: skip
 
 

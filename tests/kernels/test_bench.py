@@ -86,3 +86,54 @@ def test_dry_run_end_to_end(tmp_path):
     assert ("add_rmsnorm", "separate") in seen
     assert all(r["ms"] for r in rows), "every provider ran"
     assert (tmp_path / "bench_kernels.png").stat().st_size > 10_000
+
+
+class _CountingTimer:
+    """Stands in for ``Bench`` on the CPU: runs each candidate once instead of timing it."""
+
+    device = torch.device("cpu")
+    copy_gbps = 1.0
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def time_ms(self, fn, graph=False):
+        fn()
+        self.calls += 1
+        return 1.0 + self.calls % 7  # distinct "times", so the report has an order to print
+
+
+def test_every_sweep_configuration_computes_the_same_function(capsys):
+    # tune_kernels checks each launch configuration against the default before timing it and skips
+    # (prints SKIPPED) the ones that differ or fail; here, in the interpreter, none may be skipped.
+    from kernels.bench import tune_kernels
+
+    timer = _CountingTimer()
+    rows = tune_kernels.sweep_rmsnorm(timer, [9], 40, torch.bfloat16)
+    rows += tune_kernels.sweep_rotary(timer, [6], 4, 2, 16, torch.bfloat16)
+    out = capsys.readouterr().out
+    assert "SKIPPED" not in out, out
+    ops = {r["op"] for r in rows}
+    assert ops == {"rmsnorm_fwd", "rmsnorm_add_fwd", "rmsnorm_bwd", "rmsnorm_add_bwd", "rotary", "rotary_inplace"}
+    assert len(rows) == timer.calls == 2 * 10 + 2 * 73 + 2 * 21
+    rows.sort(key=lambda r: (r["op"], r["tokens"]))
+    tune_kernels.report(rows)
+    assert "rotary_inplace, 6 tokens: default" in capsys.readouterr().out
+
+
+def test_a_configuration_that_computes_something_else_is_skipped(monkeypatch, capsys):
+    from kernels import rotary
+    from kernels.bench import tune_kernels
+
+    launch = rotary._launch
+
+    def wrong_with_two_tokens_per_program(*args, **kw):  # a planted bug in one configuration
+        launch(*args, **kw)
+        if kw.get("block_t") == 2:
+            args[2].mul_(1.5)
+
+    monkeypatch.setattr(rotary, "_launch", wrong_with_two_tokens_per_program)
+    rows = tune_kernels.sweep_rotary(_CountingTimer(), [24], 4, 2, 16, torch.float32)
+    out = capsys.readouterr().out
+    assert out.count("SKIPPED") == 2 * 5 and "block_t=2" in out  # 5 warp counts, both layouts
+    assert not any("block_t=2 " in r["config"] for r in rows)

@@ -261,6 +261,7 @@ _INV = rotary_inv_freq(8)
         ((_rand(2, 13, 3, 16), _rand(2, 13, 1, 16), _POS.float(), _INV), "position_ids must be integers"),
         ((_rand(2, 13, 3, 16), _rand(2, 13, 1, 16), _POS[:, :12], _INV), r"position_ids must be \(B, T\)"),
         ((_rand(2, 13, 3, 16), _rand(2, 13, 1, 16), _POS, _INV[None]), "inv_freq must be a 1-D float"),
+        ((_rand(1, 2, 129, 128), _rand(1, 2, 1, 128), _POS[:1, :2], _INV), "exceed one tile"),
     ],
     ids=[
         "rotary-wider-than-head",
@@ -272,6 +273,7 @@ _INV = rotary_inv_freq(8)
         "float-positions",
         "position-shape",
         "inv-freq-2d",
+        "too-many-heads",
     ],
 )
 def test_bad_inputs_raise_clear_errors(args, message):
