@@ -114,7 +114,14 @@ def test_every_sweep_configuration_computes_the_same_function(capsys):
     out = capsys.readouterr().out
     assert "SKIPPED" not in out, out
     ops = {r["op"] for r in rows}
-    assert ops == {"rmsnorm_fwd", "rmsnorm_add_fwd", "rmsnorm_bwd", "rmsnorm_add_bwd", "rotary", "rotary_inplace"}
+    assert ops == {
+        "rmsnorm_fwd",
+        "rmsnorm_add_fwd",
+        "rmsnorm_bwd",
+        "rmsnorm_add_bwd",
+        "rotary",
+        "rotary_inplace",
+    }
     assert len(rows) == timer.calls == 2 * 10 + 2 * 73 + 2 * 21
     rows.sort(key=lambda r: (r["op"], r["tokens"]))
     tune_kernels.report(rows)
