@@ -249,14 +249,14 @@ def _rmsnorm_bwd(
     dy2 = _rows(dy, n_cols)
     n_rows = x2.shape[0]
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    if n_rows == 0:
+        return dx.view(x.shape), torch.zeros_like(weight)
     dres2 = _rows(dresidual, n_cols) if dresidual is not None else dy2
     block_m, block_n, num_warps = _tile(n_cols, block_m, num_warps)
     programs = min(cdiv(n_rows, block_m), num_persistent_programs(x.device, programs_per_sm))
-    rows_per_program = cdiv(cdiv(n_rows, max(programs, 1)), block_m) * block_m
-    programs = cdiv(n_rows, rows_per_program) if n_rows > 0 else 0
-    # Every program writes its row of partial sums, so no memset: with no rows, dweight is zeros.
-    if programs == 0:
-        return dx.view(x.shape), torch.zeros_like(weight)
+    rows_per_program = cdiv(cdiv(n_rows, programs), block_m) * block_m
+    programs = cdiv(n_rows, rows_per_program)
+    # Every program owns at least one row and writes its row of partial sums, so no memset.
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
     _rmsnorm_bwd_kernel[(programs,)](
         dy2, x2, weight.contiguous(), rstd, dres2, dx, dw_partial,

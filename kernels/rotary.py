@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from kernels._common import check_device, check_dtype, next_power_of_2, num_warps_for
+from kernels._common import cdiv, check_device, check_dtype, next_power_of_2, num_warps_for
 
 _TILE_ELEMS = 4096  # tokens per program: as many as fit this many elements of q (32 heads x 128 dims)
 MAX_HEAD_ELEMS = 16384  # one token's q heads are one tile: next_pow2(Hq) x next_pow2(D) at most this
@@ -195,7 +195,7 @@ def _launch(
     block_hk = next_power_of_2(max(n_kv_heads, 1))
     block_t = block_t or max(1, _TILE_ELEMS // (block_hq * block_d))
     n_tokens = batch * seq_len
-    _rotary_fwd_kernel[(triton.cdiv(n_tokens, block_t),)](
+    _rotary_fwd_kernel[(cdiv(n_tokens, block_t),)](
         q, k, q_out, k_out, position_ids, inv_freq,
         *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3], *position_ids.stride(),
         n_tokens, seq_len, n_q_heads, n_kv_heads, extent, inv_freq.shape[0],
