@@ -232,3 +232,17 @@ def test_glm4_9b_shapes_on_gpu(dtype):
             torch.testing.assert_close(k, r, atol=1e-4, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
         else:
             assert_low_precision_close(name, k, p, r)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["rmsnorm", "rmsnorm_add"])
+def test_no_rows_give_empty_outputs_and_a_zero_weight_gradient(fused):
+    x = torch.randn(0, 48, device=DEVICE, requires_grad=True)
+    weight = torch.nn.Parameter(torch.rand(48, device=DEVICE) + 0.5)
+    if fused:
+        y, new_res = rmsnorm_add(x, torch.randn(0, 48, device=DEVICE), weight)
+        (y.sum() + new_res.sum()).backward()
+    else:
+        y = rmsnorm(x, weight)
+        y.sum().backward()
+    assert y.shape == (0, 48) and x.grad.shape == (0, 48)
+    assert torch.equal(weight.grad, torch.zeros(48, device=DEVICE))
