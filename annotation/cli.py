@@ -8,7 +8,7 @@
     glmwb annotation import --db DB ../shared/data/hh_rlhf/helpful-base/test.jsonl.gz [--limit N] [--open]
     glmwb annotation export --db DB --out prefs.jsonl|prefs.parquet|DIR [--mode majority|all] [--ties drop]
     glmwb annotation report --db DB [--json]
-    glmwb annotation simulate --db DB --annotators sim-0 sim-1 sim-2 [--noise 0.1]
+    glmwb annotation simulate --db DB --annotators sim-0 sim-1 sim-2 [--noise 0.1] [--strength]
     glmwb annotation migrate --db DB
 
 ``--db`` defaults to $GLMWB_DB, else sqlite:///runs/annotation.db. Heavy imports happen inside commands.
@@ -215,7 +215,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for name in args.annotators:
         if store.annotator(name) is None:  # a random password: nobody signs in as a simulation
             store.create_annotator(name, os.urandom(16).hex(), role="annotator")
-    cast = simulate_votes(store, args.annotators, noise=args.noise, seed=args.seed, limit=args.limit)
+    cast = simulate_votes(
+        store, args.annotators, noise=args.noise, seed=args.seed, limit=args.limit, strength=args.strength
+    )
     print(f"{len(args.annotators)} simulated annotators cast {cast} votes")
     return 0
 
@@ -315,4 +317,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--noise", type=float, default=0.1)
     s.add_argument("--limit", type=int)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--strength",
+        action="store_true",
+        help="winners' votes also say how much better (the export's margin)",
+    )
     s.set_defaults(func=cmd_simulate)

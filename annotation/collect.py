@@ -54,6 +54,7 @@ class CollectAnnotatorsConfig:
     simulated: int = 3  # simulated annotators voting through the store; 0 = leave the items for people
     noise: float = 0.1  # each simulated annotator's chance of a random judgement
     overlap: int = 3  # distinct annotators per item
+    strength: bool = False  # a winner's vote also says how much better it is (the export's margin)
 
     def __post_init__(self) -> None:
         if self.simulated < 0 or not 0.0 <= self.noise <= 1.0 or self.overlap < 1:
@@ -148,7 +149,11 @@ def run_preferences(recipe: PreferencesRecipe) -> dict[str, Any]:
         for name in names:
             if store.annotator(name) is None:  # a random password: nobody signs in as a simulation
                 store.create_annotator(name, os.urandom(16).hex(), role="annotator")
-        cast = simulate_votes(store, names, noise=a.noise, seed=recipe.run.seed) if names else 0
+        cast = (
+            simulate_votes(store, names, noise=a.noise, seed=recipe.run.seed, strength=a.strength)
+            if names
+            else 0
+        )
         e = recipe.export
         result = export_records(store, mode=e.mode, ties=e.ties, both_bad=e.both_bad, min_votes=e.min_votes)
         rows = [r for r in result.rows if r["provenance"]["batch"] == recipe.batch]

@@ -12,10 +12,13 @@ preference format plus the shared record's columns (``annotation/records.py``)::
 - A winner among k answers gives k - 1 rows (winner over each other answer). "tie" gives tie rows (chosen /
   rejected in display order); "both_bad" gives tie rows too (``both_bad="tie"``, the label stays in
   ``provenance.label``) or none (``both_bad="drop"``); ``ties="drop"`` leaves all ties out.
+- ``margin``: how much better the winner is, the mean over its voters who said so of their strength's
+  margin (``annotation.records.STRENGTH_MARGINS``: negligible 0, slight 1/3, clear 2/3, strong 1); else an
+  imported item's own margin (e.g. an OASST rank gap); None for ties.
 - ``attributes``: per attribute, the sign of (mean rating of chosen - mean rating of rejected) over the votes
   that rated both: +1 chosen better, -1 worse, 0 equal.
 - ``provenance``: the store item, prompt uid, batch, label, vote counts and agreement, vote uids,
-  annotators, guideline versions, and per answer (chosen first) the generation id, model, checkpoint,
+  annotators and their strengths ("" for none), guideline versions, and per answer (chosen first) the generation id, model, checkpoint,
   sampling parameters (JSON text) and chat-template hash.
 - Gold items are left out unless ``include_gold`` (they are checks on annotators).
 
@@ -41,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from annotation.records import PreferenceRecord, records_from_dicts
+from annotation.records import STRENGTH_MARGINS, PreferenceRecord, records_from_dicts
 from annotation.schema import CHOICES
 from annotation.store import ItemInfo, NewItem, NewResponse, Store, VoteRow
 
@@ -97,7 +100,9 @@ def _row(
     by_letter = {r.letter: r for r in item.responses}
     answers = [by_letter[chosen], by_letter[rejected]]
     counts = Counter(v.choice for v in votes)
-    margin = item.meta.get("margin")
+    # the margin: the mean of the winner's voters' strengths (those who gave one), else the item's own
+    strengths = [STRENGTH_MARGINS[v.strength] for v in votes if v.choice == label and v.strength]
+    margin = sum(strengths) / len(strengths) if strengths else item.meta.get("margin")
     return {
         "prompt": [dict(m) for m in item.prompt],
         "chosen": [{"role": "assistant", "content": answers[0].text}],
@@ -119,6 +124,7 @@ def _row(
             "agreement": counts.get(label, 0) / len(votes) if votes else 0.0,
             "vote_uids": [v.uid for v in votes],
             "annotators": [v.annotator for v in votes],
+            "strengths": [v.strength or "" for v in votes],
             "guideline_versions": sorted({v.guideline_version for v in votes}),
             "gold_choice": item.gold_choice or "",
             "generation_ids": [a.generation_id for a in answers],

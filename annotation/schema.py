@@ -16,7 +16,8 @@
   annotators per item, even when two servers assign at the same instant. Gold assignments have no slot.
   ``items.assigned`` counts the taken slots (updated with them) and ``ix_items_queue``, a partial index on
   the items with a free slot, makes "the next item" an index lookup.
-- ``votes``: the judgement. ``uid`` is the client's idempotency key (``UNIQUE``: a retried submit cannot
+- ``votes``: the judgement, and for a winner optionally its ``strength`` (negligible / slight / clear /
+  strong better, ``annotation.records.STRENGTHS``; the export turns it into the record's margin). ``uid`` is the client's idempotency key (``UNIQUE``: a retried submit cannot
   store a second vote), and a partial unique index allows one *active* (not retracted) vote per assignment.
   Undo retracts a vote (``retracted_at``) instead of deleting it: no judgement is ever lost.
 
@@ -45,6 +46,8 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from annotation.records import STRENGTHS
 
 MAX_RESPONSES = 4  # answers per comparison item: letters A..D
 LETTERS = tuple(string.ascii_uppercase[:MAX_RESPONSES])
@@ -200,6 +203,7 @@ class Vote(Base):
     __table_args__ = (
         CheckConstraint(_in("choice", CHOICES), name="choice"),
         CheckConstraint("time_spent_s IS NULL OR time_spent_s >= 0", name="time_spent"),
+        CheckConstraint(f"strength IS NULL OR {_in('strength', STRENGTHS)}", name="strength"),
         # One active vote per assignment: a second one is refused by the database itself.
         Index(
             "uq_votes_active_assignment",
@@ -218,6 +222,7 @@ class Vote(Base):
     annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"))
     choice: Mapped[str] = mapped_column(String(16))
     ratings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # {attribute: {letter: 1..5}}
+    strength: Mapped[str | None] = mapped_column(String(16))  # how much better the winner is (letters only)
     rationale: Mapped[str] = mapped_column(Text, default="")
     time_spent_s: Mapped[float | None] = mapped_column(Float)
     guideline_version: Mapped[str] = mapped_column(String(64), default="")

@@ -11,7 +11,7 @@
   POST /api/v1/logout         revoke the token
   GET  /api/v1/next           -> {task: {assignment_id, item_id, prompt, responses: [{letter, text}]}
                               | null}
-  POST /api/v1/votes          {uid, assignment_id, choice, ratings?, rationale?, time_spent_s?,
+  POST /api/v1/votes          {uid, assignment_id, choice, strength?, ratings?, rationale?, time_spent_s?,
                               guideline_version?, next?} -> 201 {vote_id, ..., duplicate: false}; the
                               same uid again -> 200 {..., duplicate: true} (idempotent: retry freely);
                               with next: true, also {next: task | null}
@@ -83,6 +83,7 @@ class VoteIn(BaseModel):
     assignment_id: int
     choice: str
     ratings: dict[str, dict[str, int]] = Field(default_factory=dict)
+    strength: str | None = None  # a winner's: negligible / slight / clear / strong (better)
     rationale: str = ""
     time_spent_s: float | None = None
     guideline_version: str = Field(default="", max_length=64)
@@ -160,6 +161,7 @@ def api_router(store: Store, throttle: LoginThrottle) -> APIRouter:
                 body.choice,
                 uid=body.uid,
                 ratings=body.ratings,
+                strength=body.strength,
                 rationale=body.rationale,
                 time_spent_s=body.time_spent_s,
                 guideline_version=body.guideline_version,

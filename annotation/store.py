@@ -42,6 +42,7 @@ from sqlalchemy.orm import selectinload, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from annotation.assign import AssignmentPolicy, available_count, next_assignment
+from annotation.records import STRENGTHS
 from annotation.schema import (
     CHOICES,
     LETTERS,
@@ -153,6 +154,7 @@ class VoteRow:
     created_at: datetime
     retracted: bool
     gold_choice: str | None
+    strength: str | None = None  # how much better the chosen answer is (letters only)
 
 
 @dataclass(frozen=True)
@@ -699,8 +701,11 @@ class Store:
         rationale: str = "",
         time_spent_s: float | None = None,
         guideline_version: str = "",
+        strength: str | None = None,
     ) -> VoteReceipt:
         """Store a vote once: the same ``uid`` again returns the stored vote (``created=False``).
+
+        ``strength``: for a winner (a letter), how much better it is (``annotation.records.STRENGTHS``).
 
         The fast path is one insert; the database's unique constraints (vote uid; one active vote per
         assignment) decide a repeat or a race, and the loser reads back what is stored."""
@@ -708,6 +713,13 @@ class Store:
             raise StoreError("a vote id (uid) is 8-64 characters of letters, digits and _ . : -")
         if choice not in CHOICES:
             raise StoreError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
+        if strength is not None:
+            if strength not in STRENGTHS:
+                raise StoreError(
+                    f"strength must be one of {', '.join(STRENGTHS)} (or none), got {strength!r}"
+                )
+            if choice in ("tie", "both_bad"):
+                raise StoreError(f"a strength goes with a winner (a letter), not with choice {choice!r}")
         rationale = rationale or ""
         if len(rationale) > MAX_RATIONALE:
             raise StoreError(f"the rationale is longer than {MAX_RATIONALE} characters")
@@ -730,6 +742,7 @@ class Store:
                     annotator_id=annotator.id,
                     choice=choice,
                     ratings=_check_ratings(ratings or {}, letters),
+                    strength=strength,
                     rationale=rationale,
                     time_spent_s=time_spent_s,
                     guideline_version=guideline_version,
@@ -900,6 +913,7 @@ class Store:
                     created_at=v.created_at,
                     retracted=v.retracted_at is not None,
                     gold_choice=gold,
+                    strength=v.strength,
                 )
                 for v, username, gold in s.execute(q)
             ]

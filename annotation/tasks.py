@@ -322,10 +322,16 @@ def world_items(
 
 
 def simulate_votes(
-    store: Store, annotators: Sequence[str], noise: float = 0.1, seed: int = 0, limit: int | None = None
+    store: Store,
+    annotators: Sequence[str],
+    noise: float = 0.1,
+    seed: int = 0,
+    limit: int | None = None,
+    strength: bool = False,
 ) -> int:
     """Let the world's simulated annotators (``SimulatedAnnotator``) judge their assignments through the
-    store, as people would through the page (world prompts only); returns the number of votes cast."""
+    store, as people would through the page (world prompts only); returns the number of votes cast.
+    ``strength``: a winner's vote also says how much better it is (``judge_with_strength``)."""
     from pretrain.world import Prompt, SimulatedAnnotator
 
     items = store.items()
@@ -343,8 +349,15 @@ def simulate_votes(
             if world_prompt is None or len(task.responses) != 2:
                 store.skip(who, task.assignment_id)
                 break
-            label = judge.judge(Prompt.from_dict(world_prompt), *task.responses)
+            label, level = judge.judge_with_strength(Prompt.from_dict(world_prompt), *task.responses)
             uid = f"simulated-{who.id}-{task.assignment_id}"
-            store.submit_vote(who, task.assignment_id, label, uid=uid, guideline_version="simulated")
+            store.submit_vote(
+                who,
+                task.assignment_id,
+                label,
+                uid=uid,
+                guideline_version="simulated",
+                strength=level if strength else None,
+            )
             cast += 1
     return cast

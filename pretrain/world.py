@@ -80,6 +80,9 @@ rule's). The draw is seeded by (annotator seed, prompt id, both texts), so re-as
 ``agreement_ceiling(noise)`` is the expected agreement of such an annotator with the noise-free rule:
 1 - 3p/4 over all labels, and (1 - 3p/4) / (1 - p/2) over the strict (A/B) labels when both the rule and
 the annotator are strict, which is the best pairwise accuracy a reward model can have on held-out labels.
+``judge_with_strength`` also says how much better a strict winner is, on ``annotation.records``' four-point
+scale (negligible / slight / clear / strong) from the utility gap: a filler-padded loser is a slight loss, the
+other language a clear one, a wrong value a strong one; a random (noisy) label gets a random strength.
 """
 
 from __future__ import annotations
@@ -98,6 +101,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from annotation.records import STRENGTH_MARGINS, STRENGTHS
 
 FAMILIES = ("arithmetic", "conversion", "fact")
 LANGS = ("en", "zh")
@@ -1261,6 +1266,10 @@ class PreferenceRule:
     concision: float = 0.15
     tie_tolerance: float = 0.03
     both_bad: bool = True
+    # utility gaps from which a strict preference is "slight", "clear", "strong" (below the first:
+    # "negligible"): with the weights above filler costs 0.075-0.15 (slight), the other language about
+    # 0.25 (clear) and a wrong value at least 0.45 (strong)
+    strength_cuts: tuple[float, float, float] = (0.05, 0.2, 0.45)
 
     def utility(self, c: Check) -> float:
         return self.correctness * c.correct + self.language * c.right_language + self.concision * c.concision
@@ -1272,6 +1281,14 @@ class PreferenceRule:
         if abs(ua - ub) <= self.tie_tolerance:
             return "tie"
         return "A" if ua > ub else "B"
+
+    def strength(self, a: Check, b: Check) -> str | None:
+        """How much better the preferred answer is (``annotation.records.STRENGTHS``), from the utility gap;
+        None when the label is not strict (tie, both bad)."""
+        if self.label(a, b) not in ("A", "B"):
+            return None
+        gap = abs(self.utility(a) - self.utility(b))
+        return STRENGTHS[sum(gap >= cut for cut in self.strength_cuts)]
 
 
 class SimulatedAnnotator:
@@ -1289,10 +1306,17 @@ class SimulatedAnnotator:
 
     def judge(self, prompt: Prompt, a_text: str, b_text: str) -> str:
         """The label, "A", "B", "tie" or "both_bad"; the same question always gets the same answer."""
+        return self.judge_with_strength(prompt, a_text, b_text)[0]
+
+    def judge_with_strength(self, prompt: Prompt, a_text: str, b_text: str) -> tuple[str, str | None]:
+        """(label, strength): the strength of a strict label is the rule's (``PreferenceRule.strength``), or
+        uniformly random when the label is (strength None for "tie" and "both_bad")."""
         rng = _rng("annotator", self.seed, prompt.id, a_text, b_text)
         if rng.random() < self.noise:
-            return rng.choice(LABELS)
-        return self.rule.label(check(prompt, a_text), check(prompt, b_text))
+            label = rng.choice(LABELS)
+            return label, (rng.choice(STRENGTHS) if label in ("A", "B") else None)
+        a, b = check(prompt, a_text), check(prompt, b_text)
+        return self.rule.label(a, b), self.rule.strength(a, b)
 
 
 def agreement_ceiling(noise: float, kind: str = "label") -> float:
@@ -1362,6 +1386,7 @@ def preference_pairs(
     labels_per_pair: int = 1,
     contrastive: float = 0.0,
     contrast_kinds: Sequence[str] = ("correct>wrong", "correct>wrong", "correct>verbose"),
+    strength: bool = False,
 ) -> list[dict[str, Any]]:
     """Label one pair of candidate answers per prompt by ``labels_per_pair`` of ``n_annotators`` simulated
     annotators; one record per label.
@@ -1384,6 +1409,10 @@ def preference_pairs(
     "rejected", "tie" or "both_bad"), ``noise`` (the annotator's),
     ``kinds`` [chosen, rejected] and ``scores`` ({"chosen": {...}, "rejected": {...}} with correctness,
     language, concision in [0, 1]).
+
+    ``strength``: the annotators also say how much better the chosen answer is
+    (``SimulatedAnnotator.judge_with_strength``); a strict record then has ``provenance.strength`` and
+    ``margin`` = ``annotation.records.STRENGTH_MARGINS[strength]`` (for a margin loss), ties keep None.
     """
     if not 1 <= labels_per_pair <= n_annotators:
         raise ValueError(
@@ -1418,7 +1447,8 @@ def preference_pairs(
         check_a, check_b = world.check(prompt, a.text), world.check(prompt, b.text)
         rule_label = rule.label(check_a, check_b)
         for annotator in rng.sample(annotators, labels_per_pair):
-            label = annotator.judge(prompt, a.text, b.text)
+            label, level = annotator.judge_with_strength(prompt, a.text, b.text)
+            level = level if strength else None
             swap = label == "B"
             rule_choice = (
                 rule_label
@@ -1444,7 +1474,7 @@ def preference_pairs(
                     "tie": label in ("tie", "both_bad"),
                     "annotator": annotator.name,
                     "weight": 1.0,
-                    "margin": None,
+                    "margin": None if level is None else STRENGTH_MARGINS[level],
                     "attributes": {
                         k: _sign(scores["chosen"][k] - scores["rejected"][k]) for k in scores["chosen"]
                     },
@@ -1460,6 +1490,7 @@ def preference_pairs(
                         "noise": annotator.noise,
                         "kinds": [chosen.kind, rejected.kind],
                         "scores": scores,
+                        **({"strength": level} if level else {}),
                     },
                     "id": f"{prompt.id}/{annotator.name}",
                 }

@@ -84,6 +84,9 @@ class AnnotatorsConfig:
     noise: float = 0.1  # P(a label is replaced by a uniformly random one), for every annotator...
     noise_per_annotator: tuple[float, ...] = ()  # ...or one value per annotator (reliable and careless ones)
     labels_per_pair: int = 1  # annotators labelling each pair (>= 2 lets reliability be estimated)
+    # they also say how much better the winner is (negligible / slight / clear / strong, from the utility
+    # gap); the records' margin is then that level's (annotation.records.STRENGTH_MARGINS), for loss.use_margin
+    strength: bool = False
 
     def __post_init__(self) -> None:
         if self.noise_per_annotator and len(self.noise_per_annotator) != self.n:

@@ -82,6 +82,7 @@ def _load_source(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str
                 noise,
                 seed=seed,
                 labels_per_pair=a.labels_per_pair,
+                strength=a.strength,
                 contrastive=getattr(cfg, "contrastive", 0.0) if split in ("train", "dev") else 0.0,
                 **({"contrast_kinds": cfg.contrast_kinds} if hasattr(cfg, "contrast_kinds") else {}),
             )

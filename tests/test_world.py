@@ -389,6 +389,42 @@ def test_preference_pairs(world: W.World, train: list[Prompt]) -> None:
         preference_pairs(world, train[:2], n_annotators=2, noise=[0.1])
 
 
+def test_annotators_say_how_much_better(world: W.World, train: list[Prompt]) -> None:
+    """Strength follows the utility gap: filler a slight loss, the other language a clear one, a wrong value a
+    strong one; asking for it changes no label; the records' margin is the level's."""
+    from annotation.records import STRENGTH_MARGINS
+
+    judge = W.SimulatedAnnotator(noise=0.0, seed=1)
+    expected = {"verbose": "slight", "wrong_language": "clear", "wrong": "strong", "terse_other": "strong"}
+    for prompt in train[:40]:
+        forms = world.contrast_responses(prompt, seed=3)
+        for kind, level in expected.items():
+            assert judge.judge_with_strength(prompt, forms["correct"].text, forms[kind].text) == ("A", level)
+            assert judge.judge_with_strength(prompt, forms[kind].text, forms["correct"].text) == ("B", level)
+        assert judge.judge_with_strength(prompt, forms["wrong"].text, forms["verbose_wrong"].text)[1] is None
+    noisy = W.SimulatedAnnotator(noise=0.5, seed=2)
+    texts = [(p, *(r.text for r in world.responses(p, seed=5)[:2])) for p in train[:200]]
+    judged = [noisy.judge_with_strength(*t) for t in texts]
+    assert [noisy.judge(*t) for t in texts] == [label for label, _ in judged]
+    assert all((level is None) == (label in ("tie", "both_bad")) for label, level in judged)
+    kw = {"n_annotators": 3, "noise": 0.1, "seed": 4, "contrastive": 0.5}
+    plain = preference_pairs(world, train[:300], **kw)
+    graded = preference_pairs(world, train[:300], strength=True, **kw)
+    assert [r["provenance"]["label"] for r in plain] == [r["provenance"]["label"] for r in graded]
+    assert all(r["margin"] is None and "strength" not in r["provenance"] for r in plain)
+    for r in graded:
+        level = r["provenance"].get("strength")
+        assert (level is None) == r["tie"]
+        assert r["margin"] == (None if level is None else STRENGTH_MARGINS[level])
+    assert {r["provenance"].get("strength") for r in graded} == {
+        None,
+        "negligible",
+        "slight",
+        "clear",
+        "strong",
+    }
+
+
 def test_contrastive_pairs_differ_in_one_thing(world: W.World, train: list[Prompt]) -> None:
     plain = preference_pairs(world, train[:100], n_annotators=3, noise=0.0, seed=2)
     assert plain == preference_pairs(world, train[:100], n_annotators=3, noise=0.0, seed=2, contrastive=0.0)

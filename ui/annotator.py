@@ -8,7 +8,8 @@ client's payload) and the store refuses anything that is not that annotator's.
 
 The page: guidelines; the prompt and two (up to four) answers side by side, rendered by ``ui.render``
 (Markdown with raw HTML off: a ``<script>`` in an answer is shown as text); A / B / tie / both bad;
-optional 1-5 ratings per answer and attribute; an optional rationale; skip; undo of the last vote;
+optionally how much better the pick is (negligibly / slightly / clearly / much: the vote's ``strength``, which
+the export turns into the record's margin); optional 1-5 ratings per answer and attribute; an optional rationale; skip; undo of the last vote;
 progress. Keyboard: 1 = A, 2 = B, 3 = tie, 4 = both bad, s = skip, u = undo (not while typing).
 Admins also get an Admin tab: progress per annotator, the agreement report, export, new accounts.
 
@@ -29,6 +30,7 @@ import gradio as gr
 
 from annotation.agreement import agreement_report
 from annotation.export import export_records, write_records
+from annotation.records import STRENGTHS
 from annotation.schema import LETTERS
 from annotation.store import AnnotatorInfo, Store, StoreError, Task
 from ui.render import render_conversation, render_markdown
@@ -40,6 +42,8 @@ DEFAULT_GUIDELINES = """\
 2. Pick the answer that is **better for the person who asked**: first *correct* (a wrong final answer loses
    to any right one), then *in the prompt's language*, then *concise and clear*.
 3. **Tie** when neither is better; **Both bad** when neither answers the question correctly.
+   Before clicking a winner you may say **how much better** it is: *negligibly*, *slightly* (e.g. only
+   shorter), *clearly* (e.g. the right language), *much* (e.g. the only correct one).
 4. Ratings (1 = poor, 5 = excellent) and the rationale are optional, and help most when the choice was hard.
 5. Unsure, or the item is broken? **Skip** it: it comes back at the end of your queue.
    A wrong click? **Undo** takes back your last vote.
@@ -60,6 +64,8 @@ document.addEventListener("keydown", (event) => {
 });
 </script>
 """
+
+STRENGTH_WORDS = ("negligibly", "slightly", "clearly", "much")  # shown for annotation.records.STRENGTHS
 
 CSS = """
 .glmwb-turn { margin-bottom: 0.6em; }
@@ -118,6 +124,12 @@ def build_annotator_page(store: Store, config: PageConfig | None = None) -> gr.B
                                         value=None,
                                         elem_id=f"rate-{letter}-{attribute}",
                                     )
+                strength = gr.Radio(
+                    list(zip(STRENGTH_WORDS, STRENGTHS, strict=True)),
+                    value=None,
+                    label="How much better is your pick? (optional; ignored for tie and both bad)",
+                    elem_id="strength",
+                )
                 with gr.Row():
                     vote_buttons = {
                         letter: gr.Button(
@@ -157,7 +169,8 @@ def build_annotator_page(store: Store, config: PageConfig | None = None) -> gr.B
                     create_status = gr.Markdown()
 
         rating_list = list(ratings.values())
-        task_outputs = [header, prompt, status, rationale, state, *answers.values(), *columns.values()]
+        task_outputs = [header, prompt, status, rationale, strength, state, *answers.values()]
+        task_outputs += list(columns.values())
         task_outputs += [*vote_buttons.values(), *rating_list]
 
         def header_text(who: AnnotatorInfo) -> str:
@@ -174,6 +187,7 @@ def build_annotator_page(store: Store, config: PageConfig | None = None) -> gr.B
                 header: header_text(who),
                 status: message,
                 rationale: gr.update(value=""),
+                strength: gr.update(value=None),
                 **{r: gr.update(value=None) for r in rating_list},
                 **{columns[k]: gr.update(visible=i < n) for i, k in enumerate(LETTERS)},
                 **{vote_buttons[k]: gr.update(visible=i < n) for i, k in enumerate(LETTERS)},
@@ -220,6 +234,7 @@ def build_annotator_page(store: Store, config: PageConfig | None = None) -> gr.B
                         choice,
                         uid=current["uid"],
                         ratings=given,
+                        strength=data.get(strength) if choice in LETTERS else None,
                         rationale=(data.get(rationale) or "").strip(),
                         time_spent_s=round(time.monotonic() - current["shown_at"], 3),
                         guideline_version=config.version,
@@ -227,12 +242,15 @@ def build_annotator_page(store: Store, config: PageConfig | None = None) -> gr.B
                 except StoreError as e:
                     return show(who, store.next_task(who), f"Not saved: {e}")
                 label = {"tie": "a tie", "both_bad": "both bad"}.get(choice, f"{choice} is better")
+                if choice in LETTERS and data.get(strength):
+                    word = STRENGTH_WORDS[STRENGTHS.index(data[strength])]
+                    label = f"{choice} is {word} better"
                 message = f"Saved: item {receipt.item_id}, {label}."
                 return show(who, store.next_task(who), message)
 
             return vote
 
-        inputs = {state, rationale, *rating_list}
+        inputs = {state, rationale, strength, *rating_list}
         for choice, button in vote_buttons.items():
             button.click(make_vote(choice), inputs, task_outputs, api_visibility="private")
 

@@ -87,11 +87,19 @@ def test_api_vote_round_trip(site):
     task = httpx.get(f"{base}/api/v1/next", headers=alice).json()["task"]
     assert [r["letter"] for r in task["responses"]] == ["A", "B"]
     body = {"uid": "api-vote-0001", "assignment_id": task["assignment_id"], "choice": "B", "rationale": "why"}
+    for wrong, field in (
+        ({"strength": "huge"}, "strength must be one of"),
+        ({"choice": "tie", "strength": "clear"}, "winner"),
+    ):
+        r = httpx.post(f"{base}/api/v1/votes", json={**body, **wrong, "uid": "api-vote-bad0"}, headers=alice)
+        assert r.status_code == 400 and field in r.json()["detail"], r.text
+    body["strength"] = "clear"
     first = httpx.post(f"{base}/api/v1/votes", json=body, headers=alice)
     assert first.status_code == 201 and first.json()["duplicate"] is False
     again = httpx.post(f"{base}/api/v1/votes", json=body, headers=alice)
     assert again.status_code == 200 and again.json()["duplicate"] is True
     assert again.json()["vote_id"] == first.json()["vote_id"]
+    assert [v.strength for v in store.votes() if v.uid == "api-vote-0001"] == ["clear"]
     other = httpx.post(f"{base}/api/v1/votes", json={**body, "uid": "api-vote-0002"}, headers=alice)
     assert other.status_code == 409
     stolen = httpx.post(f"{base}/api/v1/votes", json={**body, "uid": "api-vote-0003"}, headers=bob)
@@ -241,11 +249,12 @@ def test_two_annotators_vote_in_the_browser(site, browser, tmp_path):
     alice.get_by_text("Ratings (optional)").first.click()
     alice.locator("#rate-A-helpfulness").get_by_text("5").click()
     alice.locator("#rationale textarea").fill("A answers the question")
+    alice.locator("#strength").get_by_text("clearly").click()
     alice.locator("body").click(
         position={"x": 5, "y": 5}
     )  # leave the text box: shortcuts are off while typing
     alice.keyboard.press("1")
-    wait_text(alice, "#status", rf"Saved: item {first_a.item_id}, A is better")
+    wait_text(alice, "#status", rf"Saved: item {first_a.item_id}, A is clearly better")
     # bob: the mouse, "B is better"
     bob.locator("#vote-B").click()
     wait_text(bob, "#status", rf"Saved: item {first_b.item_id}, B is better")
@@ -261,6 +270,8 @@ def test_two_annotators_vote_in_the_browser(site, browser, tmp_path):
     assert (
         first_vote.ratings == {"helpfulness": {"A": 5}} and first_vote.rationale == "A answers the question"
     )
+    assert first_vote.strength == "clear"  # and the page cleared it: bob's and alice's later votes have none
+    assert {v.strength for v in store.votes() if v.vote_id != first_vote.vote_id} == {None}
     assert first_vote.time_spent_s > 0 and first_vote.guideline_version == PageConfig().version
 
     # undo (u) takes back alice's tie and shows that item again; skip (s) moves past it

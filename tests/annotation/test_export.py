@@ -17,7 +17,7 @@ from tests.annotation.conftest import make_items
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
-def vote(store, who, choice, ratings=None):
+def vote(store, who, choice, ratings=None, strength=None):
     task = store.next_task(who)
     store.submit_vote(
         who,
@@ -26,6 +26,7 @@ def vote(store, who, choice, ratings=None):
         uid=f"vote-{who.id:03d}-{task.assignment_id:05d}",
         ratings=ratings or {},
         guideline_version="g1",
+        strength=strength,
     )
     return task
 
@@ -51,10 +52,11 @@ def voted(sqlite_store):
         3: ["both_bad", "both_bad", "both_bad"],
         4: ["C", "C", "A"],
     }
+    strengths = {0: ["strong", "slight", "clear"]}  # how much better each voter's pick is (item 0 only)
     for k in range(5):
-        for who, choice in zip(people, plan[k], strict=True):
+        for i, (who, choice) in enumerate(zip(people, plan[k], strict=True)):
             ratings = {"helpfulness": {"A": 5, "B": 2}} if k == 0 else None
-            task = vote(store, who, choice, ratings)
+            task = vote(store, who, choice, ratings, strengths.get(k, [None] * 3)[i])
             assert task.item_id == ids[k]
     return store, ids
 
@@ -74,7 +76,10 @@ def test_majority_export(voted):
     assert r0["rejected"] == [{"role": "assistant", "content": texts["B"]}]
     assert r0["tie"] is False and r0["annotator"] is None
     assert r0["attributes"] == {"helpfulness": 1}
+    # A's two voters said strong (1) and slight (1/3); the B voter's "clear" is not about A
+    assert r0["margin"] == pytest.approx(2 / 3)
     prov = r0["provenance"]
+    assert prov["strengths"] == ["strong", "slight", "clear"]
     assert prov["label"] == "A" and prov["votes"]["A"] == 2 and prov["votes"]["B"] == 1
     assert prov["agreement"] == pytest.approx(2 / 3)
     assert prov["annotators"] == ["ann", "bob", "cat"] and len(prov["vote_uids"]) == 3
@@ -90,6 +95,7 @@ def test_majority_export(voted):
     assert rows[0]["prompt"][0] == {"role": "system", "content": "Be brief."}
     assert json.loads(rows[0]["provenance"]["sampling"][0]) == {"temperature": 0.7}
     assert rows[0]["provenance"]["checkpoints"][0].startswith("/ckpt/")
+    assert rows[0]["margin"] is None and r2["margin"] is None  # no strength given; a tie
     records = records_from_dicts(result.rows)
     assert [r.tie for r in records] == [r["tie"] for r in result.rows]
 
@@ -101,6 +107,8 @@ def test_all_votes_export_and_options(voted):
     annotators = {r["annotator"] for r in everything.rows}
     assert annotators == {"ann", "bob", "cat"}
     assert all(r["id"].startswith("vote") for r in everything.rows)
+    first = [r for r in everything.rows if r["provenance"]["item_id"] == ids[0]]
+    assert [(r["annotator"], r["margin"]) for r in first] == [("ann", 1.0), ("bob", 1 / 3), ("cat", 2 / 3)]
     no_ties = export_records(store, ties="drop")
     assert not any(r["tie"] for r in no_ties.rows)
     no_both_bad = export_records(store, both_bad="drop")
@@ -122,10 +130,12 @@ def test_written_files_are_read_by_the_reward_trainer(voted, tmp_path):
         read = read_preferences(path)
         assert read.skipped == []
         assert [
-            (r.prompt, r.chosen, r.rejected, r.tie, r.annotator, dict(r.attributes)) for r in read.records
-        ] == [(r.prompt, r.chosen, r.rejected, r.tie, r.annotator, dict(r.attributes)) for r in expected], (
-            name
-        )
+            (r.prompt, r.chosen, r.rejected, r.tie, r.annotator, r.margin, dict(r.attributes))
+            for r in read.records
+        ] == [
+            (r.prompt, r.chosen, r.rejected, r.tie, r.annotator, r.margin, dict(r.attributes))
+            for r in expected
+        ], name
     # TRL's loader view: prompt is a conversation, chosen / rejected one assistant message each
     ds = load_dataset("json", data_files=str(tmp_path / "prefs.jsonl"), split="train")
     assert {"prompt", "chosen", "rejected"} <= set(ds.column_names)

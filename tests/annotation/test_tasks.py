@@ -114,7 +114,22 @@ def test_cli_end_to_end_on_the_world(tmp_path, capsys, monkeypatch):
         glmwb(["annotation", "add-tasks", "--db", db, "--world", "30", "--gold", "5", "--overlap", "3"]) == 0
     )
     assert (
-        glmwb(["annotation", "simulate", "--db", db, "--annotators", "s0", "s1", "s2", "--noise", "0.1"]) == 0
+        glmwb(
+            [
+                "annotation",
+                "simulate",
+                "--db",
+                db,
+                "--annotators",
+                "s0",
+                "s1",
+                "s2",
+                "--noise",
+                "0.1",
+                "--strength",
+            ]
+        )
+        == 0
     )
     assert glmwb(["annotation", "report", "--db", db, "--json"]) == 0
     report = json.loads(capsys.readouterr().out.split("\n", 2)[-1])
@@ -124,7 +139,11 @@ def test_cli_end_to_end_on_the_world(tmp_path, capsys, monkeypatch):
     assert glmwb(["annotation", "export", "--db", db, "--out", str(out)]) == 0
     from rewards.data import read_preferences
 
-    assert len(read_preferences(out).records) >= 25
+    records = read_preferences(out).records
+    assert len(records) >= 25
+    # every strict row carries its winners' mean strength as a margin in [0, 1]; ties none
+    assert all((r.margin is None) == r.tie for r in records)
+    assert all(0.0 <= r.margin <= 1.0 for r in records if not r.tie)
     monkeypatch.setenv("NEW_PASSWORD", "a-long-password")
     assert (
         glmwb(
