@@ -137,3 +137,18 @@ def test_missing_policy_folder(tmp_path) -> None:
 
     with pytest.raises(RecipeError, match="no model folder"):
         run_preferences(_recipe(tmp_path, tmp_path / "nope"))
+
+
+def test_reward_data_with_annotator_strength_has_margins_and_the_same_labels() -> None:
+    from annotation.records import STRENGTH_MARGINS
+    from rewards.run import load_records
+
+    over = ["data.train_prompts=200", "data.heldout_prompts=50"]
+    plain, _, _ = load_records(load_recipe("recipes/reward.yaml", over).data, 0)
+    graded, _, _ = load_records(
+        load_recipe("recipes/reward.yaml", [*over, "data.annotators.strength=true"]).data, 0
+    )
+    assert [(r.id, r.chosen, r.tie) for r in plain] == [(r.id, r.chosen, r.tie) for r in graded]
+    assert all(r.margin is None for r in plain)
+    assert all(r.margin == STRENGTH_MARGINS[r.provenance["strength"]] for r in graded if not r.tie)
+    assert len({r.margin for r in graded if not r.tie}) >= 3  # slight, clear and strong wins all occur
