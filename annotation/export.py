@@ -18,8 +18,8 @@ preference format plus the shared record's columns (``annotation/records.py``)::
 - ``attributes``: per attribute, the sign of (mean rating of chosen - mean rating of rejected) over the votes
   that rated both: +1 chosen better, -1 worse, 0 equal.
 - ``provenance``: the store item, prompt uid, batch, label, vote counts and agreement, vote uids,
-  annotators and their strengths ("" for none), guideline versions, and per answer (chosen first) the generation id, model, checkpoint,
-  sampling parameters (JSON text) and chat-template hash.
+  annotators and their strengths ("" for none), guideline versions, and per answer (chosen first) the
+  generation id, model, checkpoint, sampling parameters (JSON text) and chat-template hash.
 - Gold items are left out unless ``include_gold`` (they are checks on annotators).
 
 Every row passes ``records_from_dicts`` before it is written. Files: ``.jsonl``, ``.parquet``, or a folder

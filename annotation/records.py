@@ -16,8 +16,8 @@ from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool", "observation")
 
-# How much better the chosen answer is, as its annotator says (a four-point scale as in Llama 2, Touvron et al.
-# 2023), and the reward margin each level asks of a margin loss (``loss.use_margin``; ``loss.margin_scale``
+# How much better the chosen answer is, as its annotator says (a four-point scale as in Llama 2, Touvron et
+# al. 2023), and the reward margin each level asks of a margin loss (``loss.use_margin``; ``loss.margin_scale``
 # multiplies it): a "negligible" win asks for no gap, a "strong" one for the largest.
 STRENGTHS = ("negligible", "slight", "clear", "strong")
 STRENGTH_MARGINS = {"negligible": 0.0, "slight": 1.0 / 3.0, "clear": 2.0 / 3.0, "strong": 1.0}

@@ -17,8 +17,9 @@
   ``items.assigned`` counts the taken slots (updated with them) and ``ix_items_queue``, a partial index on
   the items with a free slot, makes "the next item" an index lookup.
 - ``votes``: the judgement, and for a winner optionally its ``strength`` (negligible / slight / clear /
-  strong better, ``annotation.records.STRENGTHS``; the export turns it into the record's margin). ``uid`` is the client's idempotency key (``UNIQUE``: a retried submit cannot
-  store a second vote), and a partial unique index allows one *active* (not retracted) vote per assignment.
+  strong better, ``annotation.records.STRENGTHS``; the export turns it into the record's margin). ``uid``
+  is the client's idempotency key (``UNIQUE``: a retried submit cannot store a second vote), and a partial
+  unique index allows one *active* (not retracted) vote per assignment.
   Undo retracts a vote (``retracted_at``) instead of deleting it: no judgement is ever lost.
 
 Timestamps are naive UTC (``utcnow()``) so that SQLite and PostgreSQL store and compare them alike.

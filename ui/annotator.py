@@ -8,9 +8,10 @@ client's payload) and the store refuses anything that is not that annotator's.
 
 The page: guidelines; the prompt and two (up to four) answers side by side, rendered by ``ui.render``
 (Markdown with raw HTML off: a ``<script>`` in an answer is shown as text); A / B / tie / both bad;
-optionally how much better the pick is (negligibly / slightly / clearly / much: the vote's ``strength``, which
-the export turns into the record's margin); optional 1-5 ratings per answer and attribute; an optional rationale; skip; undo of the last vote;
-progress. Keyboard: 1 = A, 2 = B, 3 = tie, 4 = both bad, s = skip, u = undo (not while typing).
+optionally how much better the pick is (negligibly / slightly / clearly / much: the vote's ``strength``,
+which the export turns into the record's margin); optional 1-5 ratings per answer and attribute; an optional
+rationale; skip; undo of the last vote; progress. Keyboard: 1 = A, 2 = B, 3 = tie, 4 = both bad, s = skip,
+u = undo (not while typing).
 Admins also get an Admin tab: progress per annotator, the agreement report, export, new accounts.
 
 A vote's id is made when its item is shown (kept in the session's server-side state): a repeated click
