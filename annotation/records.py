@@ -23,13 +23,6 @@ STRENGTHS = ("negligible", "slight", "clear", "strong")
 STRENGTH_MARGINS = {"negligible": 0.0, "slight": 1.0 / 3.0, "clear": 2.0 / 3.0, "strong": 1.0}
 
 
-def strength_margin(strength: str) -> float:
-    """The margin of a strength level; a ValueError naming the levels for anything else."""
-    if strength not in STRENGTH_MARGINS:
-        raise ValueError(f"strength must be one of {', '.join(STRENGTHS)}; got {strength!r}")
-    return STRENGTH_MARGINS[strength]
-
-
 class PreferenceDataError(ValueError):
     """A malformed preference record: the message names the row (and file, when known) and the field."""
 
