@@ -101,6 +101,7 @@ class RewardTrainConfig:
     gradient_checkpointing: bool = False
     packing: bool = False  # padding-free batches (doc ids) instead of right padding
     verifier_lr: float = 0.02  # learning rate of the likelihood-feature weights (model.verifier)
+    head_lr: float | None = None  # the score head's own learning rate (None: optim.lr, as the backbone)
     # fit those weights alone on this many training pairs (cached features, L-BFGS) before the joint training
     verifier_prefit_pairs: int = 0
     pack_tokens: int = 2048  # row length of packed batches
@@ -109,6 +110,8 @@ class RewardTrainConfig:
     zero_stage: int = 2
 
     def __post_init__(self) -> None:
+        if self.head_lr is not None and not self.head_lr > 0:
+            raise ValueError(f"train.head_lr must be > 0 (or null: optim.lr), got {self.head_lr}")
         if self.verifier_prefit_pairs < 0:
             raise ValueError(
                 f"train.verifier_prefit_pairs must be >= 0 (0 = off), got {self.verifier_prefit_pairs}"

@@ -400,6 +400,10 @@ def train_reward_model(
         # likelihood-feature weights: O(1) values on O(1) features, far from where the model's lr would get
         # them in a few hundred steps
         own_lr_group(optimizer, model.verifier_weight, train_cfg.verifier_lr / optim_cfg.lr)
+    if train_cfg.head_lr is not None:  # the linear head on h_T at its own pace (same schedule, scaled)
+        for p in model.score.parameters():
+            if p.requires_grad:
+                own_lr_group(optimizer, p, train_cfg.head_lr / optim_cfg.lr)
     model, optimizer = strategy.prepare(model, optimizer)
     core: RewardModel = strategy.unwrap(model)
 

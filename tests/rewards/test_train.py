@@ -104,6 +104,24 @@ def test_gradient_checkpointing_changes_nothing(planted, tiny_tokenizer, tmp_pat
     assert _max_diff(plain, ckpt) < 1e-6
 
 
+def test_head_lr_moves_the_head_alone_at_its_own_pace(planted, tiny_tokenizer, tmp_path) -> None:
+    # one AdamW step from the same init: |update| ~ lr element-wise, so the head moves head_lr / lr times as
+    # far and every backbone weight exactly as without head_lr
+    init = RewardModel(tiny_glm(tiny_tokenizer))
+    optim = OptimConfig(lr=1e-3, warmup_steps=0, weight_decay=0.0)
+    runs = {}
+    for name, head_lr in (("plain", None), ("fast", 1e-2)):
+        model = RewardModel(tiny_glm(tiny_tokenizer))
+        model.load_state_dict(init.state_dict())
+        runs[name], _ = _train(tiny_tokenizer, planted, tmp_path / name, model=model, optim=optim,
+                               max_steps=1, evaluate=False, head_lr=head_lr)  # fmt: skip
+    moved = {n: float((runs[n].score.weight - init.score.weight).detach().abs().max()) for n in runs}
+    assert 8 < moved["fast"] / moved["plain"] < 12, moved
+    assert _max_diff(runs["plain"].backbone, runs["fast"].backbone) == 0.0
+    with pytest.raises(ValueError, match="head_lr must be > 0"):
+        RewardTrainConfig(head_lr=0.0)
+
+
 def test_lora_trains_adapters_and_head_only_and_saves_merged(planted, tiny_tokenizer, tmp_path) -> None:
     from transformers import AutoModelForSequenceClassification
 
