@@ -58,6 +58,9 @@ class VerifierConfig:
     features: tuple[str, ...] = (
         "opening_contradiction", "body_contradiction", "body_contradiction_sum", "body_confident_misses"
     )  # fmt: skip
+    # feature weights that also read the answer's representation: W + U·h_T (U zero at the start), so the value
+    # check can count for more where the answer's form (filler, another language) dilutes it
+    gate: bool = False
 
     def __post_init__(self) -> None:
         check_verifier_features(self.features)

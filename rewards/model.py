@@ -40,6 +40,7 @@ from pretrain.model import GLM
 
 PAD_TOKEN = "<eop>"  # never rendered by the GLM-4 template, and escaped when it occurs in text
 REWARD_CONFIG = "reward_config.json"
+GATE_FILE = "gate.safetensors"  # in verifier/: the gate U of ``model.verifier.gate``
 
 
 @dataclass
@@ -60,6 +61,7 @@ class RewardInfo:
     verifier_features: list[str] = field(default_factory=list)
     verifier_weight: list[list[float]] = field(default_factory=list)
     verifier_assistant_id: int | None = None
+    verifier_gate: bool = False  # weights W + U·h_T, U (heads·F x D) in verifier/gate.safetensors
 
 
 class RewardModel(nn.Module):
@@ -90,10 +92,15 @@ class RewardModel(nn.Module):
         self.info = info or RewardInfo(heads=self.heads)
         self.verifier = None
         self.verifier_weight = None
+        self.verifier_gate = None
 
-    def attach_verifier(self, verifier: Any, weight: Tensor | None = None) -> RewardModel:
+    def attach_verifier(
+        self, verifier: Any, weight: Tensor | None = None, gate: bool | Tensor = False
+    ) -> RewardModel:
         """Add a frozen ``rewards.verifier.LikelihoodVerifier``; its weights start at zero (the reward is
-        unchanged until training moves them) unless ``weight`` (heads x F) is given."""
+        unchanged until training moves them) unless ``weight`` (heads x F) is given. ``gate``: the weights
+        also depend on the answer's representation, W + U·h_T (a learned U, zero at the start unless given
+        as a (heads·F, D) tensor), so the value check can count for more or less by the answer's form."""
         k, f = len(self.heads), len(verifier.names)
         w = torch.zeros(k, f) if weight is None else torch.as_tensor(weight, dtype=torch.float32)
         if tuple(w.shape) != (k, f):
@@ -103,6 +110,16 @@ class RewardModel(nn.Module):
         dtype = self.score.weight.dtype
         self.verifier = verifier.to(device=self.score.weight.device, dtype=dtype)
         self.verifier_weight = nn.Parameter(w.to(self.score.weight.device, dtype))
+        self.verifier_gate = None
+        if gate is not False:
+            u = torch.zeros(k * f, self.config.hidden_size) if gate is True else torch.as_tensor(gate)
+            if tuple(u.shape) != (k * f, self.config.hidden_size):
+                raise ValueError(
+                    f"verifier gate has shape {tuple(u.shape)}, expected (heads x features, hidden size) = "
+                    f"{(k * f, self.config.hidden_size)}"
+                )
+            self.verifier_gate = nn.Linear(self.config.hidden_size, k * f, bias=False)
+            self.verifier_gate.weight = nn.Parameter(u.to(self.score.weight.device, dtype))
         return self
 
     @property
@@ -140,6 +157,9 @@ class RewardModel(nn.Module):
         if self.verifier is not None:
             phi = self.verifier(input_ids, score_index, attention_mask, doc_ids, position_ids)  # (N, F)
             rewards = rewards + phi.float() @ self.verifier_weight.float().T
+            if self.verifier_gate is not None:  # + (U·h_T) · φ, per head
+                u = self.verifier_gate(h_last).float().view(len(h_last), len(self.heads), -1)  # (N, K, F)
+                rewards = rewards + (u * phi.float()[:, None, :]).sum(-1)
         return (rewards, h) if return_hidden else rewards
 
     # -- folders ---------------------------------------------------------------------------------------------
@@ -180,6 +200,15 @@ class RewardModel(nn.Module):
             self.info.verifier_features = list(self.verifier.names)
             self.info.verifier_weight = self.verifier_weight.detach().float().cpu().tolist()
             self.info.verifier_assistant_id = self.verifier.assistant_id
+            self.info.verifier_gate = self.verifier_gate is not None
+            if self.verifier_gate is not None:
+                from rewards.verifier import VERIFIER_DIR
+
+                save_file(
+                    {"weight": _owning_copy(self.verifier_gate.weight.detach())},
+                    str(folder / VERIFIER_DIR / GATE_FILE),
+                    metadata={"format": "pt"},
+                )
         (folder / REWARD_CONFIG).write_text(json.dumps(asdict(self.info), indent=2, ensure_ascii=False))
         return folder
 
@@ -249,7 +278,12 @@ class RewardModel(nn.Module):
             verifier = LikelihoodVerifier.from_pretrained(
                 folder / VERIFIER_DIR, info.verifier_assistant_id, info.verifier_features, dtype
             )
-            model.attach_verifier(verifier, info.verifier_weight)
+            gate: bool | Tensor = False
+            if info.verifier_gate:
+                from safetensors.torch import load_file
+
+                gate = load_file(str(folder / VERIFIER_DIR / GATE_FILE))["weight"].to(dtype)
+            model.attach_verifier(verifier, info.verifier_weight, gate)
         return model.to(device) if device is not None else model
 
 

@@ -165,7 +165,7 @@ def attach_verifier(model, recipe: RewardRecipe, tok) -> None:
         raise RecipeError(
             f"model.verifier.lm = {folder}: vocabulary {verifier.lm.config.vocab_size} < the tokenizer's {len(tok)}"
         )
-    model.attach_verifier(verifier)
+    model.attach_verifier(verifier, gate=v.gate)
 
 
 def run_reward(recipe: RewardRecipe) -> dict[str, Any]:

@@ -313,7 +313,8 @@ def save_reward_folder(model: RewardModel, folder: str | Path, tokenizer=None) -
     merged = RewardModel(plain, model.heads, model.info)
     merged.score.weight = model.score.weight
     if model.verifier is not None:
-        merged.attach_verifier(model.verifier, model.verifier_weight.detach())
+        gate = False if model.verifier_gate is None else model.verifier_gate.weight.detach()
+        merged.attach_verifier(model.verifier, model.verifier_weight.detach(), gate)
     return merged.save(folder, tokenizer)
 
 
@@ -431,6 +432,8 @@ def train_reward_model(
             core.score.load_state_dict(loaded.score.state_dict())
             if core.verifier is not None:
                 core.verifier_weight.data.copy_(loaded.verifier_weight.data)
+                if core.verifier_gate is not None:
+                    core.verifier_gate.weight.data.copy_(loaded.verifier_gate.weight.data)
         tie.raw.data.copy_(state["tie_raw"])
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])

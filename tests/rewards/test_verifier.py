@@ -188,3 +188,44 @@ def test_bad_verifier_settings_are_named(tiny_tokenizer, tmp_path) -> None:
     recipe = build(RewardRecipe, {"model": {"init_from": str(base), "verifier": {"enabled": True}}})
     model = build_model(recipe, tiny_tokenizer)
     assert model.verifier is not None and model.verifier_weight.shape == (1, 4)
+
+
+def test_gated_feature_weights_start_neutral_train_and_round_trip(tiny_tokenizer, tmp_path) -> None:
+    """``model.verifier.gate``: weights W + U·h_T. U starts at zero (the reward is that of W alone), moves in
+    training, is the same padded and packed, and survives the folder round trip (verifier/gate.safetensors)."""
+    from pretrain.train import OptimConfig
+    from rewards.train import train_reward_model
+
+    tok = tiny_tokenizer
+    pad = reward_pad_id(tok)
+    seqs = [encode_response(tok, p, a) for p, a in zip(PROMPTS, ANSWERS, strict=True)]
+    model = RewardModel(tiny_glm(tok), heads=["reward", "correctness"]).attach_verifier(_verifier(tok))
+    with torch.no_grad():
+        model.verifier_weight.copy_(torch.randn(2, len(ALL)))
+    ungated = model(**padded_batch(seqs, pad)).detach()
+    model.attach_verifier(model.verifier, model.verifier_weight.detach(), gate=True)
+    assert model.verifier_gate.weight.shape == (2 * len(ALL), model.config.hidden_size)
+    assert torch.allclose(model(**padded_batch(seqs, pad)), ungated, atol=1e-6)
+    with torch.no_grad():
+        model.verifier_gate.weight.normal_(std=0.1)
+    padded = model(**padded_batch(seqs, pad))
+    assert not torch.allclose(padded, ungated, atol=1e-3)
+    assert torch.allclose(model(**packed_batch(seqs, pad, row_tokens=256)), padded, atol=1e-5)
+    folder = model.save(tmp_path / "rm", tok)
+    assert (folder / "verifier" / "gate.safetensors").is_file()
+    loaded = RewardModel.from_pretrained(folder)
+    assert loaded.info.verifier_gate
+    assert torch.allclose(score_sequences(loaded, seqs, pad), padded.detach(), atol=1e-5)
+    assert not any(k.startswith("verifier") for k in loaded.hf_state_dict())
+    with pytest.raises(ValueError, match="verifier gate has shape"):
+        model.attach_verifier(model.verifier, gate=torch.zeros(3, 5))
+    # the preference loss trains U
+    fresh = RewardModel(tiny_glm(tok)).attach_verifier(_verifier(tok, names=("length",)), gate=True)
+    train, _ = encode_pairs(tok, _shorter_wins(tok, planted_records(64, seed=0)), 96)
+    train_reward_model(
+        fresh, tok, train, [], RewardLossConfig(tie_model="drop"),
+        OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.0),
+        RewardTrainConfig(batch_size=8, max_steps=3, eval_every=1000, log_every=10),
+        tmp_path / "run", pad, log=lambda s: None,
+    )  # fmt: skip
+    assert fresh.verifier_gate.weight.abs().max() > 1e-3
