@@ -93,14 +93,17 @@ class RewardModel(nn.Module):
         self.verifier = None
         self.verifier_weight = None
         self.verifier_gate = None
+        self.verifier_gate_mask: Tensor | None = None  # (K·F,): which feature weights the gate may move
 
     def attach_verifier(
-        self, verifier: Any, weight: Tensor | None = None, gate: bool | Tensor = False
+        self, verifier: Any, weight: Tensor | None = None, gate: bool | Tensor | Sequence[str] = False
     ) -> RewardModel:
         """Add a frozen ``rewards.verifier.LikelihoodVerifier``; its weights start at zero (the reward is
         unchanged until training moves them) unless ``weight`` (heads x F) is given. ``gate``: the weights
         also depend on the answer's representation, W + U·h_T (a learned U, zero at the start unless given
-        as a (heads·F, D) tensor), so the value check can count for more or less by the answer's form."""
+        as a (heads·F, D) tensor), so the value check can count for more or less by the answer's form.
+        A list of feature names gates only those: the other rows of U are held at zero (their output is
+        masked, so they get no gradient), and a saved U needs no mask to reproduce the reward."""
         k, f = len(self.heads), len(verifier.names)
         w = torch.zeros(k, f) if weight is None else torch.as_tensor(weight, dtype=torch.float32)
         if tuple(w.shape) != (k, f):
@@ -111,6 +114,14 @@ class RewardModel(nn.Module):
         self.verifier = verifier.to(device=self.score.weight.device, dtype=dtype)
         self.verifier_weight = nn.Parameter(w.to(self.score.weight.device, dtype))
         self.verifier_gate = None
+        self.verifier_gate_mask = None
+        if isinstance(gate, (list, tuple)):
+            bad = [n for n in gate if n not in verifier.names]
+            if bad or not gate:
+                raise ValueError(f"verifier gate features {list(gate)}: {bad or 'none'} not among {verifier.names}")
+            keep = torch.tensor([float(n in gate) for n in verifier.names])
+            self.verifier_gate_mask = keep.repeat(k).to(self.score.weight.device)  # (K·F,)
+            gate = True
         if gate is not False:
             u = torch.zeros(k * f, self.config.hidden_size) if gate is True else torch.as_tensor(gate)
             if tuple(u.shape) != (k * f, self.config.hidden_size):
@@ -158,7 +169,10 @@ class RewardModel(nn.Module):
             phi = self.verifier(input_ids, score_index, attention_mask, doc_ids, position_ids)  # (N, F)
             rewards = rewards + phi.float() @ self.verifier_weight.float().T
             if self.verifier_gate is not None:  # + (U·h_T) · φ, per head
-                u = self.verifier_gate(h_last).float().view(len(h_last), len(self.heads), -1)  # (N, K, F)
+                u = self.verifier_gate(h_last).float()
+                if self.verifier_gate_mask is not None:
+                    u = u * self.verifier_gate_mask
+                u = u.view(len(h_last), len(self.heads), -1)  # (N, K, F)
                 rewards = rewards + (u * phi.float()[:, None, :]).sum(-1)
         return (rewards, h) if return_hidden else rewards
 

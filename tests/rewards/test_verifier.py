@@ -229,3 +229,34 @@ def test_gated_feature_weights_start_neutral_train_and_round_trip(tiny_tokenizer
         tmp_path / "run", pad, log=lambda s: None,
     )  # fmt: skip
     assert fresh.verifier_gate.weight.abs().max() > 1e-3
+
+
+def test_gate_on_named_features_moves_only_their_weights(tiny_tokenizer, tmp_path) -> None:
+    """``model.verifier.gate: [names]``: training moves only those features' rows of U (the others stay exactly
+    zero, so the saved folder reproduces the reward without a mask); unknown names are refused."""
+    from pretrain.train import OptimConfig
+    from rewards.train import train_reward_model
+
+    tok = tiny_tokenizer
+    names = ("length", "logp_sum")
+    model = RewardModel(tiny_glm(tok)).attach_verifier(_verifier(tok, names=names), gate=["length"])
+    train, _ = encode_pairs(tok, _shorter_wins(tok, planted_records(64, seed=0)), 96)
+    train_reward_model(
+        model, tok, train, [], RewardLossConfig(tie_model="drop"),
+        OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1),
+        RewardTrainConfig(batch_size=8, max_steps=3, eval_every=1000, log_every=10),
+        tmp_path / "run", reward_pad_id(tok), log=lambda s: None,
+    )  # fmt: skip
+    u = model.verifier_gate.weight.detach()
+    assert u[0].abs().max() > 1e-3  # length: gated, trained
+    assert u[1].abs().max() == 0.0  # logp_sum: fixed weight only
+    seqs = [encode_response(tok, p, a) for p, a in zip(PROMPTS, ANSWERS, strict=True)]
+    pad = reward_pad_id(tok)
+    expected = score_sequences(model, seqs, pad)
+    loaded = RewardModel.from_pretrained(model.save(tmp_path / "rm", tok))
+    assert loaded.verifier_gate_mask is None
+    assert torch.allclose(score_sequences(loaded, seqs, pad), expected, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\['contradiction'\] not among"):
+        model.attach_verifier(model.verifier, gate=["contradiction"])
+    with pytest.raises(ValueError, match="model.verifier.gate"):
+        VerifierConfig(features=names, gate=("contradiction",))
