@@ -74,7 +74,9 @@ class VerifierConfig:
                     f"{list(self.features)}; give true, false or some of those names"
                 )
         elif not isinstance(self.gate, bool):
-            raise ValueError(f"model.verifier.gate must be true, false or a list of feature names, got {self.gate!r}")
+            raise ValueError(
+                f"model.verifier.gate must be true, false or a list of feature names, got {self.gate!r}"
+            )
 
 
 @dataclass(frozen=True)

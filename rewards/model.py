@@ -118,7 +118,9 @@ class RewardModel(nn.Module):
         if isinstance(gate, (list, tuple)):
             bad = [n for n in gate if n not in verifier.names]
             if bad or not gate:
-                raise ValueError(f"verifier gate features {list(gate)}: {bad or 'none'} not among {verifier.names}")
+                raise ValueError(
+                    f"verifier gate features {list(gate)}: {bad or 'none'} not among {verifier.names}"
+                )
             keep = torch.tensor([float(n in gate) for n in verifier.names])
             self.verifier_gate_mask = keep.repeat(k).to(self.score.weight.device)  # (K·F,)
             gate = True
