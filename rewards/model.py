@@ -93,7 +93,8 @@ class RewardModel(nn.Module):
         self.verifier = None
         self.verifier_weight = None
         self.verifier_gate = None
-        self.verifier_gate_mask: Tensor | None = None  # (K·F,): which feature weights the gate may move
+        # (K·F,): which feature weights the gate may move; a buffer so it follows .to(), not saved
+        self.register_buffer("verifier_gate_mask", None, persistent=False)
 
     def attach_verifier(
         self, verifier: Any, weight: Tensor | None = None, gate: bool | Tensor | Sequence[str] = False
