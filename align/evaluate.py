@@ -286,7 +286,7 @@ class EvalDataConfig:
 
 @dataclass(frozen=True)
 class EvalRecipe:
-    """`stage: align_eval` — policies side by side on held-out world prompts; the first is the baseline."""
+    """`stage: align_eval` — policies side by side on held-out world prompts, compared with ``baseline``."""
 
     stage: Literal["align_eval"] = "align_eval"
     run: RunConfig = field(default_factory=RunConfig)
@@ -294,25 +294,36 @@ class EvalRecipe:
     reward_model: str | None = None  # a reward folder: adds RM rewards and RM win rates
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     skip_missing: bool = False  # leave out (and report) policy folders that do not exist
+    # the policy the others are compared with (win rates, McNemar, Wilcoxon); null: the first listed.
+    # Aligned policies start from SFT, so `baseline: sft` measures what alignment added.
+    baseline: str | None = None
 
     def __post_init__(self) -> None:
         if not self.policies:
-            raise ValueError("policies: list at least one {name, path}; the first is the baseline")
+            raise ValueError(
+                "policies: list at least one {name, path} (the first is the baseline unless `baseline` names one)"
+            )
         names = [p.name for p in self.policies]
         if len(set(names)) != len(names):
             raise ValueError(f"policies: names must be unique, got {names}")
+        if self.baseline is not None and self.baseline not in names:
+            raise ValueError(f"baseline: {self.baseline!r} is not one of the policies' names {names}")
 
 
 METRICS = ("accuracy", "right_language", "concision", "score", "mean_chars", "reward_mean")
 
 
-def format_table(reports: dict[str, dict[str, Any]], comparisons: dict[str, dict[str, Any]]) -> str:
-    """A Markdown table: one row per policy, the metrics and win rates against the baseline."""
+def format_table(
+    reports: dict[str, dict[str, Any]], comparisons: dict[str, dict[str, Any]], baseline: str | None = None
+) -> str:
+    """A Markdown table: one row per policy, the metrics and win rates against ``baseline`` (the policy the
+    comparisons were made with; named in the header, the first report when None)."""
+    base = baseline if baseline is not None else next(iter(reports))
     has_rm = all("reward_mean" in r for r in reports.values())
     cols = [m for m in METRICS if m != "reward_mean" or has_rm]
     if all("sample_accuracy" in r for r in reports.values()):
         cols.insert(1, "sample_accuracy")
-    head = ["policy", *cols, "win vs base (world)", *(["win vs base (RM)"] if has_rm else [])]
+    head = ["policy", *cols, f"win vs {base} (world)", *([f"win vs {base} (RM)"] if has_rm else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in reports.items():
         cells = [name] + [f"{r[m]:.3f}" if m != "mean_chars" else f"{r[m]:.1f}" for m in cols]
@@ -374,6 +385,12 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
             raise RecipeError(f"policies[{p.name}].path: no model folder at {p.path} (no config.json)")
     if not policies:
         raise RecipeError(f"policies: none of the folders exist ({', '.join(missing)})")
+    base = recipe.baseline or recipe.policies[0].name
+    if base in missing:
+        raise RecipeError(
+            f"baseline: the policy {base!r} has no model folder at "
+            f"{next(p.path for p in recipe.policies if p.name == base)} (the others are compared with it)"
+        )
     scorer = None
     if recipe.reward_model:
         if not (Path(recipe.reward_model) / "config.json").is_file():
@@ -392,9 +409,8 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
             sample_temperature=cfg.sample_temperature, seed=recipe.run.seed,
         )  # fmt: skip
         del model
-    base = policies[0].name
     comparisons = {n: compare(reports[base], r) for n, r in reports.items() if n != base}
-    table = format_table(reports, comparisons)
+    table = format_table(reports, comparisons, base)
     families = format_family_table(reports)
     print(f"\nheld-out world prompts ({cfg.split}, n={len(prompts)}); win rates against {base!r}:\n{table}")
     print(f"\naccuracy by task family:\n{families}")

@@ -146,3 +146,34 @@ def test_align_eval_stage_end_to_end(tiny_tokenizer, tmp_path, capsys) -> None:
     assert len((tmp_path / "run" / "answers.jsonl").read_text().splitlines()) == 12
     assert main(["run", str(recipe), f"policies=[{{name: x, path: {tmp_path}/nothing}}]"]) == 2
     assert "no model folder" in capsys.readouterr().err
+
+
+def test_align_eval_compares_with_the_named_baseline(tiny_tokenizer, tmp_path, capsys) -> None:
+    from pretrain.hf import save_pretrained
+    from recipes.cli import main
+
+    for name, seed in (("a", 0), ("b", 1), ("c", 2)):
+        save_pretrained(tiny_policy(tiny_tokenizer, seed), tmp_path / name, tokenizer=tiny_tokenizer)
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(
+        f"stage: align_eval\nrun: {{dir: {tmp_path}/run}}\nbaseline: sft\n"
+        f"policies:\n  - {{name: base, path: {tmp_path}/a}}\n  - {{name: sft, path: {tmp_path}/b}}\n"
+        f"  - {{name: ppo, path: {tmp_path}/c}}\n"
+        "data: {world: {num_entities: 24}, n_prompts: 6, max_new_tokens: 8}\n"
+    )
+    assert main(["run", str(recipe)]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["baseline"] == "sft" and set(summary["comparisons"]) == {"base", "ppo"}
+    reports = summary["reports"]
+    for name in ("base", "ppo"):  # each compared with sft, not with the first listed
+        delta = reports[name]["accuracy"] - reports["sft"]["accuracy"]
+        assert summary["comparisons"][name]["accuracy_delta"] == pytest.approx(delta)
+    head = summary["table"].splitlines()[0]
+    assert "win vs sft (world)" in head and "win vs base" not in head
+    assert "paired tests against 'sft'" in capsys.readouterr().out
+    assert main(["run", str(recipe), "baseline=dpo"]) == 2
+    assert "'dpo' is not one of the policies' names" in capsys.readouterr().err
+    gone = f"policies=[{{name: base, path: {tmp_path}/a}}, {{name: sft, path: {tmp_path}/nothing}}]"
+    assert main(["run", str(recipe), "skip_missing=true", gone]) == 2
+    err = capsys.readouterr().err
+    assert "baseline" in err and "'sft' has no model folder" in err
