@@ -141,6 +141,9 @@ def evaluate_policy(
         answers.append(
             {
                 "id": p.id,
+                # the question instance, whatever the language and phrasing: the unit the paired tests cluster on
+                "instance": f"{p.family}/{p.key}" if p.key else p.id,
+                "phrasing": p.id.rsplit("/", 1)[-1],  # t0-t3: which of the world's four ways of asking
                 "lang": p.lang,
                 "family": p.family,
                 "question": p.messages[-1]["content"],
@@ -156,7 +159,7 @@ def evaluate_policy(
             }
         )
     report = _summarise(answers)
-    for key in ("lang", "family"):
+    for key in ("lang", "family", "phrasing"):
         groups: dict[str, list[dict]] = defaultdict(list)
         for a in answers:
             groups[a[key]].append(a)
@@ -212,6 +215,39 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         xs, ys = [x["sample_accuracy"] for x in a], [y["sample_accuracy"] for y in b]
         out["sample_accuracy_delta"] = after["sample_accuracy"] - before["sample_accuracy"]
         out["sample_accuracy_test"] = paired_test(xs, ys)
+    if all("instance" in x for x in a):
+        out["by_instance"] = instance_tests(a, b)
+    return out
+
+
+def instance_tests(before: Sequence[dict[str, Any]], after: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The paired tests again with the question *instance* as the unit instead of the prompt.
+
+    A world instance is asked in two languages and three or four phrasings, and a policy tends to get all of
+    them right or all wrong together (one learnt value, "120 min = 12 h", breaks eight prompts at once), so
+    prompts are not independent and per-prompt p-values overstate the evidence. Here each instance's mean
+    greedy correctness (and mean sampled accuracy) before and after is one pair; Wilcoxon's signed-rank test
+    runs over the instances. Returns n (instances), up / down (instances whose greedy mean rose / fell),
+    greedy_p, and sampled_p when the answers carry sample_accuracy."""
+    groups: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
+    for x, y in zip(before, after, strict=True):
+        groups[x["instance"]].append((x, y))
+
+    def means(field: str) -> tuple[list[float], list[float]]:
+        xs = [_mean([float(x[field]) for x, _ in rows]) for rows in groups.values()]
+        ys = [_mean([float(y[field]) for _, y in rows]) for rows in groups.values()]
+        return xs, ys
+
+    xs, ys = means("correct")
+    greedy = paired_test(xs, ys)
+    out: dict[str, Any] = {
+        "n": len(groups),
+        "up": sum(y > x + 1e-12 for x, y in zip(xs, ys, strict=True)),
+        "down": sum(y < x - 1e-12 for x, y in zip(xs, ys, strict=True)),
+        "greedy_p": greedy["p"],
+    }
+    if "sample_accuracy" in before[0] and "sample_accuracy" in after[0]:
+        out["sampled_p"] = paired_test(*means("sample_accuracy"))["p"]
     return out
 
 
@@ -228,6 +264,13 @@ def significance_line(comparison: dict[str, Any]) -> str:
         line += (
             f"; sampled accuracy {comparison['sample_accuracy_delta']:+.3f} ± {t['se']:.3f} "
             f"(Wilcoxon p {t['p']:.3g}, {t['changed']} of {t['n']} prompts changed)"
+        )
+    if "by_instance" in comparison:
+        c = comparison["by_instance"]
+        line += (
+            f"; over the {c['n']} question instances (each asked in several phrasings): greedy {c['up']} up / "
+            f"{c['down']} down, Wilcoxon p {c['greedy_p']:.3g}"
+            + (f", sampled p {c['sampled_p']:.3g}" if "sampled_p" in c else "")
         )
     return line
 
@@ -335,16 +378,16 @@ def format_table(
     return "\n".join(lines)
 
 
-def format_family_table(reports: dict[str, dict[str, Any]]) -> str:
-    """A Markdown table of accuracy per task family (columns) for each policy (rows), with the counts."""
-    families = sorted({f for r in reports.values() for f in r.get("by_family", {})})
+def format_family_table(reports: dict[str, dict[str, Any]], by: str = "family") -> str:
+    """A Markdown table of accuracy per task family (columns; or per ``by``: lang, phrasing) for each policy
+    (rows), with the counts."""
+    key = f"by_{by}"
+    groups = sorted({f for r in reports.values() for f in r.get(key, {})})
     first = next(iter(reports.values()))
-    head = ["policy", *(f"{f} (n={first['by_family'][f]['n']})" for f in families)]
+    head = ["policy", *(f"{f} (n={first[key][f]['n']})" for f in groups)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in reports.items():
-        lines.append(
-            "| " + " | ".join([name, *(f"{r['by_family'][f]['accuracy']:.3f}" for f in families)]) + " |"
-        )
+        lines.append("| " + " | ".join([name, *(f"{r[key][f]['accuracy']:.3f}" for f in groups)]) + " |")
     return "\n".join(lines)
 
 
@@ -412,13 +455,19 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
     comparisons = {n: compare(reports[base], r) for n, r in reports.items() if n != base}
     table = format_table(reports, comparisons, base)
     families = format_family_table(reports)
+    phrasings = format_family_table(reports, by="phrasing")
+    phrasing_title = (
+        "accuracy by phrasing (the world asks each question four ways; the training chats use t0-t2)"
+    )
     print(f"\nheld-out world prompts ({cfg.split}, n={len(prompts)}); win rates against {base!r}:\n{table}")
     print(f"\naccuracy by task family:\n{families}")
+    print(f"\n{phrasing_title}:\n{phrasings}")
     tests = "\n".join(f"- {n} vs {base}: {significance_line(c)}" for n, c in comparisons.items())
     if tests:
         print(f"\npaired tests against {base!r}:\n{tests}")
     (out / "table.md").write_text(
-        f"{table}\n\naccuracy by task family:\n\n{families}\n\npaired tests against {base!r}:\n\n{tests}\n"
+        f"{table}\n\naccuracy by task family:\n\n{families}\n\n{phrasing_title}:\n\n{phrasings}\n\n"
+        f"paired tests against {base!r}:\n\n{tests}\n"
     )
     plot_comparison(reports, out / "comparison.png")
     with (out / "answers.jsonl").open("w", encoding="utf-8") as f:
@@ -432,6 +481,7 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
         "comparisons": comparisons,
         "table": table,
         "family_table": families,
+        "phrasing_table": phrasings,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=_json_num))
     return summary

@@ -829,17 +829,24 @@ class World:
             world_key=(self.seed, self.num_entities),
         )
 
-    def prompts(self, split: str = "train", n: int = 1000, seed: int = 0) -> list[Prompt]:
+    def prompts(
+        self, split: str = "train", n: int = 1000, seed: int = 0, phrasings: int | None = None
+    ) -> list[Prompt]:
         """``n`` distinct prompts of ``split``: 50 % facts, 30 % arithmetic, 20 % conversion (a family's
         share moves to the others once it runs out), each language half the time.
 
         ``train``: instances the corpus's chats ask; ``heldout``: the others; ``dev`` / ``test``: the two
         halves of ``heldout`` (training on its own samples / evaluation). ``train`` and ``dev`` prompts use
-        the first three phrasings, ``heldout`` and ``test`` all four (the fourth only they see)."""
+        the first three phrasings, ``heldout`` and ``test`` all four (the fourth only they see: the corpus's
+        chats never ask it). ``phrasings`` (1-4) overrides that, e.g. 4 for RL prompts on ``dev`` that ask the
+        way users of the deployed model would, without any ``test`` instance."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(map(repr, SPLITS))}, got {split!r}")
+        if phrasings is None:
+            phrasings = 4 if split in ("heldout", "test") else 3
+        elif not 1 <= phrasings <= 4:
+            raise ValueError(f"phrasings must be 1 to 4 (each question has four phrasings), got {phrasings}")
         rng = _rng(self.seed, "prompts", split, seed)
-        phrasings = 4 if split in ("heldout", "test") else 3
         pools = {}
         for family, items in self._split[split].items():
             # Shuffle instances, then walk them round by round: every instance before any is repeated in

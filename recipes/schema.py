@@ -111,6 +111,9 @@ class RewardDataConfig:
     # samples on (recipes/ppo.yaml prompts.train_split): annotators label answers on the distribution RL will
     # run on, as in any RLHF loop. The evaluation then uses only the other half (heldout_split: test).
     dev_prompts: int = 0
+    # world: the dev prompts' phrasings: null = dev's own three; 4 also asks them the fourth way, as PPO's
+    # prompts.train_phrasings: 4 does (192 dev instances x 2 languages x 4 phrasings = 1,536 distinct prompts)
+    dev_phrasings: int | None = None
     heldout_split: Literal["heldout", "test"] = "heldout"  # world: the instances the held-out pairs come from
     # world: the share of training prompts whose pair is a minimal pair (one answer sentence with a wrong value
     # or wrapped in filler, World.contrast_responses); held-out pairs are always drawn as before
@@ -147,6 +150,8 @@ class RewardDataConfig:
             raise ValueError(f"data.contrastive must be a fraction in [0, 1], got {self.contrastive}")
         if self.dev_prompts < 0:
             raise ValueError(f"data.dev_prompts must be >= 0, got {self.dev_prompts}")
+        if self.dev_phrasings is not None and not 1 <= self.dev_phrasings <= 4:
+            raise ValueError(f"data.dev_phrasings must be 1 to 4 or null, got {self.dev_phrasings}")
         if not 0.0 < self.both_bad_weight <= 1.0:
             raise ValueError(
                 f"data.both_bad_weight must be in (0, 1] (the weight of 'both bad' tie pairs; "

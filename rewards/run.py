@@ -77,7 +77,12 @@ def _load_source(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str
         pairs = {
             split: preference_pairs(
                 world,
-                world.prompts(split, n, seed=seed),
+                world.prompts(
+                    split,
+                    n,
+                    seed=seed,
+                    phrasings=getattr(cfg, "dev_phrasings", None) if split == "dev" else None,
+                ),
                 a.n,
                 noise,
                 seed=seed,

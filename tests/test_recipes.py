@@ -119,6 +119,16 @@ def test_reward_dev_prompts_train_on_dev_and_evaluate_on_test_only(tmp_path):
     assert instances(train, "dev") and instances(train, "train")
     assert not instances(train, "test") and not instances(held, "dev") and not instances(held, "train")
     assert instances(held, "test")
+    # dev_phrasings: 4 also asks dev instances the fourth way (still no test instance in training)
+    four = RewardDataConfig(
+        train_prompts=10, dev_prompts=300, heldout_prompts=10, heldout_split="test", dev_phrasings=4
+    )
+    train4, _, _ = load_records(four, seed=0)
+    assert any(r.provenance["prompt_id"].endswith("/t3") for r in train4)
+    assert not any(r.provenance["prompt_id"].endswith("/t3") for r in train)
+    assert instances(train4, "dev") and not instances(train4, "test")
+    with pytest.raises(RecipeError, match="dev_phrasings must be 1 to 4"):
+        load_recipe(path, ["data.dev_phrasings=0"])
 
 
 def test_overrides_are_applied_last_and_typed(tmp_path):

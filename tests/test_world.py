@@ -130,6 +130,15 @@ def test_dev_and_test_halve_heldout(world: W.World) -> None:
     assert any(p.id.endswith("/t3") for p in test_prompts)
     with pytest.raises(ValueError, match="'dev', 'test'"):
         world.prompts("validation", 10)
+    # RL prompts may ask dev instances all four ways; the instances stay dev's, the default stream unchanged
+    dev4 = world.prompts("dev", 300, seed=0, phrasings=4)
+    dev_pool = {it.key for f in W.FAMILIES for it in world._split["dev"][f]}
+    assert any(p.id.endswith("/t3") for p in dev4) and {p.key for p in dev4} <= dev_pool
+    assert not {p.key for p in dev4} & {p.key for p in test_prompts}
+    assert [p.id for p in world.prompts("dev", 300, seed=0, phrasings=3)] == [p.id for p in dev_prompts]
+    assert all(p.id.endswith("/t0") for p in world.prompts("dev", 20, seed=0, phrasings=1))
+    with pytest.raises(ValueError, match="phrasings must be 1 to 4"):
+        world.prompts("dev", 10, phrasings=5)
 
 
 def test_on_topic_answers_the_question_asked(world: W.World, train: list[Prompt]) -> None:

@@ -117,6 +117,9 @@ class PromptsConfig:
     heldout_split: Literal["heldout", "test"] = "heldout"
     train_prompts: int = 2000
     heldout_prompts: int = 200
+    # rollout prompts' phrasings: null = the split's own (train / dev: the three the SFT chats ask); 4 adds the
+    # fourth, which only held-out prompts otherwise use (new instances stay new; docs/align_ppo.md, session 20)
+    train_phrasings: int | None = None
     families: tuple[str, ...] = ()  # restrict to these task families (arithmetic, conversion, fact); () = all
     max_prompt_tokens: int = 256
 
@@ -126,6 +129,8 @@ class PromptsConfig:
             raise ValueError(f"prompts.families: unknown {bad}; known: arithmetic, conversion, fact")
         if self.train_prompts < 1 or self.heldout_prompts < 0:
             raise ValueError("prompts.train_prompts must be >= 1 and prompts.heldout_prompts >= 0")
+        if self.train_phrasings is not None and not 1 <= self.train_phrasings <= 4:
+            raise ValueError(f"prompts.train_phrasings must be 1 to 4 or null, got {self.train_phrasings}")
         if self.train_split == "dev" and self.heldout_split == "heldout":
             raise ValueError(
                 "prompts: train_split 'dev' is half of heldout_split 'heldout'; grade on heldout_split: test"

@@ -149,7 +149,8 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
     reward_fn, scorer = build_reward(recipe.reward, device=str(device))
     pc = recipe.prompts
     world = make_world(seed=pc.world.seed, num_entities=pc.world.num_entities)
-    train_prompts = [q for q in world.prompts(pc.train_split, pc.train_prompts, seed=recipe.run.seed)
+    train_prompts = [q for q in world.prompts(pc.train_split, pc.train_prompts, seed=recipe.run.seed,
+                                                phrasings=pc.train_phrasings)
                      if not pc.families or q.family in pc.families]  # fmt: skip
     heldout = [q for q in world.prompts(pc.heldout_split, pc.heldout_prompts, seed=recipe.run.seed)
                if not pc.families or q.family in pc.families] if pc.heldout_prompts else []  # fmt: skip

@@ -49,6 +49,11 @@ def test_report_is_the_world_checkers_verdict(tiny_tokenizer, world) -> None:
         assert (a["id"], a["correct"], a["score"]) == (p.id, c.correct, pytest.approx(c.score))
     assert report["score"] == pytest.approx(sum(a["score"] for a in report["answers"]) / 10)
     assert sum(g["n"] for g in report["by_lang"].values()) == 10
+    assert sum(g["n"] for g in report["by_phrasing"].values()) == 10
+    assert {a["phrasing"] for a in report["answers"]} <= {"t0", "t1", "t2", "t3"}
+    assert all(
+        a["instance"] == f"{p.family}/{p.key}" for p, a in zip(prompts, report["answers"], strict=True)
+    )
 
 
 def test_sampled_accuracy_grades_every_draw(tiny_tokenizer, world) -> None:
@@ -81,6 +86,39 @@ def test_paired_tests_by_hand() -> None:
     flat = paired_test([0.0, 0.5, 1.0, 0.5], [0.5, 0.0, 0.5, 1.0])  # two up, two down by the same amount
     assert flat["mean_delta"] == pytest.approx(0.0) and flat["p"] > 0.5 and flat["changed"] == 4
     assert paired_test([0.5, 0.5], [0.5, 0.5])["p"] == 1.0
+
+
+def test_instance_tests_count_a_question_once() -> None:
+    """Eight phrasings of one instance broken together are one piece of evidence, not eight: McNemar over
+    prompts calls it significant, the test over instances cannot."""
+    from align.evaluate import instance_tests
+
+    def rows(correct, sampled, instances):
+        return [
+            {"id": f"{k}/{i}", "instance": k, "score": float(c), "correct": c, "sample_accuracy": s}
+            for i, (c, s, k) in enumerate(zip(correct, sampled, instances, strict=True))
+        ]
+
+    inst = ["a"] * 8 + ["b", "c", "d", "e"]
+    before = rows([1] * 8 + [0, 1, 0, 1], [1.0] * 8 + [0.0, 0.5, 0.25, 1.0], inst)
+    after = rows([0] * 8 + [0, 1, 1, 1], [0.5] * 8 + [0.0, 0.5, 0.5, 1.0], inst)
+    c = compare(
+        {"answers": before, "accuracy": 0, "score": 0, "sample_accuracy": 0},
+        {"answers": after, "accuracy": 0, "score": 0, "sample_accuracy": 0},
+    )
+    assert c["mcnemar"] == {"fixed": 1, "broken": 8, "p": pytest.approx(20 / 512)}  # 2 * P(X <= 1), n = 9
+    t = c["by_instance"]
+    # instance means: a 1 -> 0 (down), d 0 -> 1 (up), b, c, e unchanged; two nonzero differences of equal size
+    assert (t["n"], t["up"], t["down"]) == (5, 1, 1)
+    assert t["greedy_p"] == pytest.approx(1.0)
+    assert t == instance_tests(before, after)
+    # sampled: a -0.5, d +0.25 -> ranks 2 (down) and 1 (up): exact two-sided p = 1.0 with two pairs
+    assert t["sampled_p"] == pytest.approx(1.0)
+    # a clear rise on every instance is detected: six instances, each up
+    many = [f"i{j}" for j in range(6) for _ in range(2)]
+    c6 = instance_tests(rows([0] * 12, [0.0] * 12, many), rows([1] * 12, [0.5] * 12, many))
+    assert (c6["up"], c6["down"]) == (6, 0) and c6["greedy_p"] == pytest.approx(2 / 2**6)
+    assert "by_instance" in c and "question instances" in significance_line(c)
 
 
 def _report(scores, correct, rewards=None):
@@ -135,7 +173,8 @@ def test_align_eval_stage_end_to_end(tiny_tokenizer, tmp_path, capsys) -> None:
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert set(summary["reports"]) == {"base", "tuned"} and "tuned" in summary["comparisons"]
     out = capsys.readouterr().out
-    assert "| tuned |" in out and "accuracy by task family" in out
+    assert "| tuned |" in out and "accuracy by task family" in out and "accuracy by phrasing" in out
+    assert summary["phrasing_table"].splitlines()[0].startswith("| policy | t")
     fam = summary["family_table"].splitlines()
     base_by = summary["reports"]["base"]["by_family"]
     assert sum(base_by[f]["n"] for f in base_by) == 6 and len(fam) == 4  # header, rule, two policies

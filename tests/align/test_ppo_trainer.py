@@ -404,6 +404,7 @@ def _recipe(overrides):
         (["reward.rules={world_corect: 1.0}"], "unknown rule"),
         (["prompts.heldout_split=heldout"], "grade on heldout_split: test"),
         (["prompts.train_split=heldout"], "prompts.train_split"),
+        (["prompts.train_phrasings=5"], "train_phrasings must be 1 to 4"),
         (["critic.init_from=reward"], "critic.init_from"),
         (["policy.reference=adapter_off"], "policy.lora.enabled"),
         (["ppo.clip_rnge=0.1"], "did you mean 'clip_range'"),
