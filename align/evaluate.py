@@ -378,9 +378,9 @@ def format_table(
     return "\n".join(lines)
 
 
-def format_family_table(reports: dict[str, dict[str, Any]], by: str = "family") -> str:
-    """A Markdown table of accuracy per task family (columns; or per ``by``: lang, phrasing) for each policy
-    (rows), with the counts."""
+def format_breakdown_table(reports: dict[str, dict[str, Any]], by: str) -> str:
+    """A Markdown table of accuracy per group of the reports' ``by_<by>`` breakdown (family, lang, phrasing;
+    columns, with the counts) for each policy (rows)."""
     key = f"by_{by}"
     groups = sorted({f for r in reports.values() for f in r.get(key, {})})
     first = next(iter(reports.values()))
@@ -454,8 +454,8 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
         del model
     comparisons = {n: compare(reports[base], r) for n, r in reports.items() if n != base}
     table = format_table(reports, comparisons, base)
-    families = format_family_table(reports)
-    phrasings = format_family_table(reports, by="phrasing")
+    families = format_breakdown_table(reports, by="family")
+    phrasings = format_breakdown_table(reports, by="phrasing")
     phrasing_title = (
         "accuracy by phrasing (the world asks each question four ways; the training chats use t0-t2)"
     )
