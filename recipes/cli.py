@@ -72,6 +72,8 @@ def resolve_pipeline(path: str | Path, overrides: list[str]) -> tuple[Any, list[
                         f"{path}: stage {ref.name!r}, override {key}: unknown variable {e}"
                     ) from None
                 texts.append(f"{key}={value}")
+            elif value is None:  # a stage may set a key back to null (the override parser reads YAML)
+                texts.append(f"{key}=null")
             else:
                 texts.append(f"{key}={value!r}" if not isinstance(value, (list, dict)) else f"{key}={value}")
         texts += per_stage.get(ref.name, [])

@@ -170,6 +170,21 @@ def test_pipeline_substitutes_run_dir_and_routes_stage_overrides(tmp_path):
         resolve_pipeline(path, ["pre.train.max_stepz=7"])
 
 
+def test_pipeline_stage_can_set_a_key_back_to_null(tmp_path):
+    import shutil
+
+    shutil.copy("recipes/ppo.yaml", tmp_path / "ppo.yaml")
+    path = write(
+        tmp_path,
+        "stage: pipeline\nstages:\n"
+        "  - {name: p, recipe: ppo.yaml, overrides: {prompts.train_phrasings: null, prompts.anchor_prompts: 0}}\n",
+        "pipe.yaml",
+    )
+    assert load_recipe(tmp_path / "ppo.yaml").prompts.train_phrasings == 4
+    (_, _, ppo), = resolve_pipeline(path, [])[1]
+    assert ppo.prompts.train_phrasings is None and ppo.prompts.anchor_prompts == 0
+
+
 def test_pipeline_runs_a_chosen_subset_of_stages(tmp_path, capsys):
     from recipes.cli import select_stages
 

@@ -120,6 +120,10 @@ class PromptsConfig:
     # rollout prompts' phrasings: null = the split's own (train / dev: the three the SFT chats ask); 4 adds the
     # fourth, which only held-out prompts otherwise use (new instances stay new; docs/align_ppo.md, session 20)
     train_phrasings: int | None = None
+    # that many prompts of ``train`` instances (the ones the SFT chats ask) mixed into the rollouts of a
+    # ``dev`` run: answers the policy already gets right, so that a value learnt on a dev instance is not
+    # rewarded on every question of its kind (docs/align_ppo.md, session 21)
+    anchor_prompts: int = 0
     families: tuple[str, ...] = ()  # restrict to these task families (arithmetic, conversion, fact); () = all
     max_prompt_tokens: int = 256
 
@@ -131,6 +135,11 @@ class PromptsConfig:
             raise ValueError("prompts.train_prompts must be >= 1 and prompts.heldout_prompts >= 0")
         if self.train_phrasings is not None and not 1 <= self.train_phrasings <= 4:
             raise ValueError(f"prompts.train_phrasings must be 1 to 4 or null, got {self.train_phrasings}")
+        if self.anchor_prompts < 0 or (self.anchor_prompts and self.train_split != "dev"):
+            raise ValueError(
+                f"prompts.anchor_prompts must be >= 0 and needs train_split: dev, got {self.anchor_prompts} "
+                f"with train_split {self.train_split!r}"
+            )
         if self.train_split == "dev" and self.heldout_split == "heldout":
             raise ValueError(
                 "prompts: train_split 'dev' is half of heldout_split 'heldout'; grade on heldout_split: test"

@@ -117,6 +117,15 @@ def build_models(recipe: PPORecipe, device: torch.device):
     return actor, critic, reference, tok, counts
 
 
+def rollout_prompts(world, pc, seed: int = 0) -> list:
+    """PPO's rollout prompts: ``pc.train_prompts`` of ``pc.train_split`` plus ``pc.anchor_prompts`` of
+    ``train`` (a ``dev`` run's anchors), each in ``pc.train_phrasings``, kept to ``pc.families``."""
+    out = world.prompts(pc.train_split, pc.train_prompts, seed=seed, phrasings=pc.train_phrasings)
+    if pc.anchor_prompts:
+        out += world.prompts("train", pc.anchor_prompts, seed=seed, phrasings=pc.train_phrasings)
+    return [q for q in out if not pc.families or q.family in pc.families]
+
+
 def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
     from align.evaluate import compare, evaluate_policy, format_table, significance_line
     from align.ppo.distributed import make_strategy
@@ -149,9 +158,7 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
     reward_fn, scorer = build_reward(recipe.reward, device=str(device))
     pc = recipe.prompts
     world = make_world(seed=pc.world.seed, num_entities=pc.world.num_entities)
-    train_prompts = [q for q in world.prompts(pc.train_split, pc.train_prompts, seed=recipe.run.seed,
-                                                phrasings=pc.train_phrasings)
-                     if not pc.families or q.family in pc.families]  # fmt: skip
+    train_prompts = rollout_prompts(world, pc, seed=recipe.run.seed)
     heldout = [q for q in world.prompts(pc.heldout_split, pc.heldout_prompts, seed=recipe.run.seed)
                if not pc.families or q.family in pc.families] if pc.heldout_prompts else []  # fmt: skip
     items, dropped = world_items(tok, train_prompts, pc.max_prompt_tokens)

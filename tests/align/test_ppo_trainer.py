@@ -405,6 +405,9 @@ def _recipe(overrides):
         (["prompts.heldout_split=heldout"], "grade on heldout_split: test"),
         (["prompts.train_split=heldout"], "prompts.train_split"),
         (["prompts.train_phrasings=5"], "train_phrasings must be 1 to 4"),
+        (["prompts.anchor_prompts=-1"], "anchor_prompts must be >= 0"),
+        (["prompts.anchor_prompts=100", "prompts.train_split=train", "prompts.heldout_split=heldout"],
+         "needs train_split: dev"),
         (["critic.init_from=reward"], "critic.init_from"),
         (["policy.reference=adapter_off"], "policy.lora.enabled"),
         (["ppo.clip_rnge=0.1"], "did you mean 'clip_range'"),
@@ -419,6 +422,26 @@ def test_recipe_mistakes_are_clear_errors(overrides, message) -> None:
 
     with pytest.raises(RecipeError, match=message):
         _recipe(overrides)
+
+
+def test_anchor_prompts_add_train_instances_and_never_a_test_one() -> None:
+    from align.ppo.config import PromptsConfig
+    from align.ppo.run import rollout_prompts
+    from pretrain.world import make_world
+
+    world = make_world(seed=0, num_entities=96)
+    base = dict(train_split="dev", heldout_split="test", families=("fact", "conversion"), train_prompts=300)
+    plain = rollout_prompts(world, PromptsConfig(**base), seed=0)
+    mixed = rollout_prompts(world, PromptsConfig(**base, anchor_prompts=300, train_phrasings=4), seed=0)
+    key = lambda q: (q.family, q.key)  # noqa: E731
+    dev = {key(q) for q in plain}
+    test = {key(q) for q in world.prompts("test", 600, seed=0) if q.family in ("fact", "conversion")}
+    anchors = {key(q) for q in mixed} - dev
+    assert all(q.family in ("fact", "conversion") for q in mixed)
+    assert len(mixed) > len(plain) + 150 and len(anchors) > 100  # distinct train instances, not repeats
+    assert not anchors & test and not dev & test
+    assert not any(world.is_heldout(world._item(q)) for q in mixed if key(q) in anchors)
+    assert {q.id[-2:] for q in mixed if key(q) in anchors} == {"t0", "t1", "t2", "t3"}  # phrasings: both parts
 
 
 def test_missing_policy_folder_is_a_recipe_error(tmp_path) -> None:
