@@ -181,7 +181,7 @@ def test_pipeline_stage_can_set_a_key_back_to_null(tmp_path):
         "pipe.yaml",
     )
     assert load_recipe(tmp_path / "ppo.yaml").prompts.train_phrasings == 4
-    (_, _, ppo), = resolve_pipeline(path, [])[1]
+    ((_, _, ppo),) = resolve_pipeline(path, [])[1]
     assert ppo.prompts.train_phrasings is None and ppo.prompts.anchor_prompts == 0
 
 

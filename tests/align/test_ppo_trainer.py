@@ -406,8 +406,10 @@ def _recipe(overrides):
         (["prompts.train_split=heldout"], "prompts.train_split"),
         (["prompts.train_phrasings=5"], "train_phrasings must be 1 to 4"),
         (["prompts.anchor_prompts=-1"], "anchor_prompts must be >= 0"),
-        (["prompts.anchor_prompts=100", "prompts.train_split=train", "prompts.heldout_split=heldout"],
-         "needs train_split: dev"),
+        (
+            ["prompts.anchor_prompts=100", "prompts.train_split=train", "prompts.heldout_split=heldout"],
+            "needs train_split: dev",
+        ),
         (["critic.init_from=reward"], "critic.init_from"),
         (["policy.reference=adapter_off"], "policy.lora.enabled"),
         (["ppo.clip_rnge=0.1"], "did you mean 'clip_range'"),
@@ -441,7 +443,8 @@ def test_anchor_prompts_add_train_instances_and_never_a_test_one() -> None:
     assert len(mixed) > len(plain) + 150 and len(anchors) > 100  # distinct train instances, not repeats
     assert not anchors & test and not dev & test
     assert not any(world.is_heldout(world._item(q)) for q in mixed if key(q) in anchors)
-    assert {q.id[-2:] for q in mixed if key(q) in anchors} == {"t0", "t1", "t2", "t3"}  # phrasings: both parts
+    # train_phrasings applies to the anchors too
+    assert {q.id[-2:] for q in mixed if key(q) in anchors} == {"t0", "t1", "t2", "t3"}
 
 
 def test_missing_policy_folder_is_a_recipe_error(tmp_path) -> None:
