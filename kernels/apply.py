@@ -492,6 +492,9 @@ def _hf_attention_forward(cfg: KernelConfig, rotary_emb: nn.Module | None) -> Ca
         original,
         **kwargs,
     ):
+        # transformers >= 5.24 passes the KV cache as ``cache`` (``past_key_values`` before): take either,
+        # and hand it on positionally, which both versions' original forward accept
+        cache = past_key_values if past_key_values is not None else kwargs.pop("cache", None)
         position_ids = kwargs.get("position_ids")
         use_rotary = (
             cfg.rotary == "triton"
@@ -507,7 +510,7 @@ def _hf_attention_forward(cfg: KernelConfig, rotary_emb: nn.Module | None) -> Ca
             and (attention_mask is None or (torch.is_tensor(attention_mask) and attention_mask.dim() == 4))
         )
         if not use_rotary and not use_dispatch:
-            return original(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+            return original(hidden_states, position_embeddings, attention_mask, cache, **kwargs)
 
         hf = sys.modules[type(self).__module__]  # modeling_glm or modeling_glm4
         input_shape = hidden_states.shape[:-1]
@@ -521,8 +524,8 @@ def _hf_attention_forward(cfg: KernelConfig, rotary_emb: nn.Module | None) -> Ca
         else:
             cos, sin = position_embeddings
             q, k = hf.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
-        if past_key_values is not None:
-            k_all, v_all = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+        if cache is not None:
+            k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
             k, v = k_all.transpose(1, 2), v_all.transpose(1, 2)  # (B, S, Hkv, hd) views
         dropout = self.attention_dropout if self.training else 0.0
         if use_dispatch:
@@ -558,11 +561,13 @@ def _hf_causal_lm_forward(
 ):
     """``Glm(4)ForCausalLM.forward``; in training mode with labels, the loss by fused linear + CE and no
     logits (Liger-Kernel's convention), with transformers' shift, ignore_index and num_items_in_batch."""
+    if past_key_values is not None:  # the old name; transformers >= 5.24 calls it ``cache`` (then in kwargs)
+        kwargs["past_key_values"] = past_key_values
     if labels is None or not self.training:
         return original(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-            logits_to_keep=logits_to_keep, **kwargs,
+            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
+            **kwargs,
         )  # fmt: skip
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -574,7 +579,7 @@ def _hf_causal_lm_forward(
     shift_labels = kwargs.pop("shift_labels", None)
     outputs = self.model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+        inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
     )  # fmt: skip
     hidden = outputs.last_hidden_state  # (B, T, D)
     if shift_labels is None:
@@ -593,11 +598,12 @@ def _hf_causal_lm_forward(
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
+    cache_field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
     result = CausalLMOutputWithPast(
         loss=loss,
         logits=None,
-        past_key_values=outputs.past_key_values,
         hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
+        **{cache_field: getattr(outputs, cache_field)},
     )
     return result.to_tuple() if return_dict is False else result
