@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install services demo test test-all lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -17,13 +17,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+services:  # Chromium and PostgreSQL for the browser / PostgreSQL tests (.ci/services; GLMWB_SKIP_SERVICES=1 skips)
+	@.ci/services
+
 demo: install
 	$(VENV)/bin/glmwb run recipes/quickstart.yaml
 
-test: install
+test: install services
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-all: install
+test-all: install services
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
 lint: install
