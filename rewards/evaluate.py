@@ -247,6 +247,9 @@ def world_agreement(records: Sequence[Any], chosen: Tensor, rejected: Tensor) ->
     accuracy compared with it is over exactly those pairs: ``accuracy_vs_annotators`` and
     ``ceiling`` (the mean ceiling of the labelling annotators), and ``fraction_of_ceiling``.
     ``accuracy_vs_rule`` scores the same pairs against the noise-free rule (its ceiling is 1).
+    ``fraction_of_ceiling_ci95``: a 95 % Wilson interval of the accuracy (scipy's ``binomtest``; an exact
+    reward tie counts half and is rounded into the count) divided by the ceiling — on ~640 pairs it spans
+    about ±2.5 points, so a figure a point from a target says little on its own.
     ``by_kinds`` breaks the rule accuracy down by the kinds compared ("correct>wrong", ...).
     """
     from pretrain.world import agreement_ceiling
@@ -270,12 +273,17 @@ def world_agreement(records: Sequence[Any], chosen: Tensor, rejected: Tensor) ->
         by_family[prov.get("family", "?")].append(correct_rule)
     if not agree_ann:
         return {"pairs": 0}
+    from scipy.stats import binomtest
+
     acc, ceiling = float(np.mean(agree_ann)), float(np.mean(ceilings))
+    ci = binomtest(round(sum(agree_ann)), len(agree_ann)).proportion_ci(0.95, method="wilson")
     return {
         "pairs": len(agree_ann),
         "accuracy_vs_annotators": acc,
+        "accuracy_vs_annotators_ci95": [float(ci.low), float(ci.high)],
         "ceiling": ceiling,
         "fraction_of_ceiling": acc / ceiling,
+        "fraction_of_ceiling_ci95": [float(ci.low) / ceiling, float(ci.high) / ceiling],
         "accuracy_vs_rule": float(np.mean(agree_rule)),
         "by_kinds": {
             k: {"accuracy": float(np.mean(v)), "pairs": len(v)} for k, v in sorted(by_kinds.items())

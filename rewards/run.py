@@ -271,10 +271,11 @@ def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
         target = recipe.eval.target_fraction_of_ceiling
         w["target_fraction_of_ceiling"] = target
         w["meets_target"] = w["fraction_of_ceiling"] >= target
+        lo, hi = w["fraction_of_ceiling_ci95"]
         print(
             f"world: held-out accuracy vs annotators {w['accuracy_vs_annotators']:.3f} on {w['pairs']} strict pairs; "
             f"their agreement ceiling {w['ceiling']:.3f} → {w['fraction_of_ceiling']:.1%} of ceiling "
-            f"(target {target:.0%}: {'met' if w['meets_target'] else 'NOT met'}); "
+            f"(95% CI {lo:.1%}–{hi:.1%}; target {target:.0%}: {'met' if w['meets_target'] else 'NOT met'}); "
             f"vs the noise-free rule {w['accuracy_vs_rule']:.3f}"
         )
     if summary.get("stopped_early"):  # a figure from a cut-short run is not the recipe's figure: say so

@@ -110,6 +110,18 @@ def test_world_agreement_against_the_ceiling() -> None:
         2 / 3 / ceiling
     )
     assert m["by_kinds"]["correct>wrong"]["pairs"] == 2
+    # the 95 % Wilson interval of 2 right of 3, by hand, over the same ceiling
+    z, n, p = 1.959964, 3, 2 / 3
+    centre, half = (p + z * z / (2 * n)), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    lo, hi = (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+    assert m["accuracy_vs_annotators_ci95"] == pytest.approx([lo, hi], abs=1e-5)
+    assert m["fraction_of_ceiling_ci95"] == pytest.approx([lo / ceiling, hi / ceiling], abs=1e-5)
+    # 100x the pairs, same accuracy: about the normal interval's width, 2 z sqrt(p (1 - p) / 300)
+    big = world_agreement(records[:3] * 100, chosen[:3].repeat(100), rejected[:3].repeat(100))
+    b_lo, b_hi = big["accuracy_vs_annotators_ci95"]
+    assert b_lo < 2 / 3 < b_hi and (b_hi - b_lo) == pytest.approx(
+        2 * z * math.sqrt(p * (1 - p) / 300), rel=0.05
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
