@@ -124,8 +124,17 @@ class RewardTrainConfig:
     num_threads: int | None = None
     strategy: Literal["single", "deepspeed"] = "single"
     zero_stage: int = 2
+    # value first, form second (docs/rewards.md, "Session 25"): the backbone and head learn only from the pairs
+    # whose records call this attribute equal (both answers right, say), with the likelihood-feature weights held
+    # at 0; then those weights are fitted on the other pairs with the head's rewards as offset and scaled by the
+    # entry of value_scales that ranks the training pairs best. null: one joint fit on every pair
+    value_first: str | None = None
+    value_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 5.0)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "value_scales", tuple(float(k) for k in self.value_scales))
+        if not self.value_scales or min(self.value_scales) <= 0:
+            raise ValueError(f"train.value_scales must be positive numbers, got {list(self.value_scales)}")
         if self.head_lr is not None and not self.head_lr > 0:
             raise ValueError(f"train.head_lr must be > 0 (or null: optim.lr), got {self.head_lr}")
         if self.verifier_prefit_pairs < 0:

@@ -121,6 +121,34 @@ def _load_source(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str
     return train, held, {"source": "files", "skipped_rows": len(skipped), "skipped_examples": skipped[:5]}
 
 
+def split_value_first(recipe: RewardRecipe, records: list) -> tuple[list, list]:
+    """``train.value_first``: the records whose ``attributes[name]`` is 0 (equal on it: the form pairs) and
+    the others (the value pairs). Refuses a recipe without a single head and ungated likelihood features, and
+    records without that attribute, naming the first rows."""
+    name = recipe.train.value_first
+    v = recipe.model.verifier
+    if not v.enabled or v.gate or len(recipe.model.heads) != 1:
+        raise RecipeError(
+            f"train.value_first={name!r} needs model.verifier.enabled: true, model.verifier.gate: false and one "
+            f"head (model.heads: [reward]); got enabled {v.enabled}, gate {v.gate}, heads {list(recipe.model.heads)}"
+        )
+    missing = [i + 1 for i, r in enumerate(records) if r.attributes.get(name) not in (-1, 0, 1)]
+    if missing:
+        raise RecipeError(
+            f"train.value_first={name!r}: training records {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+            f"({len(missing)} of {len(records)}) have no attributes.{name} of -1, 0 or +1; label that attribute "
+            "in every training record, or set train.value_first: null"
+        )
+    form = [r for r in records if r.attributes[name] == 0]
+    value = [r for r in records if r.attributes[name] != 0]
+    if not form or not value:
+        raise RecipeError(
+            f"train.value_first={name!r}: {len(form)} records call it equal and {len(value)} do not; "
+            "both kinds are needed (the first train the head, the second the value weights)"
+        )
+    return form, value
+
+
 def build_model(recipe: RewardRecipe, tok):
     from pretrain.model import GLM
     from rewards.model import RewardModel
@@ -211,6 +239,15 @@ def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
     train_pairs, train_stats = encode_pairs(tok, train_records, max_len, trunc, heads, "train", terminator)
     held_pairs, held_stats = encode_pairs(tok, held_records, max_len, trunc, heads, "held-out", terminator)
     print(f"data: train {json.dumps(train_stats)}; held-out {json.dumps(held_stats)}")
+    value_pairs = None
+    if recipe.train.value_first:  # form pairs train the head; the others fit the value weights after
+        form_records, value_records = split_value_first(recipe, train_records)
+        train_pairs, _ = encode_pairs(tok, form_records, max_len, trunc, heads, "train", terminator)
+        value_pairs, _ = encode_pairs(tok, value_records, max_len, trunc, heads, "train", terminator)
+        print(
+            f"value first ({recipe.train.value_first}): {len(train_pairs)} pairs of equal "
+            f"{recipe.train.value_first} train the head, {len(value_pairs)} others fit the value weights"
+        )
 
     torch.manual_seed(recipe.run.seed)
     model = build_model(recipe, tok)
@@ -226,6 +263,7 @@ def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
     summary = train_reward_model(
         model, tok, train_pairs, held_pairs, recipe.loss, recipe.optim, recipe.train, run_dir, pad_id,
         seed=recipe.run.seed, lora=recipe.model.lora.enabled, strategy=strategy, log=print,
+        value_pairs=value_pairs,
     )  # fmt: skip
     with strategy.gathered(model):
         final = save_reward_folder(model, run_dir / "final", tok) if strategy.is_main else None
@@ -242,6 +280,7 @@ def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
         train_reward_model(
             member, tok, train_pairs, [], recipe.loss, recipe.optim, replace(recipe.train, resume=False),
             member_dir, pad_id, seed=recipe.run.seed + i, lora=recipe.model.lora.enabled, log=lambda s: None,
+            value_pairs=value_pairs,
         )  # fmt: skip
         members.append(save_reward_folder(member, member_dir / "final", tok))
     if recipe.model.ensemble > 1:  # final/ becomes the ensemble: member 0 there, the others in final/members/

@@ -216,9 +216,11 @@ def prefit_verifier(
     loss_cfg: RewardLossConfig,
     tie: TieParameter,
     max_iter: int = 100,
+    offset: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, Any]:
     """Fit the likelihood-feature weights W (and the tie parameter) alone, by the training loss on ``pairs``,
-    before the joint training; the backbone and the head are not touched.
+    before the joint training; the backbone and the head are not touched. ``offset``: rewards (n, K) of the
+    chosen and rejected responses that W·φ adds to (the trained head's, for ``train.value_first``); none: 0.
 
     The verifier is frozen, so its features are computed once and the fit is a small convex problem (full
     batch, L-BFGS). Started from W = 0 instead, the head learns the surface features that stand in for a
@@ -231,6 +233,7 @@ def prefit_verifier(
     weight = t["weight"].double() if loss_cfg.weights != "none" else torch.ones(n, dtype=torch.float64)
     margin = t["margin"].double() * loss_cfg.margin_scale if loss_cfg.use_margin else None
     norm = (weight[:, None] * label_mask(t["labels"], loss_cfg.tie_model)).sum(0).clamp_min(1e-9)  # (K,)
+    off_c, off_r = (o.double().cpu() for o in offset) if offset is not None else (0.0, 0.0)
     W = torch.zeros_like(model.verifier_weight, dtype=torch.float64, device="cpu").requires_grad_(True)
     raw = tie.raw.detach().double().cpu().clone().requires_grad_(tie.raw.requires_grad)
     params = [W] + ([raw] if raw.requires_grad else [])
@@ -239,7 +242,7 @@ def prefit_verifier(
     def loss_at() -> Tensor:
         y, tie_param = t["labels"], tie.transform(raw)
         loss, _ = multi_head_loss(
-            phi_c @ W.T, phi_r @ W.T, y, loss_cfg.tie_model, tie_param, margin, weight, norm
+            off_c + phi_c @ W.T, off_r + phi_r @ W.T, y, loss_cfg.tie_model, tie_param, margin, weight, norm
         )
         return loss
 
@@ -254,7 +257,7 @@ def prefit_verifier(
     opt.step(closure)
     with torch.no_grad():
         after = float(loss_at())
-        d = (phi_c - phi_r) @ W.T  # (n, K)
+        d = off_c - off_r + (phi_c - phi_r) @ W.T  # (n, K)
         y = t["labels"][:, 0]
         strict = (y == 1) | (y == -1)
         acc = float(((d[strict, 0] * y[strict]) > 0).double().mean()) if strict.any() else math.nan
@@ -264,6 +267,39 @@ def prefit_verifier(
     tie.raw.data.copy_(raw.detach().to(tie.raw))
     return {"pairs": n, "loss_before": before, "loss_after": after, "train_accuracy": acc,
             "weight": W.detach().tolist()}  # fmt: skip
+
+
+def fit_value_first(
+    model: RewardModel,
+    value_pairs: Sequence[EncodedPair],
+    form_pairs: Sequence[EncodedPair],
+    pad_id: int,
+    loss_cfg: RewardLossConfig,
+    tie: TieParameter,
+    scales: Sequence[float],
+) -> dict[str, Any]:
+    """``train.value_first``'s second fit. The head has learnt the answers' form from ``form_pairs`` (both
+    answers equally right); now the likelihood-feature weights W are fitted on ``value_pairs`` with the head's
+    rewards as a fixed offset, and scaled by the k in ``scales`` whose reward head + k·W·φ ranks the most strict
+    training pairs (both kinds) right — the annotators rank the value first, so the likelihood fit, which
+    spreads the label noise over both terms, tends to weigh the value check too little. Returns a summary."""
+    pairs = list(value_pairs) + list(form_pairs)
+    n = len(value_pairs)
+    with torch.no_grad():
+        model.verifier_weight.zero_()
+        _, head_c, head_r = evaluate_pairs(model, pairs, pad_id, loss_cfg.tie_model, tie().tolist())
+    fit = prefit_verifier(model, value_pairs, pad_id, loss_cfg, tie, offset=(head_c[:n], head_r[:n]))
+    W = model.verifier_weight.detach().double().cpu()  # (K, F)
+    phi = verifier_features(model, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], pad_id)
+    value_gap = ((phi[: len(pairs)] - phi[len(pairs) :]).double() @ W.T)[:, 0]  # (N,)
+    head_gap = (head_c - head_r)[:, 0].double()
+    strict = torch.tensor([p.labels[0] == 1 and not p.tie for p in pairs])
+    accuracy = {float(k): float(((head_gap + k * value_gap)[strict] > 0).double().mean()) for k in scales}
+    best = max(accuracy, key=lambda k: (accuracy[k], -abs(k - 1.0)))  # ties: the scale nearest the fit's own
+    with torch.no_grad():
+        model.verifier_weight.mul_(best)
+    return {"value_pairs": n, "form_pairs": len(pairs) - n, "fit": fit, "train_accuracy_by_scale": accuracy,
+            "scale": best, "weight": model.verifier_weight.detach().tolist()}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -376,11 +412,20 @@ def train_reward_model(
     lora: bool = False,
     strategy: SingleDevice | None = None,
     log: Callable[[str], None] = print,
+    value_pairs: Sequence[EncodedPair] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``train_pairs``; evaluate on ``eval_pairs``; returns a summary (before / after
-    metrics, steps, pairs/s). The model's ``info`` gets the tie parameters and the reward mean / std."""
+    metrics, steps, pairs/s). The model's ``info`` gets the tie parameters and the reward mean / std.
+    ``value_pairs`` (``train.value_first``): the likelihood-feature weights stay at 0 while the backbone and
+    head learn from ``train_pairs`` (pairs of equally right answers), and are fitted on these pairs after
+    (``fit_value_first``)."""
     if not train_pairs:
         raise ValueError("no training pairs (all dropped? see the data stats)")
+    if value_pairs is not None and (model.verifier is None or model.verifier_gate is not None):
+        raise ValueError("train.value_first needs the likelihood features (model.verifier) without the gate")
+    if value_pairs is not None:
+        model.verifier_weight.data.zero_()
+        model.verifier_weight.requires_grad_(False)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     strategy = strategy or SingleDevice()
@@ -459,7 +504,12 @@ def train_reward_model(
         return metrics
 
     summary: dict[str, Any] = {"start_step": step, "max_steps": max_steps, "train_pairs": len(train_pairs)}
-    if step == 0 and core.verifier is not None and train_cfg.verifier_prefit_pairs > 0:
+    if (
+        step == 0
+        and core.verifier is not None
+        and train_cfg.verifier_prefit_pairs > 0
+        and value_pairs is None
+    ):
         take = np.random.default_rng(seed).permutation(len(train_pairs))[: train_cfg.verifier_prefit_pairs]
         summary["verifier_prefit"] = fit = prefit_verifier(
             core, [train_pairs[i] for i in sorted(take)], pad_id, loss_cfg, tie
@@ -587,7 +637,23 @@ def train_reward_model(
     if strategy.is_main and metrics_path.exists():
         plot_training(metrics_path, run_dir / "training.png")
 
-    reward_statistics(core, train_pairs, pad_id, seed)
+    if value_pairs is not None:
+        summary["value_first"] = fit = fit_value_first(
+            core, value_pairs, train_pairs, pad_id, loss_cfg, tie, train_cfg.value_scales
+        )
+        by_scale = ", ".join(f"x{k:g} {a:.3f}" for k, a in fit["train_accuracy_by_scale"].items())
+        log(
+            f"value weights fitted on {fit['value_pairs']} pairs after the head's {fit['form_pairs']} "
+            f"(loss {fit['fit']['loss_before']:.3f} -> {fit['fit']['loss_after']:.3f}); training accuracy by "
+            f"scale {by_scale}: x{fit['scale']:g}"
+        )
+        if eval_pairs:
+            summary["eval_after"] = m = run_eval()
+            write({"kind": "eval", "step": step, "after": "value_first", **m})
+            log(
+                f"held-out after the value fit: accuracy {m.get('accuracy', float('nan')):.3f}, loss {m['loss']:.3f}"
+            )
+    reward_statistics(core, list(train_pairs) + list(value_pairs or []), pad_id, seed)
     core.info.tie_model, core.info.tie_params = loss_cfg.tie_model, tie().tolist()
     del core.tie
     summary.update(

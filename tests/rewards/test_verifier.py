@@ -260,3 +260,70 @@ def test_gate_on_named_features_moves_only_their_weights(tiny_tokenizer, tmp_pat
         model.attach_verifier(model.verifier, gate=["contradiction"])
     with pytest.raises(ValueError, match="model.verifier.gate"):
         VerifierConfig(features=names, gate=("contradiction",))
+
+
+def test_value_first_fits_the_value_weights_after_the_head(tiny_tokenizer, tmp_path) -> None:
+    """train.value_first: the feature weights stay at 0 while the backbone and head train on the form pairs
+    (the verifier prefit is skipped), then are fitted on the value pairs (planted: the shorter answer is
+    better, which only the `length` feature sees) and scaled by the best of train.value_scales."""
+    from pretrain.train import OptimConfig
+    from rewards.train import train_reward_model
+
+    tok = tiny_tokenizer
+    form, _ = encode_pairs(tok, planted_records(64, seed=2), 96)
+    value, _ = encode_pairs(tok, _shorter_wins(tok, planted_records(200, seed=0)), 96)
+    held, _ = encode_pairs(tok, _shorter_wins(tok, planted_records(80, seed=1)), 96)
+    model = RewardModel(tiny_glm(tok)).attach_verifier(_verifier(tok, names=("length", "logp_sum")))
+    with torch.no_grad():
+        model.verifier_weight.fill_(1.0)  # whatever it held: zero while the head trains
+    scales = (1.0, 2.0, 4.0)
+    summary = train_reward_model(
+        model, tok, form, held, RewardLossConfig(tie_model="davidson"),
+        OptimConfig(lr=1e-12, warmup_steps=0, weight_decay=0.0),
+        RewardTrainConfig(batch_size=16, max_steps=3, eval_every=1000, verifier_prefit_pairs=150,
+                          value_scales=scales),
+        tmp_path, reward_pad_id(tok), log=lambda s: None, value_pairs=value,
+    )  # fmt: skip
+    assert "verifier_prefit" not in summary
+    assert summary["eval_before"]["accuracy"] < 0.8  # W = 0 and an untrained head: no value check yet
+    fit = summary["value_first"]
+    assert fit["value_pairs"] == len(value) and fit["form_pairs"] == len(form)
+    by_scale = fit["train_accuracy_by_scale"]
+    assert set(by_scale) == set(scales) and by_scale[fit["scale"]] == max(by_scale.values())
+    assert fit["fit"]["loss_after"] < fit["fit"]["loss_before"]
+    w = model.verifier_weight[0]
+    assert w[0] < -0.5 and w.tolist() == pytest.approx(
+        [fit["scale"] * x for x in fit["fit"]["weight"][0]], rel=1e-5
+    )  # the fitted weights times the chosen scale
+    assert summary["eval_after"]["accuracy"] > 0.9, summary["eval_after"]
+    with pytest.raises(ValueError, match="value_scales must be positive"):
+        RewardTrainConfig(value_scales=(1.0, 0.0))
+
+
+def test_value_first_refuses_what_it_cannot_split(tiny_tokenizer, tmp_path) -> None:
+    from recipes.loader import build
+    from recipes.schema import RewardRecipe
+    from rewards.run import split_value_first
+
+    base = save_pretrained(tiny_glm(tiny_tokenizer), tmp_path / "base", tiny_tokenizer)
+    cfg = {
+        "model": {"init_from": str(base), "verifier": {"enabled": True}},
+        "train": {"value_first": "correctness"},
+    }
+    recipe = build(RewardRecipe, cfg)
+    records = planted_records(6, seed=0)
+    for i, r in enumerate(records):
+        if i != 3:  # row 4 has no correctness label
+            r.attributes["correctness"] = i % 2
+    with pytest.raises(RecipeError, match=r"records \[4\] \(1 of 6\) have no attributes.correctness"):
+        split_value_first(recipe, records)
+    records[3].attributes["correctness"] = -1
+    form, value = split_value_first(recipe, records)
+    assert [records.index(r) for r in form] == [0, 2, 4] and [records.index(r) for r in value] == [1, 3, 5]
+    for r in records:
+        r.attributes["correctness"] = 1
+    with pytest.raises(RecipeError, match="0 records call it equal and 6 do not"):
+        split_value_first(recipe, records)
+    no_features = build(RewardRecipe, {**cfg, "model": {"init_from": str(base)}})
+    with pytest.raises(RecipeError, match="needs model.verifier.enabled: true"):
+        split_value_first(no_features, records)
