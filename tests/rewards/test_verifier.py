@@ -291,10 +291,11 @@ def test_value_first_fits_the_value_weights_after_the_head(tiny_tokenizer, tmp_p
     by_scale = fit["train_accuracy_by_scale"]
     assert set(by_scale) == set(scales) and by_scale[fit["scale"]] == max(by_scale.values())
     assert fit["fit"]["loss_after"] < fit["fit"]["loss_before"]
-    w = model.verifier_weight[0]
-    assert w[0] < -0.5 and w.tolist() == pytest.approx(
-        [fit["scale"] * x for x in fit["fit"]["weight"][0]], rel=1e-5
-    )  # the fitted weights times the chosen scale
+    w, tau = model.verifier_weight[0], fit["temperature"]
+    assert w[0] < 0 and w.tolist() == pytest.approx(
+        [tau * fit["scale"] * x for x in fit["fit"]["weight"][0]], rel=1e-5
+    )  # the fitted weights times the chosen scale, and the whole reward times the temperature
+    assert fit["loss_after_temperature"] <= fit["loss_before_temperature"] + 1e-9
     assert summary["eval_after"]["accuracy"] > 0.9, summary["eval_after"]
     with pytest.raises(ValueError, match="value_scales must be positive"):
         RewardTrainConfig(value_scales=(1.0, 0.0))
