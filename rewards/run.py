@@ -130,7 +130,8 @@ def split_value_first(recipe: RewardRecipe, records: list) -> tuple[list, list]:
     if not v.enabled or v.gate or len(recipe.model.heads) != 1:
         raise RecipeError(
             f"train.value_first={name!r} needs model.verifier.enabled: true, model.verifier.gate: false and one "
-            f"head (model.heads: [reward]); got enabled {v.enabled}, gate {v.gate}, heads {list(recipe.model.heads)}"
+            f"head (model.heads: [reward]); got enabled {v.enabled}, gate {v.gate}, heads {list(recipe.model.heads)} "
+            "(or set train.value_first: null for one joint fit)"
         )
     missing = [i + 1 for i, r in enumerate(records) if r.attributes.get(name) not in (-1, 0, 1)]
     if missing:

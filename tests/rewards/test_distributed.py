@@ -19,7 +19,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(tiny_tokenizer, tmp_path) ->
     common = [
         "model.init_from=null", f"data.tokenizer={tmp_path}/tok", MODEL, "data.train_prompts=64",
         "data.heldout_prompts=32", "train.max_steps=3", "train.batch_size=4", "train.eval_every=100",
-        "train.max_minutes=null", "train.resume=false", "model.verifier.enabled=false",
+        "train.max_minutes=null", "train.resume=false", "model.verifier.enabled=false", "train.value_first=null",
     ]  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     cli = ["-m", "recipes.cli", "run", "recipes/reward.yaml"]

@@ -196,7 +196,7 @@ def _run_tiny_reward_recipe(tokenizer, tmp_path, *overrides: str) -> int:
     return main([
         "run", "recipes/reward.yaml", f"run.dir={tmp_path}/run", "model.init_from=null", f"data.tokenizer={tmp_path}/tok",
         "model.config={vocab_size: 832, hidden_size: 48, intermediate_size: 80, num_layers: 2, num_heads: 4, "
-        "num_kv_heads: 2, head_dim: 12}", "model.verifier.enabled=false", *overrides,
+        "num_kv_heads: 2, head_dim: 12}", "model.verifier.enabled=false", "train.value_first=null", *overrides,
     ])  # fmt: skip
 
 

@@ -3,6 +3,7 @@ padded = packed, the weights learnt by the preference loss, the folder round tri
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -328,3 +329,23 @@ def test_value_first_refuses_what_it_cannot_split(tiny_tokenizer, tmp_path) -> N
     no_features = build(RewardRecipe, {**cfg, "model": {"init_from": str(base)}})
     with pytest.raises(RecipeError, match="needs model.verifier.enabled: true"):
         split_value_first(no_features, records)
+
+
+def test_reward_recipe_runs_value_first_on_the_world(tiny_tokenizer, tmp_path, capsys) -> None:
+    """recipes/reward.yaml as shipped (value_first: correctness) on a tiny base: the world's records carry the
+    correctness attribute, the split and both fits run, and the summary says what was fitted."""
+    from recipes.cli import main
+
+    base = save_pretrained(tiny_glm(tiny_tokenizer), tmp_path / "base", tiny_tokenizer)
+    code = main([
+        "run", "recipes/reward.yaml", f"run.dir={tmp_path}/run", f"model.init_from={base}",
+        "data.train_prompts=64", "data.heldout_prompts=32", "train.max_steps=2", "train.batch_size=8",
+        "train.max_minutes=null", "eval.likelihood_baseline=null",
+    ])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "value first (correctness):" in out and "value weights fitted on" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    fit = summary["value_first"]
+    assert fit["value_pairs"] + fit["form_pairs"] == 64 and fit["value_pairs"] > 0 and fit["form_pairs"] > 0
+    assert fit["scale"] in (1.0, 1.5, 2.0, 3.0, 5.0) and fit["temperature"] > 0
