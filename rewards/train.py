@@ -296,9 +296,10 @@ def fit_value_first(
     strict = torch.tensor([p.labels[0] == 1 and not p.tie for p in pairs])
     accuracy = {float(k): float(((head_gap + k * value_gap)[strict] > 0).double().mean()) for k in scales}
     best = max(accuracy, key=lambda k: (accuracy[k], -abs(k - 1.0)))  # ties: the scale nearest the fit's own
-    # then one temperature for the whole reward, by the training loss: it changes no ranking, but gives the
-    # ties and the calibration back what the scale took (a reward k times too steep is overconfident)
-    from scipy.optimize import minimize_scalar
+    # then one temperature for the whole reward, with the tie parameter, by the training loss: it changes no
+    # ranking, but gives the ties and the calibration back what the scale took (a reward k times too steep is
+    # overconfident; with the tie parameter fixed, the temperature alone would flatten the strict pairs too)
+    from scipy.optimize import minimize
 
     value_c, value_r = (phi[: len(pairs)].double() @ W.T), (phi[len(pairs) :].double() @ W.T)  # (N, K)
     rc, rr = head_c.double() + best * value_c, head_r.double() + best * value_r
@@ -307,24 +308,29 @@ def fit_value_first(
         t["weight"].double() if loss_cfg.weights != "none" else torch.ones(len(pairs), dtype=torch.float64)
     )
     norm = (weight[:, None] * label_mask(t["labels"], loss_cfg.tie_model)).sum(0).clamp_min(1e-9)
-    tie_param = tie().detach().double().cpu()
+    raw0 = tie.raw.detach().double().cpu()
+    learn_tie = bool(tie.raw.requires_grad)
 
-    def loss_at(log_tau: float) -> float:
-        tau = math.exp(log_tau)
+    def loss_at(x) -> float:
+        tau = math.exp(float(x[0]))
+        raw = torch.as_tensor(x[1:], dtype=torch.float64) if learn_tie else raw0
         loss, _ = multi_head_loss(
-            tau * rc, tau * rr, t["labels"], loss_cfg.tie_model, tie_param, None, weight, norm
+            tau * rc, tau * rr, t["labels"], loss_cfg.tie_model, tie.transform(raw), None, weight, norm
         )
         return float(loss)
 
-    log_tau = float(minimize_scalar(loss_at, bounds=(-4.0, 2.0), method="bounded").x)
-    tau = math.exp(log_tau)
+    start = [0.0, *(raw0.tolist() if learn_tie else [])]
+    x = minimize(loss_at, start, method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-7}).x
+    tau = math.exp(float(x[0]))
     with torch.no_grad():
+        if learn_tie:
+            tie.raw.copy_(torch.as_tensor(x[1:], dtype=tie.raw.dtype))
         model.verifier_weight.mul_(best * tau)
         for p in model.score.parameters():
             p.mul_(tau)
     return {"value_pairs": n, "form_pairs": len(pairs) - n, "fit": fit, "train_accuracy_by_scale": accuracy,
-            "scale": best, "temperature": tau, "loss_before_temperature": loss_at(0.0),
-            "loss_after_temperature": loss_at(log_tau),
+            "scale": best, "temperature": tau, "loss_before_temperature": loss_at(start),
+            "loss_after_temperature": loss_at(x), "tie_params": tie().tolist(),
             "weight": model.verifier_weight.detach().tolist()}  # fmt: skip
 
 
@@ -671,7 +677,7 @@ def train_reward_model(
         log(
             f"value weights fitted on {fit['value_pairs']} pairs after the head's {fit['form_pairs']} "
             f"(loss {fit['fit']['loss_before']:.3f} -> {fit['fit']['loss_after']:.3f}); training accuracy by "
-            f"scale {by_scale}: x{fit['scale']:g}; then the whole reward x{fit['temperature']:.2f} (training loss "
+            f"scale {by_scale}: x{fit['scale']:g}; then the whole reward x{fit['temperature']:.2f} and the tie parameter {fit['tie_params'][0]:.2f} (training loss "
             f"{fit['loss_before_temperature']:.3f} -> {fit['loss_after_temperature']:.3f}, no ranking changed)"
         )
         if eval_pairs:
