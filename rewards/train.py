@@ -288,9 +288,12 @@ def fit_value_first(
     with torch.no_grad():
         model.verifier_weight.zero_()
         _, head_c, head_r = evaluate_pairs(model, pairs, pad_id, loss_cfg.tie_model, tie().tolist())
+        head_c, head_r = head_c.float().cpu(), head_r.float().cpu()
     fit = prefit_verifier(model, value_pairs, pad_id, loss_cfg, tie, offset=(head_c[:n], head_r[:n]))
     W = model.verifier_weight.detach().double().cpu()  # (K, F)
-    phi = verifier_features(model, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], pad_id)
+    phi = verifier_features(
+        model, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], pad_id
+    ).cpu()
     value_gap = ((phi[: len(pairs)] - phi[len(pairs) :]).double() @ W.T)[:, 0]  # (N,)
     head_gap = (head_c - head_r)[:, 0].double()
     strict = torch.tensor([p.labels[0] == 1 and not p.tie for p in pairs])
@@ -461,6 +464,11 @@ def train_reward_model(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     strategy = strategy or SingleDevice()
+    if value_pairs is not None and strategy.world_size > 1:
+        raise ValueError(
+            "train.value_first runs in one process (its fit after training scores every training pair on one "
+            "rank); launch without torch.distributed, or set train.value_first: null"
+        )
     device = resolve_device(train_cfg.device)
     amp_dtype = autocast_dtype(train_cfg.dtype, device)
     if train_cfg.num_threads:
