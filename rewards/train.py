@@ -209,6 +209,19 @@ def reward_statistics(model, pairs: Sequence[EncodedPair], pad_id: int, seed: in
     model.info.reward_mean, model.info.reward_std = rewards.mean(0).tolist(), rewards.std(0).tolist()
 
 
+def _full_batch_loss_inputs(
+    pairs: Sequence[EncodedPair], loss_cfg: RewardLossConfig
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """The pairs' tensors (CPU), their weights (float64) and the per-head normaliser (K,) of the loss over all of
+    them at once, as the fits on cached features use it."""
+    t = pair_tensors(pairs, "cpu")
+    weight = (
+        t["weight"].double() if loss_cfg.weights != "none" else torch.ones(len(pairs), dtype=torch.float64)
+    )
+    norm = (weight[:, None] * label_mask(t["labels"], loss_cfg.tie_model)).sum(0).clamp_min(1e-9)  # (K,)
+    return t, weight, norm
+
+
 def prefit_verifier(
     model: RewardModel,
     pairs: Sequence[EncodedPair],
@@ -217,22 +230,25 @@ def prefit_verifier(
     tie: TieParameter,
     max_iter: int = 100,
     offset: tuple[Tensor, Tensor] | None = None,
+    features: Tensor | None = None,
 ) -> dict[str, Any]:
     """Fit the likelihood-feature weights W (and the tie parameter) alone, by the training loss on ``pairs``,
     before the joint training; the backbone and the head are not touched. ``offset``: rewards (n, K) of the
     chosen and rejected responses that W·φ adds to (the trained head's, for ``train.value_first``); none: 0.
+    ``features``: the pairs' φ (2n, F), chosen then rejected, when the caller has them already.
 
     The verifier is frozen, so its features are computed once and the fit is a small convex problem (full
     batch, L-BFGS). Started from W = 0 instead, the head learns the surface features that stand in for a
     value check in the first steps (filler and the other language come with right values in the world) and
     keeps them after W has caught up (docs/rewards.md, "Likelihood features"). Returns the fit's summary."""
     n = len(pairs)
-    phi = verifier_features(model, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], pad_id)
-    phi_c, phi_r = phi[:n].double(), phi[n:].double()  # (n, F)
-    t = pair_tensors(pairs, "cpu")
-    weight = t["weight"].double() if loss_cfg.weights != "none" else torch.ones(n, dtype=torch.float64)
+    if features is None:
+        features = verifier_features(
+            model, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], pad_id
+        )
+    phi_c, phi_r = features[:n].double().cpu(), features[n:].double().cpu()  # (n, F)
+    t, weight, norm = _full_batch_loss_inputs(pairs, loss_cfg)
     margin = t["margin"].double() * loss_cfg.margin_scale if loss_cfg.use_margin else None
-    norm = (weight[:, None] * label_mask(t["labels"], loss_cfg.tie_model)).sum(0).clamp_min(1e-9)  # (K,)
     off_c, off_r = (o.double().cpu() for o in offset) if offset is not None else (0.0, 0.0)
     W = torch.zeros_like(model.verifier_weight, dtype=torch.float64, device="cpu").requires_grad_(True)
     raw = tie.raw.detach().double().cpu().clone().requires_grad_(tie.raw.requires_grad)
@@ -289,13 +305,16 @@ def fit_value_first(
         model.verifier_weight.zero_()
         _, head_c, head_r = evaluate_pairs(model, pairs, pad_id, loss_cfg.tie_model, tie().tolist())
         head_c, head_r = head_c.float().cpu(), head_r.float().cpu()
-    fit = prefit_verifier(model, value_pairs, pad_id, loss_cfg, tie, offset=(head_c[:n], head_r[:n]))
-    W = model.verifier_weight.detach().double().cpu()  # (K, F)
     phi = verifier_features(
         model, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], pad_id
-    ).cpu()
-    value_gap = ((phi[: len(pairs)] - phi[len(pairs) :]).double() @ W.T)[:, 0]  # (N,)
-    head_gap = (head_c - head_r)[:, 0].double()
+    ).cpu()  # (2N, F): the chosen responses, then the rejected
+    value_phi = torch.cat([phi[:n], phi[len(pairs) : len(pairs) + n]])
+    fit = prefit_verifier(
+        model, value_pairs, pad_id, loss_cfg, tie, offset=(head_c[:n], head_r[:n]), features=value_phi
+    )
+    W = model.verifier_weight.detach().double().cpu()  # (K, F)
+    value_c, value_r = (phi[: len(pairs)].double() @ W.T), (phi[len(pairs) :].double() @ W.T)  # (N, K)
+    value_gap, head_gap = (value_c - value_r)[:, 0], (head_c - head_r)[:, 0].double()  # (N,)
     strict = torch.tensor([p.labels[0] == 1 and not p.tie for p in pairs])
     accuracy = {float(k): float(((head_gap + k * value_gap)[strict] > 0).double().mean()) for k in scales}
     best = max(accuracy, key=lambda k: (accuracy[k], -abs(k - 1.0)))  # ties: the scale nearest the fit's own
@@ -304,13 +323,8 @@ def fit_value_first(
     # overconfident; with the tie parameter fixed, the temperature alone would flatten the strict pairs too)
     from scipy.optimize import minimize
 
-    value_c, value_r = (phi[: len(pairs)].double() @ W.T), (phi[len(pairs) :].double() @ W.T)  # (N, K)
     rc, rr = head_c.double() + best * value_c, head_r.double() + best * value_r
-    t = pair_tensors(pairs, "cpu")
-    weight = (
-        t["weight"].double() if loss_cfg.weights != "none" else torch.ones(len(pairs), dtype=torch.float64)
-    )
-    norm = (weight[:, None] * label_mask(t["labels"], loss_cfg.tie_model)).sum(0).clamp_min(1e-9)
+    t, weight, norm = _full_batch_loss_inputs(pairs, loss_cfg)
     raw0 = tie.raw.detach().double().cpu()
     learn_tie = bool(tie.raw.requires_grad)
 
@@ -648,8 +662,8 @@ def train_reward_model(
             out_of_time = bool(strategy.all_reduce(torch.tensor(float(out_of_time))) > 0)
         last = step == max_steps or out_of_time
         if eval_pairs and (
-            (train_cfg.eval_every and step % train_cfg.eval_every == 0) or last
-        ):  # 0: at the end
+            (train_cfg.eval_every and step % train_cfg.eval_every == 0) or (last and value_pairs is None)
+        ):  # 0: at the end (with value_pairs, after the value fit instead)
             m = run_eval()
             write({"kind": "eval", "step": step, **m})
             bar.write(
