@@ -33,7 +33,7 @@ lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 bench: install
-	$(PY) -m pretrain.bench_throughput
+	$(PY) -m glmwb.pretrain.bench_throughput
 
 clean:
 	rm -rf runs .pytest_cache

@@ -47,27 +47,27 @@ for stage in "$@"; do
             -n "${TEST_WORKERS:-4}" ${TESTS:-tests/kernels} ${TEST_K:+-k "$TEST_K"}
         ;;
     kernels)
-        run bench_kernels "${BENCH_TIMEOUT:-480}" $PY -m kernels.bench.bench_kernels --out "$OUT/kernels" ${KERNEL_ARGS:-}
+        run bench_kernels "${BENCH_TIMEOUT:-480}" $PY -m glmwb.kernels.bench.bench_kernels --out "$OUT/kernels" ${KERNEL_ARGS:-}
         ;;
     sweep)
-        run sweep_lm_head "${BENCH_TIMEOUT:-300}" $PY -m kernels.bench.sweep_lm_head ${SWEEP_ARGS:-}
+        run sweep_lm_head "${BENCH_TIMEOUT:-300}" $PY -m glmwb.kernels.bench.sweep_lm_head ${SWEEP_ARGS:-}
         ;;
     tune)
-        run tune_kernels "${BENCH_TIMEOUT:-420}" $PY -m kernels.bench.tune_kernels --out "$OUT/tune" ${TUNE_ARGS:-}
+        run tune_kernels "${BENCH_TIMEOUT:-420}" $PY -m glmwb.kernels.bench.tune_kernels --out "$OUT/tune" ${TUNE_ARGS:-}
         ;;
     pretrain)
-        run bench_throughput "${BENCH_TIMEOUT:-300}" $PY -m pretrain.bench_throughput --device cuda --dtype bf16 \
+        run bench_throughput "${BENCH_TIMEOUT:-300}" $PY -m glmwb.pretrain.bench_throughput --device cuda --dtype bf16 \
             --hidden-size 2048 --num-layers 8 --head-dim 128 --num-heads 16 --num-kv-heads 2 \
             --intermediate-size 5632 --vocab-size 32768 --batch-size 8 --seq-len 1024 --out "$OUT/throughput.json" \
             ${PRETRAIN_ARGS:-}
         ;;
     dpo)
-        run bench_dpo "${BENCH_TIMEOUT:-300}" $PY -m align.bench.bench_dpo --device cuda --dtype bfloat16 \
+        run bench_dpo "${BENCH_TIMEOUT:-300}" $PY -m glmwb.align.bench.bench_dpo --device cuda --dtype bfloat16 \
             --hidden 1024 --layers 8 --vocab 32768 --pairs 32 --max-len 1024 --row-tokens 2048 --steps 6 \
             --csv "$OUT/dpo_packed_vs_padded.csv" ${DPO_ARGS:-}
         ;;
     ppo)
-        run bench_ppo "${BENCH_TIMEOUT:-300}" $PY -m align.bench.bench_ppo --device cuda --policy "${POLICY:?POLICY=folder}" \
+        run bench_ppo "${BENCH_TIMEOUT:-300}" $PY -m glmwb.align.bench.bench_ppo --device cuda --policy "${POLICY:?POLICY=folder}" \
             --out "$OUT/ppo_step.csv" ${PPO_ARGS:-}
         ;;
     *)

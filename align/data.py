@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pretrain.world import Prompt, World
+    from glmwb.pretrain.world import Prompt, World
 
 FORMATS = ("auto", "alpaca", "oasst_zh", "sharegpt", "messages")
 ROLES = ("system", "user", "assistant", "observation", "tool")
@@ -368,8 +368,8 @@ def read_sft(path: str | Path, format: str = "auto", skip_invalid: bool = False)
 
     ``format="auto"`` decides from the first row. A malformed row raises ``SFTDataError`` naming the file, the
     row and the field, or with ``skip_invalid`` is left out and its message kept in ``skipped``."""
-    from annotation.records import PreferenceDataError
-    from rewards.data import iter_rows
+    from glmwb.annotation.records import PreferenceDataError
+    from glmwb.rewards.data import iter_rows
 
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -407,7 +407,7 @@ def encode_conversation(
 ) -> dict[str, list[int]]:
     """``input_ids`` and ``assistant_masks`` (TRL's column name) of one conversation, via ``encode_chat``:
     the loss covers exactly what the model generates in assistant turns, each turn's terminator included."""
-    from pretrain.tokenizer import encode_chat
+    from glmwb.pretrain.tokenizer import encode_chat
 
     if not isinstance(conversation, Conversation):
         conversation = Conversation(list(conversation))

@@ -37,12 +37,12 @@ from typing import Any, Literal
 
 import torch
 
-from align.hf_common import optim_arguments
-from kernels.apply import KernelConfig
-from pretrain.train import OptimConfig
-from recipes.loader import RecipeError
-from recipes.schema import AnnotatorsConfig, RunConfig, WorldConfig
-from rewards.config import LoRAConfig
+from glmwb.align.hf_common import optim_arguments
+from glmwb.kernels.apply import KernelConfig
+from glmwb.pretrain.train import OptimConfig
+from glmwb.recipes.loader import RecipeError
+from glmwb.recipes.schema import AnnotatorsConfig, RunConfig, WorldConfig
+from glmwb.rewards.config import LoRAConfig
 
 # ----------------------------------------------------------------------------------------------------------
 # Recipe sections
@@ -183,7 +183,7 @@ def check_combination(trainer: str, engine: str, loss: DPOLossConfig, lora: bool
 
 def load_pairs(cfg: DPODataConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
     """(train records, held-out records, facts) with ties dropped: a tie says neither answer is better."""
-    from rewards.run import load_records
+    from glmwb.rewards.run import load_records
 
     train, held, facts = load_records(cfg, seed)  # DPODataConfig has the fields load_records reads
     facts = dict(facts)
@@ -202,7 +202,7 @@ def load_pairs(cfg: DPODataConfig, seed: int) -> tuple[list, list, dict[str, Any
 
 
 def fits(tok, record, max_length: int) -> bool:
-    from align.packed_dpo import encode_pair
+    from glmwb.align.packed_dpo import encode_pair
 
     p = encode_pair(tok, record.prompt, record.chosen, record.rejected)
     return len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) <= max_length
@@ -240,7 +240,7 @@ def unpaired_rows(records) -> list[dict[str, Any]]:
 def world_rated_rows(cfg: DPODataConfig, seed: int) -> list[dict[str, Any]]:
     """KTO's unpaired rows from single world answers (one random kind per prompt), labelled by the checker:
     desirable when the answer is correct and in the prompt's language."""
-    from pretrain.world import KINDS, make_world
+    from glmwb.pretrain.world import KINDS, make_world
 
     world = make_world(seed=cfg.world.seed, num_entities=cfg.world.num_entities)
     rng = random.Random(seed)
@@ -353,7 +353,7 @@ def make_trl_trainer(recipe: DPORecipe, init_from: str, train_records, tok, out_
     args = trl_config(recipe, out_dir, device)
     model = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
     if recipe.kernels is not None:
-        from kernels.apply import apply_kernels
+        from glmwb.kernels.apply import apply_kernels
 
         apply_kernels(model, recipe.kernels)
     peft_config = hf_lora_config(recipe.model.lora) if recipe.model.lora.enabled else None
@@ -471,13 +471,13 @@ def save_hf_policy(model, tok, folder: Path, like: str | None = None) -> Path:
 
 
 def train_packed_engine(recipe: DPORecipe, init_from: str, train_records, tok, run_dir: Path, log=print):
-    from align.packed_dpo import PackedSettings, encode_pair, train_packed
-    from pretrain.hf import load_pretrained, save_pretrained
+    from glmwb.align.packed_dpo import PackedSettings, encode_pair, train_packed
+    from glmwb.pretrain.hf import load_pretrained, save_pretrained
 
     device = _device(recipe.train)
     model = load_pretrained(init_from, device=device)
     if recipe.kernels is not None:
-        from kernels.apply import apply_kernels
+        from glmwb.kernels.apply import apply_kernels
 
         apply_kernels(model, recipe.kernels)
     pairs = [encode_pair(tok, r.prompt, r.chosen, r.rejected) for r in train_records]
@@ -510,14 +510,14 @@ def train_packed_engine(recipe: DPORecipe, init_from: str, train_records, tok, r
 
 
 def encode_heldout(tok, records, max_length: int):
-    from align.packed_dpo import encode_pair
+    from glmwb.align.packed_dpo import encode_pair
 
     pairs = [encode_pair(tok, r.prompt, r.chosen, r.rejected) for r in records]
     return [p for p in pairs if len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) <= max_length]
 
 
 def heldout_logps(model, pairs, pad_id: int):
-    from align.packed_dpo import reference_logps
+    from glmwb.align.packed_dpo import reference_logps
 
     return reference_logps(model, pairs, pad_id, batch_pairs=32, desc="held-out log-probs")
 
@@ -530,7 +530,7 @@ def pair_lengths(pairs):
 
 
 def world_eval(model, tok, world, prompts, scorer, max_new_tokens: int) -> dict[str, Any]:
-    from align.evaluate import evaluate_policy
+    from glmwb.align.evaluate import evaluate_policy
 
     return evaluate_policy(model, tok, world, prompts, scorer, max_new_tokens)
 
@@ -608,8 +608,8 @@ def evaluate_folder(
     folder: str, tok, held_pairs, ref_logps, world, prompts, scorer, recipe
 ) -> dict[str, Any]:
     """Held-out pair statistics and world answers of the policy in ``folder`` (our GLM, eval mode)."""
-    from align.evaluate import load_policy
-    from align.packed_dpo import pair_metrics
+    from glmwb.align.evaluate import load_policy
+    from glmwb.align.packed_dpo import pair_metrics
 
     model, _ = load_policy(folder)
     out: dict[str, Any] = {}
@@ -625,9 +625,9 @@ def evaluate_folder(
 
 
 def run_dpo(recipe: DPORecipe) -> dict[str, Any]:
-    from align.evaluate import compare
-    from pretrain.run import load_tokenizer
-    from pretrain.world import make_world
+    from glmwb.align.evaluate import compare
+    from glmwb.pretrain.run import load_tokenizer
+    from glmwb.pretrain.world import make_world
 
     run_dir = Path(recipe.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -661,7 +661,7 @@ def run_dpo(recipe: DPORecipe) -> dict[str, Any]:
     )
     scorer = None
     if recipe.eval.reward_model:
-        from rewards.scoring import RewardScorer
+        from glmwb.rewards.scoring import RewardScorer
 
         scorer = RewardScorer.from_pretrained(recipe.eval.reward_model)
     held_pairs = encode_heldout(tok, held_records, recipe.data.max_length)

@@ -27,15 +27,15 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from recipes.loader import RecipeError
-from recipes.schema import RunConfig, WorldConfig
+from glmwb.recipes.loader import RecipeError
+from glmwb.recipes.schema import RunConfig, WorldConfig
 
 
 def load_policy(folder: str | Path, device: str | None = None):
     """(our GLM in eval mode, its tokenizer) from a Hugging Face policy folder."""
     from transformers import AutoTokenizer
 
-    from pretrain.hf import load_pretrained
+    from glmwb.pretrain.hf import load_pretrained
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -59,8 +59,8 @@ def generate_answers(
 
     Prompts are sorted by length and generated in batches (less left padding); the order of the result is
     the order of ``prompts``."""
-    from pretrain.generate import generate
-    from pretrain.tokenizer import render_chat, turn_terminator_ids
+    from glmwb.pretrain.generate import generate
+    from glmwb.pretrain.tokenizer import render_chat, turn_terminator_ids
 
     ids = [
         tok(render_chat(tok, p, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
@@ -414,7 +414,7 @@ def plot_comparison(reports: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
-    from pretrain.world import make_world
+    from glmwb.pretrain.world import make_world
 
     out = Path(recipe.run.dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -438,7 +438,7 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
     if recipe.reward_model:
         if not (Path(recipe.reward_model) / "config.json").is_file():
             raise RecipeError(f"reward_model: no reward folder at {recipe.reward_model}")
-        from rewards.scoring import RewardScorer
+        from glmwb.rewards.scoring import RewardScorer
 
         scorer = RewardScorer.from_pretrained(recipe.reward_model)
     cfg = recipe.data

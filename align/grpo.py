@@ -36,13 +36,13 @@ from typing import Any, Literal
 
 import torch
 
-from align.hf_common import metrics_callback, optim_arguments, peft_config, save_policy
-from align.reward_funcs import RewardSetupError, RewardSpec, RuleReward, build_reward_funcs
-from kernels.apply import KernelConfig
-from pretrain.train import OptimConfig
-from recipes.loader import RecipeError
-from recipes.schema import RunConfig, WorldConfig
-from rewards.config import LoRAConfig
+from glmwb.align.hf_common import metrics_callback, optim_arguments, peft_config, save_policy
+from glmwb.align.reward_funcs import RewardSetupError, RewardSpec, RuleReward, build_reward_funcs
+from glmwb.kernels.apply import KernelConfig
+from glmwb.pretrain.train import OptimConfig
+from glmwb.recipes.loader import RecipeError
+from glmwb.recipes.schema import RunConfig, WorldConfig
+from glmwb.rewards.config import LoRAConfig
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16's GRPO losses
 
@@ -235,7 +235,7 @@ def _open_text(path: Path):
 def read_prompt_file(path: str | Path, system_prompt: str | None = None) -> list[dict[str, Any]]:
     """Rows ``{prompt: messages, gold?}`` from JSONL: GSM8K ``{question, answer}`` (gold = the number after
     ``####``) or ``{prompt, gold?}`` (``answer`` accepted for ``gold``). Errors name the file, row and field."""
-    from rewards.rules import gsm8k_gold
+    from glmwb.rewards.rules import gsm8k_gold
 
     path = Path(path)
     if not path.is_file():
@@ -295,7 +295,7 @@ def read_prompt_file(path: str | Path, system_prompt: str | None = None) -> list
 def load_prompts(cfg: GRPODataConfig, seed: int) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """(train rows, held-out rows for the files' before / after, facts)."""
     if cfg.source == "world":
-        from pretrain.world import make_world
+        from glmwb.pretrain.world import make_world
 
         world = make_world(seed=cfg.world.seed, num_entities=cfg.world.num_entities)
         return world_rows(world, "train", cfg.train_prompts, seed), [], {"source": "world"}
@@ -308,7 +308,7 @@ def load_prompts(cfg: GRPODataConfig, seed: int) -> tuple[list[dict], list[dict]
 
 
 def drop_long_prompts(rows: list[dict], tok, max_tokens: int) -> tuple[list[dict], int]:
-    from pretrain.tokenizer import render_chat
+    from glmwb.pretrain.tokenizer import render_chat
 
     kept = [
         r for r in rows
@@ -326,7 +326,7 @@ def load_policy_model(folder: str, device: str = "cpu"):
     """(``GlmForCausalLM``, tokenizer) with generation stopping at GLM's turn terminators."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pretrain.tokenizer import turn_terminator_ids
+    from glmwb.pretrain.tokenizer import turn_terminator_ids
 
     if not (Path(folder) / "config.json").is_file():
         raise RecipeError(
@@ -476,15 +476,15 @@ def plot_rewards(metrics_path: Path, out_png: Path, reward_names: Sequence[str])
 
 def evaluate_world(recipe: GRPORecipe, folders: dict[str, str]) -> dict[str, Any]:
     """Greedy answers of each policy folder to the same held-out world prompts; table + win rates."""
-    from align.evaluate import compare, evaluate_policy, format_table, load_policy
-    from pretrain.world import make_world
+    from glmwb.align.evaluate import compare, evaluate_policy, format_table, load_policy
+    from glmwb.pretrain.world import make_world
 
     cfg, w = recipe.eval, recipe.data.world
     world = make_world(seed=w.seed, num_entities=w.num_entities)
     prompts = world.prompts("heldout", cfg.heldout_prompts, seed=recipe.run.seed)
     scorer = None
     if cfg.reward_model:
-        from rewards.scoring import RewardScorer
+        from glmwb.rewards.scoring import RewardScorer
 
         scorer = RewardScorer.from_pretrained(cfg.reward_model)
     reports = {}
@@ -507,7 +507,7 @@ def evaluate_files(
     recipe: GRPORecipe, folders: dict[str, str], rows: list[dict], reward_funcs
 ) -> dict[str, Any]:
     """Greedy answers to held-out file rows, each rule reward's mean per policy (a table)."""
-    from align.evaluate import generate_answers, load_policy
+    from glmwb.align.evaluate import generate_answers, load_policy
 
     rows = rows[: recipe.eval.heldout_prompts]
     rules = [f for f in reward_funcs if isinstance(f, RuleReward)]
@@ -571,7 +571,7 @@ def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
 
     handle = None
     if recipe.kernels is not None:
-        from kernels.apply import apply_kernels
+        from glmwb.kernels.apply import apply_kernels
 
         handle = apply_kernels(model, recipe.kernels)
     callback = metrics_callback(metrics_path, t.max_minutes)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from recipes.loader import RecipeError
-from rewards.config import LoRAConfig
+from glmwb.recipes.loader import RecipeError
+from glmwb.rewards.config import LoRAConfig
 
 # our LoRA target names (pretrain/model.py) -> transformers' GLM module names
 HF_LORA_TARGETS = {
@@ -63,9 +63,9 @@ def metrics_callback(metrics_path: Path, max_minutes: float | None):
 
 def save_policy(hf_model, folder: Path, tok) -> Path:
     """A plain GLM folder through ``pretrain.hf`` (merge LoRA first); eos ids = GLM's turn terminators."""
-    from pretrain.hf import from_hf_config, from_hf_state_dict, save_pretrained
-    from pretrain.model import GLM
-    from pretrain.tokenizer import turn_terminator_ids
+    from glmwb.pretrain.hf import from_hf_config, from_hf_state_dict, save_pretrained
+    from glmwb.pretrain.model import GLM
+    from glmwb.pretrain.tokenizer import turn_terminator_ids
 
     cfg = from_hf_config(hf_model.config).with_(
         eos_token_ids=tuple(turn_terminator_ids(tok)), pad_token_id=tok.pad_token_id

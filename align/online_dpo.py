@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from align.dpo import (
+from glmwb.align.dpo import (
     DPODataConfig,
     DPOEvalConfig,
     DPOLossConfig,
@@ -37,10 +37,10 @@ from align.dpo import (
     DPOTrainConfig,
     check_combination,
 )
-from kernels.apply import KernelConfig
-from pretrain.train import OptimConfig
-from recipes.loader import RecipeError
-from recipes.schema import RunConfig, WorldConfig
+from glmwb.kernels.apply import KernelConfig
+from glmwb.pretrain.train import OptimConfig
+from glmwb.recipes.loader import RecipeError
+from glmwb.recipes.schema import RunConfig, WorldConfig
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ class OnlineDPORecipe:
 
 
 def world_prompt_specs(world, n: int, seed: int):
-    from annotation.tasks import PromptSpec
+    from glmwb.annotation.tasks import PromptSpec
 
     return [
         PromptSpec(p.id, [dict(m) for m in p.messages], "world", {"world_prompt": p.to_dict()})
@@ -125,7 +125,7 @@ def world_prompt_specs(world, n: int, seed: int):
 
 def best_worst_records(specs, answers, scores, min_gap: float, source: str) -> tuple[list, int]:
     """One record per prompt: the highest- over the lowest-scored distinct answer (gap > min_gap)."""
-    from annotation.records import PreferenceRecord
+    from glmwb.annotation.records import PreferenceRecord
 
     records, skipped = [], 0
     for spec in specs:
@@ -164,7 +164,7 @@ def label_scores(cfg: LabelConfig, specs, answers, scorer) -> dict[str, list[flo
         for (s, _), r in zip(flat, got, strict=True):
             out[s.uid].append(float(r))
         return out
-    from pretrain.world import PreferenceRule, Prompt, check
+    from glmwb.pretrain.world import PreferenceRule, Prompt, check
 
     rule = PreferenceRule()
     return {
@@ -177,10 +177,10 @@ def store_round(cfg: LabelConfig, specs, answers, db: str, round_no: int, seed: 
     """Write comparison items into the store; with simulated annotators, vote and export the pairs.
 
     Returns (records or None when waiting for people, facts)."""
-    from annotation.export import export_records
-    from annotation.records import records_from_dicts
-    from annotation.store import Store
-    from annotation.tasks import make_items, simulate_votes
+    from glmwb.annotation.export import export_records
+    from glmwb.annotation.records import records_from_dicts
+    from glmwb.annotation.store import Store
+    from glmwb.annotation.tasks import make_items, simulate_votes
 
     items = make_items(specs, answers, per_item=2, items_per_prompt=1, overlap=cfg.overlap,
                        batch=f"online-dpo-round-{round_no}", seed=seed)  # fmt: skip
@@ -205,10 +205,10 @@ def store_round(cfg: LabelConfig, specs, answers, db: str, round_no: int, seed: 
 
 
 def run_online_dpo(recipe: OnlineDPORecipe) -> dict[str, Any]:
-    from align.dpo import evaluate_folder, train_policy
-    from annotation.tasks import SamplingConfig, sample_responses
-    from pretrain.run import load_tokenizer
-    from pretrain.world import make_world
+    from glmwb.align.dpo import evaluate_folder, train_policy
+    from glmwb.annotation.tasks import SamplingConfig, sample_responses
+    from glmwb.pretrain.run import load_tokenizer
+    from glmwb.pretrain.world import make_world
 
     run_dir = Path(recipe.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -227,11 +227,11 @@ def run_online_dpo(recipe: OnlineDPORecipe) -> dict[str, Any]:
     eval_prompts = world.prompts("heldout", recipe.eval.world_prompts, seed=recipe.run.seed)
     scorer = eval_scorer = None
     if recipe.label.source == "rm":
-        from rewards.scoring import RewardScorer
+        from glmwb.rewards.scoring import RewardScorer
 
         scorer = RewardScorer.from_pretrained(recipe.label.reward_model)
     if recipe.eval.reward_model:
-        from rewards.scoring import RewardScorer
+        from glmwb.rewards.scoring import RewardScorer
 
         same = recipe.eval.reward_model == recipe.label.reward_model and scorer is not None
         eval_scorer = scorer if same else RewardScorer.from_pretrained(recipe.eval.reward_model)
@@ -267,7 +267,7 @@ def run_online_dpo(recipe: OnlineDPORecipe) -> dict[str, Any]:
             facts["prompts_without_pair"] = skipped
         facts["pairs"] = len(records)
         if recipe.label.export:
-            from annotation.export import write_records
+            from glmwb.annotation.export import write_records
 
             if records:
                 write_records([rec.to_dict() for rec in records], round_dir / "pairs.jsonl")

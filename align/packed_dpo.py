@@ -158,7 +158,7 @@ class PairTokens:
 
 def encode_pair(tok, prompt: Sequence[dict[str, Any]], chosen: str, rejected: str) -> PairTokens:
     """GLM chat template with control tokens in text escaped; the response keeps its terminator."""
-    from rewards.data import encode_response
+    from glmwb.rewards.data import encode_response
 
     prompt_ids = list(
         tok.apply_chat_template(
@@ -283,7 +283,7 @@ def make_batch(pairs: Sequence[PairTokens], pad_id: int, packed: bool, row_token
 def token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
     """log softmax(hidden @ weight.T)[labels] for rows of hidden (N, D), fp32 (N,): the Triton kernel on
     CUDA, its fp32 PyTorch reference elsewhere (both from kernels/logprobs.py)."""
-    from kernels.logprobs import linear_selective_logprobs, linear_selective_logprobs_ref
+    from glmwb.kernels.logprobs import linear_selective_logprobs, linear_selective_logprobs_ref
 
     if hidden.is_cuda:
         return linear_selective_logprobs(hidden, weight, labels)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rewards.rules import RULES, CombinedReward, RuleContext
+from glmwb.rewards.rules import RULES, CombinedReward, RuleContext
 
 # Dataset columns the rule rewards read.
 WORLD_COLUMN, GOLD_COLUMN, LANG_COLUMN = "world_prompt", "gold", "lang"
@@ -69,7 +69,7 @@ def prompt_messages(prompt: Any) -> list[dict[str, Any]] | str:
 
 
 def _world_prompt(value: Any):
-    from pretrain.world import Prompt
+    from glmwb.pretrain.world import Prompt
 
     if isinstance(value, Prompt):
         return value
@@ -238,7 +238,7 @@ def _is_connection_error(e: BaseException) -> bool:
 
 def connect_reward_server(url: str, timeout: float = 60.0) -> tuple[Any, dict[str, Any]]:
     """A ``RewardClient`` for ``url`` and its ``/health`` answer; ``RewardSetupError`` when nobody answers."""
-    from rewards.server import RewardClient
+    from glmwb.rewards.server import RewardClient
 
     client = RewardClient(url, timeout=timeout)
     try:
@@ -306,7 +306,7 @@ def build_reward_funcs(specs: Sequence[RewardSpec]) -> tuple[list[Callable[..., 
     funcs: list[Callable[..., list[float]]] = []
     for i, s in enumerate(specs):
         if s.name == "rm":
-            from rewards.scoring import RewardScorer
+            from glmwb.rewards.scoring import RewardScorer
 
             if not (Path(s.folder) / "reward_config.json").is_file():
                 raise RewardSetupError(

@@ -32,11 +32,11 @@ from typing import Any, Literal
 
 import torch
 
-from align.hf_common import HF_LORA_TARGETS, metrics_callback, optim_arguments, peft_config, save_policy
-from pretrain.train import OptimConfig
-from recipes.loader import RecipeError
-from recipes.schema import RunConfig, WorldConfig
-from rewards.config import LoRAConfig
+from glmwb.align.hf_common import HF_LORA_TARGETS, metrics_callback, optim_arguments, peft_config, save_policy
+from glmwb.pretrain.train import OptimConfig
+from glmwb.recipes.loader import RecipeError
+from glmwb.recipes.schema import RunConfig, WorldConfig
+from glmwb.rewards.config import LoRAConfig
 
 
 @dataclass(frozen=True)
@@ -133,10 +133,10 @@ class SFTRecipe:
 
 def load_conversations(cfg: SFTDataConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
     """(train conversations, held-out conversations, facts) from the world or from files."""
-    from align.data import Conversation, SFTDataError, read_sft, world_sft_conversations
+    from glmwb.align.data import Conversation, SFTDataError, read_sft, world_sft_conversations
 
     if cfg.source == "world":
-        from pretrain.world import make_world
+        from glmwb.pretrain.world import make_world
 
         world = make_world(seed=cfg.world.seed, num_entities=cfg.world.num_entities)
         train = world_sft_conversations(world, cfg.n_train, seed, "train", cfg.multi_turn, cfg.answers)
@@ -174,7 +174,7 @@ def encode_dataset(tok, conversations: list, max_length: int, name: str):
     from datasets import Dataset
     from tqdm.auto import tqdm
 
-    from align.data import encode_conversation
+    from glmwb.align.data import encode_conversation
 
     rows, too_long = [], 0
     for conv in tqdm(conversations, desc=f"encoding {name}", leave=False, disable=len(conversations) < 500):
@@ -288,8 +288,8 @@ def plot_loss(metrics_path: Path, out_png: Path) -> None:
 
 
 def evaluate_before_after(recipe: SFTRecipe, final: Path, out_dir: Path) -> dict[str, Any]:
-    from align.evaluate import compare, evaluate_policy, format_table, load_policy
-    from pretrain.world import make_world
+    from glmwb.align.evaluate import compare, evaluate_policy, format_table, load_policy
+    from glmwb.pretrain.world import make_world
 
     cfg = recipe.eval
     world = make_world(seed=recipe.data.world.seed, num_entities=recipe.data.world.num_entities)
@@ -323,7 +323,7 @@ def evaluate_before_after(recipe: SFTRecipe, final: Path, out_dir: Path) -> dict
 
 
 def run_sft(recipe: SFTRecipe) -> dict[str, Any]:
-    from pretrain.run import load_tokenizer
+    from glmwb.pretrain.run import load_tokenizer
 
     started = time.time()
     run_dir = Path(recipe.run.dir)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, exists, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
-from annotation.schema import QUEUE_PREDICATE, Assignment, Item, utcnow
+from glmwb.annotation.schema import QUEUE_PREDICATE, Assignment, Item, utcnow
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,9 @@ def _user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(args: argparse.Namespace) -> int:
-        from annotation.records import PreferenceDataError
-        from annotation.store import StoreError
-        from recipes.loader import RecipeError
+        from glmwb.annotation.records import PreferenceDataError
+        from glmwb.annotation.store import StoreError
+        from glmwb.recipes.loader import RecipeError
 
         try:
             return fn(args)
@@ -45,13 +45,13 @@ def _user_errors(fn):
 
 
 def _store(args: argparse.Namespace, **kwargs):
-    from annotation.store import Store
+    from glmwb.annotation.store import Store
 
     return Store(args.db, **kwargs)
 
 
 def _password(args: argparse.Namespace) -> str:
-    from recipes.loader import RecipeError
+    from glmwb.recipes.loader import RecipeError
 
     if args.password_env:
         if args.password_env not in os.environ:
@@ -67,9 +67,9 @@ def _password(args: argparse.Namespace) -> str:
 
 @_user_errors
 def cmd_annotate(args: argparse.Namespace) -> int:
-    from annotation.assign import AssignmentPolicy
-    from annotation.server import ServerSettings, serve
-    from ui.annotator import DEFAULT_GUIDELINES, PageConfig
+    from glmwb.annotation.assign import AssignmentPolicy
+    from glmwb.annotation.server import ServerSettings, serve
+    from glmwb.ui.annotator import DEFAULT_GUIDELINES, PageConfig
 
     guidelines = Path(args.guidelines).read_text(encoding="utf-8") if args.guidelines else DEFAULT_GUIDELINES
     page = PageConfig(
@@ -100,8 +100,8 @@ def cmd_create_user(args: argparse.Namespace) -> int:
 
 @_user_errors
 def cmd_add_tasks(args: argparse.Namespace) -> int:
-    from annotation import tasks
-    from recipes.loader import RecipeError
+    from glmwb.annotation import tasks
+    from glmwb.recipes.loader import RecipeError
 
     sources = sum(x is not None for x in (args.prompts, args.responses, args.world))
     if sources != 1:
@@ -147,7 +147,7 @@ def cmd_add_tasks(args: argparse.Namespace) -> int:
 
 @_user_errors
 def cmd_import(args: argparse.Namespace) -> int:
-    from annotation.export import import_preferences
+    from glmwb.annotation.export import import_preferences
 
     store = _store(args)
     result = import_preferences(
@@ -170,7 +170,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 @_user_errors
 def cmd_export(args: argparse.Namespace) -> int:
-    from annotation.export import export_records, write_records
+    from glmwb.annotation.export import export_records, write_records
 
     store = _store(args)
     result = export_records(
@@ -189,7 +189,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 @_user_errors
 def cmd_report(args: argparse.Namespace) -> int:
-    from annotation.agreement import agreement_report
+    from glmwb.annotation.agreement import agreement_report
 
     store = _store(args)
     report = agreement_report(store.votes(), min_common=args.min_common)
@@ -209,7 +209,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 @_user_errors
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from annotation.tasks import simulate_votes
+    from glmwb.annotation.tasks import simulate_votes
 
     store = _store(args)
     for name in args.annotators:

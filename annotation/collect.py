@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from recipes.loader import RecipeError
-from recipes.schema import RunConfig
+from glmwb.recipes.loader import RecipeError
+from glmwb.recipes.schema import RunConfig
 
 
 @dataclass(frozen=True)
@@ -97,10 +97,16 @@ class PreferencesRecipe:
 
 
 def run_preferences(recipe: PreferencesRecipe) -> dict[str, Any]:
-    from annotation.agreement import agreement_report
-    from annotation.export import export_records, write_records
-    from annotation.store import Store
-    from annotation.tasks import SamplingConfig, load_prompts, make_items, sample_responses, simulate_votes
+    from glmwb.annotation.agreement import agreement_report
+    from glmwb.annotation.export import export_records, write_records
+    from glmwb.annotation.store import Store
+    from glmwb.annotation.tasks import (
+        SamplingConfig,
+        load_prompts,
+        make_items,
+        sample_responses,
+        simulate_votes,
+    )
 
     out = Path(recipe.run.dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -193,7 +199,7 @@ def run_preferences(recipe: PreferencesRecipe) -> dict[str, Any]:
 def _world_quality(rows: list[dict[str, Any]], world_prompts: dict[str, Any]) -> dict[str, float] | None:
     """On world prompts: how often the exported chosen answer is better / worse than the rejected one by the
     world's noise-free score (strict pairs), and the answers' accuracy — the labels' quality at a glance."""
-    from pretrain.world import Prompt, check
+    from glmwb.pretrain.world import Prompt, check
 
     checked: Counter[str] = Counter()
     for r in rows:

@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from annotation.records import STRENGTH_MARGINS, PreferenceRecord, records_from_dicts
-from annotation.schema import CHOICES
-from annotation.store import ItemInfo, NewItem, NewResponse, Store, VoteRow
+from glmwb.annotation.records import STRENGTH_MARGINS, PreferenceRecord, records_from_dicts
+from glmwb.annotation.schema import CHOICES
+from glmwb.annotation.store import ItemInfo, NewItem, NewResponse, Store, VoteRow
 
 SOURCE = "glmwb-annotation"
 
@@ -317,7 +317,7 @@ def import_preferences(
     skip_invalid: bool = True,
 ) -> ImportResult:
     """Import a preference file (JSONL / JSON / Parquet / ``datasets`` folder, ``.gz`` allowed)."""
-    from rewards.data import read_preferences
+    from glmwb.rewards.data import read_preferences
 
     path = Path(path)
     read = read_preferences(path, format=format, skip_invalid=skip_invalid, limit=limit)

@@ -48,7 +48,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from annotation.records import STRENGTHS
+from glmwb.annotation.records import STRENGTHS
 
 MAX_RESPONSES = 4  # answers per comparison item: letters A..D
 LETTERS = tuple(string.ascii_uppercase[:MAX_RESPONSES])

@@ -41,8 +41,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
-from annotation.agreement import agreement_report
-from annotation.store import AnnotatorInfo, Conflict, NotFound, Store, StoreError
+from glmwb.annotation.agreement import agreement_report
+from glmwb.annotation.store import AnnotatorInfo, Conflict, NotFound, Store, StoreError
 
 
 class LoginThrottle:
@@ -214,7 +214,7 @@ def create_app(store: Store, settings: ServerSettings | None = None) -> FastAPI:
     import anyio
     import gradio as gr
 
-    from ui.annotator import PageConfig, build_annotator_page, page_options
+    from glmwb.ui.annotator import PageConfig, build_annotator_page, page_options
 
     page_config = settings.page or PageConfig()
     page = build_annotator_page(store, page_config)

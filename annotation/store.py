@@ -41,9 +41,9 @@ from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import selectinload, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from annotation.assign import AssignmentPolicy, available_count, next_assignment
-from annotation.records import STRENGTHS
-from annotation.schema import (
+from glmwb.annotation.assign import AssignmentPolicy, available_count, next_assignment
+from glmwb.annotation.records import STRENGTHS
+from glmwb.annotation.schema import (
     CHOICES,
     LETTERS,
     MAX_RESPONSES,

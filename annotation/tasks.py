@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from annotation.store import NewItem, NewResponse, Store
+from glmwb.annotation.store import NewItem, NewResponse, Store
 
 PriorityFn = Callable[["PromptSpec", Sequence[str]], float]
 
@@ -80,7 +80,7 @@ def _prompt_from_row(row: dict[str, Any], where: str, source: str) -> PromptSpec
 def load_prompts(source: str, limit: int | None = None, seed: int = 0) -> list[PromptSpec]:
     """Prompts from ``world[:split[:n]]``, a JSONL file or a ``datasets`` folder (see the module doc)."""
     if source == "world" or source.startswith("world:"):
-        from pretrain.world import make_world
+        from glmwb.pretrain.world import make_world
 
         parts = source.split(":")
         split = parts[1] if len(parts) > 1 and parts[1] else "train"
@@ -139,9 +139,9 @@ def sample_responses(
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    from pretrain.generate import generate
-    from pretrain.hf import load_pretrained
-    from pretrain.tokenizer import render_chat, turn_terminator_ids
+    from glmwb.pretrain.generate import generate
+    from glmwb.pretrain.hf import load_pretrained
+    from glmwb.pretrain.tokenizer import render_chat, turn_terminator_ids
 
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
@@ -266,7 +266,7 @@ def make_items(
 
 def world_candidates(prompts: Sequence[PromptSpec], seed: int = 0) -> dict[str, list[NewResponse]]:
     """The embedded world's candidate answers (one of each kind: correct, wrong, verbose, ...)."""
-    from pretrain.world import Prompt, _cached_world
+    from glmwb.pretrain.world import Prompt, _cached_world
 
     out = {}
     for p in prompts:
@@ -289,7 +289,7 @@ def world_items(
 ) -> list[NewItem]:
     """``n`` regular items (two world candidates of different kinds per prompt) and ``gold`` gold items
     (a correct answer against an incorrect one: the rule's answer is certain) from the embedded world."""
-    from pretrain.world import PreferenceRule, Prompt, check
+    from glmwb.pretrain.world import PreferenceRule, Prompt, check
 
     prompts = load_prompts(f"world:{split}:{n + gold}", seed=seed)
     candidates = world_candidates(prompts, seed)
@@ -332,7 +332,7 @@ def simulate_votes(
     """Let the world's simulated annotators (``SimulatedAnnotator``) judge their assignments through the
     store, as people would through the page (world prompts only); returns the number of votes cast.
     ``strength``: a winner's vote also says how much better it is (``judge_with_strength``)."""
-    from pretrain.world import Prompt, SimulatedAnnotator
+    from glmwb.pretrain.world import Prompt, SimulatedAnnotator
 
     items = store.items()
     cast = 0

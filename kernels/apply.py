@@ -210,8 +210,8 @@ def apply_kernels(
 
 
 def _check_triton_can_run() -> None:
-    from kernels._common import is_interpreted
-    from kernels.rmsnorm import _rmsnorm_fwd_kernel
+    from glmwb.kernels._common import is_interpreted
+    from glmwb.kernels.rmsnorm import _rmsnorm_fwd_kernel
 
     if not torch.cuda.is_available() and not is_interpreted(_rmsnorm_fwd_kernel):
         raise ValueError(
@@ -225,7 +225,7 @@ def _check_triton_can_run() -> None:
 
 
 def _rmsnorm_forward(eps_attr: str) -> Callable:
-    from kernels.rmsnorm import rmsnorm
+    from glmwb.kernels.rmsnorm import rmsnorm
 
     def forward(self, x: torch.Tensor, original: Callable) -> torch.Tensor:
         return rmsnorm(x, self.weight, getattr(self, eps_attr))
@@ -234,7 +234,7 @@ def _rmsnorm_forward(eps_attr: str) -> Callable:
 
 
 def _swiglu_mlp_forward(self, x: torch.Tensor, original: Callable) -> torch.Tensor:
-    from kernels.swiglu import swiglu
+    from glmwb.kernels.swiglu import swiglu
 
     return self.down_proj(swiglu(self.gate_up_proj(x)))  # gate_up (.., 2I), gate first
 
@@ -244,7 +244,7 @@ def _swiglu_mlp_forward(self, x: torch.Tensor, original: Callable) -> torch.Tens
 
 
 def _is_our_glm(model: nn.Module) -> bool:
-    mod = sys.modules.get("pretrain.model")
+    mod = sys.modules.get("glmwb.pretrain.model")
     return mod is not None and isinstance(model, mod.GLM)
 
 
@@ -267,7 +267,7 @@ class _PositionsByCos:
 def _our_block_forward(self, x, cos, sin, attn_mask, is_causal, kv_cache=None, *, original):
     """``Block.forward`` with the attention's residual add and the MLP's norm in one kernel
     (``rmsnorm_add``: one pass over the rows instead of an add, then a norm that reads the sum again)."""
-    from kernels.rmsnorm import rmsnorm_add
+    from glmwb.kernels.rmsnorm import rmsnorm_add
 
     h = self.attn(self.attn_norm(x), cos, sin, attn_mask, is_causal, kv_cache)
     if self.post_attn_norm is not None:
@@ -280,7 +280,7 @@ def _our_block_forward(self, x, cos, sin, attn_mask, is_causal, kv_cache=None, *
 
 
 def _apply_to_our_glm(model: nn.Module, cfg: KernelConfig, handle: KernelHandle) -> None:
-    from pretrain import model as glm
+    from glmwb.pretrain import model as glm
 
     if cfg.rmsnorm == "triton":
         forward = _rmsnorm_forward("eps")
@@ -294,7 +294,7 @@ def _apply_to_our_glm(model: nn.Module, cfg: KernelConfig, handle: KernelHandle)
             if isinstance(module, glm.MLP):
                 handle.patch(module, "forward", _swiglu_mlp_forward, "swiglu")
     if cfg.rotary == "triton" or cfg.attention != "torch":
-        from kernels.rotary import rotary_inv_freq
+        from glmwb.kernels.rotary import rotary_inv_freq
 
         positions = _PositionsByCos()
         inv_freq = rotary_inv_freq(model.config.rotary_dim, model.config.rope_theta)
@@ -322,7 +322,7 @@ def _our_default_positions(
     kv_cache: Any,
 ) -> torch.Tensor:
     """``GLM.hidden_states``' rule for positions when none are given (kept in step by the parity tests)."""
-    from pretrain.model import doc_position_ids
+    from glmwb.pretrain.model import doc_position_ids
 
     batch, seq_len = input_ids.shape
     past = 0 if kv_cache is None else kv_cache.length
@@ -349,9 +349,9 @@ def _our_hidden_states(positions: _PositionsByCos) -> Callable:
 
 
 def _our_attention_forward(cfg: KernelConfig, positions: _PositionsByCos, inv_freq: torch.Tensor) -> Callable:
-    from kernels.attention import attention
-    from kernels.rotary import apply_rotary_qkv_
-    from pretrain.model import apply_rotary as torch_rotary
+    from glmwb.kernels.attention import attention
+    from glmwb.kernels.rotary import apply_rotary_qkv_
+    from glmwb.pretrain.model import apply_rotary as torch_rotary
 
     backend = "sdpa" if cfg.attention == "torch" else cfg.attention
     freqs: dict[torch.device, torch.Tensor] = {}
@@ -402,8 +402,8 @@ def _our_glm_forward(
         return original(
             input_ids, position_ids, doc_ids, attention_mask, labels, kv_cache, return_logits=return_logits
         )
-    from kernels.fused_linear_ce import fused_linear_cross_entropy
-    from pretrain.model import IGNORE_INDEX, GLMOutput
+    from glmwb.kernels.fused_linear_ce import fused_linear_cross_entropy
+    from glmwb.pretrain.model import IGNORE_INDEX, GLMOutput
 
     h = self.hidden_states(input_ids, position_ids, doc_ids, attention_mask, kv_cache)  # (B, T, D)
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): next-token labels, as causal_lm_loss
@@ -477,8 +477,8 @@ def _apply_to_hf_glm(model: nn.Module, cfg: KernelConfig, handle: KernelHandle) 
 def _hf_attention_forward(cfg: KernelConfig, rotary_emb: nn.Module | None) -> Callable:
     """A Glm(4)Attention.forward with the Triton rotary (positions from the decoder layer's ``position_ids``)
     and / or our attention dispatch; anything it cannot do exactly goes to the original forward."""
-    from kernels.attention import attention
-    from kernels.rotary import apply_rotary
+    from glmwb.kernels.attention import attention
+    from glmwb.kernels.rotary import apply_rotary
 
     backend = "sdpa" if cfg.attention == "torch" else cfg.attention
 
@@ -571,7 +571,7 @@ def _hf_causal_lm_forward(
         )  # fmt: skip
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from kernels.fused_linear_ce import fused_linear_cross_entropy
+    from glmwb.kernels.fused_linear_ce import fused_linear_cross_entropy
 
     return_dict = kwargs.pop("return_dict", None)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)

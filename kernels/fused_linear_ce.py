@@ -39,7 +39,14 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from kernels._common import cdiv, check_device, check_dtype, is_interpreted, next_power_of_2, num_warps_for
+from glmwb.kernels._common import (
+    cdiv,
+    check_device,
+    check_dtype,
+    is_interpreted,
+    next_power_of_2,
+    num_warps_for,
+)
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum")

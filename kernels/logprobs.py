@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from kernels._common import check_device, check_dtype, num_warps_for
-from kernels.fused_linear_ce import (
+from glmwb.kernels._common import check_device, check_dtype, num_warps_for
+from glmwb.kernels.fused_linear_ce import (
     IGNORE_INDEX,
     ChunkedLMHead,
     accumulate_matmul,

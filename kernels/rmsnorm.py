@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from kernels._common import (
+from glmwb.kernels._common import (
     cdiv,
     check_device,
     check_dtype,

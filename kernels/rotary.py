@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from kernels._common import cdiv, check_device, check_dtype, next_power_of_2, num_warps_for
+from glmwb.kernels._common import cdiv, check_device, check_dtype, next_power_of_2, num_warps_for
 
 _TILE_ELEMS = 4096  # tokens per program: as many as fit this many elements of q (32 heads x 128 dims)
 MAX_HEAD_ELEMS = 16384  # one token's q heads are one tile: next_pow2(Hq) x next_pow2(D) at most this

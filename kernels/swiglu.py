@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from kernels._common import cdiv, check_device, check_dtype, next_power_of_2, num_warps_for
+from glmwb.kernels._common import cdiv, check_device, check_dtype, next_power_of_2, num_warps_for
 
 _BLOCK_N_MAX = 1024  # 8 elements per thread at 4 warps: 16-byte bf16 vectors
 

@@ -4,8 +4,8 @@ One step = forward + loss + backward + AdamW step. Both models use SDPA attentio
 identical (copied through the adapter). Measurements are interleaved (ours, HF, HF, ours, ...) so drift in
 the machine's speed hits both alike; the median of ``--steps`` timed steps after ``--warmup`` is reported.
 
-    python -m pretrain.bench_throughput                    # default GLMConfig(), batch 8 x 256
-    python -m pretrain.bench_throughput --dtype bf16 --device cuda --hidden-size 1024 --num-layers 12
+    python -m glmwb.pretrain.bench_throughput                    # default GLMConfig(), batch 8 x 256
+    python -m glmwb.pretrain.bench_throughput --dtype bf16 --device cuda --hidden-size 1024 --num-layers 12
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import transformers
 
-from pretrain.config import GLMConfig
-from pretrain.hf import to_hf_config, to_hf_state_dict
-from pretrain.model import GLM
+from glmwb.pretrain.config import GLMConfig
+from glmwb.pretrain.hf import to_hf_config, to_hf_state_dict
+from glmwb.pretrain.model import GLM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.kernels:
         import copy
 
-        from kernels import apply_kernels
+        from glmwb.kernels.apply import apply_kernels
 
         for name, model, is_hf in (("ours+kernels", ours, False), ("hf+kernels", hf, True)):
             twin = copy.deepcopy(model)

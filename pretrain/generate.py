@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from pretrain.model import GLM, KVCache
+from glmwb.pretrain.model import GLM, KVCache
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:

@@ -27,8 +27,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pretrain.config import GLMConfig
-from pretrain.model import GLM
+from glmwb.pretrain.config import GLMConfig
+from glmwb.pretrain.model import GLM
 
 # ours (with {i}) <-> Hugging Face, for every tensor that maps one to one
 _LAYER_NAMES = {

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.config import GLMConfig
+from glmwb.pretrain.config import GLMConfig
 
 IGNORE_INDEX = -100
 

@@ -8,25 +8,25 @@ from typing import Any
 
 import torch
 
-from recipes.loader import RecipeError
-from recipes.schema import CorpusConfig, PretrainRecipe, TokenizerRecipe
+from glmwb.recipes.loader import RecipeError
+from glmwb.recipes.schema import CorpusConfig, PretrainRecipe, TokenizerRecipe
 
 
 def corpus_texts(cfg: CorpusConfig) -> list[str]:
     """The documents a corpus section names: drawn from the embedded world, or read from files."""
     if cfg.source == "world":
-        from pretrain.world import make_world
+        from glmwb.pretrain.world import make_world
 
         world = make_world(seed=cfg.world.seed, num_entities=cfg.world.num_entities)
         return world.corpus(cfg.num_docs, seed=cfg.world.seed)
-    from pretrain.data import read_texts
+    from glmwb.pretrain.data import read_texts
 
     texts = read_texts(list(cfg.paths))
     return texts[: cfg.max_docs] if cfg.max_docs else texts
 
 
 def run_tokenizer(recipe: TokenizerRecipe) -> dict[str, Any]:
-    from pretrain.tokenizer import train_tokenizer
+    from glmwb.pretrain.tokenizer import train_tokenizer
 
     out = Path(recipe.run.dir)
     texts = corpus_texts(recipe.corpus)
@@ -64,11 +64,11 @@ def load_tokenizer(path: str):
 
 
 def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
-    from pretrain.data import FilterConfig, build_dataset, load_packed, unigram_entropy
-    from pretrain.hf import load_pretrained, save_pretrained
-    from pretrain.model import GLM
-    from pretrain.tokenizer import turn_terminator_ids
-    from pretrain.train import train
+    from glmwb.pretrain.data import FilterConfig, build_dataset, load_packed, unigram_entropy
+    from glmwb.pretrain.hf import load_pretrained, save_pretrained
+    from glmwb.pretrain.model import GLM
+    from glmwb.pretrain.tokenizer import turn_terminator_ids
+    from glmwb.pretrain.train import train
 
     run_dir = Path(recipe.run.dir)
     tok = load_tokenizer(recipe.data.tokenizer)
@@ -97,7 +97,7 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
     torch.manual_seed(recipe.run.seed)
     model = load_pretrained(recipe.train.init_from) if recipe.train.init_from else GLM(cfg)
     if recipe.kernels is not None:
-        from kernels.apply import apply_kernels
+        from glmwb.kernels.apply import apply_kernels
 
         apply_kernels(model, recipe.kernels)
     print(
@@ -131,9 +131,9 @@ def world_samples(model, tok, recipe: PretrainRecipe, per_lang: int = 2) -> list
     """Greedy answers to held-out world questions in both languages (chat format), checked by the world."""
     if recipe.corpus.source != "world":
         return []
-    from pretrain.generate import generate
-    from pretrain.tokenizer import render_chat, turn_terminator_ids
-    from pretrain.world import make_world
+    from glmwb.pretrain.generate import generate
+    from glmwb.pretrain.tokenizer import render_chat, turn_terminator_ids
+    from glmwb.pretrain.world import make_world
 
     world = make_world(seed=recipe.corpus.world.seed, num_entities=recipe.corpus.world.num_entities)
     prompts = world.prompts("heldout", 200, seed=recipe.run.seed)

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pretrain.data import DedupConfig, FilterConfig
+from glmwb.pretrain.data import DedupConfig, FilterConfig
 
 if TYPE_CHECKING:
-    from pretrain.model import GLM
+    from glmwb.pretrain.model import GLM
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 def save_checkpoint(
     run_dir: Path, model, tokenizer, optimizer, step: int, data_state: dict, extra: dict, keep: int
 ) -> Path:
-    from pretrain.hf import save_pretrained
+    from glmwb.pretrain.hf import save_pretrained
 
     final = run_dir / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -222,7 +222,7 @@ def train(
     unigram_baseline: float | None = None,
 ) -> dict[str, Any]:
     """Train `model` on packed `train_data`; returns a summary (losses before / after, tokens/s, ...)."""
-    from pretrain.data import BatchIterator
+    from glmwb.pretrain.data import BatchIterator
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -240,7 +240,7 @@ def train(
 
     existing = checkpoint_dirs(run_dir) if train_cfg.resume else []
     if existing:
-        from pretrain.hf import load_pretrained
+        from glmwb.pretrain.hf import load_pretrained
 
         ckpt = existing[-1]
         model.load_state_dict(load_pretrained(ckpt).state_dict())

@@ -102,7 +102,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from annotation.records import STRENGTH_MARGINS, STRENGTHS
+from glmwb.annotation.records import STRENGTH_MARGINS, STRENGTHS
 
 FAMILIES = ("arithmetic", "conversion", "fact")
 LANGS = ("en", "zh")
@@ -1506,7 +1506,7 @@ def preference_pairs(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# CLI: python -m pretrain.world --out DIR --seed 0
+# CLI: python -m glmwb.pretrain.world --out DIR --seed 0
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -1517,7 +1517,9 @@ def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.world", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m glmwb.pretrain.world", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder to write into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-entities", type=int, default=96)

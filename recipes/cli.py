@@ -20,14 +20,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recipes.loader import RecipeError, apply_override, build, dump_yaml, parse_override, read_yaml, to_plain
+from glmwb.recipes.loader import (
+    RecipeError,
+    apply_override,
+    build,
+    dump_yaml,
+    parse_override,
+    read_yaml,
+    to_plain,
+)
 
 USER_ERROR = 2
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """Read, override and strictly build a recipe; raises RecipeError on any user mistake."""
-    from recipes.schema import stage_class, stage_names
+    from glmwb.recipes.schema import stage_class, stage_names
 
     data = read_yaml(path)
     for text in overrides:
@@ -147,7 +155,7 @@ def _check_resume(recipe: Any) -> None:
 
 
 def run_stage(recipe: Any) -> dict:
-    from recipes.schema import RUNNERS, stage_runner
+    from glmwb.recipes.schema import RUNNERS, stage_runner
 
     _check_resume(recipe)
     dump_yaml(recipe, Path(recipe.run.dir) / "config.yaml")
@@ -201,7 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     import yaml
 
-    from recipes.loader import to_plain
+    from glmwb.recipes.loader import to_plain
 
     if is_pipeline(args.recipe):
         pipeline, stages = resolve_pipeline(args.recipe, args.overrides)
@@ -219,16 +227,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_world(args: argparse.Namespace) -> int:
-    from pretrain.world import main as world_main
+    from glmwb.pretrain.world import main as world_main
 
     return world_main(["--out", args.out, "--seed", str(args.seed)]) or 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from pretrain.generate import generate
-    from pretrain.hf import load_pretrained
-    from pretrain.run import load_tokenizer
-    from pretrain.tokenizer import render_chat, turn_terminator_ids
+    from glmwb.pretrain.generate import generate
+    from glmwb.pretrain.hf import load_pretrained
+    from glmwb.pretrain.run import load_tokenizer
+    from glmwb.pretrain.tokenizer import render_chat, turn_terminator_ids
 
     if not (Path(args.model) / "config.json").is_file():
         raise RecipeError(f"no model folder at {args.model!r} (expected config.json there)")
@@ -251,7 +259,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_rewards(args: argparse.Namespace) -> int:
-    from rewards.server import serve
+    from glmwb.rewards.server import serve
 
     if not (Path(args.model) / "config.json").is_file():
         raise RecipeError(f"no reward folder at {args.model!r} (expected config.json there)")
@@ -307,11 +315,11 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=1.0)
     s.set_defaults(func=cmd_sample)
 
-    from annotation.cli import register as register_annotation
+    from glmwb.annotation.cli import register as register_annotation
 
     register_annotation(sub)  # glmwb annotate, glmwb annotation ...
 
-    from rewards.server import add_arguments as reward_server_arguments
+    from glmwb.rewards.server import add_arguments as reward_server_arguments
 
     sr = sub.add_parser(
         "serve-rewards",

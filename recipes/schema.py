@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kernels.apply import KernelConfig
-from pretrain.config import GLMConfig
-from pretrain.train import DataConfig, OptimConfig, TrainConfig
-from rewards.config import LoRAConfig, RewardLossConfig, RewardTrainConfig, VerifierConfig
+from glmwb.kernels.apply import KernelConfig
+from glmwb.pretrain.config import GLMConfig
+from glmwb.pretrain.train import DataConfig, OptimConfig, TrainConfig
+from glmwb.rewards.config import LoRAConfig, RewardLossConfig, RewardTrainConfig, VerifierConfig
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ class RewardDataConfig:
                 "heldout_split 'heldout': set data.heldout_split: test (the other half) to keep the evaluation held out"
             )
         if self.contrastive:
-            from pretrain.world import contrast_pairs  # names the allowed kinds in its error
+            from glmwb.pretrain.world import contrast_pairs  # names the allowed kinds in its error
 
             if not self.contrast_kinds:
                 raise ValueError(
@@ -262,26 +262,26 @@ STAGES: dict[str, type] = {
 # Stages whose recipe class lives beside its trainer ("module:Class"), imported on first use so that the
 # CLI starts without TRL and friends; each module also has the runner named in RUNNERS.
 LAZY_STAGES: dict[str, str] = {
-    "sft": "align.sft:SFTRecipe",
-    "dpo": "align.dpo:DPORecipe",
-    "online_dpo": "align.online_dpo:OnlineDPORecipe",
-    "ppo": "align.ppo.run:PPORecipe",
-    "grpo": "align.grpo:GRPORecipe",
-    "align_eval": "align.evaluate:EvalRecipe",
-    "preferences": "annotation.collect:PreferencesRecipe",
+    "sft": "glmwb.align.sft:SFTRecipe",
+    "dpo": "glmwb.align.dpo:DPORecipe",
+    "online_dpo": "glmwb.align.online_dpo:OnlineDPORecipe",
+    "ppo": "glmwb.align.ppo.run:PPORecipe",
+    "grpo": "glmwb.align.grpo:GRPORecipe",
+    "align_eval": "glmwb.align.evaluate:EvalRecipe",
+    "preferences": "glmwb.annotation.collect:PreferencesRecipe",
 }
 
 RUNNERS: dict[str, str] = {
-    "tokenizer": "pretrain.run:run_tokenizer",
-    "pretrain": "pretrain.run:run_pretrain",
-    "reward": "rewards.run:run_reward",
-    "sft": "align.sft:run_sft",
-    "dpo": "align.dpo:run_dpo",
-    "online_dpo": "align.online_dpo:run_online_dpo",
-    "ppo": "align.ppo.run:run_ppo",
-    "grpo": "align.grpo:run_grpo",
-    "align_eval": "align.evaluate:run_eval",
-    "preferences": "annotation.collect:run_preferences",
+    "tokenizer": "glmwb.pretrain.run:run_tokenizer",
+    "pretrain": "glmwb.pretrain.run:run_pretrain",
+    "reward": "glmwb.rewards.run:run_reward",
+    "sft": "glmwb.align.sft:run_sft",
+    "dpo": "glmwb.align.dpo:run_dpo",
+    "online_dpo": "glmwb.align.online_dpo:run_online_dpo",
+    "ppo": "glmwb.align.ppo.run:run_ppo",
+    "grpo": "glmwb.align.grpo:run_grpo",
+    "align_eval": "glmwb.align.evaluate:run_eval",
+    "preferences": "glmwb.annotation.collect:run_preferences",
 }
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from annotation.records import PreferenceDataError, PreferenceRecord
+from glmwb.annotation.records import PreferenceDataError, PreferenceRecord
 
 Truncation = Literal["left", "drop", "error"]
 IGNORE_LABEL = -100  # an attribute head with no label for this pair

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rewards.model import RewardInfo, RewardModel
+from glmwb.rewards.model import RewardInfo, RewardModel
 
 ENSEMBLE_FILE = "ensemble.json"
 ENSEMBLE_INFO = "ensemble_config.json"

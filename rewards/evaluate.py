@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rewards.losses import TIE_MODELS, outcome_probs
+from glmwb.rewards.losses import TIE_MODELS, outcome_probs
 
 
 def _np(x: Tensor | Sequence[float] | np.ndarray) -> np.ndarray:
@@ -252,7 +252,7 @@ def world_agreement(records: Sequence[Any], chosen: Tensor, rejected: Tensor) ->
     about ±2.5 points, so a figure a point from a target says little on its own.
     ``by_kinds`` breaks the rule accuracy down by the kinds compared ("correct>wrong", ...).
     """
-    from pretrain.world import agreement_ceiling
+    from glmwb.pretrain.world import agreement_ceiling
 
     d = _np(chosen) - _np(rejected)
     agree_ann, agree_rule, ceilings = [], [], []
@@ -301,9 +301,9 @@ def response_logprobs(
     the causal LM in ``folder``: (N,) each, fp32. Prompts longer than ``max_length`` minus the longer
     response lose tokens on the left; a response longer than ``max_length`` keeps its first tokens.
     Packed (padding-free) batches of about ``batch_tokens`` tokens, through align.packed_dpo."""
-    from align.packed_dpo import PairTokens, encode_pair, pack_batch, pair_logps
-    from pretrain.hf import load_pretrained
-    from pretrain.run import load_tokenizer
+    from glmwb.align.packed_dpo import PairTokens, encode_pair, pack_batch, pair_logps
+    from glmwb.pretrain.hf import load_pretrained
+    from glmwb.pretrain.run import load_tokenizer
 
     model = load_pretrained(folder).eval()
     if model.lm_head is None:
@@ -374,8 +374,8 @@ def evaluate_folder(
     """Score held-out ``pairs`` (``data.EncodedPair``, from ``records``) with the reward folder, and write
     ``metrics.json``, ``reliability.png`` and ``distributions.png`` into ``out_dir``. ``members``: more reward
     folders, for ensemble disagreement (the first member is ``folder`` itself)."""
-    from rewards.ensemble import RewardEnsemble, load_reward_model
-    from rewards.model import RewardModel, score_sequences
+    from glmwb.rewards.ensemble import RewardEnsemble, load_reward_model
+    from glmwb.rewards.model import RewardModel, score_sequences
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

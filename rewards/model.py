@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pretrain.config import GLMConfig
-from pretrain.hf import (
+from glmwb.pretrain.config import GLMConfig
+from glmwb.pretrain.hf import (
     _load_hf_weights,
     _owning_copy,
     from_hf_config,
@@ -36,7 +36,7 @@ from pretrain.hf import (
     to_hf_names,
     to_hf_state_dict,
 )
-from pretrain.model import GLM
+from glmwb.pretrain.model import GLM
 
 PAD_TOKEN = "<eop>"  # never rendered by the GLM-4 template, and escaped when it occurs in text
 REWARD_CONFIG = "reward_config.json"
@@ -219,7 +219,7 @@ class RewardModel(nn.Module):
             self.info.verifier_assistant_id = self.verifier.assistant_id
             self.info.verifier_gate = self.verifier_gate is not None
             if self.verifier_gate is not None:
-                from rewards.verifier import VERIFIER_DIR
+                from glmwb.rewards.verifier import VERIFIER_DIR
 
                 save_file(
                     {"weight": _owning_copy(self.verifier_gate.weight.detach())},
@@ -290,7 +290,7 @@ class RewardModel(nn.Module):
             model = cls(backbone, list(heads or ("reward",)), keep_lm_head=keep_lm_head)
             model.score.to(dtype)
         if info.verifier_features:
-            from rewards.verifier import VERIFIER_DIR, LikelihoodVerifier
+            from glmwb.rewards.verifier import VERIFIER_DIR, LikelihoodVerifier
 
             verifier = LikelihoodVerifier.from_pretrained(
                 folder / VERIFIER_DIR, info.verifier_assistant_id, info.verifier_features, dtype

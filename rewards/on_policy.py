@@ -6,7 +6,7 @@ entity). This samples ``k`` answers per held-out world prompt from a policy, gra
 checker, and reports per reward model: of the (right, wrong) pairs of the same prompt, the share the RM
 orders right, and the accuracy of its best-of-k pick (docs/rewards.md, session 7).
 
-    python -m rewards.on_policy --policy runs/quickstart/sft/final \
+    python -m glmwb.rewards.on_policy --policy runs/quickstart/sft/final \
         --rm runs/quickstart/reward/final [--rm another/final ...] [--k 4] [--out report.json]
 """
 
@@ -57,8 +57,8 @@ def sample_and_grade(
     seed: int = 0,
 ) -> tuple[list, list[list[str]], Tensor]:
     """(prompts, answers per prompt (k each), correct (P, k)) for ``k`` samples per held-out world prompt."""
-    from align.evaluate import generate_answers, load_policy
-    from pretrain.world import make_world
+    from glmwb.align.evaluate import generate_answers, load_policy
+    from glmwb.pretrain.world import make_world
 
     world = make_world(seed=world_seed, num_entities=num_entities)
     prompts = [p for p in world.prompts(split, n) if p.family in families]
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     if args.k < 2:
         ap.error("--k must be at least 2 (pairs of answers to the same prompt)")
-    from rewards.scoring import RewardScorer
+    from glmwb.rewards.scoring import RewardScorer
 
     prompts, answers, correct = sample_and_grade(
         args.policy, args.world_seed, args.num_entities, args.split, args.n,

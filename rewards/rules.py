@@ -26,8 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pretrain.tokenizer import SPECIAL_TOKENS
-from pretrain.world import Prompt, check, detect_language, find_numbers, on_topic
+from glmwb.pretrain.tokenizer import SPECIAL_TOKENS
+from glmwb.pretrain.world import Prompt, check, detect_language, find_numbers, on_topic
 
 GSM8K_FINAL = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
 

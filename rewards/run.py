@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from recipes.loader import RecipeError
-from recipes.schema import RewardDataConfig, RewardRecipe
+from glmwb.recipes.loader import RecipeError
+from glmwb.recipes.schema import RewardDataConfig, RewardRecipe
 
 
 def load_records(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
@@ -41,7 +41,7 @@ def _load_records(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[st
     train, held, facts = _load_source(cfg, seed)
     extra = getattr(cfg, "extra_paths", ())
     if extra:
-        from rewards.data import read_preferences
+        from glmwb.rewards.data import read_preferences
 
         added, skipped = [], []
         for path in extra:
@@ -59,11 +59,11 @@ def _load_records(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[st
 
 
 def _load_source(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
-    from rewards.data import read_preferences
+    from glmwb.rewards.data import read_preferences
 
     if cfg.source == "world":
-        from annotation.records import records_from_dicts
-        from pretrain.world import make_world, preference_pairs
+        from glmwb.annotation.records import records_from_dicts
+        from glmwb.pretrain.world import make_world, preference_pairs
 
         world = make_world(seed=cfg.world.seed, num_entities=cfg.world.num_entities)
         a = cfg.annotators
@@ -151,9 +151,9 @@ def split_value_first(recipe: RewardRecipe, records: list) -> tuple[list, list]:
 
 
 def build_model(recipe: RewardRecipe, tok):
-    from pretrain.model import GLM
-    from rewards.model import RewardModel
-    from rewards.train import apply_lora
+    from glmwb.pretrain.model import GLM
+    from glmwb.rewards.model import RewardModel
+    from glmwb.rewards.train import apply_lora
 
     heads = list(recipe.model.heads)
     if recipe.model.init_from:
@@ -180,7 +180,7 @@ def build_model(recipe: RewardRecipe, tok):
 def attach_verifier(model, recipe: RewardRecipe, tok) -> None:
     """The frozen LM of ``model.verifier`` (``init`` = model.init_from), checked to be a causal LM that
     shares the reward model's tokenizer."""
-    from rewards.verifier import ASSISTANT_TOKEN, LikelihoodVerifier
+    from glmwb.rewards.verifier import ASSISTANT_TOKEN, LikelihoodVerifier
 
     v = recipe.model.verifier
     folder = recipe.model.init_from if v.lm == "init" else v.lm
@@ -203,12 +203,12 @@ def attach_verifier(model, recipe: RewardRecipe, tok) -> None:
 
 
 def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
-    from pretrain.run import load_tokenizer
-    from rewards.data import annotator_reliability, encode_pairs, reliability_weights
-    from rewards.evaluate import evaluate_folder, format_summary
-    from rewards.model import reward_pad_id
-    from rewards.strategy import make_strategy
-    from rewards.train import save_reward_folder, train_reward_model
+    from glmwb.pretrain.run import load_tokenizer
+    from glmwb.rewards.data import annotator_reliability, encode_pairs, reliability_weights
+    from glmwb.rewards.evaluate import evaluate_folder, format_summary
+    from glmwb.rewards.model import reward_pad_id
+    from glmwb.rewards.strategy import make_strategy
+    from glmwb.rewards.train import save_reward_folder, train_reward_model
 
     run_dir = Path(recipe.run.dir)
     if recipe.model.init_from and not (Path(recipe.model.init_from) / "config.json").is_file():
@@ -285,9 +285,9 @@ def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
         )  # fmt: skip
         members.append(save_reward_folder(member, member_dir / "final", tok))
     if recipe.model.ensemble > 1:  # final/ becomes the ensemble: member 0 there, the others in final/members/
-        from rewards.ensemble import RewardEnsemble
-        from rewards.model import RewardModel
-        from rewards.train import reward_statistics
+        from glmwb.rewards.ensemble import RewardEnsemble
+        from glmwb.rewards.model import RewardModel
+        from glmwb.rewards.train import reward_statistics
 
         ensemble = RewardEnsemble(
             [RewardModel.from_pretrained(m) for m in members], recipe.model.ensemble_penalty
@@ -340,7 +340,7 @@ def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
             baseline, recipe.data.max_length, held_records, report, run_dir, print
         )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
-    from rewards.ensemble import ENSEMBLE_INFO, is_ensemble
+    from glmwb.rewards.ensemble import ENSEMBLE_INFO, is_ensemble
 
     info_path = final / (ENSEMBLE_INFO if is_ensemble(final) else "reward_config.json")
     info = json.loads(info_path.read_text())
@@ -375,7 +375,7 @@ def _likelihood_baseline(
 ) -> dict[str, Any]:
     """Score the held-out pairs by the causal LM's own log-likelihood (rewards.evaluate.likelihood_baseline),
     print it next to the RM's figures, and write eval/likelihood_baseline.json."""
-    from rewards.evaluate import likelihood_baseline
+    from glmwb.rewards.evaluate import likelihood_baseline
 
     base = likelihood_baseline(folder, held_records, max_length)
     rm_acc, lb_acc = report["pairwise"].get("accuracy"), base["pairwise"].get("accuracy")

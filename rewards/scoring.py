@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from annotation.records import ROLES
-from rewards.data import PreferenceDataError, encode_response, truncate
-from rewards.ensemble import RewardEnsemble, load_reward_model
-from rewards.model import RewardModel, reward_pad_id, score_sequences
+from glmwb.annotation.records import ROLES
+from glmwb.rewards.data import PreferenceDataError, encode_response, truncate
+from glmwb.rewards.ensemble import RewardEnsemble, load_reward_model
+from glmwb.rewards.model import RewardModel, reward_pad_id, score_sequences
 
 
 class ScoringError(ValueError):

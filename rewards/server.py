@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # heavy (torch, transformers): imported when serving, not when the CLI starts
-    from rewards.scoring import RewardScorer
+    from glmwb.rewards.scoring import RewardScorer
 
 
 def create_app(scorer: "RewardScorer", max_batch: int = 256) -> Any:
@@ -28,7 +28,7 @@ def create_app(scorer: "RewardScorer", max_batch: int = 256) -> Any:
     from fastapi.responses import JSONResponse
     from pydantic import BaseModel, ConfigDict, Field
 
-    from rewards.scoring import ScoringError
+    from glmwb.rewards.scoring import ScoringError
 
     class Message(BaseModel):
         model_config = ConfigDict(extra="allow")
@@ -115,7 +115,7 @@ class RewardClient:
         body = {"prompts": list(prompts), "responses": list(responses), "head": head, "normalize": normalize}
         r = self._client.post("/score", json=body)
         if r.status_code != 200:
-            from rewards.scoring import ScoringError
+            from glmwb.rewards.scoring import ScoringError
 
             detail = r.json().get("detail")
             if isinstance(detail, dict) and "field" in detail:
@@ -148,7 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from rewards.scoring import RewardScorer
+    from glmwb.rewards.scoring import RewardScorer
 
     scorer = RewardScorer.from_pretrained(
         args.model, device=args.device, max_length=args.max_length, truncation=args.truncation

@@ -3,7 +3,7 @@ all-reduce, save. ``SingleDevice`` is plain PyTorch; ``DeepSpeed`` wraps ZeRO 1-
 only when chosen). Trainers call these methods and never ``deepspeed`` itself.
 
 Two ranks on one CPU (tests/rewards/test_distributed.py checks 2 ranks = 1 rank with 2 accumulation steps):
-    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m recipes.cli run recipes/reward.yaml train.strategy=deepspeed
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m glmwb.recipes.cli run recipes/reward.yaml train.strategy=deepspeed
 Resuming a DeepSpeed run from a checkpoint is not supported yet (the trainer refuses).
 """
 

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pretrain.model import IGNORE_INDEX, causal_lm_loss
-from pretrain.train import (
+from glmwb.pretrain.model import IGNORE_INDEX, causal_lm_loss
+from glmwb.pretrain.train import (
     OptimConfig,
     autocast_dtype,
     lr_at,
@@ -40,12 +40,12 @@ from pretrain.train import (
     seed_everything,
     set_rng_state,
 )
-from rewards.config import LoRAConfig, RewardLossConfig, RewardTrainConfig
-from rewards.data import EncodedPair
-from rewards.evaluate import pairwise_metrics
-from rewards.losses import TIE_PARAM_TRANSFORMS, centering_loss, label_mask, multi_head_loss
-from rewards.model import RewardModel, packed_batch, padded_batch, score_sequences, verifier_features
-from rewards.strategy import SingleDevice
+from glmwb.rewards.config import LoRAConfig, RewardLossConfig, RewardTrainConfig
+from glmwb.rewards.data import EncodedPair
+from glmwb.rewards.evaluate import pairwise_metrics
+from glmwb.rewards.losses import TIE_PARAM_TRANSFORMS, centering_loss, label_mask, multi_head_loss
+from glmwb.rewards.model import RewardModel, packed_batch, padded_batch, score_sequences, verifier_features
+from glmwb.rewards.strategy import SingleDevice
 
 # ----------------------------------------------------------------------------------------------------------
 # LoRA
@@ -388,7 +388,7 @@ def save_reward_folder(model: RewardModel, folder: str | Path, tokenizer=None) -
     """Save as a ``GlmForSequenceClassification`` folder; LoRA adapters are merged into the weights."""
     if not any(".lora_" in n for n, _ in model.named_parameters()):
         return model.save(folder, tokenizer)
-    from pretrain.model import GLM
+    from glmwb.pretrain.model import GLM
 
     with torch.device("meta"):
         plain = GLM(model.config)

@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pretrain.model import GLM
-from rewards.config import VERIFIER_FEATURES, VerifierConfig, check_verifier_features
+from glmwb.pretrain.model import GLM
+from glmwb.rewards.config import VERIFIER_FEATURES, VerifierConfig, check_verifier_features
 
 VERIFIER_DIR = "verifier"
 ASSISTANT_TOKEN = "<|assistant|>"
@@ -131,7 +131,7 @@ class LikelihoodVerifier(nn.Module):
         return torch.stack(out)
 
     def save(self, folder: str | Path, tokenizer=None) -> Path:
-        from pretrain.hf import save_pretrained
+        from glmwb.pretrain.hf import save_pretrained
 
         return save_pretrained(self.lm, Path(folder) / VERIFIER_DIR, tokenizer)
 
@@ -139,7 +139,7 @@ class LikelihoodVerifier(nn.Module):
     def from_pretrained(
         cls, folder: str | Path, assistant_id: int, names: Sequence[str], dtype: torch.dtype = torch.float32
     ) -> LikelihoodVerifier:
-        from pretrain.hf import load_pretrained
+        from glmwb.pretrain.hf import load_pretrained
 
         folder = Path(folder)
         if not (folder / "config.json").is_file():

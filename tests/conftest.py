@@ -68,7 +68,7 @@ def tiny_tokenizer(tmp_path_factory):
     """
     from transformers import AutoTokenizer
 
-    from pretrain.tokenizer import train_tokenizer
+    from glmwb.pretrain.tokenizer import train_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny_tokenizer")
     train_tokenizer(

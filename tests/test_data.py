@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.data import (
+from glmwb.pretrain.data import (
     IGNORE_INDEX,
     BatchIterator,
     DataFormatError,
@@ -71,7 +71,7 @@ def zh_texts() -> list[str]:
 
 @pytest.fixture(scope="module")
 def tokenizer(en_texts, zh_texts):
-    from pretrain.tokenizer import train_tokenizer
+    from glmwb.pretrain.tokenizer import train_tokenizer
 
     return train_tokenizer(en_texts + zh_texts, vocab_size=1024, show_progress=False)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.generate import generate, sample_next
+from glmwb.pretrain.generate import generate, sample_next
 from tests.test_model import hf_twin, random_glm, small_config
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [33, 1, 2, 3, 4, 99, 100, 7, 7, 12, 13]]

@@ -8,8 +8,8 @@ import pytest
 import torch
 import transformers
 
-from pretrain.config import GLMConfig
-from pretrain.hf import (
+from glmwb.pretrain.config import GLMConfig
+from glmwb.pretrain.hf import (
     from_hf_config,
     from_hf_state_dict,
     load_pretrained,

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from pretrain.config import GLMConfig
-from pretrain.hf import to_hf_config, to_hf_state_dict
-from pretrain.model import (
+from glmwb.pretrain.config import GLMConfig
+from glmwb.pretrain.hf import to_hf_config, to_hf_state_dict
+from glmwb.pretrain.model import (
     GLM,
     KVCache,
     RMSNorm,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from recipes.cli import load_recipe, main, resolve_pipeline
-from recipes.loader import RecipeError
-from recipes.schema import PretrainRecipe
+from glmwb.recipes.cli import load_recipe, main, resolve_pipeline
+from glmwb.recipes.loader import RecipeError
+from glmwb.recipes.schema import PretrainRecipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -97,9 +97,9 @@ def test_reward_minimal_pair_kinds_are_checked_at_load(tmp_path):
 def test_reward_dev_prompts_train_on_dev_and_evaluate_on_test_only(tmp_path):
     """data.dev_prompts adds labelled pairs on the world's dev instances (PPO's rollout prompts); the held-out
     pairs must then come from the other half (test), and the recipe says so when they would not."""
-    from pretrain.world import make_world
-    from recipes.schema import RewardDataConfig
-    from rewards.run import load_records
+    from glmwb.pretrain.world import make_world
+    from glmwb.recipes.schema import RewardDataConfig
+    from glmwb.rewards.run import load_records
 
     path = write(tmp_path, "stage: reward\nmodel:\n  init_from: somewhere\n")
     with pytest.raises(RecipeError, match="heldout_split: test"):
@@ -186,7 +186,7 @@ def test_pipeline_stage_can_set_a_key_back_to_null(tmp_path):
 
 
 def test_pipeline_runs_a_chosen_subset_of_stages(tmp_path, capsys):
-    from recipes.cli import select_stages
+    from glmwb.recipes.cli import select_stages
 
     stages = [("a", None, None), ("b", None, None), ("c", None, None)]
     assert [s[0] for s in select_stages(stages, "c,a", None)] == ["a", "c"]
@@ -204,7 +204,7 @@ def test_pipeline_runs_a_chosen_subset_of_stages(tmp_path, capsys):
 def test_cli_user_error_exits_2_without_traceback(tmp_path):
     path = write(tmp_path, "stage: pretrain\noptim:\n  lrr: 0.1\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "recipes.cli", "validate", str(path)], capture_output=True, text=True
+        [sys.executable, "-m", "glmwb.recipes.cli", "validate", str(path)], capture_output=True, text=True
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "optim.lrr" in proc.stderr
@@ -219,7 +219,9 @@ def test_cli_help_everywhere():
         ["world", "--help"],
         ["sample", "--help"],
     ):
-        proc = subprocess.run([sys.executable, "-m", "recipes.cli", *args], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "glmwb.recipes.cli", *args], capture_output=True, text=True
+        )
         assert proc.returncode == 0 and "usage: glmwb" in proc.stdout
 
 
@@ -232,8 +234,8 @@ def test_validate_prints_resolved_config(capsys):
 def test_resuming_with_another_recipe_is_refused(tmp_path) -> None:
     """Checkpoints in run.dir are resumed; a recipe that differs in more than budgets / logging / evaluation
     is refused before anything runs (it would mix two experiments), and the message names the keys."""
-    from recipes.cli import load_recipe, resume_conflicts, run_stage
-    from recipes.loader import dump_yaml, read_yaml, to_plain
+    from glmwb.recipes.cli import load_recipe, resume_conflicts, run_stage
+    from glmwb.recipes.loader import dump_yaml, read_yaml, to_plain
 
     run = tmp_path / "rm"
     first = load_recipe("recipes/reward.yaml", [f"run.dir={run}"])
@@ -254,7 +256,7 @@ def test_resuming_with_another_recipe_is_refused(tmp_path) -> None:
         run_stage(other)
     assert read_yaml(run / "config.yaml")["data"]["train_prompts"] == n  # nothing was overwritten
 
-    from recipes.cli import _check_resume
+    from glmwb.recipes.cli import _check_resume
 
     fresh = load_recipe(
         "recipes/reward.yaml", [f"run.dir={run}", "data.train_prompts=50", "train.resume=false"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from pretrain.tokenizer import (
+from glmwb.pretrain.tokenizer import (
     GLM4_CHAT_TEMPLATE,
     SPECIAL_TOKENS,
     TURN_TERMINATORS,

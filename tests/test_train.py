@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.data import DedupConfig, FilterConfig, build_dataset, load_packed
-from pretrain.model import GLM
-from pretrain.train import OptimConfig, TrainConfig, lr_at, train
-from pretrain.world import make_world
-from recipes.cli import main
+from glmwb.pretrain.data import DedupConfig, FilterConfig, build_dataset, load_packed
+from glmwb.pretrain.model import GLM
+from glmwb.pretrain.train import OptimConfig, TrainConfig, lr_at, train
+from glmwb.pretrain.world import make_world
+from glmwb.recipes.cli import main
 from tests.tiny import TINY
 
 

@@ -10,8 +10,8 @@ from collections import Counter
 
 import pytest
 
-from pretrain import world as W
-from pretrain.world import (
+from glmwb.pretrain import world as W
+from glmwb.pretrain.world import (
     KINDS,
     LABELS,
     PreferenceRule,
@@ -353,7 +353,7 @@ def test_measured_agreement_matches_ceiling(world: W.World, train: list[Prompt],
 
 
 def test_preference_pairs(world: W.World, train: list[Prompt]) -> None:
-    from annotation.records import PreferenceRecord
+    from glmwb.annotation.records import PreferenceRecord
 
     records = preference_pairs(world, train[:200], n_annotators=3, noise=0.0, seed=0, labels_per_pair=2)
     assert len(records) == 400
@@ -401,7 +401,7 @@ def test_preference_pairs(world: W.World, train: list[Prompt]) -> None:
 def test_annotators_say_how_much_better(world: W.World, train: list[Prompt]) -> None:
     """Strength follows the utility gap: filler a slight loss, the other language a clear one, a wrong value a
     strong one; asking for it changes no label; the records' margin is the level's."""
-    from annotation.records import STRENGTH_MARGINS
+    from glmwb.annotation.records import STRENGTH_MARGINS
 
     judge = W.SimulatedAnnotator(noise=0.0, seed=1)
     expected = {"verbose": "slight", "wrong_language": "clear", "wrong": "strong", "terse_other": "strong"}

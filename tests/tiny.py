@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.config import GLMConfig
+from glmwb.pretrain.config import GLMConfig
 
 # 2 layers, hidden 48, GQA 4:2, head 12: a few hundred thousand parameters with the 832-token test tokenizer
 TINY = GLMConfig(

@@ -29,12 +29,12 @@ from typing import Any
 
 import gradio as gr
 
-from annotation.agreement import agreement_report
-from annotation.export import export_records, write_records
-from annotation.records import STRENGTHS
-from annotation.schema import LETTERS
-from annotation.store import AnnotatorInfo, Store, StoreError, Task
-from ui.render import render_conversation, render_markdown
+from glmwb.annotation.agreement import agreement_report
+from glmwb.annotation.export import export_records, write_records
+from glmwb.annotation.records import STRENGTHS
+from glmwb.annotation.schema import LETTERS
+from glmwb.annotation.store import AnnotatorInfo, Store, StoreError, Task
+from glmwb.ui.render import render_conversation, render_markdown
 
 DEFAULT_GUIDELINES = """\
 ### How to judge

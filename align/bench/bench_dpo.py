@@ -1,7 +1,7 @@
 """Packed (padding-free) vs padded DPO on length-varied pairs: tokens/s and peak memory, side by side.
 
-    python -m align.bench.bench_dpo                      # CPU, small shapes (about a minute on 2 cores)
-    python -m align.bench.bench_dpo --device cuda --hidden 1024 --layers 12 --pairs 32 --max-len 1024
+    python -m glmwb.align.bench.bench_dpo                      # CPU, small shapes (about a minute on 2 cores)
+    python -m glmwb.align.bench.bench_dpo --device cuda --hidden 1024 --layers 12 --pairs 32 --max-len 1024
 
 One step = the policy's forward and backward on a batch of pairs (chosen and rejected sequences of each
 pair) and the sigmoid DPO loss against fixed reference log-probs: the work that differs between the
@@ -31,7 +31,7 @@ import torch
 
 def length_varied_pairs(n: int, min_len: int, max_len: int, vocab: int, seed: int):
     """Pairs with prompt and response lengths drawn log-uniformly (many short, a few long sequences)."""
-    from align.packed_dpo import PairTokens
+    from glmwb.align.packed_dpo import PairTokens
 
     rng = random.Random(seed)
 
@@ -56,9 +56,9 @@ def _measure(mode: str, a: dict[str, Any]) -> dict[str, Any]:
     """Time ``a['steps']`` DPO steps of one layout; runs in a fresh process on a CPU."""
     import psutil
 
-    from align.packed_dpo import PairLogps, make_batch, pair_logps, preference_loss
-    from pretrain.config import GLMConfig
-    from pretrain.model import GLM
+    from glmwb.align.packed_dpo import PairLogps, make_batch, pair_logps, preference_loss
+    from glmwb.pretrain.config import GLMConfig
+    from glmwb.pretrain.model import GLM
 
     torch.set_num_threads(a["threads"])
     device = torch.device(a["device"])

@@ -1,9 +1,9 @@
 """PPO step time split into generation / scoring / inference (old, reference log-probs and values) / training,
 for a few memory layouts (separate critic, shared backbone, LoRA actor with the adapter-off reference).
 
-    python -m align.bench.bench_ppo --policy runs/quickstart/pretrain/final [--rm runs/quickstart/reward/final]
-    python -m align.bench.bench_ppo --device cuda --batch-size 256 --max-new-tokens 128
-    python -m align.bench.bench_ppo --config small   # a random GLM of a named size instead of a folder
+    python -m glmwb.align.bench.bench_ppo --policy runs/quickstart/pretrain/final [--rm runs/quickstart/reward/final]
+    python -m glmwb.align.bench.bench_ppo --device cuda --batch-size 256 --max-new-tokens 128
+    python -m glmwb.align.bench.bench_ppo --config small   # a random GLM of a named size instead of a folder
 
 Prints a table and writes a CSV (--out). Each layout runs --warmup steps (not timed) then --steps timed steps;
 the figures are medians over the timed steps, in seconds, plus the resident / trainable parameters and (CUDA)
@@ -42,17 +42,17 @@ PHASES = ("generation", "scoring", "inference", "training", "step")
 def build(args: argparse.Namespace, layout: str, device: torch.device):
     from transformers import AutoTokenizer
 
-    from align.ppo.config import GenerationConfig, KLConfig, PPOConfig, PPOTrainConfig, RewardSection
-    from align.ppo.models import Actor, Critic, Reference, ValueHead, apply_lora, parameter_count
-    from align.ppo.rollout import PromptCycle, build_reward, world_items
-    from align.ppo.trainer import PPOTrainer
-    from pretrain.config import GLMConfig
-    from pretrain.hf import load_pretrained
-    from pretrain.model import GLM
-    from pretrain.tokenizer import turn_terminator_ids
-    from pretrain.train import OptimConfig
-    from pretrain.world import make_world
-    from rewards.config import LoRAConfig
+    from glmwb.align.ppo.config import GenerationConfig, KLConfig, PPOConfig, PPOTrainConfig, RewardSection
+    from glmwb.align.ppo.models import Actor, Critic, Reference, ValueHead, apply_lora, parameter_count
+    from glmwb.align.ppo.rollout import PromptCycle, build_reward, world_items
+    from glmwb.align.ppo.trainer import PPOTrainer
+    from glmwb.pretrain.config import GLMConfig
+    from glmwb.pretrain.hf import load_pretrained
+    from glmwb.pretrain.model import GLM
+    from glmwb.pretrain.tokenizer import turn_terminator_ids
+    from glmwb.pretrain.train import OptimConfig
+    from glmwb.pretrain.world import make_world
+    from glmwb.rewards.config import LoRAConfig
 
     tok = AutoTokenizer.from_pretrained(args.policy)
     if args.config:

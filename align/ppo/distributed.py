@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rewards.strategy import SingleDevice
+from glmwb.rewards.strategy import SingleDevice
 
 
 class Single(SingleDevice):

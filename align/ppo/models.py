@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.model import GLM, IGNORE_INDEX
-from rewards.config import LoRAConfig
+from glmwb.pretrain.model import GLM, IGNORE_INDEX
+from glmwb.rewards.config import LoRAConfig
 
 # ----------------------------------------------------------------------------------------------------------
 # Log-probabilities of chosen tokens
@@ -46,7 +46,7 @@ def token_logprobs(
     150k vocabulary on a GPU); "torch" is the plain fp32 log-softmax.
     """
     if kernel == "triton":
-        from kernels.logprobs import linear_selective_logprobs
+        from glmwb.kernels.logprobs import linear_selective_logprobs
 
         weight = lm_head.weight
         out = linear_selective_logprobs(hidden, weight, labels, temperature, return_entropy)
@@ -146,7 +146,7 @@ class Critic(nn.Module):
     def from_folder(cls, folder: str | Path, head: str | None = None, zero_head: bool = True) -> Critic:
         """From a reward folder (its head ``head``, default the first, becomes the value head) or a causal-LM
         GLM folder (a new value head, zero unless ``zero_head=False``)."""
-        from rewards.model import RewardModel
+        from glmwb.rewards.model import RewardModel
 
         rm = RewardModel.from_pretrained(folder)
         has_head = (Path(folder) / "config.json").is_file() and _is_reward_folder(Path(folder))
@@ -160,7 +160,7 @@ class Critic(nn.Module):
 
     def save(self, folder: str | Path, tokenizer: Any = None) -> Path:
         """As a one-head reward folder ("value"): loadable by ``RewardModel.from_pretrained`` and transformers."""
-        from rewards.model import RewardModel
+        from glmwb.rewards.model import RewardModel
 
         rm = RewardModel(merged_glm(self.backbone), heads=["value"])
         rm.score.weight = nn.Parameter(self.head.weight.detach().clone())
@@ -219,7 +219,7 @@ def adapters_disabled(module: nn.Module) -> Iterator[None]:
 
 def merged_glm(glm: GLM) -> GLM:
     """A plain GLM (new tensors) with any LoRA adapters merged in: what is saved as the policy folder."""
-    from rewards.train import plain_state_dict
+    from glmwb.rewards.train import plain_state_dict
 
     sd = {k: v.detach().clone() for k, v in plain_state_dict(glm).items()}
     with torch.device("meta"):

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pretrain.generate import sample_next
-from pretrain.model import GLM, KVCache
+from glmwb.pretrain.generate import sample_next
+from glmwb.pretrain.model import GLM, KVCache
 
 # ----------------------------------------------------------------------------------------------------------
 # Prompts
@@ -38,7 +38,7 @@ class PromptItem:
 def encode_prompt(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[int]:
     """Token ids of the rendered conversation + ``<|assistant|>`` (the template writes ``[gMASK]<sop>``; the
     tokenizer adds nothing, so it is not doubled)."""
-    from pretrain.tokenizer import render_chat
+    from glmwb.pretrain.tokenizer import render_chat
 
     text = render_chat(tokenizer, messages, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -46,7 +46,7 @@ def encode_prompt(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[in
 
 def world_items(tokenizer: Any, prompts: Sequence[Any], max_tokens: int) -> tuple[list[PromptItem], int]:
     """PromptItems of world prompts (with their rule context); prompts over ``max_tokens`` are left out and counted."""
-    from rewards.rules import RuleContext
+    from glmwb.rewards.rules import RuleContext
 
     items, dropped = [], 0
     for p in prompts:
@@ -301,16 +301,16 @@ def build_reward(section: Any, device: str | None = None, client: Any = None) ->
     """(RewardFunction, the RM scorer or None) from a ``RewardSection``: rules, an RM folder, or the scoring API.
 
     ``client`` replaces the HTTP client of ``RewardClient`` (tests pass FastAPI's TestClient)."""
-    from rewards.rules import CombinedReward
+    from glmwb.rewards.rules import CombinedReward
 
     rules = {} if section.kind in ("rm", "http") else dict(section.rules)
     scorer = None
     if section.kind in ("rm", "combined") and section.rm:
-        from rewards.scoring import RewardScorer
+        from glmwb.rewards.scoring import RewardScorer
 
         scorer = RewardScorer.from_pretrained(section.rm, device=device)
     elif section.kind in ("http", "combined"):
-        from rewards.server import RewardClient
+        from glmwb.rewards.server import RewardClient
 
         scorer = RewardClient(section.url, client=client)
     rm_weight = section.rm_weight if scorer is not None else 0.0

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 
-from align.ppo.config import (
+from glmwb.align.ppo.config import (
     CriticConfig,
     GenerationConfig,
     KLConfig,
@@ -23,9 +23,9 @@ from align.ppo.config import (
     PromptsConfig,
     RewardSection,
 )
-from pretrain.train import OptimConfig
-from recipes.loader import RecipeError
-from recipes.schema import RunConfig
+from glmwb.pretrain.train import OptimConfig
+from glmwb.recipes.loader import RecipeError
+from glmwb.recipes.schema import RunConfig
 
 
 def _ppo_optim() -> OptimConfig:
@@ -81,8 +81,8 @@ def build_models(recipe: PPORecipe, device: torch.device):
     """(actor, critic or None, reference, tokenizer, resident / trainable parameter counts)."""
     from transformers import AutoTokenizer
 
-    from align.ppo.models import Actor, Critic, Reference, ValueHead, apply_lora, parameter_count
-    from pretrain.hf import load_pretrained
+    from glmwb.align.ppo.models import Actor, Critic, Reference, ValueHead, apply_lora, parameter_count
+    from glmwb.pretrain.hf import load_pretrained
 
     p, c = recipe.policy, recipe.critic
     tok = AutoTokenizer.from_pretrained(p.init_from)
@@ -127,15 +127,21 @@ def rollout_prompts(world, pc, seed: int = 0) -> list:
 
 
 def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
-    from align.evaluate import compare, evaluate_policy, format_table, significance_line
-    from align.ppo.distributed import make_strategy
-    from align.ppo.models import merged_glm
-    from align.ppo.rollout import PromptCycle, build_reward, world_items
-    from align.ppo.trainer import PPOTrainer
-    from pretrain.hf import save_pretrained
-    from pretrain.tokenizer import turn_terminator_ids
-    from pretrain.train import autocast_dtype, checkpoint_dirs, resolve_device, rng_state, seed_everything
-    from pretrain.world import make_world
+    from glmwb.align.evaluate import compare, evaluate_policy, format_table, significance_line
+    from glmwb.align.ppo.distributed import make_strategy
+    from glmwb.align.ppo.models import merged_glm
+    from glmwb.align.ppo.rollout import PromptCycle, build_reward, world_items
+    from glmwb.align.ppo.trainer import PPOTrainer
+    from glmwb.pretrain.hf import save_pretrained
+    from glmwb.pretrain.tokenizer import turn_terminator_ids
+    from glmwb.pretrain.train import (
+        autocast_dtype,
+        checkpoint_dirs,
+        resolve_device,
+        rng_state,
+        seed_everything,
+    )
+    from glmwb.pretrain.world import make_world
 
     run_dir, t = Path(recipe.run.dir), recipe.train
     _need_folder(
@@ -241,7 +247,7 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
     if after:
         trainer.write_metrics({"step": trainer.step_count, **eval_row(after)})
         if strategy.is_main:
-            from align.ppo.plots import plot_training
+            from glmwb.align.ppo.plots import plot_training
 
             plot_training(run_dir / "metrics.jsonl", run_dir / "training.png")
 
@@ -288,7 +294,7 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
 def _resume(run_dir: Path, t, strategy, trainer, cycle, log) -> dict[str, Any] | None:
     """Load the newest checkpoint of ``run_dir`` into the trainer and the prompt order (``train.resume``);
     returns the saved evaluations of the start policy, or None when there is nothing to resume."""
-    from pretrain.train import checkpoint_dirs, set_rng_state
+    from glmwb.pretrain.train import checkpoint_dirs, set_rng_state
 
     existing = [c for c in checkpoint_dirs(run_dir) if (c / "trainer_state.pt").is_file()] if t.resume else []
     if not existing:

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from align.ppo import core
-from align.ppo.config import GenerationConfig, KLConfig, PPOConfig, PPOTrainConfig
-from align.ppo.distributed import Single
-from align.ppo.models import Actor, Critic, Reference
-from align.ppo.rollout import PromptItem, RewardFunction, Samples, decode_responses, sample_batched
+from glmwb.align.ppo import core
+from glmwb.align.ppo.config import GenerationConfig, KLConfig, PPOConfig, PPOTrainConfig
+from glmwb.align.ppo.distributed import Single
+from glmwb.align.ppo.models import Actor, Critic, Reference
+from glmwb.align.ppo.rollout import PromptItem, RewardFunction, Samples, decode_responses, sample_batched
 
 # ----------------------------------------------------------------------------------------------------------
 # A step's experience
@@ -164,7 +164,7 @@ class PPOTrainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _set_lr(self) -> float:
-        from pretrain.train import lr_at
+        from glmwb.pretrain.train import lr_at
 
         base = self.optim_cfg.lr
         scale = lr_at(self.updates_done, self.optim_cfg, self.total_updates) / base if base > 0 else 0.0
@@ -444,8 +444,8 @@ class PPOTrainer:
         metrics.jsonl, the sample table and training.png in the run folder. Each rank draws its own prompts. Returns the last step's metrics."""
         from tqdm.auto import tqdm
 
-        from align.ppo.plots import plot_training
-        from align.ppo.samples import sample_rows, write_samples
+        from glmwb.align.ppo.plots import plot_training
+        from glmwb.align.ppo.samples import sample_rows, write_samples
 
         cfg = self.cfg
         world, rank = self.strategy.world_size, self.strategy.rank

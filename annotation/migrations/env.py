@@ -11,7 +11,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from annotation.schema import Base
+from glmwb.annotation.schema import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -1,8 +1,8 @@
 """Kernel benchmarks at GLM-4-9B shapes: ours (Triton) next to eager PyTorch, ``torch.compile`` and Liger-Kernel.
 
-    python -m kernels.bench.bench_kernels                     # on a CUDA GPU: every op, CSV + plot + targets
-    python -m kernels.bench.bench_kernels --ops rmsnorm swiglu --tokens 8192 16384
-    python -m kernels.bench.bench_kernels --dry-run           # CPU: tiny shapes, Triton interpreter, no claims
+    python -m glmwb.kernels.bench.bench_kernels                     # on a CUDA GPU: every op, CSV + plot + targets
+    python -m glmwb.kernels.bench.bench_kernels --ops rmsnorm swiglu --tokens 8192 16384
+    python -m glmwb.kernels.bench.bench_kernels --dry-run           # CPU: tiny shapes, Triton interpreter, no claims
 
 For each op, provider and mode (``fwd``, ``bwd``, ``full`` = forward + backward) it records the time
 (``triton.testing.do_bench``, median ms), the achieved GB/s (memory-bound ops: the bytes the op must read
@@ -303,7 +303,7 @@ def _rows_for(
 def bench_rmsnorm(bench: Bench, shapes: Shapes, liger: dict, dtype: torch.dtype) -> list[Row]:
     from transformers.models.glm.modeling_glm import GlmRMSNorm
 
-    from kernels.rmsnorm import rmsnorm
+    from glmwb.kernels.rmsnorm import rmsnorm
 
     rows = []
     h = shapes.hidden
@@ -335,7 +335,7 @@ def bench_rmsnorm(bench: Bench, shapes: Shapes, liger: dict, dtype: torch.dtype)
 def bench_add_rmsnorm(bench: Bench, shapes: Shapes, liger: dict, dtype: torch.dtype) -> list[Row]:
     from transformers.models.glm.modeling_glm import GlmRMSNorm
 
-    from kernels.rmsnorm import rmsnorm, rmsnorm_add
+    from glmwb.kernels.rmsnorm import rmsnorm, rmsnorm_add
 
     rows = []
     h = shapes.hidden
@@ -385,7 +385,7 @@ def bench_add_rmsnorm(bench: Bench, shapes: Shapes, liger: dict, dtype: torch.dt
 
 
 def bench_swiglu(bench: Bench, shapes: Shapes, liger: dict, dtype: torch.dtype) -> list[Row]:
-    from kernels.swiglu import swiglu
+    from glmwb.kernels.swiglu import swiglu
 
     rows = []
     inter = shapes.intermediate
@@ -430,7 +430,7 @@ def bench_swiglu(bench: Bench, shapes: Shapes, liger: dict, dtype: torch.dtype) 
 def bench_rotary(bench: Bench, shapes: Shapes, liger: dict, dtype: torch.dtype) -> list[Row]:
     from transformers.models.glm.modeling_glm import apply_rotary_pos_emb
 
-    from kernels.rotary import apply_rotary, rotary_inv_freq
+    from glmwb.kernels.rotary import apply_rotary, rotary_inv_freq
 
     rows = []
     hq, hk, hd = shapes.q_heads, shapes.kv_heads, shapes.head_dim
@@ -475,7 +475,7 @@ def _rotary_inplace_provider(bench, batch, seq, shapes, position_ids, inv_freq, 
     and backward one launch each. An in-place op needs a non-leaf input that autograd has not seen; in a
     benchmark loop each call would chain onto the last, so the two launches the autograd Function makes
     (``_rotary_inplace`` with +angles, then with -angles on the gradient) are timed directly."""
-    from kernels.rotary import _qk_views, _rotary_inplace
+    from glmwb.kernels.rotary import _qk_views, _rotary_inplace
 
     hq, hk, hd = shapes.q_heads, shapes.kv_heads, shapes.head_dim
     qkv = torch.randn(batch * seq, (hq + 2 * hk) * hd, device=bench.device, dtype=dtype)
@@ -498,7 +498,7 @@ def _rotary_inplace_provider(bench, batch, seq, shapes, position_ids, inv_freq, 
 
 
 def bench_fused_linear_ce(bench: Bench, shapes: Shapes, liger: dict, dtype: torch.dtype) -> list[Row]:
-    from kernels.fused_linear_ce import fused_linear_cross_entropy
+    from glmwb.kernels.fused_linear_ce import fused_linear_cross_entropy
 
     n, d, v = shapes.ce_tokens, shapes.hidden, shapes.vocab
     hidden = torch.randn(n, d, device=bench.device, dtype=dtype, requires_grad=True)
@@ -527,7 +527,7 @@ def bench_fused_linear_ce(bench: Bench, shapes: Shapes, liger: dict, dtype: torc
 
 
 def bench_logprobs(bench: Bench, shapes: Shapes, liger: dict, dtype: torch.dtype) -> list[Row]:
-    from kernels.logprobs import linear_selective_logprobs
+    from glmwb.kernels.logprobs import linear_selective_logprobs
 
     (b, t), d, v = shapes.logprob_batch, shapes.hidden, shapes.vocab
     hidden = torch.randn(b, t, d, device=bench.device, dtype=dtype, requires_grad=True)

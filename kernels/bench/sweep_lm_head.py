@@ -1,8 +1,8 @@
 """Sweeps for the chunked LM-head kernels on a GPU: how the d-weight accumulation and the chunk size trade
 time against memory at GLM-4-9B's vocabulary (151,552 x 4,096, bf16).
 
-    python -m kernels.bench.sweep_lm_head                 # both sweeps, a table per sweep
-    python -m kernels.bench.sweep_lm_head --tokens 32768 --chunks 1024 2048 4096 8192
+    python -m glmwb.kernels.bench.sweep_lm_head                 # both sweeps, a table per sweep
+    python -m glmwb.kernels.bench.sweep_lm_head --tokens 32768 --chunks 1024 2048 4096 8192
 
 1. ``accumulate``: one chunk's d weight, ``acc (V, D) fp32 += g^T (V, n) @ h (n, D)`` with g, h bf16, by
    each way PyTorch offers (``addmm`` with ``out_dtype`` into acc, an fp32 product then ``add_``, a bf16
@@ -81,8 +81,8 @@ def sweep_accumulate(vocab: int, hidden: int, rows: list[int]) -> None:
 
 
 def sweep_chunks(vocab: int, hidden: int, tokens: int, chunks: list[int]) -> None:
-    from kernels.fused_linear_ce import default_chunk_size, fused_linear_cross_entropy
-    from kernels.logprobs import linear_selective_logprobs
+    from glmwb.kernels.fused_linear_ce import default_chunk_size, fused_linear_cross_entropy
+    from glmwb.kernels.logprobs import linear_selective_logprobs
 
     print(f"\nchunk sizes at {tokens} tokens (default chunk {default_chunk_size(tokens, hidden, vocab)})")
     print(f"{'op':16s} {'chunk':>8} {'ms':>8} {'peak MiB':>9}")

@@ -1,6 +1,6 @@
 """Launch-parameter sweep for the memory-bound kernels (RMSNorm, add + RMSNorm, rotary) on a GPU.
 
-    python -m kernels.bench.tune_kernels --out runs/tune            # GLM-4-9B shapes, 8k-32k tokens
+    python -m glmwb.kernels.bench.tune_kernels --out runs/tune            # GLM-4-9B shapes, 8k-32k tokens
 
 Every configuration is first checked against the heuristic default's output (to bf16 rounding: the row
 reductions change order with the number of warps; dweight, summed in fp32 partials whose count changes
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.bench.bench_kernels import Bench
+from glmwb.kernels.bench.bench_kernels import Bench
 
 EPS = 1.5625e-07
 
@@ -36,7 +36,7 @@ def sweep_rmsnorm(bench: Bench, tokens: list[int], hidden: int, dtype: torch.dty
 
 
 def _rmsnorm_at(bench: Bench, n: int, hidden: int, dtype: torch.dtype) -> list[dict]:
-    from kernels.rmsnorm import _rmsnorm_bwd, _rmsnorm_fwd
+    from glmwb.kernels.rmsnorm import _rmsnorm_bwd, _rmsnorm_fwd
 
     rows = []
     x = torch.randn(n, hidden, device=bench.device, dtype=dtype)
@@ -95,7 +95,7 @@ def sweep_rotary(
 
 
 def _rotary_at(bench: Bench, n: int, hq: int, hk: int, hd: int, dtype: torch.dtype) -> list[dict]:
-    from kernels.rotary import _launch, _qk_views, rotary_inv_freq
+    from glmwb.kernels.rotary import _launch, _qk_views, rotary_inv_freq
 
     rows = []
     inv_freq = rotary_inv_freq(hd // 2, 10000.0, device=bench.device)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from align.data import (
+from glmwb.align.data import (
     Conversation,
     SFTDataError,
     encode_conversation,
@@ -17,7 +17,7 @@ from align.data import (
     world_prompts,
     world_sft_conversations,
 )
-from pretrain.world import make_world
+from glmwb.pretrain.world import make_world
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real data folder {SHARED} is absent")

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from align.dpo import DPORecipe, conversational_rows, load_pairs, make_trl_trainer, training_tokenizer
-from recipes.loader import RecipeError, build
+from glmwb.align.dpo import DPORecipe, conversational_rows, load_pairs, make_trl_trainer, training_tokenizer
+from glmwb.recipes.loader import RecipeError, build
 from tests.rewards.conftest import planted_records, tiny_glm
 from tests.tiny import one_thread  # noqa: F401 (one_thread: autouse fixture)
 
@@ -19,7 +19,7 @@ from tests.tiny import one_thread  # noqa: F401 (one_thread: autouse fixture)
 @pytest.fixture(scope="module")
 def policy_folder(tiny_tokenizer, tmp_path_factory):
     """A tiny random GLM saved as a GlmForCausalLM folder with the tiny tokenizer."""
-    from pretrain.hf import save_pretrained
+    from glmwb.pretrain.hf import save_pretrained
 
     return str(
         save_pretrained(tiny_glm(tiny_tokenizer, seed=3), tmp_path_factory.mktemp("policy"), tiny_tokenizer)
@@ -60,7 +60,7 @@ def trainable(model) -> dict[str, torch.Tensor]:
 def test_training_tokenizer_gives_encode_chat_ids_with_the_terminator(tiny_tokenizer):
     from trl.data_utils import _tokenize
 
-    from pretrain.tokenizer import encode_chat
+    from glmwb.pretrain.tokenizer import encode_chat
 
     tok = training_tokenizer(tiny_tokenizer)
     row = conversational_rows(planted_records(1))[0]
@@ -146,8 +146,8 @@ def test_trl_precomputed_reference_equals_our_packed_log_probs(
     tmp_path, policy_folder, planted_file, tiny_tokenizer
 ):
     """TRL's tokenisation (with the terminator) and ours agree: the same reference log-probs per pair."""
-    from align.dpo import encode_heldout, heldout_logps
-    from pretrain.hf import load_pretrained
+    from glmwb.align.dpo import encode_heldout, heldout_logps
+    from glmwb.pretrain.hf import load_pretrained
 
     r = recipe(tmp_path, policy_folder, planted_file, train={"reference": "precomputed"})
     train, _, _ = load_pairs(r.data, 0)
@@ -163,7 +163,7 @@ def test_trl_precomputed_reference_equals_our_packed_log_probs(
 
 @pytest.mark.parametrize("engine", ["trl", "packed"])
 def test_dpo_raises_the_heldout_margin_on_a_planted_preference(tmp_path, policy_folder, planted_file, engine):
-    from align.dpo import run_dpo
+    from glmwb.align.dpo import run_dpo
 
     r = recipe(tmp_path, policy_folder, planted_file, engine=engine, train={"batch_size": 8, "max_steps": 25},
                loss={"beta": 0.5})  # fmt: skip
@@ -203,15 +203,15 @@ def test_recipe_mistakes_are_clear(tmp_path, policy_folder, planted_file, sectio
 
 
 def test_missing_policy_folder_is_a_recipe_error(tmp_path, planted_file):
-    from align.dpo import run_dpo
+    from glmwb.align.dpo import run_dpo
 
     with pytest.raises(RecipeError, match="model.init_from: no model folder"):
         run_dpo(recipe(tmp_path, str(tmp_path / "nope"), planted_file))
 
 
 def test_glmwb_run_end_to_end(tmp_path, policy_folder, planted_file, capsys):
-    from align.evaluate import load_policy
-    from recipes.cli import main
+    from glmwb.align.evaluate import load_policy
+    from glmwb.recipes.cli import main
 
     run_dir = tmp_path / "e2e"
     code = main([

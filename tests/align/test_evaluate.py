@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from align.evaluate import (
+from glmwb.align.evaluate import (
     compare,
     evaluate_policy,
     format_table,
@@ -17,8 +17,8 @@ from align.evaluate import (
     paired_test,
     significance_line,
 )
-from pretrain.model import GLM
-from pretrain.world import make_world
+from glmwb.pretrain.model import GLM
+from glmwb.pretrain.world import make_world
 from tests.tiny import TINY
 
 
@@ -91,7 +91,7 @@ def test_paired_tests_by_hand() -> None:
 def test_instance_tests_count_a_question_once() -> None:
     """Eight phrasings of one instance broken together are one piece of evidence, not eight: McNemar over
     prompts calls it significant, the test over instances cannot."""
-    from align.evaluate import instance_tests
+    from glmwb.align.evaluate import instance_tests
 
     def rows(correct, sampled, instances):
         return [
@@ -158,8 +158,8 @@ def test_table_lists_every_policy() -> None:
 
 
 def test_align_eval_stage_end_to_end(tiny_tokenizer, tmp_path, capsys) -> None:
-    from pretrain.hf import save_pretrained
-    from recipes.cli import main
+    from glmwb.pretrain.hf import save_pretrained
+    from glmwb.recipes.cli import main
 
     for name, seed in (("a", 0), ("b", 1)):
         save_pretrained(tiny_policy(tiny_tokenizer, seed), tmp_path / name, tokenizer=tiny_tokenizer)
@@ -188,8 +188,8 @@ def test_align_eval_stage_end_to_end(tiny_tokenizer, tmp_path, capsys) -> None:
 
 
 def test_align_eval_compares_with_the_named_baseline(tiny_tokenizer, tmp_path, capsys) -> None:
-    from pretrain.hf import save_pretrained
-    from recipes.cli import main
+    from glmwb.pretrain.hf import save_pretrained
+    from glmwb.recipes.cli import main
 
     for name, seed in (("a", 0), ("b", 1), ("c", 2)):
         save_pretrained(tiny_policy(tiny_tokenizer, seed), tmp_path / name, tokenizer=tiny_tokenizer)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.grpo import (
+from glmwb.align.grpo import (
     GRPODataConfig,
     GRPOModelConfig,
     GRPORecipe,
@@ -23,13 +23,13 @@ from align.grpo import (
     read_prompt_file,
     run_grpo,
 )
-from align.reward_funcs import RuleReward
-from pretrain.hf import save_pretrained
-from pretrain.model import GLM
-from pretrain.tokenizer import turn_terminator_ids
-from pretrain.train import OptimConfig
-from recipes.cli import load_recipe, main
-from recipes.loader import RecipeError
+from glmwb.align.reward_funcs import RuleReward
+from glmwb.pretrain.hf import save_pretrained
+from glmwb.pretrain.model import GLM
+from glmwb.pretrain.tokenizer import turn_terminator_ids
+from glmwb.pretrain.train import OptimConfig
+from glmwb.recipes.cli import load_recipe, main
+from glmwb.recipes.loader import RecipeError
 from tests.tiny import TINY, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,8 +70,8 @@ def token_share(ids: set[int]):
 
 
 def _rows(n: int = 16) -> list[dict]:
-    from align.grpo import world_rows
-    from pretrain.world import make_world
+    from glmwb.align.grpo import world_rows
+    from glmwb.pretrain.world import make_world
 
     return world_rows(make_world(seed=0, num_entities=96), "train", n, seed=0)
 
@@ -94,7 +94,7 @@ def test_a_few_steps_train_every_parameter(policy_folder, tmp_path, trainer) -> 
 
 
 def test_lora_trains_only_the_adapter(policy_folder, tmp_path) -> None:
-    from rewards.config import LoRAConfig
+    from glmwb.rewards.config import LoRAConfig
 
     recipe = tiny_recipe(
         policy_folder, tmp_path, model=GRPOModelConfig(policy_folder, LoRAConfig(enabled=True, r=4))
@@ -233,7 +233,7 @@ def test_glmwb_run_end_to_end(policy_folder, tmp_path, capsys) -> None:
     # the final folder: our loader and transformers both read it; generation stops at the terminators
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pretrain.hf import load_pretrained
+    from glmwb.pretrain.hf import load_pretrained
 
     final = run_dir / "final"
     load_pretrained(final)

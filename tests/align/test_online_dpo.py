@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from align.online_dpo import OnlineDPORecipe, best_worst_records
-from recipes.loader import RecipeError, build
+from glmwb.align.online_dpo import OnlineDPORecipe, best_worst_records
+from glmwb.recipes.loader import RecipeError, build
 from tests.rewards.conftest import reward_folder, tiny_glm  # noqa: F401  (reward_folder is a fixture)
 from tests.tiny import one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 
 @pytest.fixture(scope="module")
 def policy_folder(tiny_tokenizer, tmp_path_factory):
-    from pretrain.hf import save_pretrained
+    from glmwb.pretrain.hf import save_pretrained
 
     return str(
         save_pretrained(tiny_glm(tiny_tokenizer, seed=5), tmp_path_factory.mktemp("policy"), tiny_tokenizer)
@@ -37,7 +37,7 @@ def recipe(tmp_path, policy, **sections) -> OnlineDPORecipe:
 
 
 def test_one_round_with_reward_model_labels(tmp_path, policy_folder, reward_folder):  # noqa: F811
-    from align.online_dpo import run_online_dpo
+    from glmwb.align.online_dpo import run_online_dpo
 
     summary = run_online_dpo(recipe(tmp_path, policy_folder, label={"source": "rm", "reward_model": str(reward_folder)},
                                     eval={"reward_model": str(reward_folder)}))  # fmt: skip
@@ -53,8 +53,8 @@ def test_one_round_with_reward_model_labels(tmp_path, policy_folder, reward_fold
 
 
 def test_store_labels_wait_for_people(tmp_path, policy_folder):
-    from align.online_dpo import run_online_dpo
-    from annotation.store import Store
+    from glmwb.align.online_dpo import run_online_dpo
+    from glmwb.annotation.store import Store
 
     db = tmp_path / "votes.db"
     summary = run_online_dpo(
@@ -67,8 +67,8 @@ def test_store_labels_wait_for_people(tmp_path, policy_folder):
 
 
 def test_best_worst_pairs_follow_the_scores():
-    from annotation.store import NewResponse
-    from annotation.tasks import PromptSpec
+    from glmwb.annotation.store import NewResponse
+    from glmwb.annotation.tasks import PromptSpec
 
     spec = PromptSpec("p1", [{"role": "user", "content": "q"}])
     answers = {"p1": [NewResponse("a", "m"), NewResponse("b", "m"), NewResponse("c", "m")]}

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from align.packed_dpo import (
+from glmwb.align.packed_dpo import (
     LOSSES,
     PackedSettings,
     PairLogps,
@@ -22,8 +22,8 @@ from align.packed_dpo import (
     reference_logps,
     train_packed,
 )
-from pretrain.config import GLMConfig
-from pretrain.model import GLM
+from glmwb.pretrain.config import GLMConfig
+from glmwb.pretrain.model import GLM
 from tests.tiny import one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 CFG = GLMConfig(
@@ -131,7 +131,7 @@ def test_packed_loop_trains_and_raises_the_margin():
 
 
 def test_encode_pair_keeps_the_terminator(tiny_tokenizer):
-    from pretrain.tokenizer import encode_chat
+    from glmwb.pretrain.tokenizer import encode_chat
 
     prompt = [{"role": "user", "content": "2+2? <|user|>"}]
     p = encode_pair(tiny_tokenizer, prompt, "4", "five")

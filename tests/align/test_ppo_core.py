@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from align.ppo import core
+from glmwb.align.ppo import core
 
 
 def t(rows) -> torch.Tensor:

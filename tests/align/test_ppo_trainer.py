@@ -10,13 +10,13 @@ import json
 import pytest
 import torch
 
-from align.ppo.config import GenerationConfig, KLConfig, PPOConfig, PPOTrainConfig, RewardSection
-from align.ppo.models import Actor, Critic, Reference, ValueHead, apply_lora, parameter_count
-from align.ppo.rollout import PromptItem, build_reward, encode_prompt, sample
-from align.ppo.trainer import PPOTrainer
-from pretrain.model import GLM
-from pretrain.train import OptimConfig
-from rewards.config import LoRAConfig
+from glmwb.align.ppo.config import GenerationConfig, KLConfig, PPOConfig, PPOTrainConfig, RewardSection
+from glmwb.align.ppo.models import Actor, Critic, Reference, ValueHead, apply_lora, parameter_count
+from glmwb.align.ppo.rollout import PromptItem, build_reward, encode_prompt, sample
+from glmwb.align.ppo.trainer import PPOTrainer
+from glmwb.pretrain.model import GLM
+from glmwb.pretrain.train import OptimConfig
+from glmwb.rewards.config import LoRAConfig
 from tests.tiny import TINY
 
 QUESTIONS = ["hello", "what is 2+2?", "天气怎么样", "tell me a story about the sea"]
@@ -40,7 +40,7 @@ def tiny_glm(tok, seed: int = 0) -> GLM:
 
 
 def stops(tok) -> list[int]:
-    from pretrain.tokenizer import turn_terminator_ids
+    from glmwb.pretrain.tokenizer import turn_terminator_ids
 
     return turn_terminator_ids(tok)
 
@@ -121,7 +121,7 @@ def test_ppo_raises_a_learnable_reward(tiny_tokenizer) -> None:
     def held_out_reward() -> float:  # fresh samples from the current policy, same seed before and after
         tr.generator.set_state(fresh.get_state())
         s = tr.generate(prompts * 2)
-        from align.ppo.rollout import decode_responses
+        from glmwb.align.ppo.rollout import decode_responses
 
         return float(vowel_reward(None, decode_responses(tok, s), None, None)[0].mean())
 
@@ -142,7 +142,7 @@ def test_group_baseline_learns_through_a_per_prompt_offset(tiny_tokenizer) -> No
     """score_norm 'group' (several samples per prompt, leave-one-out baseline) against 'running' (one sample
     per prompt, the critic as baseline), same rollouts per step, on a reward whose per-prompt offset dwarfs the
     learnable part, as a Bradley-Terry RM's may: the group baseline cancels the offset and climbs faster."""
-    from align.ppo.rollout import decode_responses
+    from glmwb.align.ppo.rollout import decode_responses
 
     tok = tiny_tokenizer
     offsets = {q: 5.0 * i for i, q in enumerate(QUESTIONS)}
@@ -238,7 +238,7 @@ def test_micro_batches_give_the_same_update_as_one_batch(tiny_tokenizer) -> None
 
 
 def test_the_clock_stops_a_run_early_and_says_so_only_when_steps_remain(tiny_tokenizer) -> None:
-    from align.ppo.rollout import PromptCycle
+    from glmwb.align.ppo.rollout import PromptCycle
 
     tok = tiny_tokenizer
     for steps, stopped_at in ((3, 1), (1, None)):
@@ -308,7 +308,7 @@ def test_shared_backbone_critic_trains_the_value_head_with_one_optimizer(tiny_to
 
 @pytest.fixture(scope="module")
 def reward_folder(tiny_tokenizer, tmp_path_factory):
-    from rewards.model import RewardModel
+    from glmwb.rewards.model import RewardModel
 
     torch.manual_seed(5)
     model = RewardModel(GLM(TINY.with_(pad_token_id=tiny_tokenizer.pad_token_id)), heads=["reward"])
@@ -319,8 +319,8 @@ def reward_folder(tiny_tokenizer, tmp_path_factory):
 def test_rm_and_http_rewards_agree_and_penalties_apply(tiny_tokenizer, reward_folder) -> None:
     from fastapi.testclient import TestClient
 
-    from rewards.scoring import RewardScorer
-    from rewards.server import create_app
+    from glmwb.rewards.scoring import RewardScorer
+    from glmwb.rewards.server import create_app
 
     prompts = items(tiny_tokenizer, 4)
     texts = ["the sea is calm", "", "four", "晴天"]
@@ -345,8 +345,8 @@ def test_rm_and_http_rewards_agree_and_penalties_apply(tiny_tokenizer, reward_fo
 
 
 def test_rule_and_combined_rewards_on_world_prompts(tiny_tokenizer, reward_folder) -> None:
-    from align.ppo.rollout import world_items
-    from pretrain.world import make_world
+    from glmwb.align.ppo.rollout import world_items
+    from glmwb.pretrain.world import make_world
 
     world = make_world(0, 96)
     prompts = world.prompts("train", 3, seed=0)
@@ -365,7 +365,7 @@ def test_rule_and_combined_rewards_on_world_prompts(tiny_tokenizer, reward_folde
 
 
 def test_critic_from_a_reward_folder_and_saved_as_one(tiny_tokenizer, reward_folder, tmp_path) -> None:
-    from rewards.model import RewardModel
+    from glmwb.rewards.model import RewardModel
 
     critic = Critic.from_folder(reward_folder)
     rm = RewardModel.from_pretrained(reward_folder)
@@ -381,7 +381,7 @@ def test_critic_from_a_reward_folder_and_saved_as_one(tiny_tokenizer, reward_fol
 
 @pytest.fixture(scope="module")
 def policy_folder(tiny_tokenizer, tmp_path_factory):
-    from pretrain.hf import save_pretrained
+    from glmwb.pretrain.hf import save_pretrained
 
     return save_pretrained(
         tiny_glm(tiny_tokenizer), tmp_path_factory.mktemp("ppo_policy") / "policy", tiny_tokenizer
@@ -389,7 +389,7 @@ def policy_folder(tiny_tokenizer, tmp_path_factory):
 
 
 def _recipe(overrides):
-    from recipes.cli import load_recipe
+    from glmwb.recipes.cli import load_recipe
 
     return load_recipe("recipes/ppo.yaml", overrides)
 
@@ -420,16 +420,16 @@ def _recipe(overrides):
     ],
 )
 def test_recipe_mistakes_are_clear_errors(overrides, message) -> None:
-    from recipes.loader import RecipeError
+    from glmwb.recipes.loader import RecipeError
 
     with pytest.raises(RecipeError, match=message):
         _recipe(overrides)
 
 
 def test_anchor_prompts_add_train_instances_and_never_a_test_one() -> None:
-    from align.ppo.config import PromptsConfig
-    from align.ppo.run import rollout_prompts
-    from pretrain.world import make_world
+    from glmwb.align.ppo.config import PromptsConfig
+    from glmwb.align.ppo.run import rollout_prompts
+    from glmwb.pretrain.world import make_world
 
     world = make_world(seed=0, num_entities=96)
     base = dict(train_split="dev", heldout_split="test", families=("fact", "conversion"), train_prompts=300)
@@ -448,8 +448,8 @@ def test_anchor_prompts_add_train_instances_and_never_a_test_one() -> None:
 
 
 def test_missing_policy_folder_is_a_recipe_error(tmp_path) -> None:
-    from align.ppo.run import run_ppo
-    from recipes.loader import RecipeError
+    from glmwb.align.ppo.run import run_ppo
+    from glmwb.recipes.loader import RecipeError
 
     recipe = _recipe([f"policy.init_from={tmp_path}/nothing", f"run.dir={tmp_path}/run"])
     with pytest.raises(RecipeError, match="policy.init_from: no policy folder"):
@@ -457,7 +457,7 @@ def test_missing_policy_folder_is_a_recipe_error(tmp_path) -> None:
 
 
 def test_glmwb_run_ppo_end_to_end(policy_folder, tmp_path, capsys) -> None:
-    from recipes.cli import main
+    from glmwb.recipes.cli import main
 
     run = tmp_path / "run"
     code = main([
@@ -501,8 +501,8 @@ def test_glmwb_run_ppo_end_to_end(policy_folder, tmp_path, capsys) -> None:
 def test_an_interrupted_run_resumes_to_the_same_policy(policy_folder, tmp_path, monkeypatch) -> None:
     """Stopped after step 3 (checkpoint at 2), started again: it goes on from step 2 and ends with exactly the
     weights of a run that was never stopped; metrics.jsonl has each step once."""
-    from align.ppo.trainer import PPOTrainer
-    from recipes.cli import main
+    from glmwb.align.ppo.trainer import PPOTrainer
+    from glmwb.recipes.cli import main
 
     def args(run):
         return [
@@ -529,7 +529,7 @@ def test_an_interrupted_run_resumes_to_the_same_policy(policy_folder, tmp_path, 
     assert main(args(run)) == 0
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00004"]  # keep_checkpoints=1
 
-    from pretrain.hf import load_pretrained
+    from glmwb.pretrain.hf import load_pretrained
 
     a = load_pretrained(tmp_path / "straight" / "final").state_dict()
     b = load_pretrained(run / "final").state_dict()
@@ -562,7 +562,7 @@ def test_two_ranks_under_zero(policy_folder, tmp_path, zero_stage, backbone) -> 
     pytest.importorskip("deepspeed")
     run = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "recipes.cli", "run",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "glmwb.recipes.cli", "run",
         "recipes/ppo.yaml", f"policy.init_from={policy_folder}", f"run.dir={run}", "train.strategy=deepspeed",
         f"train.zero_stage={zero_stage}", f"critic.backbone={backbone}", "train.steps=2", "train.batch_size=8",
         "train.minibatch_size=4", "train.microbatch_size=2", "prompts.train_prompts=32", "prompts.heldout_prompts=8",
@@ -602,10 +602,10 @@ def test_ppo_raises_world_accuracy_on_the_prompts_it_trains_on() -> None:
 
     from transformers import AutoTokenizer
 
-    from align.evaluate import evaluate_policy
-    from align.ppo.rollout import world_items
-    from pretrain.hf import load_pretrained
-    from pretrain.world import make_world
+    from glmwb.align.evaluate import evaluate_policy
+    from glmwb.align.ppo.rollout import world_items
+    from glmwb.pretrain.hf import load_pretrained
+    from glmwb.pretrain.world import make_world
 
     folder = Path(os.environ.get("GLMWB_PPO_POLICY", "runs/quickstart/sft/final"))
     if not (folder / "config.json").is_file():

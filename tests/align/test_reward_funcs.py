@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from align.reward_funcs import (
+from glmwb.align.reward_funcs import (
     CombinedRewardFunc,
     RewardSetupError,
     RewardSpec,
@@ -21,11 +21,11 @@ from align.reward_funcs import (
     completion_text,
     connect_reward_server,
 )
-from pretrain.model import GLM
-from pretrain.world import KINDS, make_world
-from rewards.rules import CombinedReward, RuleContext, length_penalty
-from rewards.scoring import RewardScorer
-from rewards.server import RewardClient, create_app
+from glmwb.pretrain.model import GLM
+from glmwb.pretrain.world import KINDS, make_world
+from glmwb.rewards.rules import CombinedReward, RuleContext, length_penalty
+from glmwb.rewards.scoring import RewardScorer
+from glmwb.rewards.server import RewardClient, create_app
 from tests.tiny import TINY
 
 
@@ -53,7 +53,7 @@ def world_batch(world):
 
 @pytest.fixture(scope="module")
 def scorer(tiny_tokenizer, tmp_path_factory) -> RewardScorer:
-    from rewards.model import RewardModel
+    from glmwb.rewards.model import RewardModel
 
     torch.manual_seed(0)
     model = RewardModel(GLM(TINY.with_(pad_token_id=tiny_tokenizer.pad_token_id)), heads=["reward", "extra"])

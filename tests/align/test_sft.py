@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from align.data import Conversation, encode_conversation
-from align.sft import (
+from glmwb.align.data import Conversation, encode_conversation
+from glmwb.align.sft import (
     SFTDataConfig,
     SFTModelConfig,
     SFTRecipe,
@@ -19,12 +19,12 @@ from align.sft import (
     encode_dataset,
     save_policy,
 )
-from pretrain.hf import load_pretrained, save_pretrained
-from pretrain.model import GLM
-from pretrain.tokenizer import turn_terminator_ids
-from pretrain.train import OptimConfig
-from recipes.schema import RunConfig
-from rewards.config import LoRAConfig
+from glmwb.pretrain.hf import load_pretrained, save_pretrained
+from glmwb.pretrain.model import GLM
+from glmwb.pretrain.tokenizer import turn_terminator_ids
+from glmwb.pretrain.train import OptimConfig
+from glmwb.recipes.schema import RunConfig
+from glmwb.rewards.config import LoRAConfig
 from tests.tiny import TINY as BASE_TINY
 
 TINY = BASE_TINY.with_(initializer_range=0.2)  # attention far from uniform at initialisation
@@ -245,7 +245,7 @@ def test_lora_trains_adapters_only_and_merges_into_a_plain_folder(
 def test_sft_recipe_end_to_end(tiny_folder, tmp_path, capsys) -> None:
     from transformers import AutoModelForCausalLM
 
-    from recipes.cli import main
+    from glmwb.recipes.cli import main
 
     run = tmp_path / "run"
     code = main([
@@ -273,7 +273,7 @@ def test_sft_recipe_end_to_end(tiny_folder, tmp_path, capsys) -> None:
 
 
 def test_sft_recipe_on_files_and_recipe_errors(tiny_folder, tmp_path, capsys) -> None:
-    from recipes.cli import main
+    from glmwb.recipes.cli import main
 
     rows = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(30)] + [
         {"instruction": "x"}

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from annotation.store import NewItem, NewResponse, Store
+from glmwb.annotation.store import NewItem, NewResponse, Store
 
 REPO = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get("GLMWB_TEST_PG_URL", "postgresql+psycopg://glmwb:glmwb@127.0.0.1:5432/glmwb_test")
@@ -164,7 +164,7 @@ class ServerProcess:
     def __init__(self, db: str, log: Path, ui: bool = True) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "recipes.cli", "annotate", "--db", db, "--port", str(self.port)]
+        args = [sys.executable, "-m", "glmwb.recipes.cli", "annotate", "--db", db, "--port", str(self.port)]
         args += ["--gold-rate", "0"] + ([] if ui else ["--no-ui"])
         self.log = log.open("ab")
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
@@ -222,10 +222,10 @@ def tiny_glm_folder(tiny_tokenizer, tmp_path_factory):
     """A tiny random GLM saved with the tiny tokenizer as a Hugging Face folder."""
     import torch
 
-    from pretrain.config import GLMConfig
-    from pretrain.hf import save_pretrained
-    from pretrain.model import GLM
-    from pretrain.tokenizer import turn_terminator_ids
+    from glmwb.pretrain.config import GLMConfig
+    from glmwb.pretrain.hf import save_pretrained
+    from glmwb.pretrain.model import GLM
+    from glmwb.pretrain.tokenizer import turn_terminator_ids
 
     torch.manual_seed(0)
     cfg = GLMConfig(

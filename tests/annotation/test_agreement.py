@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from annotation.agreement import (
+from glmwb.annotation.agreement import (
     agreement_report,
     cohens_kappa,
     fleiss_kappa,

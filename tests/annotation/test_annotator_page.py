@@ -13,11 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from annotation.assign import AssignmentPolicy
-from annotation.server import LoginThrottle, ServerSettings, create_app
-from annotation.store import NewItem, NewResponse, Store
+from glmwb.annotation.assign import AssignmentPolicy
+from glmwb.annotation.server import LoginThrottle, ServerSettings, create_app
+from glmwb.annotation.store import NewItem, NewResponse, Store
+from glmwb.ui.annotator import PageConfig
 from tests.annotation.conftest import ThreadServer, cheap_hasher, make_items
-from ui.annotator import PageConfig
 
 XSS_A = '<script>window.__pwned = "script"</script>**bold** answer'
 XSS_B = (
@@ -306,7 +306,7 @@ def test_admin_tab_progress_agreement_export(site, browser, tmp_path):
     page.screenshot(path=tmp_path / "root-admin.png", full_page=True)
     exported = list((tmp / "exports").glob("preferences-majority-*.jsonl"))
     assert len(exported) == 1
-    from rewards.data import read_preferences
+    from glmwb.rewards.data import read_preferences
 
     assert len(read_preferences(exported[0]).records) >= 1
     context.close()

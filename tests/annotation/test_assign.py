@@ -8,8 +8,8 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from annotation.assign import AssignmentPolicy, priority_from_scores
-from annotation.store import Store
+from glmwb.annotation.assign import AssignmentPolicy, priority_from_scores
+from glmwb.annotation.store import Store
 from tests.annotation.conftest import cheap_hasher, make_items
 
 

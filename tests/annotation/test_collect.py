@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from annotation import tasks
-from annotation.store import NewResponse
-from recipes.cli import load_recipe
-from recipes.loader import RecipeError
+from glmwb.annotation import tasks
+from glmwb.annotation.store import NewResponse
+from glmwb.recipes.cli import load_recipe
+from glmwb.recipes.loader import RecipeError
 
 
 def _recipe(tmp_path, policy, *more):
@@ -25,8 +25,8 @@ def test_world_candidates_as_samples_are_labelled_by_quality(tmp_path, monkeypat
     """Answers of known quality (the world's correct / wrong / verbose candidates stand in for samples):
     noise-free annotators' majority always prefers the better answer by the world's checker, each item gets
     `overlap` votes, and the export is read as is by the reward stage's reader."""
-    from annotation.collect import run_preferences
-    from rewards.data import read_preferences
+    from glmwb.annotation.collect import run_preferences
+    from glmwb.rewards.data import read_preferences
 
     def fake_samples(prompts, folder, config, model_name=None, progress=True):
         cands = tasks.world_candidates(prompts, seed=0)
@@ -53,7 +53,7 @@ def test_world_candidates_as_samples_are_labelled_by_quality(tmp_path, monkeypat
 
 
 def test_sampled_answers_from_a_policy_folder(tmp_path, tiny_glm_folder) -> None:
-    from annotation.collect import run_preferences
+    from glmwb.annotation.collect import run_preferences
 
     summary = run_preferences(_recipe(tmp_path, tiny_glm_folder))
     assert 1 <= summary["items_added"] <= 12 and summary["votes"] == 3 * summary["items_added"]
@@ -63,7 +63,7 @@ def test_sampled_answers_from_a_policy_folder(tmp_path, tiny_glm_folder) -> None
 
 
 def test_reward_stage_takes_the_export_as_extra_pairs(tmp_path) -> None:
-    from rewards.run import load_records
+    from glmwb.rewards.run import load_records
 
     path = tmp_path / "p.jsonl"
     row = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
@@ -84,7 +84,7 @@ def test_reward_stage_takes_the_export_as_extra_pairs(tmp_path) -> None:
 
 
 def test_reward_data_both_bad_drop_leaves_out_only_those_training_pairs() -> None:
-    from rewards.run import load_records
+    from glmwb.rewards.run import load_records
 
     over = ["data.train_prompts=300", "data.heldout_prompts=100"]
     train0, held0, _ = load_records(load_recipe("recipes/reward.yaml", over).data, 0)
@@ -101,7 +101,7 @@ def test_reward_data_both_bad_drop_leaves_out_only_those_training_pairs() -> Non
 
 
 def test_reward_data_both_bad_weight_scales_only_those_training_pairs() -> None:
-    from rewards.run import load_records
+    from glmwb.rewards.run import load_records
 
     over = ["data.train_prompts=300", "data.heldout_prompts=100"]
     train0, held0, _ = load_records(load_recipe("recipes/reward.yaml", over).data, 0)
@@ -133,15 +133,15 @@ def test_recipe_mistakes(tmp_path, tiny_glm_folder, overrides, message) -> None:
 
 
 def test_missing_policy_folder(tmp_path) -> None:
-    from annotation.collect import run_preferences
+    from glmwb.annotation.collect import run_preferences
 
     with pytest.raises(RecipeError, match="no model folder"):
         run_preferences(_recipe(tmp_path, tmp_path / "nope"))
 
 
 def test_reward_data_with_annotator_strength_has_margins_and_the_same_labels() -> None:
-    from annotation.records import STRENGTH_MARGINS
-    from rewards.run import load_records
+    from glmwb.annotation.records import STRENGTH_MARGINS
+    from glmwb.rewards.run import load_records
 
     over = ["data.train_prompts=200", "data.heldout_prompts=50"]
     plain, _, _ = load_records(load_recipe("recipes/reward.yaml", over).data, 0)

@@ -15,9 +15,9 @@ from collections import Counter
 
 from sqlalchemy import text
 
-from annotation.assign import AssignmentPolicy
-from annotation.loadtest import resubmit, run_load
-from annotation.store import Store
+from glmwb.annotation.assign import AssignmentPolicy
+from glmwb.annotation.loadtest import resubmit, run_load
+from glmwb.annotation.store import Store
 from tests.annotation.conftest import ServerProcess, cheap_hasher, make_items
 
 

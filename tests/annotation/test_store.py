@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import create_engine, insert, select, text
 from sqlalchemy.exc import IntegrityError
 
-from annotation.schema import Annotator, Base, Vote
-from annotation.store import Conflict, NewItem, NewResponse, NotFound, Store, StoreError
+from glmwb.annotation.schema import Annotator, Base, Vote
+from glmwb.annotation.store import Conflict, NewItem, NewResponse, NotFound, Store, StoreError
 from tests.annotation.conftest import cheap_hasher, make_items
 
 
@@ -303,7 +303,7 @@ def test_vote_strength_checked_stored_and_kept_by_migrations(db_url):
     from alembic import command
     from alembic.config import Config
 
-    from annotation.store import MIGRATIONS, migrate
+    from glmwb.annotation.store import MIGRATIONS, migrate
 
     store = Store(db_url, password_hasher=cheap_hasher())
     store.add_items(make_items(3, overlap=1))

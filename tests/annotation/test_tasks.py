@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from annotation import tasks
-from annotation.store import Store
-from recipes.cli import main as glmwb
+from glmwb.annotation import tasks
+from glmwb.annotation.store import Store
+from glmwb.recipes.cli import main as glmwb
 from tests.annotation.conftest import cheap_hasher
 
 
@@ -48,7 +48,7 @@ def test_items_from_samples_into_the_store(tiny_glm_folder, sqlite_store):
 
 def test_make_items_groups_priority_and_dedup():
     prompts = [tasks.PromptSpec("p1", [{"role": "user", "content": "q"}])]
-    from annotation.store import NewResponse
+    from glmwb.annotation.store import NewResponse
 
     answers = {"p1": [NewResponse(t, "m") for t in ("a", "b", "a", "c", " ")]}  # duplicate and blank dropped
     every = tasks.make_items(prompts, answers, per_item=2, items_per_prompt=0)
@@ -91,7 +91,7 @@ def test_pregenerated_answers(tmp_path):
 
 
 def test_world_items_have_right_gold(sqlite_store):
-    from pretrain.world import PreferenceRule, Prompt, check
+    from glmwb.pretrain.world import PreferenceRule, Prompt, check
 
     items = tasks.world_items(10, gold=5, overlap=2)
     assert sum(i.gold is not None for i in items) == 5
@@ -137,7 +137,7 @@ def test_cli_end_to_end_on_the_world(tmp_path, capsys, monkeypatch):
     assert report["agreement"]["krippendorff_alpha"] > 0.6  # 10 % noise: strong agreement
     out = tmp_path / "prefs.parquet"
     assert glmwb(["annotation", "export", "--db", db, "--out", str(out)]) == 0
-    from rewards.data import read_preferences
+    from glmwb.rewards.data import read_preferences
 
     records = read_preferences(out).records
     assert len(records) >= 25
@@ -171,7 +171,7 @@ def test_cli_end_to_end_on_the_world(tmp_path, capsys, monkeypatch):
 
 
 def test_the_server_binds_loopback_by_default():
-    from recipes.cli import make_parser
+    from glmwb.recipes.cli import make_parser
 
     args = make_parser().parse_args(["annotate"])
     assert (args.host, args.port) == ("127.0.0.1", 7860)

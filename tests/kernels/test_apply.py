@@ -10,14 +10,14 @@ import torch
 
 pytest.importorskip("triton")
 
-import kernels._common  # noqa: E402
-import kernels.fused_linear_ce  # noqa: E402
-import kernels.rmsnorm  # noqa: E402
-import kernels.rotary  # noqa: E402
-import kernels.swiglu  # noqa: E402
-from kernels.apply import KernelConfig, apply_kernels, revert_kernels  # noqa: E402
-from pretrain.config import GLMConfig  # noqa: E402
-from pretrain.model import GLM, KVCache  # noqa: E402
+import glmwb.kernels._common  # noqa: E402
+import glmwb.kernels.fused_linear_ce  # noqa: E402
+import glmwb.kernels.rmsnorm  # noqa: E402
+import glmwb.kernels.rotary  # noqa: E402
+import glmwb.kernels.swiglu  # noqa: E402
+from glmwb.kernels.apply import KernelConfig, apply_kernels, revert_kernels  # noqa: E402
+from glmwb.pretrain.config import GLMConfig  # noqa: E402
+from glmwb.pretrain.model import GLM, KVCache  # noqa: E402
 from tests.kernels.checks import DEVICE  # noqa: E402
 
 TOL = 1e-5  # fp32
@@ -49,7 +49,7 @@ def tiny_glm(seed: int = 0, **changes) -> GLM:
 def hf_twin(model: GLM, attn_implementation: str = "sdpa"):
     import transformers
 
-    from pretrain.hf import to_hf_config, to_hf_state_dict
+    from glmwb.pretrain.hf import to_hf_config, to_hf_state_dict
 
     cls = transformers.Glm4ForCausalLM if model.config.post_norms else transformers.GlmForCausalLM
     hf = cls._from_config(to_hf_config(model.config), attn_implementation=attn_implementation)
@@ -70,11 +70,11 @@ def launches(monkeypatch):
     """Counts of each Triton launcher called, to prove the kernels (not the torch code) ran."""
     counts = {"rmsnorm": 0, "swiglu": 0, "rotary": 0, "fused_ce": 0, "rmsnorm_add": 0}
     for key, module, name in [
-        ("rmsnorm", kernels.rmsnorm, "_rmsnorm_fwd"),
-        ("swiglu", kernels.swiglu, "_swiglu_fwd"),
-        ("rotary", kernels.rotary, "_rotary_fwd"),
-        ("rotary", kernels.rotary, "_rotary_inplace"),  # our GLM's path: in place on the fused qkv
-        ("fused_ce", kernels.fused_linear_ce, "_fused_linear_ce_fwd"),
+        ("rmsnorm", glmwb.kernels.rmsnorm, "_rmsnorm_fwd"),
+        ("swiglu", glmwb.kernels.swiglu, "_swiglu_fwd"),
+        ("rotary", glmwb.kernels.rotary, "_rotary_fwd"),
+        ("rotary", glmwb.kernels.rotary, "_rotary_inplace"),  # our GLM's path: in place on the fused qkv
+        ("fused_ce", glmwb.kernels.fused_linear_ce, "_fused_linear_ce_fwd"),
     ]:
         original = getattr(module, name)
 
@@ -208,7 +208,7 @@ def test_unsupported_model_and_missing_interpreter_are_clear_errors(monkeypatch)
     with pytest.raises(ValueError, match="unsupported model Linear"):
         apply_kernels(torch.nn.Linear(3, 3))
     if not torch.cuda.is_available():
-        monkeypatch.setattr(kernels._common, "is_interpreted", lambda kernel: False)
+        monkeypatch.setattr(glmwb.kernels._common, "is_interpreted", lambda kernel: False)
         with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
             apply_kernels(tiny_glm())
         apply_kernels(tiny_glm(), KernelConfig.all_torch())  # no Triton needed: fine

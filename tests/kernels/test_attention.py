@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.attention import (
+from glmwb.kernels.attention import (
     attention,
     attention_backend,
     attention_ref,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.bench.bench_kernels import GLM4_9B, Bench, Row, check_targets, main, read_csv, write_csv
+from glmwb.kernels.bench.bench_kernels import GLM4_9B, Bench, Row, check_targets, main, read_csv, write_csv
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,7 +73,7 @@ def test_csv_round_trip_and_replot(tmp_path):
 def test_dry_run_end_to_end(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"} if not torch.cuda.is_available() else dict(os.environ)
     result = subprocess.run(
-        [sys.executable, "-m", "kernels.bench.bench_kernels", "--dry-run", "--out", str(tmp_path)],
+        [sys.executable, "-m", "glmwb.kernels.bench.bench_kernels", "--dry-run", "--out", str(tmp_path)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -106,7 +106,7 @@ class _CountingTimer:
 def test_every_sweep_configuration_computes_the_same_function(capsys):
     # tune_kernels checks each launch configuration against the default before timing it and skips
     # (prints SKIPPED) the ones that differ or fail; here, in the interpreter, none may be skipped.
-    from kernels.bench import tune_kernels
+    from glmwb.kernels.bench import tune_kernels
 
     timer = _CountingTimer()
     rows = tune_kernels.sweep_rmsnorm(timer, [9], 40, torch.bfloat16)
@@ -129,8 +129,8 @@ def test_every_sweep_configuration_computes_the_same_function(capsys):
 
 
 def test_a_configuration_that_computes_something_else_is_skipped(monkeypatch, capsys):
-    from kernels import rotary
-    from kernels.bench import tune_kernels
+    from glmwb.kernels import rotary
+    from glmwb.kernels.bench import tune_kernels
 
     launch = rotary._launch
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from kernels.fused_linear_ce import (  # noqa: E402
+from glmwb.kernels.fused_linear_ce import (  # noqa: E402
     FusedLinearCrossEntropy,
     default_chunk_size,
     fused_linear_cross_entropy,

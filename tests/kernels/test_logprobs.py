@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels.logprobs import (  # noqa: E402
+from glmwb.kernels.logprobs import (  # noqa: E402
     SelectiveLogprobs,
     linear_selective_logprobs,
     linear_selective_logprobs_ref,

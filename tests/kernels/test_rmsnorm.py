@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("triton")
 
-import kernels._common  # noqa: E402
-from kernels.rmsnorm import (  # noqa: E402
+import glmwb.kernels._common  # noqa: E402
+from glmwb.kernels.rmsnorm import (  # noqa: E402
     GLM_RMS_NORM_EPS,
     TritonRMSNorm,
     rmsnorm,
@@ -204,7 +204,7 @@ def test_bad_inputs_raise_clear_errors(call, message):
 
 
 def test_cpu_tensors_without_the_interpreter_raise(monkeypatch):
-    monkeypatch.setattr(kernels._common, "is_interpreted", lambda kernel: False)
+    monkeypatch.setattr(glmwb.kernels._common, "is_interpreted", lambda kernel: False)
     with pytest.raises(ValueError, match="needs CUDA tensors.*TRITON_INTERPRET=1"):
         rmsnorm(torch.randn(7, 48), torch.ones(48))
 

@@ -9,8 +9,8 @@ from transformers.models.glm.modeling_glm import GlmRotaryEmbedding, apply_rotar
 
 pytest.importorskip("triton")
 
-import kernels._common  # noqa: E402
-from kernels.rotary import (  # noqa: E402
+import glmwb.kernels._common  # noqa: E402
+from glmwb.kernels.rotary import (  # noqa: E402
     TritonRotary,
     apply_rotary,
     apply_rotary_qkv_,
@@ -287,7 +287,7 @@ def test_odd_rotary_dim_is_rejected():
 
 
 def test_cpu_tensors_without_the_interpreter_raise(monkeypatch):
-    monkeypatch.setattr(kernels._common, "is_interpreted", lambda kernel: False)
+    monkeypatch.setattr(glmwb.kernels._common, "is_interpreted", lambda kernel: False)
     with pytest.raises(ValueError, match="needs CUDA tensors.*TRITON_INTERPRET=1"):
         apply_rotary(torch.randn(2, 13, 3, 16), torch.randn(2, 13, 1, 16), _POS, _INV)
 

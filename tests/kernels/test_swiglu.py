@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-import kernels._common  # noqa: E402
-from kernels.swiglu import TritonSwiGLU, swiglu, swiglu_ref  # noqa: E402
+import glmwb.kernels._common  # noqa: E402
+from glmwb.kernels.swiglu import TritonSwiGLU, swiglu, swiglu_ref  # noqa: E402
 from tests.kernels.checks import (  # noqa: E402
     DEVICE,
     assert_fp32_close,
@@ -106,7 +106,7 @@ def test_bad_inputs_raise_clear_errors(gate_up, message):
 
 
 def test_cpu_tensors_without_the_interpreter_raise(monkeypatch):
-    monkeypatch.setattr(kernels._common, "is_interpreted", lambda kernel: False)
+    monkeypatch.setattr(glmwb.kernels._common, "is_interpreted", lambda kernel: False)
     with pytest.raises(ValueError, match="needs CUDA tensors.*TRITON_INTERPRET=1"):
         swiglu(torch.randn(7, 96))
 

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from annotation.records import PreferenceRecord
-from pretrain.model import GLM
+from glmwb.annotation.records import PreferenceRecord
+from glmwb.pretrain.model import GLM
 from tests.tiny import TINY
 
 WORDS = "the quick brown fox jumps over lazy dog reward model scores two answers better one chosen".split()
@@ -43,7 +43,7 @@ def planted_records(n: int, seed: int = 0, tie_fraction: float = 0.0) -> list[Pr
 @pytest.fixture(scope="session")
 def reward_folder(tiny_tokenizer, tmp_path_factory):
     """An untrained two-head reward model saved as a GlmForSequenceClassification folder (+ tokenizer)."""
-    from rewards.model import RewardModel
+    from glmwb.rewards.model import RewardModel
 
     model = RewardModel(tiny_glm(tiny_tokenizer), heads=["reward", "correctness"])
     model.info.reward_mean, model.info.reward_std = [0.5, 0.0], [2.0, 1.0]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from annotation.records import PreferenceDataError, PreferenceRecord
-from pretrain.tokenizer import encode_chat
-from rewards.data import (
+from glmwb.annotation.records import PreferenceDataError, PreferenceRecord
+from glmwb.pretrain.tokenizer import encode_chat
+from glmwb.rewards.data import (
     IGNORE_LABEL,
     annotator_reliability,
     encode_pairs,
@@ -207,7 +207,7 @@ def test_head_labels() -> None:
 
 
 def test_annotator_reliability_ranks_careless_annotators_last() -> None:
-    from pretrain.world import make_world, preference_pairs
+    from glmwb.pretrain.world import make_world, preference_pairs
 
     world = make_world(seed=0)
     rows = preference_pairs(world, world.prompts("train", 400), n_annotators=3, noise=[0.0, 0.1, 0.8],

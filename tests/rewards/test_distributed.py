@@ -22,7 +22,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(tiny_tokenizer, tmp_path) ->
         "train.max_minutes=null", "train.resume=false", "model.verifier.enabled=false", "train.value_first=null",
     ]  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    cli = ["-m", "recipes.cli", "run", "recipes/reward.yaml"]
+    cli = ["-m", "glmwb.recipes.cli", "run", "recipes/reward.yaml"]
     two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *cli, f"run.dir={tmp_path}/two",
            "train.strategy=deepspeed", "train.zero_stage=2", "train.grad_accum=1", *common]  # fmt: skip
     one = [sys.executable, *cli, f"run.dir={tmp_path}/one", "train.grad_accum=2", *common]

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from rewards.data import encode_response
-from rewards.ensemble import ENSEMBLE_FILE, RewardEnsemble, is_ensemble, load_reward_model
-from rewards.model import RewardModel, padded_batch, reward_pad_id
-from rewards.scoring import RewardScorer
+from glmwb.rewards.data import encode_response
+from glmwb.rewards.ensemble import ENSEMBLE_FILE, RewardEnsemble, is_ensemble, load_reward_model
+from glmwb.rewards.model import RewardModel, padded_batch, reward_pad_id
+from glmwb.rewards.scoring import RewardScorer
 from tests.rewards.conftest import tiny_glm
 
 PROMPTS = ["What is 2+2?", "Where does Tasel live?", [{"role": "user", "content": "你好"}]]
@@ -91,7 +91,7 @@ def test_bad_ensembles_are_refused(tiny_tokenizer, tmp_path) -> None:
 
 
 def test_reward_recipe_trains_an_ensemble(tiny_tokenizer, tmp_path, capsys) -> None:
-    from recipes.cli import main
+    from glmwb.recipes.cli import main
 
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
     args = [

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from annotation.records import PreferenceRecord
-from rewards.evaluate import (
+from glmwb.annotation.records import PreferenceRecord
+from glmwb.rewards.evaluate import (
     calibration,
     ensemble_disagreement,
     length_correlation,
@@ -130,7 +130,7 @@ def test_world_agreement_against_the_ceiling() -> None:
 
 @pytest.fixture(scope="module")
 def causal_lm_folder(tiny_tokenizer, tmp_path_factory):
-    from pretrain.hf import save_pretrained
+    from glmwb.pretrain.hf import save_pretrained
     from tests.rewards.conftest import tiny_glm
 
     return save_pretrained(
@@ -140,9 +140,9 @@ def causal_lm_folder(tiny_tokenizer, tmp_path_factory):
 
 def _direct_response_logprob(folder, record, response: str) -> float:
     """Independent of the packed path: one padded forward over the whole text, full log-softmax."""
-    from pretrain.hf import load_pretrained
-    from pretrain.run import load_tokenizer
-    from rewards.data import encode_response
+    from glmwb.pretrain.hf import load_pretrained
+    from glmwb.pretrain.run import load_tokenizer
+    from glmwb.rewards.data import encode_response
 
     model, tok = load_pretrained(folder).eval(), load_tokenizer(str(folder))
     prompt = tok.apply_chat_template(
@@ -160,7 +160,7 @@ def _direct_response_logprob(folder, record, response: str) -> float:
 
 
 def test_likelihood_baseline_sums_the_response_logprobs(causal_lm_folder) -> None:
-    from rewards.evaluate import likelihood_baseline, response_logprobs
+    from glmwb.rewards.evaluate import likelihood_baseline, response_logprobs
     from tests.rewards.conftest import planted_records
 
     records = planted_records(9, seed=3)
@@ -188,9 +188,9 @@ def test_likelihood_baseline_sums_the_response_logprobs(causal_lm_folder) -> Non
 def test_reward_stage_checks_the_likelihood_baseline_folder_before_training(
     reward_folder, causal_lm_folder
 ) -> None:
-    from recipes.loader import RecipeError, build
-    from recipes.schema import RewardRecipe
-    from rewards.run import _baseline_folder
+    from glmwb.recipes.loader import RecipeError, build
+    from glmwb.recipes.schema import RewardRecipe
+    from glmwb.rewards.run import _baseline_folder
 
     def recipe(init_from, baseline):
         model = {"init_from": init_from} if init_from else {"config": {"vocab_size": 64}}

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rewards.losses import (
+from glmwb.rewards.losses import (
     TIE_MODELS,
     bradley_terry_loss,
     bradley_terry_tie_loss,

@@ -8,9 +8,16 @@ import json
 import pytest
 import torch
 
-from pretrain.hf import save_pretrained
-from rewards.data import encode_response
-from rewards.model import PAD_TOKEN, RewardModel, packed_batch, padded_batch, reward_pad_id, score_sequences
+from glmwb.pretrain.hf import save_pretrained
+from glmwb.rewards.data import encode_response
+from glmwb.rewards.model import (
+    PAD_TOKEN,
+    RewardModel,
+    packed_batch,
+    padded_batch,
+    reward_pad_id,
+    score_sequences,
+)
 from tests.rewards.conftest import tiny_glm
 
 PROMPTS = [

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from pretrain.hf import save_pretrained
-from rewards.model import RewardModel
-from rewards.on_policy import main, ranking_stats
+from glmwb.pretrain.hf import save_pretrained
+from glmwb.rewards.model import RewardModel
+from glmwb.rewards.on_policy import main, ranking_stats
 from tests.rewards.conftest import tiny_glm
 
 

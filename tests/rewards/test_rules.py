@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.world import make_world
-from rewards.rules import (
+from glmwb.pretrain.world import make_world
+from glmwb.rewards.rules import (
     RULES,
     CombinedReward,
     RuleContext,

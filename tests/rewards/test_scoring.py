@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
-from rewards.data import encode_response
-from rewards.model import RewardModel, padded_batch, reward_pad_id
-from rewards.scoring import RewardScorer, ScoringError
-from rewards.server import RewardClient, create_app
+from glmwb.rewards.data import encode_response
+from glmwb.rewards.model import RewardModel, padded_batch, reward_pad_id
+from glmwb.rewards.scoring import RewardScorer, ScoringError
+from glmwb.rewards.server import RewardClient, create_app
 
 PROMPTS = ["What is 2+2?", [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "你好"}],
            "Tell me about the quick brown fox and the lazy dog, please, in detail."]  # fmt: skip

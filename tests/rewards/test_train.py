@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from pretrain.train import OptimConfig
-from rewards.config import LoRAConfig, RewardLossConfig, RewardTrainConfig
-from rewards.data import encode_pairs
-from rewards.model import RewardModel, reward_pad_id
-from rewards.train import apply_lora, pair_rewards, train_reward_model
+from glmwb.pretrain.train import OptimConfig
+from glmwb.rewards.config import LoRAConfig, RewardLossConfig, RewardTrainConfig
+from glmwb.rewards.data import encode_pairs
+from glmwb.rewards.model import RewardModel, reward_pad_id
+from glmwb.rewards.train import apply_lora, pair_rewards, train_reward_model
 from tests.rewards.conftest import planted_records, tiny_glm
 
 
@@ -190,7 +190,7 @@ def test_attribute_heads_learn_their_own_labels(tiny_tokenizer, tmp_path) -> Non
 def _run_tiny_reward_recipe(tokenizer, tmp_path, *overrides: str) -> int:
     """``glmwb run recipes/reward.yaml`` on a tiny random-init GLM (a random init has no language model for
     the verifier features to read, so they are off)."""
-    from recipes.cli import main
+    from glmwb.recipes.cli import main
 
     tokenizer.save_pretrained(tmp_path / "tok")
     return main([
@@ -203,7 +203,7 @@ def _run_tiny_reward_recipe(tokenizer, tmp_path, *overrides: str) -> int:
 def test_reward_recipe_end_to_end(tiny_tokenizer, tmp_path, capsys) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    from recipes.cli import main
+    from glmwb.recipes.cli import main
 
     code = _run_tiny_reward_recipe(
         tiny_tokenizer, tmp_path, "data.train_prompts=64", "data.heldout_prompts=48", "train.max_steps=4",
@@ -242,7 +242,7 @@ def test_auxiliary_lm_loss_keeps_a_frozen_lm_head_that_is_never_saved(
 ) -> None:
     from safetensors.torch import load_file
 
-    from pretrain.hf import save_pretrained
+    from glmwb.pretrain.hf import save_pretrained
 
     save_pretrained(tiny_glm(tiny_tokenizer), tmp_path / "base", tokenizer=tiny_tokenizer)
     model = RewardModel.from_pretrained(tmp_path / "base", keep_lm_head=True)

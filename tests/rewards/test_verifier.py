@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from pretrain.hf import save_pretrained
-from recipes.loader import RecipeError
-from rewards.config import RewardLossConfig, RewardTrainConfig, VerifierConfig
-from rewards.data import encode_pairs, encode_response
-from rewards.model import RewardModel, packed_batch, padded_batch, reward_pad_id, score_sequences
-from rewards.verifier import ASSISTANT_TOKEN, LikelihoodVerifier, answer_spans, token_features
+from glmwb.pretrain.hf import save_pretrained
+from glmwb.recipes.loader import RecipeError
+from glmwb.rewards.config import RewardLossConfig, RewardTrainConfig, VerifierConfig
+from glmwb.rewards.data import encode_pairs, encode_response
+from glmwb.rewards.model import RewardModel, packed_batch, padded_batch, reward_pad_id, score_sequences
+from glmwb.rewards.verifier import ASSISTANT_TOKEN, LikelihoodVerifier, answer_spans, token_features
 from tests.rewards.conftest import planted_records, tiny_glm
 
 ALL = ("contradiction", "contradiction_sum", "confident_misses", "logp_sum", "logp_min", "length")
@@ -112,8 +112,8 @@ def _shorter_wins(tok, records):
 
 def _train_frozen_backbone(model, tok, train, held, run_dir, **train_cfg):
     """``train_reward_model`` with the backbone's and head's lr ~0 (only the verifier weights can learn)."""
-    from pretrain.train import OptimConfig
-    from rewards.train import train_reward_model
+    from glmwb.pretrain.train import OptimConfig
+    from glmwb.rewards.train import train_reward_model
 
     return train_reward_model(
         model, tok, train, held, RewardLossConfig(tie_model="drop"),
@@ -142,7 +142,7 @@ def test_the_preference_loss_learns_the_feature_weights(tiny_tokenizer, tmp_path
 def test_prefit_fits_the_feature_weights_alone(tiny_tokenizer, tmp_path) -> None:
     """train.verifier_prefit_pairs: the weights are fitted on cached features before training (L-BFGS on
     the same loss); the backbone and head stay as they were; the planted "shorter wins" is found at once."""
-    from rewards.train import TieParameter, prefit_verifier
+    from glmwb.rewards.train import TieParameter, prefit_verifier
 
     tok = tiny_tokenizer
     train, _ = encode_pairs(tok, _shorter_wins(tok, planted_records(200, seed=0)), 96)
@@ -175,9 +175,9 @@ def test_bad_verifier_settings_are_named(tiny_tokenizer, tmp_path) -> None:
         lm.lm_head = None
         LikelihoodVerifier(lm, 5)
     # a reward folder is no verifier LM: the recipe says so before training
-    from recipes.loader import build
-    from recipes.schema import RewardRecipe
-    from rewards.run import build_model
+    from glmwb.recipes.loader import build
+    from glmwb.recipes.schema import RewardRecipe
+    from glmwb.rewards.run import build_model
 
     base = save_pretrained(tiny_glm(tiny_tokenizer), tmp_path / "base", tiny_tokenizer)
     rm = RewardModel(tiny_glm(tiny_tokenizer)).save(tmp_path / "rm", tiny_tokenizer)
@@ -194,8 +194,8 @@ def test_bad_verifier_settings_are_named(tiny_tokenizer, tmp_path) -> None:
 def test_gated_feature_weights_start_neutral_train_and_round_trip(tiny_tokenizer, tmp_path) -> None:
     """``model.verifier.gate``: weights W + U·h_T. U starts at zero (the reward is that of W alone), moves in
     training, is the same padded and packed, and survives the folder round trip (verifier/gate.safetensors)."""
-    from pretrain.train import OptimConfig
-    from rewards.train import train_reward_model
+    from glmwb.pretrain.train import OptimConfig
+    from glmwb.rewards.train import train_reward_model
 
     tok = tiny_tokenizer
     pad = reward_pad_id(tok)
@@ -235,8 +235,8 @@ def test_gated_feature_weights_start_neutral_train_and_round_trip(tiny_tokenizer
 def test_gate_on_named_features_moves_only_their_weights(tiny_tokenizer, tmp_path) -> None:
     """``model.verifier.gate: [names]``: training moves only those features' rows of U (the others stay exactly
     zero, so the saved folder reproduces the reward without a mask); unknown names are refused."""
-    from pretrain.train import OptimConfig
-    from rewards.train import train_reward_model
+    from glmwb.pretrain.train import OptimConfig
+    from glmwb.rewards.train import train_reward_model
 
     tok = tiny_tokenizer
     names = ("length", "logp_sum")
@@ -267,8 +267,8 @@ def test_value_first_fits_the_value_weights_after_the_head(tiny_tokenizer, tmp_p
     """train.value_first: the feature weights stay at 0 while the backbone and head train on the form pairs
     (the verifier prefit is skipped), then are fitted on the value pairs (planted: the shorter answer is
     better, which only the `length` feature sees) and scaled by the best of train.value_scales."""
-    from pretrain.train import OptimConfig
-    from rewards.train import train_reward_model
+    from glmwb.pretrain.train import OptimConfig
+    from glmwb.rewards.train import train_reward_model
 
     tok = tiny_tokenizer
     form, _ = encode_pairs(tok, planted_records(64, seed=2), 96)
@@ -303,9 +303,9 @@ def test_value_first_fits_the_value_weights_after_the_head(tiny_tokenizer, tmp_p
 
 
 def test_value_first_refuses_what_it_cannot_split(tiny_tokenizer, tmp_path) -> None:
-    from recipes.loader import build
-    from recipes.schema import RewardRecipe
-    from rewards.run import split_value_first
+    from glmwb.recipes.loader import build
+    from glmwb.recipes.schema import RewardRecipe
+    from glmwb.rewards.run import split_value_first
 
     base = save_pretrained(tiny_glm(tiny_tokenizer), tmp_path / "base", tiny_tokenizer)
     cfg = {
@@ -334,7 +334,7 @@ def test_value_first_refuses_what_it_cannot_split(tiny_tokenizer, tmp_path) -> N
 def test_reward_recipe_runs_value_first_on_the_world(tiny_tokenizer, tmp_path, capsys) -> None:
     """recipes/reward.yaml as shipped (value_first: correctness) on a tiny base: the world's records carry the
     correctness attribute, the split and both fits run, and the summary says what was fitted."""
-    from recipes.cli import main
+    from glmwb.recipes.cli import main
 
     base = save_pretrained(tiny_glm(tiny_tokenizer), tmp_path / "base", tiny_tokenizer)
     code = main([

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
-    from recipes.cli import main
+    from glmwb.recipes.cli import main
 
     out = tmp_path_factory.mktemp("quickstart")
     args = ["run", "recipes/quickstart.yaml", f"run.dir={out}", "pretrain.train.max_minutes=30"]
@@ -39,7 +39,7 @@ def test_world_reward_model_reaches_the_measured_level(quickstart) -> None:
 
 @pytest.fixture(scope="module")
 def reward_recipe(quickstart, tmp_path_factory):
-    from recipes.cli import main
+    from glmwb.recipes.cli import main
 
     out = tmp_path_factory.mktemp("reward")
     base = quickstart["_run_dir"] / "pretrain" / "final"

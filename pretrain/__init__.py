@@ -1,1 +1,0 @@
-"""The GLM base model: architecture, Hugging Face adapter, tokenizer, data pipeline, pretraining."""
