@@ -46,8 +46,13 @@ test-latest: services
 	.venv-latest/bin/python -m pip list --format=freeze > .venv-latest/versions.txt
 	.venv-latest/bin/python -m pytest -q $(PYTEST_ARGS)
 
+# import-linter (grimp) reads a package from its folder: build/lint/glmwb links the seven folders under the
+# namespace as a wheel would lay them out (the editable install maps them through an import hook it cannot read).
 lint: install
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	@rm -rf build/lint && mkdir -p build/lint/glmwb
+	@for d in kernels pretrain annotation rewards align ui recipes; do ln -s ../../../$$d build/lint/glmwb/$$d; done
+	cd build/lint && PYTHONPATH=. ../../$(VENV)/bin/lint-imports --config ../../pyproject.toml
 
 # Re-resolve pyproject.toml's ranges to today's newest versions for this Python, against the CPU torch.
 lock:
