@@ -39,10 +39,10 @@ import torch
 
 from glmwb.align.hf_common import optim_arguments
 from glmwb.kernels.apply import KernelConfig
-from glmwb.pretrain.train import OptimConfig
-from glmwb.recipes.loader import RecipeError
-from glmwb.recipes.schema import AnnotatorsConfig, RunConfig, WorldConfig
-from glmwb.rewards.config import LoRAConfig
+from glmwb.pretrain.errors import ConfigError
+from glmwb.pretrain.optim import OptimConfig
+from glmwb.pretrain.settings import LoRAConfig, RunConfig, WorldConfig
+from glmwb.rewards.config import AnnotatorsConfig
 
 # ----------------------------------------------------------------------------------------------------------
 # Recipe sections
@@ -195,7 +195,7 @@ def load_pairs(cfg: DPODataConfig, seed: int) -> tuple[list, list, dict[str, Any
     if cfg.max_eval_pairs:
         held = held[: cfg.max_eval_pairs]
     if not train:
-        raise RecipeError(
+        raise ConfigError(
             "data: no strict (non-tie) training pairs; every pair was a tie or the data is empty"
         )
     return train, held, facts
@@ -283,7 +283,7 @@ def _device(train: DPOTrainConfig) -> str:
     if train.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if train.device == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     return train.device
 
 
@@ -633,12 +633,12 @@ def run_dpo(recipe: DPORecipe) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     init_from = recipe.model.init_from
     if not init_from or not (Path(init_from) / "config.json").is_file():
-        raise RecipeError(
+        raise ConfigError(
             f"model.init_from: no model folder at {init_from!r} (expected config.json there); run the SFT "
             "(or pretrain) stage first, or point model.init_from at a GLM folder"
         )
     if recipe.eval.reward_model and not (Path(recipe.eval.reward_model) / "config.json").is_file():
-        raise RecipeError(f"eval.reward_model: no reward folder at {recipe.eval.reward_model!r}")
+        raise ConfigError(f"eval.reward_model: no reward folder at {recipe.eval.reward_model!r}")
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     torch.manual_seed(recipe.run.seed)

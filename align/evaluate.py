@@ -27,8 +27,8 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from glmwb.recipes.loader import RecipeError
-from glmwb.recipes.schema import RunConfig, WorldConfig
+from glmwb.pretrain.errors import ConfigError
+from glmwb.pretrain.settings import RunConfig, WorldConfig
 
 
 def load_policy(folder: str | Path, device: str | None = None):
@@ -425,19 +425,19 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
         elif recipe.skip_missing:
             missing.append(p.name)
         else:
-            raise RecipeError(f"policies[{p.name}].path: no model folder at {p.path} (no config.json)")
+            raise ConfigError(f"policies[{p.name}].path: no model folder at {p.path} (no config.json)")
     if not policies:
-        raise RecipeError(f"policies: none of the folders exist ({', '.join(missing)})")
+        raise ConfigError(f"policies: none of the folders exist ({', '.join(missing)})")
     base = recipe.baseline or recipe.policies[0].name
     if base in missing:
-        raise RecipeError(
+        raise ConfigError(
             f"baseline: the policy {base!r} has no model folder at "
             f"{next(p.path for p in recipe.policies if p.name == base)} (the others are compared with it)"
         )
     scorer = None
     if recipe.reward_model:
         if not (Path(recipe.reward_model) / "config.json").is_file():
-            raise RecipeError(f"reward_model: no reward folder at {recipe.reward_model}")
+            raise ConfigError(f"reward_model: no reward folder at {recipe.reward_model}")
         from glmwb.rewards.scoring import RewardScorer
 
         scorer = RewardScorer.from_pretrained(recipe.reward_model)

@@ -39,10 +39,9 @@ import torch
 from glmwb.align.hf_common import metrics_callback, optim_arguments, peft_config, save_policy
 from glmwb.align.reward_funcs import RewardSetupError, RewardSpec, RuleReward, build_reward_funcs
 from glmwb.kernels.apply import KernelConfig
-from glmwb.pretrain.train import OptimConfig
-from glmwb.recipes.loader import RecipeError
-from glmwb.recipes.schema import RunConfig, WorldConfig
-from glmwb.rewards.config import LoRAConfig
+from glmwb.pretrain.errors import ConfigError
+from glmwb.pretrain.optim import OptimConfig
+from glmwb.pretrain.settings import LoRAConfig, RunConfig, WorldConfig
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16's GRPO losses
 
@@ -239,7 +238,7 @@ def read_prompt_file(path: str | Path, system_prompt: str | None = None) -> list
 
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"data.paths: no file at {path}")
+        raise ConfigError(f"data.paths: no file at {path}")
     rows = []
     with _open_text(path) as f:
         for line_no, line in enumerate(f, 1):
@@ -249,38 +248,38 @@ def read_prompt_file(path: str | Path, system_prompt: str | None = None) -> list
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise RecipeError(f"{where}: not valid JSON ({e})") from None
+                raise ConfigError(f"{where}: not valid JSON ({e})") from None
             if not isinstance(row, dict):
-                raise RecipeError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+                raise ConfigError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
             if "question" in row:
                 question, gold = row["question"], row.get("answer")
                 if isinstance(gold, str) and "####" in gold:
                     try:
                         gold = gsm8k_gold(gold)
                     except ValueError as e:
-                        raise RecipeError(f"{where}: field 'answer': {e}") from None
+                        raise ConfigError(f"{where}: field 'answer': {e}") from None
                 prompt: Any = question
             elif "prompt" in row:
                 prompt, gold = row["prompt"], row.get("gold", row.get("answer"))
             else:
-                raise RecipeError(
+                raise ConfigError(
                     f"{where}: expected fields 'question' (+ 'answer', GSM8K) or 'prompt' (+ 'gold'); got {sorted(row)}"
                 )
             if isinstance(prompt, str):
                 if not prompt.strip():
-                    raise RecipeError(f"{where}: empty prompt")
+                    raise ConfigError(f"{where}: empty prompt")
                 messages = [{"role": "user", "content": prompt}]
             elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
                 messages = [{"role": m.get("role"), "content": m.get("content")} for m in prompt]
                 bad = [i for i, m in enumerate(messages) if m["role"] not in ("system", "user", "assistant")
                        or not isinstance(m["content"], str)]  # fmt: skip
                 if bad or messages[-1]["role"] != "user":
-                    raise RecipeError(
+                    raise ConfigError(
                         f"{where}: field 'prompt' must be chat messages ending with a user turn "
                         f"(roles system / user / assistant, string content)"
                     )
             else:
-                raise RecipeError(f"{where}: field 'prompt' must be a string or a list of chat messages")
+                raise ConfigError(f"{where}: field 'prompt' must be a string or a list of chat messages")
             if system_prompt and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": system_prompt}, *messages]
             out = {"prompt": messages}
@@ -288,7 +287,7 @@ def read_prompt_file(path: str | Path, system_prompt: str | None = None) -> list
                 out["gold"] = str(gold)
             rows.append(out)
     if not rows:
-        raise RecipeError(f"data.paths: {path} has no rows")
+        raise ConfigError(f"data.paths: {path} has no rows")
     return rows
 
 
@@ -329,12 +328,12 @@ def load_policy_model(folder: str, device: str = "cpu"):
     from glmwb.pretrain.tokenizer import turn_terminator_ids
 
     if not (Path(folder) / "config.json").is_file():
-        raise RecipeError(
+        raise ConfigError(
             f"model.init_from: no model folder at {folder!r} (expected config.json there); run the SFT stage "
             "first or point model.init_from at a GLM folder"
         )
     if not (Path(folder) / "tokenizer_config.json").is_file():
-        raise RecipeError(f"model.init_from: {folder} has no tokenizer (tokenizer_config.json)")
+        raise ConfigError(f"model.init_from: {folder} has no tokenizer (tokenizer_config.json)")
     tok = AutoTokenizer.from_pretrained(folder)
     tok.padding_side = "left"  # TRL generates from left-padded prompts
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
@@ -546,7 +545,7 @@ def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
         torch.set_num_threads(t.num_threads)
     use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
     if t.device == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("train.device is 'cuda' but no CUDA device is available; use auto or cpu")
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available; use auto or cpu")
     run_dir = Path(recipe.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
@@ -556,12 +555,12 @@ def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
     train_rows, held_rows, facts = load_prompts(recipe.data, recipe.run.seed)
     train_rows, dropped = drop_long_prompts(train_rows, tok, recipe.data.max_prompt_tokens)
     if not train_rows:
-        raise RecipeError(f"data: no prompt fits data.max_prompt_tokens={recipe.data.max_prompt_tokens}")
+        raise ConfigError(f"data: no prompt fits data.max_prompt_tokens={recipe.data.max_prompt_tokens}")
     facts.update(train_prompts=len(train_rows), dropped_long_prompts=dropped)
     try:
         reward_funcs, weights = build_reward_funcs(recipe.rewards)
     except RewardSetupError as e:
-        raise RecipeError(f"rewards: {e}") from None
+        raise ConfigError(f"rewards: {e}") from None
     names = [f.__name__ for f in reward_funcs]
     print(
         f"{recipe.trainer.upper()}: {len(train_rows)} prompts ({facts['source']}), rewards "

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from glmwb.recipes.loader import RecipeError
-from glmwb.rewards.config import LoRAConfig
+from glmwb.pretrain.errors import ConfigError
+from glmwb.pretrain.settings import LoRAConfig
 
 # our LoRA target names (pretrain/model.py) -> transformers' GLM module names
 HF_LORA_TARGETS = {
@@ -27,7 +27,7 @@ def peft_config(cfg: LoRAConfig):
 
     unknown = sorted(set(cfg.target_modules) - set(HF_LORA_TARGETS))
     if unknown:
-        raise RecipeError(
+        raise ConfigError(
             f"model.lora.target_modules: unknown {unknown}; known: {', '.join(HF_LORA_TARGETS)}"
         )
     targets = [name for ours in cfg.target_modules for name in HF_LORA_TARGETS[ours]]

@@ -38,9 +38,9 @@ from glmwb.align.dpo import (
     check_combination,
 )
 from glmwb.kernels.apply import KernelConfig
-from glmwb.pretrain.train import OptimConfig
-from glmwb.recipes.loader import RecipeError
-from glmwb.recipes.schema import RunConfig, WorldConfig
+from glmwb.pretrain.errors import ConfigError
+from glmwb.pretrain.optim import OptimConfig
+from glmwb.pretrain.settings import RunConfig, WorldConfig
 
 
 @dataclass(frozen=True)
@@ -214,13 +214,13 @@ def run_online_dpo(recipe: OnlineDPORecipe) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     policy = recipe.model.init_from
     if not policy or not (Path(policy) / "config.json").is_file():
-        raise RecipeError(f"model.init_from: no model folder at {policy!r} (expected config.json there)")
+        raise ConfigError(f"model.init_from: no model folder at {policy!r} (expected config.json there)")
     for name, folder in (
         ("label.reward_model", recipe.label.reward_model),
         ("eval.reward_model", recipe.eval.reward_model),
     ):
         if folder and not (Path(folder) / "config.json").is_file():
-            raise RecipeError(f"{name}: no reward folder at {folder!r}")
+            raise ConfigError(f"{name}: no reward folder at {folder!r}")
     tok = load_tokenizer(policy)
     r = recipe.rounds
     world = make_world(seed=r.world.seed, num_entities=r.world.num_entities)

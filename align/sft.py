@@ -33,10 +33,9 @@ from typing import Any, Literal
 import torch
 
 from glmwb.align.hf_common import HF_LORA_TARGETS, metrics_callback, optim_arguments, peft_config, save_policy
-from glmwb.pretrain.train import OptimConfig
-from glmwb.recipes.loader import RecipeError
-from glmwb.recipes.schema import RunConfig, WorldConfig
-from glmwb.rewards.config import LoRAConfig
+from glmwb.pretrain.errors import ConfigError
+from glmwb.pretrain.optim import OptimConfig
+from glmwb.pretrain.settings import LoRAConfig, RunConfig, WorldConfig
 
 
 @dataclass(frozen=True)
@@ -152,10 +151,10 @@ def load_conversations(cfg: SFTDataConfig, seed: int) -> tuple[list, list, dict[
         try:
             res = read_sft(path, cfg.format, cfg.skip_invalid)
         except FileNotFoundError as e:
-            raise RecipeError(f"data.paths: {e}") from None
+            raise ConfigError(f"data.paths: {e}") from None
         except SFTDataError as e:
             hint = "" if cfg.skip_invalid else " (data.skip_invalid=true leaves such rows out)"
-            raise RecipeError(f"data: {e}{hint}") from None
+            raise ConfigError(f"data: {e}{hint}") from None
         conversations += res.conversations
         skipped += res.skipped
         formats[str(path)] = res.format
@@ -329,7 +328,7 @@ def run_sft(recipe: SFTRecipe) -> dict[str, Any]:
     run_dir = Path(recipe.run.dir)
     init = Path(recipe.model.init_from)
     if not (init / "config.json").is_file():
-        raise RecipeError(
+        raise ConfigError(
             f"model.init_from: no model folder at {str(init)!r} (expected config.json there); run the "
             "pretrain stage first or point model.init_from at a GLM folder"
         )
@@ -338,13 +337,13 @@ def run_sft(recipe: SFTRecipe) -> dict[str, Any]:
         torch.set_num_threads(recipe.train.num_threads)
     use_cuda = recipe.train.device == "cuda" or (recipe.train.device == "auto" and torch.cuda.is_available())
     if recipe.train.device == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
 
     train_convs, held_convs, facts = load_conversations(recipe.data, recipe.run.seed)
     train_ds, train_stats = encode_dataset(tok, train_convs, recipe.data.max_length, "train")
     held_ds, held_stats = encode_dataset(tok, held_convs, recipe.data.max_length, "held-out")
     if train_ds is None:
-        raise RecipeError(
+        raise ConfigError(
             f"data: no training conversation fits data.max_length={recipe.data.max_length} "
             f"({train_stats['too_long']} too long); raise data.max_length"
         )

@@ -34,12 +34,12 @@ def _user_errors(fn):
     def wrapper(args: argparse.Namespace) -> int:
         from glmwb.annotation.records import PreferenceDataError
         from glmwb.annotation.store import StoreError
-        from glmwb.recipes.loader import RecipeError
+        from glmwb.pretrain.errors import ConfigError
 
         try:
             return fn(args)
         except (StoreError, PreferenceDataError) as e:
-            raise RecipeError(str(e)) from None
+            raise ConfigError(str(e)) from None
 
     return wrapper
 
@@ -51,17 +51,17 @@ def _store(args: argparse.Namespace, **kwargs):
 
 
 def _password(args: argparse.Namespace) -> str:
-    from glmwb.recipes.loader import RecipeError
+    from glmwb.pretrain.errors import ConfigError
 
     if args.password_env:
         if args.password_env not in os.environ:
-            raise RecipeError(f"--password-env {args.password_env}: no such environment variable")
+            raise ConfigError(f"--password-env {args.password_env}: no such environment variable")
         return os.environ[args.password_env]
     if args.password_stdin or not sys.stdin.isatty():
         return sys.stdin.readline().rstrip("\n")
     first = getpass.getpass("password: ")
     if getpass.getpass("again: ") != first:
-        raise RecipeError("the two passwords differ")
+        raise ConfigError("the two passwords differ")
     return first
 
 
@@ -101,11 +101,11 @@ def cmd_create_user(args: argparse.Namespace) -> int:
 @_user_errors
 def cmd_add_tasks(args: argparse.Namespace) -> int:
     from glmwb.annotation import tasks
-    from glmwb.recipes.loader import RecipeError
+    from glmwb.pretrain.errors import ConfigError
 
     sources = sum(x is not None for x in (args.prompts, args.responses, args.world))
     if sources != 1:
-        raise RecipeError("give exactly one of --prompts (with --model), --responses FILE, --world N")
+        raise ConfigError("give exactly one of --prompts (with --model), --responses FILE, --world N")
     if args.world is not None:
         items = tasks.world_items(
             args.world, args.split, args.gold, args.overlap, args.seed, args.batch or "world"
@@ -115,7 +115,7 @@ def cmd_add_tasks(args: argparse.Namespace) -> int:
             prompts, responses = tasks.read_responses(args.responses)
         else:
             if not args.model:
-                raise RecipeError("--prompts needs --model DIR (one or more) to sample answers from")
+                raise ConfigError("--prompts needs --model DIR (one or more) to sample answers from")
             prompts = tasks.load_prompts(args.prompts, limit=args.limit, seed=args.seed)
             config = tasks.SamplingConfig(
                 k=args.k,

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from glmwb.recipes.loader import RecipeError
-from glmwb.recipes.schema import RunConfig
+from glmwb.pretrain.errors import ConfigError
+from glmwb.pretrain.settings import RunConfig
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def run_preferences(recipe: PreferencesRecipe) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     for folder in recipe.policies:
         if not (Path(folder) / "config.json").is_file():
-            raise RecipeError(f"policies: no model folder at {folder} (no config.json); run SFT first")
+            raise ConfigError(f"policies: no model folder at {folder} (no config.json); run SFT first")
     p = recipe.prompts
     source = p.source
     if source == "world" or source.startswith("world:"):
@@ -121,7 +121,7 @@ def run_preferences(recipe: PreferencesRecipe) -> dict[str, Any]:
     try:
         prompts = load_prompts(source, limit=p.n, seed=p.world_seed)
     except (FileNotFoundError, ValueError) as e:
-        raise RecipeError(f"prompts.source: {e}") from e
+        raise ConfigError(f"prompts.source: {e}") from e
     store = Store(recipe.store or out / "store.db")
     try:
         in_batch = [i for i in store.items().values() if i.batch == recipe.batch]
@@ -143,7 +143,7 @@ def run_preferences(recipe: PreferencesRecipe) -> dict[str, Any]:
                 overlap=recipe.annotators.overlap, batch=recipe.batch, seed=recipe.run.seed,
             )  # fmt: skip
             if not items:
-                raise RecipeError(
+                raise ConfigError(
                     "preferences: no prompt got two distinct non-empty answers; raise sampling.k or "
                     "sampling.temperature"
                 )

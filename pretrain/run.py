@@ -3,13 +3,65 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from glmwb.recipes.loader import RecipeError
-from glmwb.recipes.schema import CorpusConfig, PretrainRecipe, TokenizerRecipe
+from glmwb.kernels.apply import KernelConfig
+from glmwb.pretrain.config import GLMConfig
+from glmwb.pretrain.errors import ConfigError
+from glmwb.pretrain.optim import OptimConfig
+from glmwb.pretrain.settings import RunConfig, WorldConfig
+from glmwb.pretrain.train import DataConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Where pretraining / tokenizer text comes from: the embedded world or JSONL / text files."""
+
+    source: Literal["world", "files"] = "world"
+    paths: tuple[str, ...] = ()  # JSONL ("text" field, .gz allowed) or .txt files when source is "files"
+    world: WorldConfig = field(default_factory=WorldConfig)
+    num_docs: int = 20_000  # documents drawn from the world
+    max_docs: int | None = None  # cap on documents read from files
+
+    def __post_init__(self) -> None:
+        if self.source == "files" and not self.paths:
+            raise ValueError("corpus.source is 'files' but corpus.paths is empty; list JSONL or .txt files")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    model_max_length: int = 2048
+    cjk: Literal["char", "run"] = "char"  # Han / kana: one token per character at most, or BPE over runs
+
+
+@dataclass(frozen=True)
+class TokenizerRecipe:
+    """`stage: tokenizer` — train a byte-level BPE tokenizer with GLM's special tokens and chat template."""
+
+    stage: Literal["tokenizer"] = "tokenizer"
+    run: RunConfig = field(default_factory=RunConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass(frozen=True)
+class PretrainRecipe:
+    """`stage: pretrain` — data pipeline, then the pretraining loop, then samples."""
+
+    stage: Literal["pretrain"] = "pretrain"
+    run: RunConfig = field(default_factory=RunConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: GLMConfig = field(default_factory=GLMConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kernels: KernelConfig | None = None  # null: plain PyTorch; a section picks Triton kernels per op (GPU)
 
 
 def corpus_texts(cfg: CorpusConfig) -> list[str]:
@@ -56,7 +108,7 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     if not (Path(path) / "tokenizer_config.json").is_file():
-        raise RecipeError(
+        raise ConfigError(
             f"data.tokenizer: no tokenizer folder at {path!r} (expected tokenizer_config.json there); "
             "run the tokenizer stage first (glmwb run recipes/tokenizer.yaml) or point data.tokenizer at one"
         )
@@ -73,7 +125,7 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
     run_dir = Path(recipe.run.dir)
     tok = load_tokenizer(recipe.data.tokenizer)
     if len(tok) > recipe.model.vocab_size:
-        raise RecipeError(
+        raise ConfigError(
             f"model.vocab_size ({recipe.model.vocab_size}) is smaller than the tokenizer's {len(tok)} tokens; "
             f"set model.vocab_size >= {len(tok)} (a multiple of 64 is fastest)"
         )

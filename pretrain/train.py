@@ -13,7 +13,6 @@ A run folder holds:
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import time
@@ -27,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from glmwb.pretrain.data import DedupConfig, FilterConfig
+from glmwb.pretrain.optim import OptimConfig, lr_at, make_optimizer
 
 if TYPE_CHECKING:
     from glmwb.pretrain.model import GLM
@@ -42,17 +42,6 @@ class DataConfig:
     cache_dir: str | None = None  # where packed data goes; default <run.dir>/data
     filter: FilterConfig | None = field(default_factory=FilterConfig)  # null: keep every document
     dedup: DedupConfig = field(default_factory=DedupConfig)
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 50
-    weight_decay: float = 0.1  # on matrices only; norms, biases and embeddings are not decayed
-    betas: tuple[float, ...] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
 
 
 @dataclass(frozen=True)
@@ -73,29 +62,6 @@ class TrainConfig:
     compile: bool = False
     init_from: str | None = None  # start from a Hugging Face / our GLM folder instead of random weights
     num_threads: int | None = None  # torch CPU threads; default: all cores
-
-
-def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Linear warm-up to `lr` over `warmup_steps`, then cosine decay to `lr * min_lr_ratio`."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
-    min_lr = cfg.lr * cfg.min_lr_ratio
-    return min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **extra)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from glmwb.pretrain.errors import ConfigError
 from glmwb.recipes.loader import (
     RecipeError,
     apply_override,
@@ -87,7 +88,7 @@ def resolve_pipeline(path: str | Path, overrides: list[str]) -> tuple[Any, list[
         texts += per_stage.get(ref.name, [])
         try:
             stages.append((ref.name, stage_path, load_recipe(stage_path, texts)))
-        except RecipeError as e:
+        except ConfigError as e:
             raise RecipeError(f"{path}: stage {ref.name!r}: {e}") from None
     return pipeline, stages
 
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return args.func(args)
-    except RecipeError as e:
+    except ConfigError as e:  # a stage's or the recipe loader's one-line user error
         print(f"glmwb: error: {e}", file=sys.stderr)
         return USER_ERROR
     except FileNotFoundError as e:

@@ -16,10 +16,12 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from glmwb.pretrain.errors import ConfigError
+
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     """A mistake in a recipe or an override: printed to the user as is, exit code 2."""
 
 

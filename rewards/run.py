@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from glmwb.recipes.loader import RecipeError
-from glmwb.recipes.schema import RewardDataConfig, RewardRecipe
+from glmwb.pretrain.errors import ConfigError
+from glmwb.rewards.config import RewardDataConfig, RewardRecipe
 
 
 def load_records(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
@@ -46,7 +46,7 @@ def _load_records(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[st
         added, skipped = [], []
         for path in extra:
             if not Path(path).exists():
-                raise RecipeError(
+                raise ConfigError(
                     f"data.extra_paths: no preference file at {path} (run the preferences stage)"
                 )
             res = read_preferences(path, "auto", cfg.skip_invalid)
@@ -128,14 +128,14 @@ def split_value_first(recipe: RewardRecipe, records: list) -> tuple[list, list]:
     name = recipe.train.value_first
     v = recipe.model.verifier
     if not v.enabled or v.gate or len(recipe.model.heads) != 1:
-        raise RecipeError(
+        raise ConfigError(
             f"train.value_first={name!r} needs model.verifier.enabled: true, model.verifier.gate: false and one "
             f"head (model.heads: [reward]); got enabled {v.enabled}, gate {v.gate}, heads {list(recipe.model.heads)} "
             "(or set train.value_first: null for one joint fit)"
         )
     missing = [i + 1 for i, r in enumerate(records) if r.attributes.get(name) not in (-1, 0, 1)]
     if missing:
-        raise RecipeError(
+        raise ConfigError(
             f"train.value_first={name!r}: training records {missing[:5]}{' ...' if len(missing) > 5 else ''} "
             f"({len(missing)} of {len(records)}) have no attributes.{name} of -1, 0 or +1; label that attribute "
             "in every training record, or set train.value_first: null"
@@ -143,7 +143,7 @@ def split_value_first(recipe: RewardRecipe, records: list) -> tuple[list, list]:
     form = [r for r in records if r.attributes[name] == 0]
     value = [r for r in records if r.attributes[name] != 0]
     if not form or not value:
-        raise RecipeError(
+        raise ConfigError(
             f"train.value_first={name!r}: {len(form)} records call it equal and {len(value)} do not; "
             "both kinds are needed (the first train the head, the second the value weights)"
         )
@@ -161,15 +161,15 @@ def build_model(recipe: RewardRecipe, tok):
         model = RewardModel.from_pretrained(recipe.model.init_from, heads=heads, keep_lm_head=keep)
     else:
         if recipe.loss.lm_coef > 0:
-            raise RecipeError("loss.lm_coef needs model.init_from (a causal-LM folder with an lm_head)")
+            raise ConfigError("loss.lm_coef needs model.init_from (a causal-LM folder with an lm_head)")
         cfg = recipe.model.config
         if cfg.vocab_size < len(tok):
-            raise RecipeError(
+            raise ConfigError(
                 f"model.config.vocab_size ({cfg.vocab_size}) < the tokenizer's {len(tok)} tokens"
             )
         model = RewardModel(GLM(cfg.with_(pad_token_id=tok.pad_token_id)), heads)
     if model.heads != heads:
-        raise RecipeError(f"model.heads {heads} != the heads of {recipe.model.init_from}: {model.heads}")
+        raise ConfigError(f"model.heads {heads} != the heads of {recipe.model.init_from}: {model.heads}")
     if recipe.model.lora.enabled:
         apply_lora(model, recipe.model.lora)
     if recipe.model.verifier.enabled:
@@ -185,18 +185,18 @@ def attach_verifier(model, recipe: RewardRecipe, tok) -> None:
     v = recipe.model.verifier
     folder = recipe.model.init_from if v.lm == "init" else v.lm
     if folder is None:
-        raise RecipeError("model.verifier.lm: 'init' needs model.init_from; or give a causal-LM GLM folder")
+        raise ConfigError("model.verifier.lm: 'init' needs model.init_from; or give a causal-LM GLM folder")
     if not (Path(folder) / "config.json").is_file():
-        raise RecipeError(f"model.verifier.lm: no model folder at {folder!r} (expected config.json there)")
+        raise ConfigError(f"model.verifier.lm: no model folder at {folder!r} (expected config.json there)")
     assistant_id = tok.convert_tokens_to_ids(ASSISTANT_TOKEN)
     if assistant_id is None or assistant_id == tok.unk_token_id:
-        raise RecipeError(f"model.verifier: the tokenizer has no {ASSISTANT_TOKEN} token to find answers by")
+        raise ConfigError(f"model.verifier: the tokenizer has no {ASSISTANT_TOKEN} token to find answers by")
     try:
         verifier = LikelihoodVerifier.from_pretrained(folder, assistant_id, v.features)
     except (ValueError, KeyError) as e:
-        raise RecipeError(f"model.verifier.lm = {folder}: not a causal-LM GLM folder ({e})") from None
+        raise ConfigError(f"model.verifier.lm = {folder}: not a causal-LM GLM folder ({e})") from None
     if verifier.lm.config.vocab_size < len(tok):
-        raise RecipeError(
+        raise ConfigError(
             f"model.verifier.lm = {folder}: vocabulary {verifier.lm.config.vocab_size} < the tokenizer's {len(tok)}"
         )
     model.attach_verifier(verifier, gate=v.gate)
@@ -204,22 +204,22 @@ def attach_verifier(model, recipe: RewardRecipe, tok) -> None:
 
 def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
     from glmwb.pretrain.run import load_tokenizer
+    from glmwb.pretrain.strategy import make_strategy
     from glmwb.rewards.data import annotator_reliability, encode_pairs, reliability_weights
     from glmwb.rewards.evaluate import evaluate_folder, format_summary
     from glmwb.rewards.model import reward_pad_id
-    from glmwb.rewards.strategy import make_strategy
     from glmwb.rewards.train import save_reward_folder, train_reward_model
 
     run_dir = Path(recipe.run.dir)
     if recipe.model.init_from and not (Path(recipe.model.init_from) / "config.json").is_file():
-        raise RecipeError(
+        raise ConfigError(
             f"model.init_from: no model folder at {recipe.model.init_from!r} (expected config.json there); "
             "run the pretrain stage first or point model.init_from at a GLM folder"
         )
     baseline = _baseline_folder(recipe)  # checked before training, so a wrong folder costs nothing
     tok_path = recipe.data.tokenizer or recipe.model.init_from
     if tok_path is None:
-        raise RecipeError("data.tokenizer: needed when model.init_from is null")
+        raise ConfigError("data.tokenizer: needed when model.init_from is null")
     tok = load_tokenizer(tok_path)
     strategy = make_strategy(recipe.train.strategy, recipe.train.zero_stage, recipe.optim.grad_clip)
     strategy.setup()
@@ -363,7 +363,7 @@ def _baseline_folder(recipe: RewardRecipe) -> str | None:
         return None
     config = Path(folder) / "config.json"
     if not config.is_file() or "ForCausalLM" not in config.read_text():
-        raise RecipeError(
+        raise ConfigError(
             f"eval.likelihood_baseline: {folder!r} is not a causal-LM GLM folder (config.json with "
             "GlmForCausalLM); point it at a base or SFT folder, or set it to null"
         )

@@ -30,22 +30,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from glmwb.pretrain.model import IGNORE_INDEX, causal_lm_loss
-from glmwb.pretrain.train import (
-    OptimConfig,
-    autocast_dtype,
-    lr_at,
-    make_optimizer,
-    resolve_device,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
-from glmwb.rewards.config import LoRAConfig, RewardLossConfig, RewardTrainConfig
+from glmwb.pretrain.optim import OptimConfig, lr_at, make_optimizer
+from glmwb.pretrain.settings import LoRAConfig
+from glmwb.pretrain.strategy import SingleDevice
+from glmwb.pretrain.train import autocast_dtype, resolve_device, rng_state, seed_everything, set_rng_state
+from glmwb.rewards.config import RewardLossConfig, RewardTrainConfig
 from glmwb.rewards.data import EncodedPair
 from glmwb.rewards.evaluate import pairwise_metrics
 from glmwb.rewards.losses import TIE_PARAM_TRANSFORMS, centering_loss, label_mask, multi_head_loss
 from glmwb.rewards.model import RewardModel, packed_batch, padded_batch, score_sequences, verifier_features
-from glmwb.rewards.strategy import SingleDevice
 
 # ----------------------------------------------------------------------------------------------------------
 # LoRA

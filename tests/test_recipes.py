@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from glmwb.pretrain.run import PretrainRecipe
 from glmwb.recipes.cli import load_recipe, main, resolve_pipeline
 from glmwb.recipes.loader import RecipeError
-from glmwb.recipes.schema import PretrainRecipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -98,7 +98,7 @@ def test_reward_dev_prompts_train_on_dev_and_evaluate_on_test_only(tmp_path):
     """data.dev_prompts adds labelled pairs on the world's dev instances (PPO's rollout prompts); the held-out
     pairs must then come from the other half (test), and the recipe says so when they would not."""
     from glmwb.pretrain.world import make_world
-    from glmwb.recipes.schema import RewardDataConfig
+    from glmwb.rewards.config import RewardDataConfig
     from glmwb.rewards.run import load_records
 
     path = write(tmp_path, "stage: reward\nmodel:\n  init_from: somewhere\n")

@@ -12,7 +12,8 @@ import torch
 
 from glmwb.pretrain.data import DedupConfig, FilterConfig, build_dataset, load_packed
 from glmwb.pretrain.model import GLM
-from glmwb.pretrain.train import OptimConfig, TrainConfig, lr_at, train
+from glmwb.pretrain.optim import OptimConfig, lr_at
+from glmwb.pretrain.train import TrainConfig, train
 from glmwb.pretrain.world import make_world
 from glmwb.recipes.cli import main
 from tests.tiny import TINY

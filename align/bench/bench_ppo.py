@@ -49,10 +49,10 @@ def build(args: argparse.Namespace, layout: str, device: torch.device):
     from glmwb.pretrain.config import GLMConfig
     from glmwb.pretrain.hf import load_pretrained
     from glmwb.pretrain.model import GLM
+    from glmwb.pretrain.optim import OptimConfig
+    from glmwb.pretrain.settings import LoRAConfig
     from glmwb.pretrain.tokenizer import turn_terminator_ids
-    from glmwb.pretrain.train import OptimConfig
     from glmwb.pretrain.world import make_world
-    from glmwb.rewards.config import LoRAConfig
 
     tok = AutoTokenizer.from_pretrained(args.policy)
     if args.config:

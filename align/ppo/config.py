@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from glmwb.rewards.config import LoRAConfig
+from glmwb.pretrain.settings import LoRAConfig
 
 RULE_NAMES = (
     "world_correct",

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from glmwb.rewards.strategy import SingleDevice
+from glmwb.pretrain.strategy import SingleDevice
 
 
 class Single(SingleDevice):

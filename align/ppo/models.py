@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from glmwb.pretrain.model import GLM, IGNORE_INDEX
-from glmwb.rewards.config import LoRAConfig
+from glmwb.pretrain.settings import LoRAConfig
 
 # ----------------------------------------------------------------------------------------------------------
 # Log-probabilities of chosen tokens

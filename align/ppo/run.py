@@ -23,9 +23,9 @@ from glmwb.align.ppo.config import (
     PromptsConfig,
     RewardSection,
 )
-from glmwb.pretrain.train import OptimConfig
-from glmwb.recipes.loader import RecipeError
-from glmwb.recipes.schema import RunConfig
+from glmwb.pretrain.errors import ConfigError
+from glmwb.pretrain.optim import OptimConfig
+from glmwb.pretrain.settings import RunConfig
 
 
 def _ppo_optim() -> OptimConfig:
@@ -74,7 +74,7 @@ class PPORecipe:
 
 def _need_folder(path: str | None, key: str, what: str) -> None:
     if path and not (Path(path) / "config.json").is_file():
-        raise RecipeError(f"{key}: no {what} at {path!r} (expected config.json there)")
+        raise ConfigError(f"{key}: no {what} at {path!r} (expected config.json there)")
 
 
 def build_models(recipe: PPORecipe, device: torch.device):
@@ -104,7 +104,7 @@ def build_models(recipe: PPORecipe, device: torch.device):
         _need_folder(folder, "critic.init_from", "GLM or reward folder")
         critic = Critic.from_folder(folder, head=recipe.reward.head if c.init_from == "reward" else None)
         if critic.backbone.config.vocab_size != glm.config.vocab_size:
-            raise RecipeError(
+            raise ConfigError(
                 f"critic.init_from: {folder} has a vocabulary of {critic.backbone.config.vocab_size}, the policy "
                 f"{glm.config.vocab_size}; the critic reads the policy's token ids, so it needs the same tokenizer"
             )
@@ -169,7 +169,7 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
                if not pc.families or q.family in pc.families] if pc.heldout_prompts else []  # fmt: skip
     items, dropped = world_items(tok, train_prompts, pc.max_prompt_tokens)
     if not items:
-        raise RecipeError(
+        raise ConfigError(
             f"prompts: no training prompt fits prompts.max_prompt_tokens={pc.max_prompt_tokens}"
         )
     print(
@@ -300,7 +300,7 @@ def _resume(run_dir: Path, t, strategy, trainer, cycle, log) -> dict[str, Any] |
     if not existing:
         return None
     if strategy.world_size > 1:
-        raise RecipeError(
+        raise ConfigError(
             f"{run_dir} has PPO checkpoints; resuming a multi-rank (DeepSpeed) run is not supported: "
             "train.resume=false, or a new run.dir"
         )

@@ -164,7 +164,7 @@ class PPOTrainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _set_lr(self) -> float:
-        from glmwb.pretrain.train import lr_at
+        from glmwb.pretrain.optim import lr_at
 
         base = self.optim_cfg.lr
         scale = lr_at(self.updates_done, self.optim_cfg, self.total_updates) / base if base > 0 else 0.0

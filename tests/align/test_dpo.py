@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from glmwb.align.dpo import DPORecipe, conversational_rows, load_pairs, make_trl_trainer, training_tokenizer
-from glmwb.recipes.loader import RecipeError, build
+from glmwb.pretrain.errors import ConfigError
+from glmwb.recipes.loader import build
 from tests.rewards.conftest import planted_records, tiny_glm
 from tests.tiny import one_thread  # noqa: F401 (one_thread: autouse fixture)
 
@@ -198,14 +199,14 @@ def test_kernels_are_applied_to_the_policy(tmp_path, policy_folder, planted_file
     ],
 )
 def test_recipe_mistakes_are_clear(tmp_path, policy_folder, planted_file, sections, message):
-    with pytest.raises(RecipeError, match=message):
+    with pytest.raises(ConfigError, match=message):
         recipe(tmp_path, policy_folder, planted_file, **sections)
 
 
 def test_missing_policy_folder_is_a_recipe_error(tmp_path, planted_file):
     from glmwb.align.dpo import run_dpo
 
-    with pytest.raises(RecipeError, match="model.init_from: no model folder"):
+    with pytest.raises(ConfigError, match="model.init_from: no model folder"):
         run_dpo(recipe(tmp_path, str(tmp_path / "nope"), planted_file))
 
 

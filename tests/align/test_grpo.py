@@ -24,12 +24,12 @@ from glmwb.align.grpo import (
     run_grpo,
 )
 from glmwb.align.reward_funcs import RuleReward
+from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.hf import save_pretrained
 from glmwb.pretrain.model import GLM
+from glmwb.pretrain.optim import OptimConfig
 from glmwb.pretrain.tokenizer import turn_terminator_ids
-from glmwb.pretrain.train import OptimConfig
 from glmwb.recipes.cli import load_recipe, main
-from glmwb.recipes.loader import RecipeError
 from tests.tiny import TINY, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,7 +94,7 @@ def test_a_few_steps_train_every_parameter(policy_folder, tmp_path, trainer) -> 
 
 
 def test_lora_trains_only_the_adapter(policy_folder, tmp_path) -> None:
-    from glmwb.rewards.config import LoRAConfig
+    from glmwb.pretrain.settings import LoRAConfig
 
     recipe = tiny_recipe(
         policy_folder, tmp_path, model=GRPOModelConfig(policy_folder, LoRAConfig(enabled=True, r=4))
@@ -160,18 +160,18 @@ def test_recipe_mistakes_are_clear_errors(tmp_path, policy_folder) -> None:
         ("generation.temprature=0.5",): r"unknown key 'generation.temprature'.*did you mean 'temperature'",
     }
     for overrides, message in cases.items():
-        with pytest.raises(RecipeError, match=message):
+        with pytest.raises(ConfigError, match=message):
             load_recipe(recipe_path, list(overrides))
     # found when the stage runs: a missing policy folder, an unreachable reward server
     missing = load_recipe(recipe_path, [f"model.init_from={tmp_path / 'nope'}", f"run.dir={tmp_path / 'r'}"])
-    with pytest.raises(RecipeError, match=r"model.init_from: no model folder at .*nope"):
+    with pytest.raises(ConfigError, match=r"model.init_from: no model folder at .*nope"):
         run_grpo(missing)
     dead = load_recipe(
         recipe_path,
         [f"model.init_from={policy_folder}", f"run.dir={tmp_path / 'r'}", "data.train_prompts=4",
          "rewards=[{name: rm_http, url: 'http://127.0.0.1:9'}]"],
     )  # fmt: skip
-    with pytest.raises(RecipeError, match=r"rewards: reward server http://127.0.0.1:9 is unreachable"):
+    with pytest.raises(ConfigError, match=r"rewards: reward server http://127.0.0.1:9 is unreachable"):
         run_grpo(dead)
 
 
@@ -188,11 +188,11 @@ def test_prompt_files(tmp_path) -> None:
                                  {"role": "user", "content": "Tom has 3 apples and buys 4. How many?"}]  # fmt: skip
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "#### 1"}\n{"text": "no prompt here"}\n')
-    with pytest.raises(RecipeError, match=r"bad.jsonl:2: expected fields 'question'.*got \['text'\]"):
+    with pytest.raises(ConfigError, match=r"bad.jsonl:2: expected fields 'question'.*got \['text'\]"):
         read_prompt_file(bad)
     bad.write_text('{"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
     with pytest.raises(
-        RecipeError, match=r"bad.jsonl:1: field 'prompt' must be chat messages ending with a user"
+        ConfigError, match=r"bad.jsonl:1: field 'prompt' must be chat messages ending with a user"
     ):
         read_prompt_file(bad)
 

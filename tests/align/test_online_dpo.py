@@ -7,7 +7,8 @@ import json
 import pytest
 
 from glmwb.align.online_dpo import OnlineDPORecipe, best_worst_records
-from glmwb.recipes.loader import RecipeError, build
+from glmwb.pretrain.errors import ConfigError
+from glmwb.recipes.loader import build
 from tests.rewards.conftest import reward_folder, tiny_glm  # noqa: F401  (reward_folder is a fixture)
 from tests.tiny import one_thread  # noqa: F401 (one_thread: autouse fixture)
 
@@ -79,7 +80,7 @@ def test_best_worst_pairs_follow_the_scores():
 
 
 def test_recipe_mistakes(tmp_path, policy_folder):
-    with pytest.raises(RecipeError, match="needs label.reward_model"):
+    with pytest.raises(ConfigError, match="needs label.reward_model"):
         recipe(tmp_path, policy_folder, label={"source": "rm"})
-    with pytest.raises(RecipeError, match="rounds.k must be >= 2"):
+    with pytest.raises(ConfigError, match="rounds.k must be >= 2"):
         recipe(tmp_path, policy_folder, rounds={"k": 1}, label={"source": "world"})

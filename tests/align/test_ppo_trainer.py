@@ -15,8 +15,8 @@ from glmwb.align.ppo.models import Actor, Critic, Reference, ValueHead, apply_lo
 from glmwb.align.ppo.rollout import PromptItem, build_reward, encode_prompt, sample
 from glmwb.align.ppo.trainer import PPOTrainer
 from glmwb.pretrain.model import GLM
-from glmwb.pretrain.train import OptimConfig
-from glmwb.rewards.config import LoRAConfig
+from glmwb.pretrain.optim import OptimConfig
+from glmwb.pretrain.settings import LoRAConfig
 from tests.tiny import TINY
 
 QUESTIONS = ["hello", "what is 2+2?", "天气怎么样", "tell me a story about the sea"]
@@ -420,9 +420,9 @@ def _recipe(overrides):
     ],
 )
 def test_recipe_mistakes_are_clear_errors(overrides, message) -> None:
-    from glmwb.recipes.loader import RecipeError
+    from glmwb.pretrain.errors import ConfigError
 
-    with pytest.raises(RecipeError, match=message):
+    with pytest.raises(ConfigError, match=message):
         _recipe(overrides)
 
 
@@ -449,10 +449,10 @@ def test_anchor_prompts_add_train_instances_and_never_a_test_one() -> None:
 
 def test_missing_policy_folder_is_a_recipe_error(tmp_path) -> None:
     from glmwb.align.ppo.run import run_ppo
-    from glmwb.recipes.loader import RecipeError
+    from glmwb.pretrain.errors import ConfigError
 
     recipe = _recipe([f"policy.init_from={tmp_path}/nothing", f"run.dir={tmp_path}/run"])
-    with pytest.raises(RecipeError, match="policy.init_from: no policy folder"):
+    with pytest.raises(ConfigError, match="policy.init_from: no policy folder"):
         run_ppo(recipe)
 
 

@@ -21,10 +21,9 @@ from glmwb.align.sft import (
 )
 from glmwb.pretrain.hf import load_pretrained, save_pretrained
 from glmwb.pretrain.model import GLM
+from glmwb.pretrain.optim import OptimConfig
+from glmwb.pretrain.settings import LoRAConfig, RunConfig
 from glmwb.pretrain.tokenizer import turn_terminator_ids
-from glmwb.pretrain.train import OptimConfig
-from glmwb.recipes.schema import RunConfig
-from glmwb.rewards.config import LoRAConfig
 from tests.tiny import TINY as BASE_TINY
 
 TINY = BASE_TINY.with_(initializer_range=0.2)  # attention far from uniform at initialisation

@@ -9,8 +9,8 @@ import pytest
 
 from glmwb.annotation import tasks
 from glmwb.annotation.store import NewResponse
+from glmwb.pretrain.errors import ConfigError
 from glmwb.recipes.cli import load_recipe
-from glmwb.recipes.loader import RecipeError
 
 
 def _recipe(tmp_path, policy, *more):
@@ -79,7 +79,7 @@ def test_reward_stage_takes_the_export_as_extra_pairs(tmp_path) -> None:
     assert len(train1) == len(train0) + 1 and facts["extra_pairs"] == 1 and len(held1) == len(held0)
     assert any(r.chosen == "4" for r in train1)
     missing = load_recipe("recipes/reward.yaml", [f"data.extra_paths=[{tmp_path / 'nope.jsonl'}]"]).data
-    with pytest.raises(RecipeError, match="data.extra_paths: no preference file"):
+    with pytest.raises(ConfigError, match="data.extra_paths: no preference file"):
         load_records(missing, 0)
 
 
@@ -96,7 +96,7 @@ def test_reward_data_both_bad_drop_leaves_out_only_those_training_pairs() -> Non
     assert facts["both_bad_dropped"] == len(both_bad) and len(train1) == len(train0) - len(both_bad)
     assert [r.id for r in train1] == [r.id for r in train0 if r.provenance["label"] != "both_bad"]
     assert [r.id for r in held1] == [r.id for r in held0]  # held-out pairs are evaluated as they are
-    with pytest.raises(RecipeError, match="both_bad"):
+    with pytest.raises(ConfigError, match="both_bad"):
         load_recipe("recipes/reward.yaml", ["data.both_bad=maybe"])
 
 
@@ -115,7 +115,7 @@ def test_reward_data_both_bad_weight_scales_only_those_training_pairs() -> None:
         assert r1.weight == pytest.approx(r0.weight * (0.25 if b else 1.0)) and r1.tie == r0.tie
     assert [r.weight for r in held1] == [r.weight for r in held0]  # held-out pairs untouched
     for wrong in ("0", "1.5"):
-        with pytest.raises(RecipeError, match="both_bad_weight must be in"):
+        with pytest.raises(ConfigError, match="both_bad_weight must be in"):
             load_recipe("recipes/reward.yaml", [f"data.both_bad_weight={wrong}"])
 
 
@@ -128,14 +128,14 @@ def test_reward_data_both_bad_weight_scales_only_those_training_pairs() -> None:
     ],
 )
 def test_recipe_mistakes(tmp_path, tiny_glm_folder, overrides, message) -> None:
-    with pytest.raises(RecipeError, match=message):
+    with pytest.raises(ConfigError, match=message):
         _recipe(tmp_path, tiny_glm_folder, *overrides)
 
 
 def test_missing_policy_folder(tmp_path) -> None:
     from glmwb.annotation.collect import run_preferences
 
-    with pytest.raises(RecipeError, match="no model folder"):
+    with pytest.raises(ConfigError, match="no model folder"):
         run_preferences(_recipe(tmp_path, tmp_path / "nope"))
 
 

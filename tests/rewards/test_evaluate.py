@@ -188,8 +188,9 @@ def test_likelihood_baseline_sums_the_response_logprobs(causal_lm_folder) -> Non
 def test_reward_stage_checks_the_likelihood_baseline_folder_before_training(
     reward_folder, causal_lm_folder
 ) -> None:
-    from glmwb.recipes.loader import RecipeError, build
-    from glmwb.recipes.schema import RewardRecipe
+    from glmwb.pretrain.errors import ConfigError
+    from glmwb.recipes.loader import build
+    from glmwb.rewards.config import RewardRecipe
     from glmwb.rewards.run import _baseline_folder
 
     def recipe(init_from, baseline):
@@ -200,7 +201,7 @@ def test_reward_stage_checks_the_likelihood_baseline_folder_before_training(
     assert _baseline_folder(recipe(str(reward_folder), str(causal_lm_folder))) == str(causal_lm_folder)
     assert _baseline_folder(recipe(None, "init")) is None  # trained from scratch: nothing to compare with
     assert _baseline_folder(recipe(str(causal_lm_folder), None)) is None
-    with pytest.raises(RecipeError, match="not a causal-LM GLM folder"):
+    with pytest.raises(ConfigError, match="not a causal-LM GLM folder"):
         _baseline_folder(recipe(str(reward_folder), "init"))  # a reward folder has no LM head
-    with pytest.raises(RecipeError, match="not a causal-LM GLM folder"):
+    with pytest.raises(ConfigError, match="not a causal-LM GLM folder"):
         _baseline_folder(recipe(str(causal_lm_folder), "/nowhere"))

@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from glmwb.pretrain.train import OptimConfig
-from glmwb.rewards.config import LoRAConfig, RewardLossConfig, RewardTrainConfig
+from glmwb.pretrain.optim import OptimConfig
+from glmwb.pretrain.settings import LoRAConfig
+from glmwb.rewards.config import RewardLossConfig, RewardTrainConfig
 from glmwb.rewards.data import encode_pairs
 from glmwb.rewards.model import RewardModel, reward_pad_id
 from glmwb.rewards.train import apply_lora, pair_rewards, train_reward_model

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
+from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.hf import save_pretrained
-from glmwb.recipes.loader import RecipeError
 from glmwb.rewards.config import RewardLossConfig, RewardTrainConfig, VerifierConfig
 from glmwb.rewards.data import encode_pairs, encode_response
 from glmwb.rewards.model import RewardModel, packed_batch, padded_batch, reward_pad_id, score_sequences
@@ -112,7 +112,7 @@ def _shorter_wins(tok, records):
 
 def _train_frozen_backbone(model, tok, train, held, run_dir, **train_cfg):
     """``train_reward_model`` with the backbone's and head's lr ~0 (only the verifier weights can learn)."""
-    from glmwb.pretrain.train import OptimConfig
+    from glmwb.pretrain.optim import OptimConfig
     from glmwb.rewards.train import train_reward_model
 
     return train_reward_model(
@@ -176,7 +176,7 @@ def test_bad_verifier_settings_are_named(tiny_tokenizer, tmp_path) -> None:
         LikelihoodVerifier(lm, 5)
     # a reward folder is no verifier LM: the recipe says so before training
     from glmwb.recipes.loader import build
-    from glmwb.recipes.schema import RewardRecipe
+    from glmwb.rewards.config import RewardRecipe
     from glmwb.rewards.run import build_model
 
     base = save_pretrained(tiny_glm(tiny_tokenizer), tmp_path / "base", tiny_tokenizer)
@@ -184,7 +184,7 @@ def test_bad_verifier_settings_are_named(tiny_tokenizer, tmp_path) -> None:
     recipe = build(
         RewardRecipe, {"model": {"init_from": str(base), "verifier": {"enabled": True, "lm": str(rm)}}}
     )
-    with pytest.raises(RecipeError, match="not a causal-LM GLM folder"):
+    with pytest.raises(ConfigError, match="not a causal-LM GLM folder"):
         build_model(recipe, tiny_tokenizer)
     recipe = build(RewardRecipe, {"model": {"init_from": str(base), "verifier": {"enabled": True}}})
     model = build_model(recipe, tiny_tokenizer)
@@ -194,7 +194,7 @@ def test_bad_verifier_settings_are_named(tiny_tokenizer, tmp_path) -> None:
 def test_gated_feature_weights_start_neutral_train_and_round_trip(tiny_tokenizer, tmp_path) -> None:
     """``model.verifier.gate``: weights W + U·h_T. U starts at zero (the reward is that of W alone), moves in
     training, is the same padded and packed, and survives the folder round trip (verifier/gate.safetensors)."""
-    from glmwb.pretrain.train import OptimConfig
+    from glmwb.pretrain.optim import OptimConfig
     from glmwb.rewards.train import train_reward_model
 
     tok = tiny_tokenizer
@@ -235,7 +235,7 @@ def test_gated_feature_weights_start_neutral_train_and_round_trip(tiny_tokenizer
 def test_gate_on_named_features_moves_only_their_weights(tiny_tokenizer, tmp_path) -> None:
     """``model.verifier.gate: [names]``: training moves only those features' rows of U (the others stay exactly
     zero, so the saved folder reproduces the reward without a mask); unknown names are refused."""
-    from glmwb.pretrain.train import OptimConfig
+    from glmwb.pretrain.optim import OptimConfig
     from glmwb.rewards.train import train_reward_model
 
     tok = tiny_tokenizer
@@ -267,7 +267,7 @@ def test_value_first_fits_the_value_weights_after_the_head(tiny_tokenizer, tmp_p
     """train.value_first: the feature weights stay at 0 while the backbone and head train on the form pairs
     (the verifier prefit is skipped), then are fitted on the value pairs (planted: the shorter answer is
     better, which only the `length` feature sees) and scaled by the best of train.value_scales."""
-    from glmwb.pretrain.train import OptimConfig
+    from glmwb.pretrain.optim import OptimConfig
     from glmwb.rewards.train import train_reward_model
 
     tok = tiny_tokenizer
@@ -304,7 +304,7 @@ def test_value_first_fits_the_value_weights_after_the_head(tiny_tokenizer, tmp_p
 
 def test_value_first_refuses_what_it_cannot_split(tiny_tokenizer, tmp_path) -> None:
     from glmwb.recipes.loader import build
-    from glmwb.recipes.schema import RewardRecipe
+    from glmwb.rewards.config import RewardRecipe
     from glmwb.rewards.run import split_value_first
 
     base = save_pretrained(tiny_glm(tiny_tokenizer), tmp_path / "base", tiny_tokenizer)
@@ -317,17 +317,17 @@ def test_value_first_refuses_what_it_cannot_split(tiny_tokenizer, tmp_path) -> N
     for i, r in enumerate(records):
         if i != 3:  # row 4 has no correctness label
             r.attributes["correctness"] = i % 2
-    with pytest.raises(RecipeError, match=r"records \[4\] \(1 of 6\) have no attributes.correctness"):
+    with pytest.raises(ConfigError, match=r"records \[4\] \(1 of 6\) have no attributes.correctness"):
         split_value_first(recipe, records)
     records[3].attributes["correctness"] = -1
     form, value = split_value_first(recipe, records)
     assert [records.index(r) for r in form] == [0, 2, 4] and [records.index(r) for r in value] == [1, 3, 5]
     for r in records:
         r.attributes["correctness"] = 1
-    with pytest.raises(RecipeError, match="0 records call it equal and 6 do not"):
+    with pytest.raises(ConfigError, match="0 records call it equal and 6 do not"):
         split_value_first(recipe, records)
     no_features = build(RewardRecipe, {**cfg, "model": {"init_from": str(base)}})
-    with pytest.raises(RecipeError, match="needs model.verifier.enabled: true"):
+    with pytest.raises(ConfigError, match="needs model.verifier.enabled: true"):
         split_value_first(no_features, records)
 
 
