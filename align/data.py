@@ -368,8 +368,8 @@ def read_sft(path: str | Path, format: str = "auto", skip_invalid: bool = False)
 
     ``format="auto"`` decides from the first row. A malformed row raises ``SFTDataError`` naming the file, the
     row and the field, or with ``skip_invalid`` is left out and its message kept in ``skipped``."""
+    from glmwb.annotation.preference_data import iter_rows
     from glmwb.annotation.records import PreferenceDataError
-    from glmwb.rewards.data import iter_rows
 
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")

@@ -202,7 +202,7 @@ def load_pairs(cfg: DPODataConfig, seed: int) -> tuple[list, list, dict[str, Any
 
 
 def fits(tok, record, max_length: int) -> bool:
-    from glmwb.align.packed_dpo import encode_pair
+    from glmwb.pretrain.packing import encode_pair
 
     p = encode_pair(tok, record.prompt, record.chosen, record.rejected)
     return len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) <= max_length
@@ -471,8 +471,9 @@ def save_hf_policy(model, tok, folder: Path, like: str | None = None) -> Path:
 
 
 def train_packed_engine(recipe: DPORecipe, init_from: str, train_records, tok, run_dir: Path, log=print):
-    from glmwb.align.packed_dpo import PackedSettings, encode_pair, train_packed
+    from glmwb.align.packed_dpo import PackedSettings, train_packed
     from glmwb.pretrain.hf import load_pretrained, save_pretrained
+    from glmwb.pretrain.packing import encode_pair
 
     device = _device(recipe.train)
     model = load_pretrained(init_from, device=device)
@@ -510,7 +511,7 @@ def train_packed_engine(recipe: DPORecipe, init_from: str, train_records, tok, r
 
 
 def encode_heldout(tok, records, max_length: int):
-    from glmwb.align.packed_dpo import encode_pair
+    from glmwb.pretrain.packing import encode_pair
 
     pairs = [encode_pair(tok, r.prompt, r.chosen, r.rejected) for r in records]
     return [p for p in pairs if len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) <= max_length]
@@ -608,8 +609,8 @@ def evaluate_folder(
     folder: str, tok, held_pairs, ref_logps, world, prompts, scorer, recipe
 ) -> dict[str, Any]:
     """Held-out pair statistics and world answers of the policy in ``folder`` (our GLM, eval mode)."""
-    from glmwb.align.evaluate import load_policy
     from glmwb.align.packed_dpo import pair_metrics
+    from glmwb.pretrain.generate import load_policy
 
     model, _ = load_policy(folder)
     out: dict[str, Any] = {}

@@ -24,66 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from tqdm.auto import tqdm
 
 from glmwb.pretrain.errors import ConfigError
+from glmwb.pretrain.generate import generate_answers, load_policy
 from glmwb.pretrain.settings import RunConfig, WorldConfig
-
-
-def load_policy(folder: str | Path, device: str | None = None):
-    """(our GLM in eval mode, its tokenizer) from a Hugging Face policy folder."""
-    from transformers import AutoTokenizer
-
-    from glmwb.pretrain.hf import load_pretrained
-
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: not a model folder (no config.json)")
-    model = load_pretrained(folder, device=device).eval()
-    return model, AutoTokenizer.from_pretrained(folder)
-
-
-@torch.no_grad()
-def generate_answers(
-    model,
-    tok,
-    prompts: Sequence[Sequence[dict[str, Any]]],
-    max_new_tokens: int = 48,
-    temperature: float = 0.0,
-    batch_size: int = 64,
-    seed: int = 0,
-    progress: bool = False,
-) -> list[str]:
-    """One answer per chat prompt (a list of messages ending with a user turn), decoded without specials.
-
-    Prompts are sorted by length and generated in batches (less left padding); the order of the result is
-    the order of ``prompts``."""
-    from glmwb.pretrain.generate import generate
-    from glmwb.pretrain.tokenizer import render_chat, turn_terminator_ids
-
-    ids = [
-        tok(render_chat(tok, p, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-        for p in prompts
-    ]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    stops = turn_terminator_ids(tok)
-    answers: list[str] = [""] * len(ids)
-    batches = range(0, len(order), batch_size)
-    for start in tqdm(batches, desc="generating", disable=not progress, leave=False):
-        rows = order[start : start + batch_size]
-        outs = generate(
-            model,
-            [ids[i] for i in rows],
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            stop_token_ids=stops,
-            pad_token_id=tok.pad_token_id,
-            seed=seed + start,
-        )
-        for i, out in zip(rows, outs, strict=True):
-            answers[i] = tok.decode(out, skip_special_tokens=True).strip()
-    return answers
 
 
 def _mean(xs: Sequence[float]) -> float:

@@ -475,7 +475,8 @@ def plot_rewards(metrics_path: Path, out_png: Path, reward_names: Sequence[str])
 
 def evaluate_world(recipe: GRPORecipe, folders: dict[str, str]) -> dict[str, Any]:
     """Greedy answers of each policy folder to the same held-out world prompts; table + win rates."""
-    from glmwb.align.evaluate import compare, evaluate_policy, format_table, load_policy
+    from glmwb.align.evaluate import compare, evaluate_policy, format_table
+    from glmwb.pretrain.generate import load_policy
     from glmwb.pretrain.world import make_world
 
     cfg, w = recipe.eval, recipe.data.world
@@ -506,7 +507,7 @@ def evaluate_files(
     recipe: GRPORecipe, folders: dict[str, str], rows: list[dict], reward_funcs
 ) -> dict[str, Any]:
     """Greedy answers to held-out file rows, each rule reward's mean per policy (a table)."""
-    from glmwb.align.evaluate import generate_answers, load_policy
+    from glmwb.pretrain.generate import generate_answers, load_policy
 
     rows = rows[: recipe.eval.heldout_prompts]
     rules = [f for f in reward_funcs if isinstance(f, RuleReward)]

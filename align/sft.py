@@ -287,7 +287,8 @@ def plot_loss(metrics_path: Path, out_png: Path) -> None:
 
 
 def evaluate_before_after(recipe: SFTRecipe, final: Path, out_dir: Path) -> dict[str, Any]:
-    from glmwb.align.evaluate import compare, evaluate_policy, format_table, load_policy
+    from glmwb.align.evaluate import compare, evaluate_policy, format_table
+    from glmwb.pretrain.generate import load_policy
     from glmwb.pretrain.world import make_world
 
     cfg = recipe.eval

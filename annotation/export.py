@@ -317,7 +317,7 @@ def import_preferences(
     skip_invalid: bool = True,
 ) -> ImportResult:
     """Import a preference file (JSONL / JSON / Parquet / ``datasets`` folder, ``.gz`` allowed)."""
-    from glmwb.rewards.data import read_preferences
+    from glmwb.annotation.preference_data import read_preferences
 
     path = Path(path)
     read = read_preferences(path, format=format, skip_invalid=skip_invalid, limit=limit)

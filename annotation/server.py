@@ -1,10 +1,8 @@
-"""The annotation server: one FastAPI app with a JSON API for votes and the Gradio annotator page.
+"""The annotation store's JSON API (FastAPI): votes, skips, undo, progress, admin statistics.
 
-    glmwb annotate --db sqlite:///runs/annotation.db --host 127.0.0.1 --port 7860
-
-- ``/`` — the annotator page (``ui/annotator.py``), behind Gradio's sign-in (checked against the store).
-- ``/api/v1/...`` — JSON for scripts, load tests and other front ends, authenticated by a bearer token
-  from ``POST /api/v1/login``:
+``glmwb annotate`` serves it together with the Gradio annotator page (``ui/app.py`` mounts the page at ``/``
+on this app). ``/api/v1/...`` is JSON for scripts, load tests and other front ends, authenticated by a
+bearer token from ``POST /api/v1/login``:
 
   ==========================  ===================================================================
   POST /api/v1/login          {username, password} -> {token, username, role}
@@ -31,12 +29,10 @@ sign-ins. Binds to 127.0.0.1 unless told otherwise.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 from pydantic import BaseModel, Field
@@ -64,13 +60,6 @@ class LoginThrottle:
     def failed(self, username: str) -> None:
         with self._lock:
             self._failures[username].append(time.monotonic())
-
-
-@dataclass
-class ServerSettings:
-    ui: bool = True  # mount the Gradio page at /
-    page: Any = None  # ui.annotator.PageConfig; None: defaults
-    throttle: LoginThrottle = field(default_factory=LoginThrottle)
 
 
 class LoginIn(BaseModel):
@@ -202,55 +191,9 @@ def api_router(store: Store, throttle: LoginThrottle) -> APIRouter:
     return router
 
 
-def create_app(store: Store, settings: ServerSettings | None = None) -> FastAPI:
-    """The FastAPI app: the JSON API, and (``settings.ui``) the annotator page mounted at ``/``."""
-    settings = settings or ServerSettings()
+def create_api_app(store: Store, throttle: LoginThrottle | None = None) -> FastAPI:
+    """A FastAPI app serving the JSON API on ``store`` (the annotator page is mounted on it by ui/app.py)."""
     app = FastAPI(title="glm-workbench annotation", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store = store
-    app.include_router(api_router(store, settings.throttle))
-    if not settings.ui:
-        return app
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    import anyio
-    import gradio as gr
-
-    from glmwb.ui.annotator import PageConfig, build_annotator_page, page_options
-
-    page_config = settings.page or PageConfig()
-    page = build_annotator_page(store, page_config)
-    page.queue(default_concurrency_limit=16)
-
-    async def gradio_auth(username: str, password: str) -> bool:
-        if settings.throttle.blocked(username):
-            return False
-        who = await anyio.to_thread.run_sync(store.authenticate, username, password)
-        if who is None:
-            settings.throttle.failed(username)
-        return who is not None
-
-    return gr.mount_gradio_app(
-        app,
-        page,
-        path="/",
-        auth=gradio_auth,
-        auth_message="Sign in with the account your admin made for you.",
-        footer_links=[],
-        **page_options(page_config),
-    )
-
-
-def serve(
-    store: Store,
-    host: str = "127.0.0.1",
-    port: int = 7860,
-    settings: ServerSettings | None = None,
-    log_level: str = "warning",
-) -> None:
-    import uvicorn
-
-    app = create_app(store, settings)
-    print(
-        f"annotation server on http://{host}:{port}/ (API under /api/v1), store {store.engine.url!r}",
-        flush=True,
-    )
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    app.include_router(api_router(store, throttle or LoginThrottle()))
+    return app

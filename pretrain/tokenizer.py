@@ -377,3 +377,22 @@ def encode_chat(
         input_ids.append(eos_id)
         assistant_mask.append(1)
     return {"input_ids": input_ids, "assistant_mask": assistant_mask}
+
+
+def encode_response(
+    tokenizer, prompt: Sequence[Mapping[str, Any]], response: str, terminator: str | None = "<|endoftext|>"
+) -> list[int]:
+    """Token ids of ``prompt + [assistant response]`` with the GLM-4 chat template, then ``<|endoftext|>``.
+
+    The same ids as ``pretrain.tokenizer.encode_chat(...)["input_ids"]`` (tested) in one template render
+    instead of one per message; control tokens inside text are escaped, so the last token is the only
+    terminator of the judged turn and the reward position is always ``len(ids) - 1``. ``terminator``: the
+    turn terminator appended (``<|endoftext|>``, or ``<|user|>``, which ends a turn a user follows up on),
+    or None to end at the answer's last token.
+    """
+    messages = [*({k: v for k, v in m.items() if v is not None} for m in prompt)]
+    messages.append({"role": "assistant", "content": response})
+    ids = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=False, sanitize_control_tokens=True
+    )
+    return list(ids) + ([tokenizer.convert_tokens_to_ids(terminator)] if terminator else [])

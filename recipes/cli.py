@@ -6,7 +6,7 @@
     glmwb sample MODEL_DIR "prompt" [--lang ...]       chat with a trained GLM folder
     glmwb serve-rewards REWARD_DIR [--port 8008]       serve a reward model over HTTP (FastAPI)
     glmwb annotate --db URL [--host --port]           serve the annotator page and vote API
-    glmwb annotation COMMAND ...                      the preference store (see annotation/cli.py)
+    glmwb annotation COMMAND ...                      the preference store (see recipes/annotation_cli.py)
 
 User mistakes (bad recipe, missing file, bad override) print one clear line and exit with code 2.
 """
@@ -316,7 +316,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=1.0)
     s.set_defaults(func=cmd_sample)
 
-    from glmwb.annotation.cli import register as register_annotation
+    from glmwb.recipes.annotation_cli import register as register_annotation
 
     register_annotation(sub)  # glmwb annotate, glmwb annotation ...
 

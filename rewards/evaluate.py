@@ -301,8 +301,8 @@ def response_logprobs(
     the causal LM in ``folder``: (N,) each, fp32. Prompts longer than ``max_length`` minus the longer
     response lose tokens on the left; a response longer than ``max_length`` keeps its first tokens.
     Packed (padding-free) batches of about ``batch_tokens`` tokens, through align.packed_dpo."""
-    from glmwb.align.packed_dpo import PairTokens, encode_pair, pack_batch, pair_logps
     from glmwb.pretrain.hf import load_pretrained
+    from glmwb.pretrain.packing import PairTokens, encode_pair, pack_batch, pair_logps
     from glmwb.pretrain.run import load_tokenizer
 
     model = load_pretrained(folder).eval()

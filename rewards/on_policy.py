@@ -57,7 +57,7 @@ def sample_and_grade(
     seed: int = 0,
 ) -> tuple[list, list[list[str]], Tensor]:
     """(prompts, answers per prompt (k each), correct (P, k)) for ``k`` samples per held-out world prompt."""
-    from glmwb.align.evaluate import generate_answers, load_policy
+    from glmwb.pretrain.generate import generate_answers, load_policy
     from glmwb.pretrain.world import make_world
 
     world = make_world(seed=world_seed, num_entities=num_entities)

@@ -41,7 +41,7 @@ def _load_records(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[st
     train, held, facts = _load_source(cfg, seed)
     extra = getattr(cfg, "extra_paths", ())
     if extra:
-        from glmwb.rewards.data import read_preferences
+        from glmwb.annotation.preference_data import read_preferences
 
         added, skipped = [], []
         for path in extra:
@@ -59,7 +59,7 @@ def _load_records(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[st
 
 
 def _load_source(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
-    from glmwb.rewards.data import read_preferences
+    from glmwb.annotation.preference_data import read_preferences
 
     if cfg.source == "world":
         from glmwb.annotation.records import records_from_dicts

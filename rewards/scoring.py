@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from glmwb.annotation.records import ROLES
-from glmwb.rewards.data import PreferenceDataError, encode_response, truncate
+from glmwb.pretrain.tokenizer import encode_response
+from glmwb.rewards.data import PreferenceDataError, truncate
 from glmwb.rewards.ensemble import RewardEnsemble, load_reward_model
 from glmwb.rewards.model import RewardModel, reward_pad_id, score_sequences
 

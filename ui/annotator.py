@@ -1,6 +1,6 @@
 """The annotator page: a Gradio Blocks app over a ``Store``.
 
-Sign-in is Gradio's own (``annotation/server.py`` mounts this page with ``auth=`` checking the store's
+Sign-in is Gradio's own (``ui/app.py`` mounts this page with ``auth=`` checking the store's
 argon2 password hashes): until a browser has signed in, every Gradio route (page config, queue, API, files)
 answers 401, so an unauthenticated client can neither read an item nor submit a vote. Every handler then
 takes the annotator from ``request.username`` (set by Gradio from the session cookie, never from the

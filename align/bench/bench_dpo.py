@@ -31,7 +31,7 @@ import torch
 
 def length_varied_pairs(n: int, min_len: int, max_len: int, vocab: int, seed: int):
     """Pairs with prompt and response lengths drawn log-uniformly (many short, a few long sequences)."""
-    from glmwb.align.packed_dpo import PairTokens
+    from glmwb.pretrain.packing import PairTokens
 
     rng = random.Random(seed)
 
@@ -56,9 +56,10 @@ def _measure(mode: str, a: dict[str, Any]) -> dict[str, Any]:
     """Time ``a['steps']`` DPO steps of one layout; runs in a fresh process on a CPU."""
     import psutil
 
-    from glmwb.align.packed_dpo import PairLogps, make_batch, pair_logps, preference_loss
+    from glmwb.align.packed_dpo import PairLogps, preference_loss
     from glmwb.pretrain.config import GLMConfig
     from glmwb.pretrain.model import GLM
+    from glmwb.pretrain.packing import make_batch, pair_logps
 
     torch.set_num_threads(a["threads"])
     device = torch.device(a["device"])

@@ -211,7 +211,7 @@ def test_missing_policy_folder_is_a_recipe_error(tmp_path, planted_file):
 
 
 def test_glmwb_run_end_to_end(tmp_path, policy_folder, planted_file, capsys):
-    from glmwb.align.evaluate import load_policy
+    from glmwb.pretrain.generate import load_policy
     from glmwb.recipes.cli import main
 
     run_dir = tmp_path / "e2e"

@@ -12,11 +12,11 @@ from glmwb.align.evaluate import (
     compare,
     evaluate_policy,
     format_table,
-    generate_answers,
     mcnemar_p,
     paired_test,
     significance_line,
 )
+from glmwb.pretrain.generate import generate_answers
 from glmwb.pretrain.model import GLM
 from glmwb.pretrain.world import make_world
 from tests.tiny import TINY

@@ -13,17 +13,13 @@ from glmwb.align.packed_dpo import (
     LOSSES,
     PackedSettings,
     PairLogps,
-    PairTokens,
-    encode_pair,
-    pack_batch,
-    pad_batch,
-    pair_logps,
     preference_loss,
     reference_logps,
     train_packed,
 )
 from glmwb.pretrain.config import GLMConfig
 from glmwb.pretrain.model import GLM
+from glmwb.pretrain.packing import PairTokens, encode_pair, pack_batch, pad_batch, pair_logps
 from tests.tiny import one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 CFG = GLMConfig(

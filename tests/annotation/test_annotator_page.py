@@ -14,9 +14,10 @@ import httpx
 import pytest
 
 from glmwb.annotation.assign import AssignmentPolicy
-from glmwb.annotation.server import LoginThrottle, ServerSettings, create_app
+from glmwb.annotation.server import LoginThrottle
 from glmwb.annotation.store import NewItem, NewResponse, Store
 from glmwb.ui.annotator import PageConfig
+from glmwb.ui.app import ServerSettings, create_app
 from tests.annotation.conftest import ThreadServer, cheap_hasher, make_items
 
 XSS_A = '<script>window.__pwned = "script"</script>**bold** answer'
@@ -306,7 +307,7 @@ def test_admin_tab_progress_agreement_export(site, browser, tmp_path):
     page.screenshot(path=tmp_path / "root-admin.png", full_page=True)
     exported = list((tmp / "exports").glob("preferences-majority-*.jsonl"))
     assert len(exported) == 1
-    from glmwb.rewards.data import read_preferences
+    from glmwb.annotation.preference_data import read_preferences
 
     assert len(read_preferences(exported[0]).records) >= 1
     context.close()

@@ -26,7 +26,7 @@ def test_world_candidates_as_samples_are_labelled_by_quality(tmp_path, monkeypat
     noise-free annotators' majority always prefers the better answer by the world's checker, each item gets
     `overlap` votes, and the export is read as is by the reward stage's reader."""
     from glmwb.annotation.collect import run_preferences
-    from glmwb.rewards.data import read_preferences
+    from glmwb.annotation.preference_data import read_preferences
 
     def fake_samples(prompts, folder, config, model_name=None, progress=True):
         cands = tasks.world_candidates(prompts, seed=0)

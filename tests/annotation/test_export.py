@@ -120,7 +120,7 @@ def test_written_files_are_read_by_the_reward_trainer(voted, tmp_path):
     """JSONL, Parquet and a datasets folder: each read back by rewards.data.read_preferences as is."""
     from datasets import load_dataset
 
-    from glmwb.rewards.data import read_preferences
+    from glmwb.annotation.preference_data import read_preferences
 
     store, _ = voted
     rows = export_records(store, mode="all").rows
@@ -190,6 +190,6 @@ def test_import_real_hh_rlhf_sample(sqlite_store, tmp_path):
     rows = export_records(sqlite_store).rows
     assert len(rows) == 200
     out = write_records(rows, tmp_path / "hh.parquet")
-    from glmwb.rewards.data import read_preferences
+    from glmwb.annotation.preference_data import read_preferences
 
     assert len(read_preferences(out).records) == 200

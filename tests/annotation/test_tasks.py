@@ -137,7 +137,7 @@ def test_cli_end_to_end_on_the_world(tmp_path, capsys, monkeypatch):
     assert report["agreement"]["krippendorff_alpha"] > 0.6  # 10 % noise: strong agreement
     out = tmp_path / "prefs.parquet"
     assert glmwb(["annotation", "export", "--db", db, "--out", str(out)]) == 0
-    from glmwb.rewards.data import read_preferences
+    from glmwb.annotation.preference_data import read_preferences
 
     records = read_preferences(out).records
     assert len(records) >= 25

@@ -9,16 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from glmwb.annotation.preference_data import parse_hh_transcript, read_preferences
 from glmwb.annotation.records import PreferenceDataError, PreferenceRecord
-from glmwb.pretrain.tokenizer import encode_chat
+from glmwb.pretrain.tokenizer import encode_chat, encode_response
 from glmwb.rewards.data import (
     IGNORE_LABEL,
     annotator_reliability,
     encode_pairs,
-    encode_response,
     head_labels,
-    parse_hh_transcript,
-    read_preferences,
     reliability_weights,
     truncate,
 )

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from glmwb.rewards.data import encode_response
+from glmwb.pretrain.tokenizer import encode_response
 from glmwb.rewards.ensemble import ENSEMBLE_FILE, RewardEnsemble, is_ensemble, load_reward_model
 from glmwb.rewards.model import RewardModel, padded_batch, reward_pad_id
 from glmwb.rewards.scoring import RewardScorer

@@ -142,7 +142,7 @@ def _direct_response_logprob(folder, record, response: str) -> float:
     """Independent of the packed path: one padded forward over the whole text, full log-softmax."""
     from glmwb.pretrain.hf import load_pretrained
     from glmwb.pretrain.run import load_tokenizer
-    from glmwb.rewards.data import encode_response
+    from glmwb.pretrain.tokenizer import encode_response
 
     model, tok = load_pretrained(folder).eval(), load_tokenizer(str(folder))
     prompt = tok.apply_chat_template(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from glmwb.pretrain.hf import save_pretrained
-from glmwb.rewards.data import encode_response
+from glmwb.pretrain.tokenizer import encode_response
 from glmwb.rewards.model import (
     PAD_TOKEN,
     RewardModel,

@@ -21,9 +21,9 @@ MODEL = (
 
 
 def test_hh_rlhf_reward_model_beats_chance(tmp_path) -> None:
+    from glmwb.annotation.preference_data import read_preferences
     from glmwb.pretrain.tokenizer import train_tokenizer
     from glmwb.recipes.cli import main
-    from glmwb.rewards.data import read_preferences
 
     train_files = [
         HH / "extra" / "helpful-online" / "test.jsonl.gz",

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from glmwb.rewards.data import encode_response
+from glmwb.pretrain.tokenizer import encode_response
 from glmwb.rewards.model import RewardModel, padded_batch, reward_pad_id
 from glmwb.rewards.scoring import RewardScorer, ScoringError
 from glmwb.rewards.server import RewardClient, create_app

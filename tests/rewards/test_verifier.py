@@ -11,8 +11,9 @@ import torch
 
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.hf import save_pretrained
+from glmwb.pretrain.tokenizer import encode_response
 from glmwb.rewards.config import RewardLossConfig, RewardTrainConfig, VerifierConfig
-from glmwb.rewards.data import encode_pairs, encode_response
+from glmwb.rewards.data import encode_pairs
 from glmwb.rewards.model import RewardModel, packed_batch, padded_batch, reward_pad_id, score_sequences
 from glmwb.rewards.verifier import ASSISTANT_TOKEN, LikelihoodVerifier, answer_spans, token_features
 from tests.rewards.conftest import planted_records, tiny_glm

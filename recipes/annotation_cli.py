@@ -68,8 +68,8 @@ def _password(args: argparse.Namespace) -> str:
 @_user_errors
 def cmd_annotate(args: argparse.Namespace) -> int:
     from glmwb.annotation.assign import AssignmentPolicy
-    from glmwb.annotation.server import ServerSettings, serve
     from glmwb.ui.annotator import DEFAULT_GUIDELINES, PageConfig
+    from glmwb.ui.app import ServerSettings, serve
 
     guidelines = Path(args.guidelines).read_text(encoding="utf-8") if args.guidelines else DEFAULT_GUIDELINES
     page = PageConfig(
