@@ -20,7 +20,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# The code imports as glmwb.<folder>; without installing anything, a linked tree lays the folders out under
+# that namespace as the wheel does (the repository root stays on the path for the tests package).
+rm -rf build/gpu && mkdir -p build/gpu/glmwb
+for d in kernels pretrain annotation rewards align ui recipes; do ln -s "$PWD/$d" "build/gpu/glmwb/$d"; done
+export PYTHONPATH=$PWD/build/gpu:$PWD${PYTHONPATH:+:$PYTHONPATH}
 status=0
 run() {  # run NAME TIMEOUT CMD...: tee the output to $OUT/NAME.log, remember a failure, go on
     local name=$1 limit=$2

@@ -3,7 +3,7 @@
     glmwb run RECIPE.yaml [section.key=value ...]     run a stage (or a pipeline of stages)
     glmwb validate RECIPE.yaml [section.key=value ...] check a recipe and print it resolved
     glmwb world --out DIR                             write the embedded world's corpus and prompts
-    glmwb sample MODEL_DIR "prompt" [--lang ...]       chat with a trained GLM folder
+    glmwb sample MODEL_DIR "prompt" ...               chat with a trained GLM folder
     glmwb serve-rewards REWARD_DIR [--port 8008]       serve a reward model over HTTP (FastAPI)
     glmwb annotate --db URL [--host --port]           serve the annotator page and vote API
     glmwb annotation COMMAND ...                      the preference store (see recipes/annotation_cli.py)
@@ -332,8 +332,22 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; ``key=value`` overrides of run / validate may also follow the options
+    (``glmwb run quickstart.yaml --only sft sft.train.max_steps=10``)."""
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "overrides", None) is None or not all(
+            "=" in x and not x.startswith("-") for x in extra
+        ):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as e:  # a stage's or the recipe loader's one-line user error

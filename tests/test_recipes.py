@@ -225,6 +225,21 @@ def test_cli_help_everywhere():
         assert proc.returncode == 0 and "usage: glmwb" in proc.stdout
 
 
+def test_overrides_may_follow_the_options(capsys):
+    """`glmwb run PIPELINE --only sft sft.train.max_steps=5` works: overrides after --only / --from count;
+    anything else unknown is still an error (exit 2 from argparse)."""
+    from glmwb.recipes.cli import parse_args
+
+    args = parse_args(["run", "q.yaml", "a.b=1", "--only", "sft", "sft.train.max_steps=5"])
+    assert args.overrides == ["a.b=1", "sft.train.max_steps=5"] and args.only == "sft"
+    assert parse_args(["validate", "q.yaml", "--", "x.y=2"]).overrides == ["x.y=2"]
+    with pytest.raises(SystemExit) as e:
+        parse_args(["run", "q.yaml", "--only", "sft", "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["world", "--out", "d", "x=1"])  # world takes no overrides
+
+
 def test_validate_prints_resolved_config(capsys):
     assert main(["validate", str(ROOT / "recipes" / "pretrain_tiny.yaml"), "train.max_steps=5"]) == 0
     out = capsys.readouterr().out

@@ -1,6 +1,6 @@
 """Kernel benchmarks at GLM-4-9B shapes: ours (Triton) next to eager PyTorch, ``torch.compile`` and Liger-Kernel.
 
-    python -m glmwb.kernels.bench.bench_kernels                     # on a CUDA GPU: every op, CSV + plot + targets
+    python -m glmwb.kernels.bench.bench_kernels                     # on a CUDA GPU: every op, CSV + plot + ratios
     python -m glmwb.kernels.bench.bench_kernels --ops rmsnorm swiglu --tokens 8192 16384
     python -m glmwb.kernels.bench.bench_kernels --dry-run           # CPU: tiny shapes, Triton interpreter, no claims
 
@@ -20,10 +20,10 @@ liger-kernel``; RMSNorm, fused add + RMSNorm when the installed version has it, 
 runs it on the fused gate_up (chunk, then its function) and, as "liger_sep", on separate contiguous gate and up
 tensors (its own layout, for reference), fused linear CE). Liger has no GLM
 (partial, interleaved) rotary and no selective log-prob op: those columns are absent. When Liger cannot be
-imported or run (no GPU), its columns are skipped and its targets print SKIP.
+imported or run (no GPU), its columns are skipped.
 
-Output: ``<out>/bench_kernels.csv``, ``<out>/bench_kernels.png`` and PASS / FAIL lines for the targets of the
-kernels issue. ``--dry-run`` runs every provider once on tiny shapes (on the CPU under TRITON_INTERPRET=1,
+Output: ``<out>/bench_kernels.csv``, ``<out>/bench_kernels.png`` and the ratios measured side by side (speed-up
+over each baseline, fraction of the copy bandwidth, peak memory against eager). ``--dry-run`` runs every provider once on tiny shapes (on the CPU under TRITON_INTERPRET=1,
 ``torch.compile`` with the "eager" backend) to prove the script works; its numbers mean nothing.
 """
 
@@ -590,73 +590,46 @@ def _get(rows: list[Row], op: str, provider: str, mode: str, tokens: int) -> Row
     return None
 
 
-def check_targets(rows: list[Row], bench: Bench, shapes: Shapes) -> list[str]:
-    """One PASS / FAIL / SKIP line per target. Ratio targets must hold at every token count >= 8,192."""
+def ratio_summary(rows: list[Row], bench: Bench, shapes: Shapes) -> list[str]:
+    """The side-by-side ratios the CSV supports, one line each, at the large token counts (>= 8,192): the
+    fraction of the device's copy bandwidth reached, our time against each baseline's (the slowest of the
+    token counts: the claim that holds at all of them), and peak memory against eager. Numbers only: what
+    a ratio must reach is a goal of an issue, not of this script."""
     if bench.dry_run or not bench.cuda:
-        return ["DRY-RUN: no timing claims (targets are checked only on a CUDA GPU)"]
-    lines = []
+        return ["dry run: no timings to compare (ratios are printed only on a CUDA GPU)"]
     big = [n for n in shapes.tokens if n >= 8192] or list(shapes.tokens)
+    lines: list[str] = []
 
-    def verdict(
-        name: str, values: list[float | None], ok: Callable[[float], bool], fmt: str, why: str = ""
-    ) -> None:
-        if not values or any(v is None for v in values):
-            lines.append(f"SKIP  {name}: {why or 'not measured'}")
+    def line(name: str, values: list[float | None], fmt: str, worst=min) -> None:
+        got = [v for v in values if v is not None]
+        if not got:
+            lines.append(f"{name}: not measured")
             return
-        worst = min(values) if ok(1e9) else max(values)  # the value closest to failing
-        lines.append(f"{'PASS' if all(ok(v) for v in values) else 'FAIL'}  {name}: {fmt.format(worst)}")
+        lines.append(
+            f"{name}: {fmt.format(worst(got))}"
+            + (" (some token counts missing)" if len(got) < len(values) else "")
+        )
 
-    def frac(op, provider, mode):
-        return [getattr(_get(rows, op, provider, mode, n), "fraction_of_ceiling", None) for n in big]
+    def frac(op, mode):
+        return [getattr(_get(rows, op, "triton", mode, n), "fraction_of_ceiling", None) for n in big]
 
-    def speedup(op, base, mode, ours="triton"):
+    def speedup(op, base, mode, ours="triton", tokens=None):
         out = []
-        for n in big:
+        for n in tokens or big:
             a, b = _get(rows, op, base, mode, n), _get(rows, op, ours, mode, n)
             out.append(a.ms / b.ms if a and b and a.ms and b.ms else None)
         return out
 
-    has_liger = any(r.provider == "liger" for r in rows)
-    no_liger = "Liger-Kernel not available here"
-    verdict(
-        "RMSNorm fwd >= 85% of copy bandwidth",
-        frac("rmsnorm", "triton", "fwd"),
-        lambda v: v >= 0.85,
-        "{:.0%}",
-    )
-    verdict(
-        "RMSNorm bwd >= 70% of copy bandwidth",
-        frac("rmsnorm", "triton", "bwd"),
-        lambda v: v >= 0.70,
-        "{:.0%}",
-    )
-    verdict("RMSNorm fwd+bwd >= 1.3x Liger", speedup("rmsnorm", "liger", "full") if has_liger else [],
-            lambda v: v >= 1.3, "{:.2f}x", no_liger)  # fmt: skip
-    verdict(
-        "RMSNorm fwd+bwd >= 1.2x torch.compile",
-        speedup("rmsnorm", "compile", "full"),
-        lambda v: v >= 1.2,
-        "{:.2f}x",
-    )
-    verdict("fused add+RMSNorm >= 1.3x separate (fwd+bwd)", speedup("add_rmsnorm", "separate", "full"),
-            lambda v: v >= 1.3, "{:.2f}x")  # fmt: skip
-    verdict("SwiGLU bwd >= 1.3x Liger", speedup("swiglu", "liger", "bwd") if has_liger else [],
-            lambda v: v >= 1.3, "{:.2f}x", no_liger)  # fmt: skip
-    verdict(
-        "partial rotary fwd+bwd >= 4x torch.compile",
-        speedup("rotary", "compile", "full"),
-        lambda v: v >= 4,
-        "{:.2f}x",
-    )
-    verdict(
-        "partial rotary fwd+bwd >= 10x eager",
-        speedup("rotary", "eager", "full"),
-        lambda v: v >= 10,
-        "{:.2f}x",
-    )
-    for base, goal in (("compile", 4), ("eager", 10)):
-        verdict(f"partial rotary in place (our GLM's path, kernel launches) fwd+bwd >= {goal}x {base}",
-                speedup("rotary", base, "full", ours="triton_inplace"), lambda v, g=goal: v >= g, "{:.2f}x")  # fmt: skip
+    line("RMSNorm fwd, fraction of copy bandwidth", frac("rmsnorm", "fwd"), "{:.0%}")
+    line("RMSNorm bwd, fraction of copy bandwidth", frac("rmsnorm", "bwd"), "{:.0%}")
+    for op, label in (("rmsnorm", "RMSNorm fwd+bwd"), ("add_rmsnorm", "fused add+RMSNorm fwd+bwd"),
+                      ("swiglu", "SwiGLU fwd+bwd"), ("rotary", "partial rotary fwd+bwd")):  # fmt: skip
+        for base in ("eager", "compile", "liger", "separate"):
+            if any(r.op == op and r.provider == base for r in rows):
+                line(f"{label}, speed-up over {base}", speedup(op, base, "full"), "{:.2f}x")
+    for base in ("eager", "compile"):
+        line(f"partial rotary in place fwd+bwd, speed-up over {base}",
+             speedup("rotary", base, "full", ours="triton_inplace"), "{:.2f}x")  # fmt: skip
 
     def mem_ratio(op, tokens, mode="full"):
         ours, eager = _get(rows, op, "triton", mode, tokens), _get(rows, op, "eager", mode, tokens)
@@ -667,22 +640,17 @@ def check_targets(rows: list[Row], bench: Bench, shapes: Shapes) -> list[str]:
         return ours.peak_mem_mb / eager.peak_mem_mb if eager.peak_mem_mb else None
 
     n_ce = shapes.ce_tokens
-    verdict(f"fused linear CE peak memory <= 25% of eager at {n_ce} tokens", [mem_ratio("fused_linear_ce", n_ce)],
-            lambda v: v <= 0.25, "{:.0%}")  # fmt: skip
-    ce_time = [None]
-    ours, eager = (
-        _get(rows, "fused_linear_ce", "triton", "full", n_ce),
-        _get(rows, "fused_linear_ce", "eager", "full", n_ce),
+    line(
+        f"fused linear CE peak memory / eager at {n_ce} tokens",
+        [mem_ratio("fused_linear_ce", n_ce)],
+        "{:.0%}",
     )
-    if ours and eager and ours.ms and eager.ms:
-        ce_time = [ours.ms / eager.ms]
-    verdict("fused linear CE time <= 1.1x eager (fwd+bwd)", ce_time, lambda v: v <= 1.1, "{:.2f}x",
-            "eager or ours did not run (OOM?)")  # fmt: skip
+    line(f"fused linear CE time / eager at {n_ce} tokens (fwd+bwd)",
+         [1 / s if s else None for s in speedup("fused_linear_ce", "eager", "full", tokens=[n_ce])], "{:.2f}x", max)  # fmt: skip
     n_lp = shapes.logprob_batch[0] * shapes.logprob_batch[1]
-    verdict(f"fused log-prob peak memory <= 20% of eager at {n_lp} tokens (fwd+bwd)", [mem_ratio("logprobs", n_lp)],
-            lambda v: v <= 0.20, "{:.0%}")  # fmt: skip
-    verdict(f"fused log-prob peak memory <= 20% of eager at {n_lp} tokens (no_grad)",
-            [mem_ratio("logprobs", n_lp, "no_grad")], lambda v: v <= 0.20, "{:.0%}")  # fmt: skip
+    for mode in ("full", "no_grad"):
+        line(f"fused log-prob peak memory / eager at {n_lp} tokens ({mode})", [mem_ratio("logprobs", n_lp, mode)],
+             "{:.0%}", max)  # fmt: skip
     return lines
 
 
@@ -830,8 +798,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     plot(rows, args.out / "bench_kernels.png", f"{name}, {args.dtype} ({ceilings})")
     print(f"wrote {args.out / 'bench_kernels.csv'} and {args.out / 'bench_kernels.png'} ({len(rows)} rows)")
-    print("targets:")
-    for line in check_targets(rows, bench, shapes):
+    print("ratios (the slowest / largest over the token counts >= 8,192):")
+    for line in ratio_summary(rows, bench, shapes):
         print("  " + line)
     if failed:
         print(f"ops that failed: {', '.join(failed)}", file=sys.stderr)
