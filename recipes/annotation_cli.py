@@ -222,22 +222,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `annotate` and `annotation` to the `glmwb` parser."""
+def _db(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--db",
+        default=os.environ.get("GLMWB_DB", DEFAULT_DB),
+        help="SQLAlchemy URL or SQLite file (default $GLMWB_DB or %(default)s)",
+    )
 
-    def db(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--db",
-            default=os.environ.get("GLMWB_DB", DEFAULT_DB),
-            help="SQLAlchemy URL or SQLite file (default $GLMWB_DB or %(default)s)",
-        )
 
+def _annotate_parser(sub: argparse._SubParsersAction) -> None:
     a = sub.add_parser(
         "annotate",
         help="serve the annotator page and the vote API",
         description="Serve the annotator page (Gradio, sign-in required) and the JSON vote API.",
     )
-    db(a)
+    _db(a)
     a.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     a.add_argument("--port", type=int, default=7860)
     a.add_argument("--guidelines", help="a Markdown file with the guidelines (default: built in)")
@@ -249,15 +248,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--no-ui", action="store_true", help="the JSON API only")
     a.set_defaults(func=cmd_annotate)
 
-    n = sub.add_parser("annotation", help="manage the preference store", description=__doc__.split("\n")[0])
-    nsub = n.add_subparsers(dest="annotation_command", required=True, metavar="COMMAND")
 
+def _store_parsers(nsub: argparse._SubParsersAction) -> None:
+    """migrate, create-user, add-tasks."""
     m = nsub.add_parser("migrate", help="create or upgrade the store's schema")
-    db(m)
+    _db(m)
     m.set_defaults(func=cmd_migrate)
 
     u = nsub.add_parser("create-user", help="create an annotator or admin account")
-    db(u)
+    _db(u)
     u.add_argument("username")
     u.add_argument("--role", choices=("annotator", "admin"), default="annotator")
     u.add_argument("--password-env", help="read the password from this environment variable")
@@ -265,7 +264,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.set_defaults(func=cmd_create_user)
 
     t = nsub.add_parser("add-tasks", help="sample answers and add comparison items")
-    db(t)
+    _db(t)
     t.add_argument("--prompts", help="world[:split[:n]], a JSONL file or a datasets folder")
     t.add_argument("--model", action="append", help="an HF model folder to sample from (repeatable)")
     t.add_argument("--responses", help="JSONL with pre-generated answers per prompt")
@@ -285,8 +284,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_add_tasks)
 
+
+def _data_parsers(nsub: argparse._SubParsersAction) -> None:
+    """import, export, report, simulate."""
     i = nsub.add_parser("import", help="import a public preference set (hh-rlhf, prompt/chosen/rejected)")
-    db(i)
+    _db(i)
     i.add_argument("path")
     i.add_argument("--format", default="auto", help="auto, preference, hh_rlhf or oasst_zh")
     i.add_argument("--source", help="a name for the data set (default: the file's name)")
@@ -296,7 +298,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=cmd_import)
 
     e = nsub.add_parser("export", help="export votes as prompt / chosen / rejected records")
-    db(e)
+    _db(e)
     e.add_argument("--out", required=True, help="FILE.jsonl, FILE.parquet, or a folder (datasets)")
     e.add_argument("--mode", choices=("majority", "all"), default="majority")
     e.add_argument("--ties", choices=("keep", "drop"), default="keep")
@@ -306,13 +308,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=cmd_export)
 
     r = nsub.add_parser("report", help="progress and agreement statistics")
-    db(r)
+    _db(r)
     r.add_argument("--json", action="store_true")
     r.add_argument("--min-common", type=int, default=5, help="items two annotators share for Cohen's kappa")
     r.set_defaults(func=cmd_report)
 
     s = nsub.add_parser("simulate", help="let simulated annotators vote on world items")
-    db(s)
+    _db(s)
     s.add_argument("--annotators", nargs="+", default=["sim-0", "sim-1", "sim-2"])
     s.add_argument("--noise", type=float, default=0.1)
     s.add_argument("--limit", type=int)
@@ -323,3 +325,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="winners' votes also say how much better (the export's margin)",
     )
     s.set_defaults(func=cmd_simulate)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `annotate` and `annotation` to the `glmwb` parser."""
+    _annotate_parser(sub)
+    n = sub.add_parser("annotation", help="manage the preference store", description=__doc__.split("\n")[0])
+    nsub = n.add_subparsers(dest="annotation_command", required=True, metavar="COMMAND")
+    _store_parsers(nsub)
+    _data_parsers(nsub)

@@ -96,246 +96,312 @@ def _who(store: Store, request: gr.Request) -> AnnotatorInfo:
     return who
 
 
+@dataclass
+class AnnotateView:
+    """The Annotate tab's components (and the page's header and per-session state)."""
+
+    state: gr.State  # {"assignment_id", "item_id", "letters", "uid", "shown_at"} or None
+    header: gr.Markdown
+    prompt: gr.HTML
+    columns: dict[str, gr.Column]
+    answers: dict[str, gr.HTML]
+    ratings: dict[tuple[str, str], gr.Radio]  # (letter, attribute) -> 1-5
+    strength: gr.Radio
+    vote_buttons: dict[str, gr.Button]  # A..D, tie, both_bad
+    rationale: gr.Textbox
+    skip: gr.Button
+    undo: gr.Button
+    status: gr.Markdown
+
+    @property
+    def task_outputs(self) -> list:
+        """Every component a new task updates."""
+        return [self.header, self.prompt, self.status, self.rationale, self.strength, self.state,
+                *self.answers.values(), *self.columns.values(), *self.vote_buttons.values(),
+                *self.ratings.values()]  # fmt: skip
+
+
+@dataclass
+class AdminView:
+    """The Admin tab's components (shown to admins only)."""
+
+    tab: gr.Tab
+    refresh: gr.Button
+    overview: gr.Markdown
+    agreement: gr.Markdown
+    export_mode: gr.Radio
+    export_format: gr.Radio
+    export_ties: gr.Radio
+    export_button: gr.Button
+    export_file: gr.File
+    export_status: gr.Markdown
+    new_user: gr.Textbox
+    new_password: gr.Textbox
+    new_role: gr.Radio
+    create: gr.Button
+    create_status: gr.Markdown
+
+
+def _answer_columns(attributes: tuple[str, ...]) -> tuple[dict, dict, dict]:
+    """One column per answer letter (A, B shown; C, D when an item has them) with its optional ratings."""
+    columns, answers, ratings = {}, {}, {}
+    with gr.Row(equal_height=False):
+        for i, letter in enumerate(LETTERS):
+            with gr.Column(visible=i < 2, min_width=240) as columns[letter]:
+                gr.Markdown(f"#### Answer {letter}")
+                answers[letter] = gr.HTML(
+                    elem_id=f"answer-{letter}", elem_classes="glmwb-answer", container=True, padding=True
+                )
+                with gr.Accordion("Ratings (optional)", open=False):
+                    for attribute in attributes:
+                        ratings[letter, attribute] = gr.Radio(
+                            ["1", "2", "3", "4", "5"], label=attribute, value=None,
+                            elem_id=f"rate-{letter}-{attribute}",
+                        )  # fmt: skip
+    return columns, answers, ratings
+
+
+def _annotate_tab(state: gr.State, header: gr.Markdown, attributes: tuple[str, ...]) -> AnnotateView:
+    prompt = gr.HTML(elem_id="prompt")
+    columns, answers, ratings = _answer_columns(attributes)
+    strength = gr.Radio(
+        list(zip(STRENGTH_WORDS, STRENGTHS, strict=True)),
+        value=None,
+        label="How much better is your pick? (optional; ignored for tie and both bad)",
+        elem_id="strength",
+    )
+    with gr.Row():
+        vote_buttons = {
+            letter: gr.Button(
+                f"{letter} is better" + (f"  [{i + 1}]" if i < 2 else ""),
+                variant="primary",
+                visible=i < 2,
+                elem_id=f"vote-{letter}",
+            )  # fmt: skip
+            for i, letter in enumerate(LETTERS)
+        }
+        vote_buttons["tie"] = gr.Button("Tie  [3]", elem_id="vote-tie")
+        vote_buttons["both_bad"] = gr.Button("Both bad  [4]", elem_id="vote-both_bad")
+    rationale = gr.Textbox(label="Rationale (optional)", lines=2, elem_id="rationale")
+    with gr.Row():
+        skip = gr.Button("Skip  [s]", size="sm", elem_id="skip")
+        undo = gr.Button("Undo last vote  [u]", size="sm", elem_id="undo")
+    status = gr.Markdown(elem_id="status")
+    return AnnotateView(state, header, prompt, columns, answers, ratings, strength, vote_buttons, rationale,
+                        skip, undo, status)  # fmt: skip
+
+
+def _admin_tab(tab: gr.Tab) -> AdminView:
+    refresh = gr.Button("Refresh", elem_id="admin-refresh")
+    overview = gr.Markdown(elem_id="admin-overview")
+    agreement = gr.Markdown(elem_id="admin-agreement")
+    with gr.Row():
+        export_mode = gr.Radio(["majority", "all"], value="majority", label="votes")
+        export_format = gr.Radio(["jsonl", "parquet"], value="jsonl", label="format")
+        export_ties = gr.Radio(["keep", "drop"], value="keep", label="ties")
+    export_button = gr.Button("Export preferences", elem_id="admin-export")
+    export_file = gr.File(label="export", interactive=False, elem_id="admin-export-file")
+    export_status = gr.Markdown(elem_id="admin-export-status")
+    with gr.Accordion("New account", open=False):
+        new_user = gr.Textbox(label="username")
+        new_password = gr.Textbox(label="password (8+ characters)", type="password")
+        new_role = gr.Radio(["annotator", "admin"], value="annotator", label="role")
+        create = gr.Button("Create account", elem_id="admin-create")
+        create_status = gr.Markdown()
+    return AdminView(tab, refresh, overview, agreement, export_mode, export_format, export_ties, export_button,
+                     export_file, export_status, new_user, new_password, new_role, create, create_status)  # fmt: skip
+
+
+class AnnotateHandlers:
+    """What the Annotate tab does: show the signed-in annotator's next task, vote, skip, undo."""
+
+    def __init__(self, store: Store, config: PageConfig, view: AnnotateView) -> None:
+        self.store, self.config, self.v = store, config, view
+
+    def header_text(self, who: AnnotatorInfo) -> str:
+        p = self.store.progress(who)
+        return (
+            f"Signed in as **{who.username}** ({who.role}) · [sign out](logout) · "
+            f"**{p['votes']}** votes · {p['available'] + p['pending']} to go"
+            + (f" · {p['skipped']} skipped" if p["skipped"] else "")
+        )
+
+    def show(self, who: AnnotatorInfo, task: Task | None, message: str = "") -> dict:
+        v = self.v
+        n = len(task.letters) if task else 2
+        out: dict = {
+            v.header: self.header_text(who),
+            v.status: message,
+            v.rationale: gr.update(value=""),
+            v.strength: gr.update(value=None),
+            **{r: gr.update(value=None) for r in v.ratings.values()},
+            **{v.columns[k]: gr.update(visible=i < n) for i, k in enumerate(LETTERS)},
+            **{v.vote_buttons[k]: gr.update(visible=i < n) for i, k in enumerate(LETTERS)},
+        }
+        if task is None:
+            out[v.prompt] = "<p><b>Nothing left for you to judge. Thank you!</b></p>"
+            out.update({v.answers[k]: "" for k in LETTERS})
+            out[v.state] = None
+            return out
+        out[v.prompt] = render_conversation(task.prompt)
+        for i, k in enumerate(LETTERS):
+            out[v.answers[k]] = render_markdown(task.responses[i]) if i < n else ""
+        out[v.state] = {
+            "assignment_id": task.assignment_id,
+            "item_id": task.item_id,
+            "letters": list(task.letters),
+            "uid": f"ui-{uuid.uuid4().hex}",
+            "shown_at": time.monotonic(),
+        }
+        return out
+
+    def next(self, who: AnnotatorInfo, message: str = "") -> dict:
+        return self.show(who, self.store.next_task(who), message)
+
+    def vote(self, choice: str, data: dict, request: gr.Request) -> dict:
+        v = self.v
+        who = _who(self.store, request)
+        current = data[v.state]
+        if current is None:
+            return self.next(who, "Nothing to vote on.")
+        if choice in LETTERS and choice not in current["letters"]:
+            raise gr.Error(f"This item has no answer {choice}.")
+        given: dict[str, dict[str, int]] = {}
+        for (letter, attribute), radio in v.ratings.items():
+            if letter in current["letters"] and data.get(radio):
+                given.setdefault(attribute, {})[letter] = int(data[radio])
+        try:
+            receipt = self.store.submit_vote(
+                who, current["assignment_id"], choice, uid=current["uid"], ratings=given,
+                strength=data.get(v.strength) if choice in LETTERS else None,
+                rationale=(data.get(v.rationale) or "").strip(),
+                time_spent_s=round(time.monotonic() - current["shown_at"], 3),
+                guideline_version=self.config.version,
+            )  # fmt: skip
+        except StoreError as e:
+            return self.next(who, f"Not saved: {e}")
+        label = {"tie": "a tie", "both_bad": "both bad"}.get(choice, f"{choice} is better")
+        if choice in LETTERS and data.get(v.strength):
+            label = f"{choice} is {STRENGTH_WORDS[STRENGTHS.index(data[v.strength])]} better"
+        return self.next(who, f"Saved: item {receipt.item_id}, {label}.")
+
+    def _voter(self, choice: str):
+        # a plain function per button: Gradio finds the gr.Request parameter by its annotation
+        def vote(data: dict, request: gr.Request) -> dict:
+            return self.vote(choice, data, request)
+
+        return vote
+
+    def skip(self, current: dict | None, request: gr.Request) -> dict:
+        who = _who(self.store, request)
+        message = ""
+        if current is not None:
+            try:
+                self.store.skip(who, current["assignment_id"])
+                message = f"Skipped item {current['item_id']}; it comes back at the end."
+            except StoreError as e:
+                message = f"Not skipped: {e}"
+        return self.next(who, message)
+
+    def undo(self, request: gr.Request) -> dict:
+        who = _who(self.store, request)
+        undone = self.store.undo_last_vote(who)
+        return self.next(
+            who, "Nothing to undo." if undone is None else f"Undid your vote on item {undone.item_id}."
+        )
+
+    def wire(self, page: gr.Blocks, admin_tab: gr.Tab) -> None:
+        v, outputs = self.v, self.v.task_outputs
+
+        def on_load(request: gr.Request) -> dict:
+            who = _who(self.store, request)
+            return {**self.next(who), admin_tab: gr.update(visible=who.is_admin)}
+
+        page.load(on_load, None, [*outputs, admin_tab], api_visibility="private")
+        inputs = {v.state, v.rationale, v.strength, *v.ratings.values()}
+        for choice, button in v.vote_buttons.items():
+            button.click(self._voter(choice), inputs, outputs, api_visibility="private")
+        v.skip.click(self.skip, [v.state], outputs, api_visibility="private")
+        v.undo.click(self.undo, None, outputs, api_visibility="private")
+
+
+class AdminHandlers:
+    """What the Admin tab does (every handler checks the caller is an admin): overview and agreement,
+    export, new accounts."""
+
+    def __init__(self, store: Store, config: PageConfig, view: AdminView) -> None:
+        self.store, self.config, self.v = store, config, view
+
+    def admin_only(self, request: gr.Request) -> AnnotatorInfo:
+        who = _who(self.store, request)
+        if not who.is_admin:
+            raise gr.Error("Admins only.")
+        return who
+
+    def refresh(self, request: gr.Request) -> dict:
+        self.admin_only(request)
+        o = self.store.overview()
+        lines = [
+            f"**{o['votes']}** votes ({o['retracted_votes']} undone) · **{o['complete_items']}** of "
+            f"{o['items'] - o['gold_items']} items complete · {o['gold_items']} gold items · "
+            f"{o['votes_wanted']} votes wanted on open items",
+            "",
+            "| annotator | role | votes | mean time (s) | last vote (UTC) |",
+            "|---|---|---|---|---|",
+        ]
+        for a in o["annotators"]:
+            lines.append(
+                f"| {a['username']} | {a['role']} | {a['votes']} | {a['mean_time_s'] or ''} | "
+                f"{a['last_vote'] or ''} |"
+            )
+        report = agreement_report(self.store.votes())
+        return {self.v.overview: "\n".join(lines), self.v.agreement: report.to_markdown()}
+
+    def export(self, mode: str, fmt: str, ties: str, request: gr.Request) -> dict:
+        self.admin_only(request)
+        result = export_records(self.store, mode=mode, ties=ties)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = write_records(result.rows, Path(self.config.export_dir) / f"preferences-{mode}-{stamp}.{fmt}")
+        skipped = ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())) or "none"
+        return {
+            self.v.export_file: str(path),
+            self.v.export_status: f"{len(result.rows)} rows from {result.items} items (left out: {skipped}).",
+        }
+
+    def create(self, username: str, password: str, role: str, request: gr.Request) -> dict:
+        self.admin_only(request)
+        try:
+            self.store.create_annotator((username or "").strip(), password or "", role)
+            message = f"Created {role} **{username.strip()}**."
+        except StoreError as e:
+            message = f"Not created: {e}"
+        return {self.v.create_status: message, self.v.new_password: gr.update(value="")}
+
+    def wire(self) -> None:
+        v = self.v
+        v.refresh.click(self.refresh, None, [v.overview, v.agreement], api_visibility="private")
+        v.export_button.click(self.export, [v.export_mode, v.export_format, v.export_ties],
+                              [v.export_file, v.export_status], api_visibility="private")  # fmt: skip
+        v.create.click(self.create, [v.new_user, v.new_password, v.new_role], [v.create_status, v.new_password],
+                       api_visibility="private")  # fmt: skip
+
+
 def build_annotator_page(store: Store, config: PageConfig | None = None) -> gr.Blocks:
     """The page's Blocks; all state is explicit: the store, the config, and per-session ``gr.State``."""
     config = config or PageConfig()
-    attributes = config.attributes
     with gr.Blocks(title=config.title) as page:
-        state = gr.State(None)  # {"assignment_id", "item_id", "letters", "uid", "shown_at"} or None
+        state = gr.State(None)
         header = gr.Markdown(elem_id="header")
         with gr.Tabs():
             with gr.Tab("Annotate", id="annotate"):
-                prompt = gr.HTML(elem_id="prompt")
-                columns, answers, ratings = {}, {}, {}
-                with gr.Row(equal_height=False):
-                    for i, letter in enumerate(LETTERS):
-                        with gr.Column(visible=i < 2, min_width=240) as columns[letter]:
-                            gr.Markdown(f"#### Answer {letter}")
-                            answers[letter] = gr.HTML(
-                                elem_id=f"answer-{letter}",
-                                elem_classes="glmwb-answer",
-                                container=True,
-                                padding=True,
-                            )
-                            with gr.Accordion("Ratings (optional)", open=False):
-                                for attribute in attributes:
-                                    ratings[letter, attribute] = gr.Radio(
-                                        ["1", "2", "3", "4", "5"],
-                                        label=attribute,
-                                        value=None,
-                                        elem_id=f"rate-{letter}-{attribute}",
-                                    )
-                strength = gr.Radio(
-                    list(zip(STRENGTH_WORDS, STRENGTHS, strict=True)),
-                    value=None,
-                    label="How much better is your pick? (optional; ignored for tie and both bad)",
-                    elem_id="strength",
-                )
-                with gr.Row():
-                    vote_buttons = {
-                        letter: gr.Button(
-                            f"{letter} is better" + (f"  [{i + 1}]" if i < 2 else ""),
-                            variant="primary",
-                            visible=i < 2,
-                            elem_id=f"vote-{letter}",
-                        )
-                        for i, letter in enumerate(LETTERS)
-                    }
-                    vote_buttons["tie"] = gr.Button("Tie  [3]", elem_id="vote-tie")
-                    vote_buttons["both_bad"] = gr.Button("Both bad  [4]", elem_id="vote-both_bad")
-                rationale = gr.Textbox(label="Rationale (optional)", lines=2, elem_id="rationale")
-                with gr.Row():
-                    skip = gr.Button("Skip  [s]", size="sm", elem_id="skip")
-                    undo = gr.Button("Undo last vote  [u]", size="sm", elem_id="undo")
-                status = gr.Markdown(elem_id="status")
+                annotate = _annotate_tab(state, header, config.attributes)
             with gr.Tab("Guidelines", id="guidelines"):
                 gr.Markdown(config.guidelines)
                 gr.Markdown(f"*Guideline version {config.version}*")
             with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
-                refresh = gr.Button("Refresh", elem_id="admin-refresh")
-                overview = gr.Markdown(elem_id="admin-overview")
-                agreement = gr.Markdown(elem_id="admin-agreement")
-                with gr.Row():
-                    export_mode = gr.Radio(["majority", "all"], value="majority", label="votes")
-                    export_format = gr.Radio(["jsonl", "parquet"], value="jsonl", label="format")
-                    export_ties = gr.Radio(["keep", "drop"], value="keep", label="ties")
-                export_button = gr.Button("Export preferences", elem_id="admin-export")
-                export_file = gr.File(label="export", interactive=False, elem_id="admin-export-file")
-                export_status = gr.Markdown(elem_id="admin-export-status")
-                with gr.Accordion("New account", open=False):
-                    new_user = gr.Textbox(label="username")
-                    new_password = gr.Textbox(label="password (8+ characters)", type="password")
-                    new_role = gr.Radio(["annotator", "admin"], value="annotator", label="role")
-                    create = gr.Button("Create account", elem_id="admin-create")
-                    create_status = gr.Markdown()
-
-        rating_list = list(ratings.values())
-        task_outputs = [header, prompt, status, rationale, strength, state, *answers.values()]
-        task_outputs += list(columns.values())
-        task_outputs += [*vote_buttons.values(), *rating_list]
-
-        def header_text(who: AnnotatorInfo) -> str:
-            p = store.progress(who)
-            return (
-                f"Signed in as **{who.username}** ({who.role}) · [sign out](logout) · "
-                f"**{p['votes']}** votes · {p['available'] + p['pending']} to go"
-                + (f" · {p['skipped']} skipped" if p["skipped"] else "")
-            )
-
-        def show(who: AnnotatorInfo, task: Task | None, message: str = "") -> dict:
-            n = len(task.letters) if task else 2
-            out: dict = {
-                header: header_text(who),
-                status: message,
-                rationale: gr.update(value=""),
-                strength: gr.update(value=None),
-                **{r: gr.update(value=None) for r in rating_list},
-                **{columns[k]: gr.update(visible=i < n) for i, k in enumerate(LETTERS)},
-                **{vote_buttons[k]: gr.update(visible=i < n) for i, k in enumerate(LETTERS)},
-            }
-            if task is None:
-                out[prompt] = "<p><b>Nothing left for you to judge. Thank you!</b></p>"
-                out.update({answers[k]: "" for k in LETTERS})
-                out[state] = None
-                return out
-            out[prompt] = render_conversation(task.prompt)
-            for i, k in enumerate(LETTERS):
-                out[answers[k]] = render_markdown(task.responses[i]) if i < n else ""
-            out[state] = {
-                "assignment_id": task.assignment_id,
-                "item_id": task.item_id,
-                "letters": list(task.letters),
-                "uid": f"ui-{uuid.uuid4().hex}",
-                "shown_at": time.monotonic(),
-            }
-            return out
-
-        def on_load(request: gr.Request) -> dict:
-            who = _who(store, request)
-            return {**show(who, store.next_task(who)), admin_tab: gr.update(visible=who.is_admin)}
-
-        page.load(on_load, None, [*task_outputs, admin_tab], api_visibility="private")
-
-        def make_vote(choice: str):
-            def vote(data: dict, request: gr.Request) -> dict:
-                who = _who(store, request)
-                current = data[state]
-                if current is None:
-                    return show(who, store.next_task(who), "Nothing to vote on.")
-                if choice in LETTERS and choice not in current["letters"]:
-                    raise gr.Error(f"This item has no answer {choice}.")
-                given: dict[str, dict[str, int]] = {}
-                for (letter, attribute), radio in ratings.items():
-                    if letter in current["letters"] and data.get(radio):
-                        given.setdefault(attribute, {})[letter] = int(data[radio])
-                try:
-                    receipt = store.submit_vote(
-                        who,
-                        current["assignment_id"],
-                        choice,
-                        uid=current["uid"],
-                        ratings=given,
-                        strength=data.get(strength) if choice in LETTERS else None,
-                        rationale=(data.get(rationale) or "").strip(),
-                        time_spent_s=round(time.monotonic() - current["shown_at"], 3),
-                        guideline_version=config.version,
-                    )
-                except StoreError as e:
-                    return show(who, store.next_task(who), f"Not saved: {e}")
-                label = {"tie": "a tie", "both_bad": "both bad"}.get(choice, f"{choice} is better")
-                if choice in LETTERS and data.get(strength):
-                    word = STRENGTH_WORDS[STRENGTHS.index(data[strength])]
-                    label = f"{choice} is {word} better"
-                message = f"Saved: item {receipt.item_id}, {label}."
-                return show(who, store.next_task(who), message)
-
-            return vote
-
-        inputs = {state, rationale, strength, *rating_list}
-        for choice, button in vote_buttons.items():
-            button.click(make_vote(choice), inputs, task_outputs, api_visibility="private")
-
-        def on_skip(current: dict | None, request: gr.Request) -> dict:
-            who = _who(store, request)
-            message = ""
-            if current is not None:
-                try:
-                    store.skip(who, current["assignment_id"])
-                    message = f"Skipped item {current['item_id']}; it comes back at the end."
-                except StoreError as e:
-                    message = f"Not skipped: {e}"
-            return show(who, store.next_task(who), message)
-
-        skip.click(on_skip, [state], task_outputs, api_visibility="private")
-
-        def on_undo(request: gr.Request) -> dict:
-            who = _who(store, request)
-            undone = store.undo_last_vote(who)
-            message = "Nothing to undo." if undone is None else f"Undid your vote on item {undone.item_id}."
-            return show(who, store.next_task(who), message)
-
-        undo.click(on_undo, None, task_outputs, api_visibility="private")
-
-        def admin_only(request: gr.Request) -> AnnotatorInfo:
-            who = _who(store, request)
-            if not who.is_admin:
-                raise gr.Error("Admins only.")
-            return who
-
-        def on_refresh(request: gr.Request) -> dict:
-            admin_only(request)
-            o = store.overview()
-            lines = [
-                f"**{o['votes']}** votes ({o['retracted_votes']} undone) · **{o['complete_items']}** of "
-                f"{o['items'] - o['gold_items']} items complete · {o['gold_items']} gold items · "
-                f"{o['votes_wanted']} votes wanted on open items",
-                "",
-                "| annotator | role | votes | mean time (s) | last vote (UTC) |",
-                "|---|---|---|---|---|",
-            ]
-            for a in o["annotators"]:
-                lines.append(
-                    f"| {a['username']} | {a['role']} | {a['votes']} | {a['mean_time_s'] or ''} | "
-                    f"{a['last_vote'] or ''} |"
-                )
-            report = agreement_report(store.votes())
-            return {overview: "\n".join(lines), agreement: report.to_markdown()}
-
-        refresh.click(on_refresh, None, [overview, agreement], api_visibility="private")
-
-        def on_export(mode: str, fmt: str, ties: str, request: gr.Request) -> dict:
-            admin_only(request)
-            result = export_records(store, mode=mode, ties=ties)
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            path = write_records(result.rows, Path(config.export_dir) / f"preferences-{mode}-{stamp}.{fmt}")
-            skipped = ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())) or "none"
-            return {
-                export_file: str(path),
-                export_status: f"{len(result.rows)} rows from {result.items} items (left out: {skipped}).",
-            }
-
-        export_button.click(
-            on_export,
-            [export_mode, export_format, export_ties],
-            [export_file, export_status],
-            api_visibility="private",
-        )
-
-        def on_create(username: str, password: str, role: str, request: gr.Request) -> dict:
-            admin_only(request)
-            try:
-                store.create_annotator((username or "").strip(), password or "", role)
-                message = f"Created {role} **{username.strip()}**."
-            except StoreError as e:
-                message = f"Not created: {e}"
-            return {create_status: message, new_password: gr.update(value="")}
-
-        create.click(
-            on_create,
-            [new_user, new_password, new_role],
-            [create_status, new_password],
-            api_visibility="private",
-        )
+                admin = _admin_tab(admin_tab)
+        AnnotateHandlers(store, config, annotate).wire(page, admin_tab)
+        AdminHandlers(store, config, admin).wire()
     return page
 
 

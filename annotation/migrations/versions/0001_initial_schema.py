@@ -19,6 +19,18 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    # in dependency order: a table comes after the tables its foreign keys name
+    _create_annotators()
+    _create_prompts()
+    _create_generations()
+    _create_items()
+    _create_sessions()
+    _create_assignments()
+    _create_item_responses()
+    _create_votes()
+
+
+def _create_annotators() -> None:
     op.create_table(
         "annotators",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -31,6 +43,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_annotators")),
         sa.UniqueConstraint("username", name=op.f("uq_annotators_username")),
     )
+
+
+def _create_prompts() -> None:
     op.create_table(
         "prompts",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -42,6 +57,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_prompts")),
         sa.UniqueConstraint("uid", name=op.f("uq_prompts_uid")),
     )
+
+
+def _create_generations() -> None:
     op.create_table(
         "generations",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -58,6 +76,8 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_generations_prompt_id"), "generations", ["prompt_id"], unique=False)
 
+
+def _create_items() -> None:
     op.create_table(
         "items",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -90,6 +110,8 @@ def upgrade() -> None:
         postgresql_where=sa.text("status = 'open' AND gold_choice IS NULL AND assigned < overlap"),
     )
 
+
+def _create_sessions() -> None:
     op.create_table(
         "sessions",
         sa.Column("token_sha256", sa.String(length=64), nullable=False),
@@ -106,6 +128,8 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_sessions_annotator_id"), "sessions", ["annotator_id"], unique=False)
 
+
+def _create_assignments() -> None:
     op.create_table(
         "assignments",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -128,6 +152,8 @@ def upgrade() -> None:
     op.create_index(op.f("ix_assignments_item_id"), "assignments", ["item_id"], unique=False)
     op.create_index("ix_assignments_queue", "assignments", ["annotator_id", "status"], unique=False)
 
+
+def _create_item_responses() -> None:
     op.create_table(
         "item_responses",
         sa.Column("item_id", sa.Integer(), nullable=False),
@@ -145,6 +171,8 @@ def upgrade() -> None:
         op.f("ix_item_responses_generation_id"), "item_responses", ["generation_id"], unique=False
     )
 
+
+def _create_votes() -> None:
     op.create_table(
         "votes",
         sa.Column("id", sa.Integer(), nullable=False),
