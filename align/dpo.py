@@ -38,45 +38,33 @@ from typing import Any, Literal
 import torch
 
 from glmwb.align.hf_common import optim_arguments
+from glmwb.annotation.preference_data import PreferenceDataConfig, WorldPairsConfig, load_records
 from glmwb.kernels.apply import KernelConfig
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.optim import OptimConfig
-from glmwb.pretrain.settings import LoRAConfig, RunConfig, WorldConfig
-from glmwb.rewards.config import AnnotatorsConfig
+from glmwb.pretrain.settings import LoRAConfig, RunConfig
 
 # ----------------------------------------------------------------------------------------------------------
 # Recipe sections
 
 
 @dataclass(frozen=True)
-class DPODataConfig:
-    """Preference pairs (``rewards.run.load_records``): the world's simulated annotators, or files."""
+class DPODataConfig(PreferenceDataConfig):
+    """The preference pairs (``annotation.preference_data``; ties are dropped: a tie says neither answer is
+    better), and where KTO's unpaired examples come from."""
 
-    source: Literal["world", "files"] = "world"
-    world: WorldConfig = field(default_factory=WorldConfig)
-    annotators: AnnotatorsConfig = field(default_factory=AnnotatorsConfig)
-    train_prompts: int = 1000  # world: one pair per prompt
-    heldout_prompts: int = 200  # world: held-out pairs (instances never asked in training)
-    paths: tuple[str, ...] = ()  # files: JSONL / JSON / parquet / datasets folders (hh-rlhf, TRL, oasst-zh)
-    eval_paths: tuple[str, ...] = ()  # files: held-out pairs; default: eval_fraction of paths
-    extra_paths: tuple[
-        str, ...
-    ] = ()  # more training pairs, whatever the source (a preferences stage's export)
-    format: Literal["auto", "preference", "hh_rlhf", "oasst_zh"] = "auto"
-    skip_invalid: bool = False
-    eval_fraction: float = 0.05
-    max_train_pairs: int | None = None
-    max_eval_pairs: int | None = None
-    max_length: int = 256  # prompt + response tokens; longer pairs are left out (counted)
+    world: WorldPairsConfig = field(
+        default_factory=lambda: WorldPairsConfig(train_prompts=1000, heldout_prompts=200)
+    )
+    truncation: Literal["left", "drop", "error"] = "drop"  # longer pairs are left out (counted)
     # trainer: kto — unpaired examples from the pairs (chosen desirable, rejected undesirable) or, world
     # only, one world answer per prompt rated by the world's checker (desirable = correct, right language)
     unpaired: Literal["from_pairs", "world_ratings"] = "from_pairs"
 
     def __post_init__(self) -> None:
-        if self.source == "files" and not self.paths:
-            raise ValueError("data.source is 'files' but data.paths is empty; list preference files")
-        if self.max_length < 8:
-            raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
+        super().__post_init__()
+        if self.truncation != "drop":
+            raise ValueError("data.truncation: DPO leaves pairs longer than data.max_length out ('drop')")
         if self.unpaired == "world_ratings" and self.source != "world":
             raise ValueError("data.unpaired 'world_ratings' needs data.source 'world'")
 
@@ -183,9 +171,7 @@ def check_combination(trainer: str, engine: str, loss: DPOLossConfig, lora: bool
 
 def load_pairs(cfg: DPODataConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
     """(train records, held-out records, facts) with ties dropped: a tie says neither answer is better."""
-    from glmwb.rewards.run import load_records
-
-    train, held, facts = load_records(cfg, seed)  # DPODataConfig has the fields load_records reads
+    train, held, facts = load_records(cfg, seed)
     facts = dict(facts)
     facts["ties_dropped"] = {"train": sum(r.tie for r in train), "heldout": sum(r.tie for r in held)}
     train = [r for r in train if not r.tie]
@@ -245,7 +231,7 @@ def world_rated_rows(cfg: DPODataConfig, seed: int) -> list[dict[str, Any]]:
     world = make_world(seed=cfg.world.seed, num_entities=cfg.world.num_entities)
     rng = random.Random(seed)
     rows = []
-    for prompt in world.prompts("train", cfg.train_prompts, seed=seed):
+    for prompt in world.prompts("train", cfg.world.train_prompts, seed=seed):
         answer = world.responses(prompt, seed=rng.randrange(2**31))[KINDS.index(rng.choice(KINDS))]
         c = world.check(prompt, answer.text)
         rows.append(

@@ -37,6 +37,7 @@ from glmwb.align.dpo import (
     DPOTrainConfig,
     check_combination,
 )
+from glmwb.annotation.preference_data import WorldPairsConfig
 from glmwb.kernels.apply import KernelConfig
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.optim import OptimConfig
@@ -105,7 +106,7 @@ class OnlineDPORecipe:
         """The per-round DPO recipe (same sections; data is built by the round)."""
         return DPORecipe(
             run=replace(self.run, dir=str(run_dir)), trainer="dpo", engine=self.engine,
-            data=DPODataConfig(world=self.rounds.world, max_length=256), model=self.model, loss=self.loss,
+            data=DPODataConfig(world=WorldPairsConfig(seed=self.rounds.world.seed, num_entities=self.rounds.world.num_entities), max_length=256), model=self.model, loss=self.loss,
             optim=self.optim, train=self.train, eval=self.eval, kernels=self.kernels,
         )  # fmt: skip
 

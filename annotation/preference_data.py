@@ -17,12 +17,132 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from glmwb.annotation.records import PreferenceDataError, PreferenceRecord
+from glmwb.annotation.records import PreferenceDataError, PreferenceRecord, records_from_dicts
+from glmwb.pretrain.errors import ConfigError
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class AnnotatorsConfig:
+    """Simulated annotators labelling the embedded world's pairs (``preference_pairs``)."""
+
+    n: int = 3
+    noise: float = 0.1  # P(a label is replaced by a uniformly random one), for every annotator...
+    noise_per_annotator: tuple[float, ...] = ()  # ...or one value per annotator (reliable and careless ones)
+    labels_per_pair: int = 1  # annotators labelling each pair (>= 2 lets reliability be estimated)
+    # they also say how much better the winner is (negligible / slight / clear / strong, from the utility
+    # gap); the records' margin is then that level's (annotation.records.STRENGTH_MARGINS), for loss.use_margin
+    strength: bool = False
+
+    def __post_init__(self) -> None:
+        if self.noise_per_annotator and len(self.noise_per_annotator) != self.n:
+            raise ValueError(
+                f"noise_per_annotator has {len(self.noise_per_annotator)} values for n={self.n} annotators"
+            )
+        if not 1 <= self.labels_per_pair <= self.n:
+            raise ValueError(f"labels_per_pair must be in [1, n={self.n}], got {self.labels_per_pair}")
+
+
+@dataclass(frozen=True)
+class WorldPairsConfig:
+    """``source: world``: pairs of the embedded world's candidate answers, labelled by simulated annotators.
+    Settings here apply to the world only; a stage on files never reads them."""
+
+    seed: int = 0
+    num_entities: int = 96
+    annotators: AnnotatorsConfig = field(default_factory=AnnotatorsConfig)
+    train_prompts: int = 2000  # one pair per prompt (labels_per_pair labels each)
+    heldout_prompts: int = 400  # held-out prompts (instances never asked in training)
+    # also this many training prompts from the `dev` half of the held-out instances, the prompts PPO samples
+    # on (recipes/ppo.yaml prompts.world.train_split): annotators label answers on the distribution RL will
+    # run on, as in any RLHF loop. The evaluation then uses only the other half (heldout_split: test).
+    dev_prompts: int = 0
+    # the dev prompts' phrasings: null = dev's own three; 4 also asks them the fourth way, as PPO's
+    # prompts.world.train_phrasings: 4 does (192 dev instances x 2 languages x 4 phrasings = 1,536 prompts)
+    dev_phrasings: int | None = None
+    heldout_split: Literal["heldout", "test"] = "heldout"  # the instances the held-out pairs come from
+    # the share of training prompts whose pair is a minimal pair (one answer sentence with a wrong value or
+    # wrapped in filler, World.contrast_responses); held-out pairs are always drawn as before
+    contrastive: float = 0.0
+    # which minimal pairs, drawn uniformly ('a>b', a and b from correct / wrong / verbose / wrong_language and
+    # the counterfactual verbose_wrong / wrong_language_wrong / terse / terse_wrong / other_subject /
+    # other_attribute / terse_other; 'all': every pairing of those eleven; repeat one to weight it; the
+    # annotators give the label)
+    contrast_kinds: tuple[str, ...] = ("correct>wrong", "correct>wrong", "correct>verbose")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.contrastive <= 1.0:
+            raise ValueError(f"data.world.contrastive must be a fraction in [0, 1], got {self.contrastive}")
+        if self.dev_prompts < 0:
+            raise ValueError(f"data.world.dev_prompts must be >= 0, got {self.dev_prompts}")
+        if self.dev_phrasings is not None and not 1 <= self.dev_phrasings <= 4:
+            raise ValueError(f"data.world.dev_phrasings must be 1 to 4 or null, got {self.dev_phrasings}")
+        if self.dev_prompts and self.heldout_split != "test":
+            raise ValueError(
+                f"data.world.dev_prompts ({self.dev_prompts}) trains on the world's dev instances, which are half "
+                "of heldout_split 'heldout': set data.world.heldout_split: test (the other half) to keep the "
+                "evaluation held out"
+            )
+        if self.contrastive:
+            from glmwb.pretrain.world import contrast_pairs  # names the allowed kinds in its error
+
+            if not self.contrast_kinds:
+                raise ValueError(
+                    "data.world.contrast_kinds is empty; name at least one minimal pair such as 'correct>wrong'"
+                )
+            contrast_pairs(self.contrast_kinds)
+
+
+@dataclass(frozen=True)
+class PreferenceDataConfig:
+    """Preference pairs for every stage that learns from them (reward models, the DPO family): the embedded
+    world's simulated annotators (``world``), or files, plus ``extra_paths`` either way."""
+
+    source: Literal["world", "files"] = "world"
+    tokenizer: str | None = None  # a tokenizer folder; default: the one in model.init_from
+    world: WorldPairsConfig = field(default_factory=WorldPairsConfig)
+    paths: tuple[str, ...] = ()  # files: training data (JSONL / JSON / .gz / parquet / datasets folder)
+    eval_paths: tuple[str, ...] = ()  # files: held-out data; default: eval_fraction of paths
+    extra_paths: tuple[
+        str, ...
+    ] = ()  # more training pairs, whatever the source (a preferences stage's export)
+    format: Literal["auto", "preference", "hh_rlhf", "oasst_zh"] = "auto"
+    skip_invalid: bool = False  # leave out (and count) malformed rows instead of stopping at the first
+    eval_fraction: float = 0.05
+    max_train_pairs: int | None = None
+    max_eval_pairs: int | None = None
+    max_length: int = 256  # tokens of prompt + response + terminator
+    # too long: "left" keeps [gMASK]<sop> and the newest tokens, "drop" leaves the pair out, "error" stops
+    truncation: Literal["left", "drop", "error"] = "left"
+    # training pairs an annotator marked "both bad" (provenance.label: the store's export and the world's
+    # annotators): a tie (the loss's tie term pulls the two rewards together) or left out (docs/rewards.md)
+    both_bad: Literal["tie", "drop"] = "tie"
+    # with both_bad: tie, the weight of those tie pairs in the loss (x the record's own): < 1 lets two wrong
+    # answers of different forms keep apart (a wrong sentence above a refusal) while still learning ties
+    both_bad_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.source == "files" and not self.paths:
+            raise ValueError("data.source is 'files' but data.paths is empty; list preference files")
+        if self.max_length < 8:
+            raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
+        if not 0.0 < self.both_bad_weight <= 1.0:
+            raise ValueError(
+                f"data.both_bad_weight must be in (0, 1] (the weight of 'both bad' tie pairs; "
+                f"data.both_bad: drop leaves them out), got {self.both_bad_weight}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading files
 
 
 def _open_text(path: Path):
@@ -243,3 +363,103 @@ def read_preferences(
 
 # ----------------------------------------------------------------------------------------------------------
 # Annotator reliability -> per-pair weights
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading a config's pairs
+
+
+def load_records(cfg: PreferenceDataConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
+    """Training and held-out ``PreferenceRecord``s for ``cfg`` (world or files, plus ``extra_paths``), and a
+    summary of where they came from. ``both_bad: drop`` leaves "both bad" pairs out of training only;
+    ``both_bad_weight`` < 1 keeps them as ties with that weight."""
+    train, held, facts = _load_records(cfg, seed)
+    both_bad = [(r.provenance or {}).get("label") == "both_bad" for r in train]
+    if cfg.both_bad == "drop":
+        keep = [r for r, bad in zip(train, both_bad, strict=True) if not bad]
+        facts["both_bad_dropped"] = len(train) - len(keep)
+        train = keep
+    elif cfg.both_bad_weight != 1.0:
+        w = cfg.both_bad_weight
+        train = [
+            replace(r, weight=r.weight * w) if bad else r for r, bad in zip(train, both_bad, strict=True)
+        ]
+        facts["both_bad_weighted"] = sum(both_bad)
+    return train, held, facts
+
+
+def _load_records(cfg: PreferenceDataConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
+    """(train records, held-out records, facts about them) from the embedded world or from files, plus the
+    training pairs of ``cfg.extra_paths`` (e.g. a preferences stage's export)."""
+    train, held, facts = _load_source(cfg, seed)
+    extra = cfg.extra_paths
+    if extra:
+        added, skipped = [], []
+        for path in extra:
+            if not Path(path).exists():
+                raise ConfigError(
+                    f"data.extra_paths: no preference file at {path} (run the preferences stage)"
+                )
+            res = read_preferences(path, "auto", cfg.skip_invalid)
+            added += res.records
+            skipped += res.skipped
+        train = train + added
+        random.Random(seed + 1).shuffle(train)
+        facts = {**facts, "extra_pairs": len(added), "extra_skipped": len(skipped)}
+    return train, held, facts
+
+
+def _world_pairs(w: WorldPairsConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
+    """The embedded world's candidate pairs for the train (+ dev) and held-out prompts, labelled by the
+    simulated annotators."""
+    from glmwb.pretrain.world import make_world, preference_pairs
+
+    world = make_world(seed=w.seed, num_entities=w.num_entities)
+    a = w.annotators
+    noise = list(a.noise_per_annotator) or a.noise
+    parts = [("train", w.train_prompts), ("dev", w.dev_prompts), (w.heldout_split, w.heldout_prompts)]
+    pairs = {
+        split: preference_pairs(
+            world,
+            world.prompts(split, n, seed=seed, phrasings=w.dev_phrasings if split == "dev" else None),
+            a.n,
+            noise,
+            seed=seed,
+            labels_per_pair=a.labels_per_pair,
+            strength=a.strength,
+            contrastive=w.contrastive if split in ("train", "dev") else 0.0,
+            contrast_kinds=w.contrast_kinds,
+        )  # fmt: skip
+        for split, n in parts
+    }
+    train = records_from_dicts(pairs["train"] + pairs["dev"], "world train pairs")
+    if pairs["dev"]:
+        random.Random(seed).shuffle(train)
+    held = records_from_dicts(pairs[w.heldout_split], "world held-out pairs")
+    info = {"source": "world", "noise": noise, "annotators": a.n, "heldout_split": w.heldout_split}
+    return train, held, {**info, "dev_pairs": len(pairs["dev"])}
+
+
+def _load_source(cfg: PreferenceDataConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
+    if cfg.source == "world":
+        return _world_pairs(cfg.world, seed)
+    skipped: list[str] = []
+    train = []
+    for path in cfg.paths:
+        res = read_preferences(path, cfg.format, cfg.skip_invalid)
+        train += res.records
+        skipped += res.skipped
+    if cfg.eval_paths:
+        held = []
+        for path in cfg.eval_paths:
+            res = read_preferences(path, cfg.format, cfg.skip_invalid)
+            held += res.records
+            skipped += res.skipped
+    else:  # a seeded split of the training files
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, int(cfg.eval_fraction * len(train)))
+        held = [train[i] for i in order[:n_eval]]
+        train = [train[i] for i in order[n_eval:]]
+    random.Random(seed).shuffle(train)
+    return train, held, {"source": "files", "skipped_rows": len(skipped), "skipped_examples": skipped[:5]}

@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from glmwb.annotation.preference_data import PreferenceDataConfig
 from glmwb.pretrain.config import GLMConfig
 from glmwb.pretrain.optim import OptimConfig
-from glmwb.pretrain.settings import LoRAConfig, RunConfig, WorldConfig
+from glmwb.pretrain.settings import LoRAConfig, RunConfig
 
 # rewards/verifier.py: statistics of a frozen LM's per-token predictions over the judged answer, each
 # divided by its scale so that all are O(1) for the optimiser (name -> scale)
@@ -134,102 +135,6 @@ class RewardTrainConfig:
 
 
 @dataclass(frozen=True)
-class AnnotatorsConfig:
-    """Simulated annotators labelling the embedded world's pairs (pretrain/world.py ``preference_pairs``)."""
-
-    n: int = 3
-    noise: float = 0.1  # P(a label is replaced by a uniformly random one), for every annotator...
-    noise_per_annotator: tuple[float, ...] = ()  # ...or one value per annotator (reliable and careless ones)
-    labels_per_pair: int = 1  # annotators labelling each pair (>= 2 lets reliability be estimated)
-    # they also say how much better the winner is (negligible / slight / clear / strong, from the utility
-    # gap); the records' margin is then that level's (annotation.records.STRENGTH_MARGINS), for loss.use_margin
-    strength: bool = False
-
-    def __post_init__(self) -> None:
-        if self.noise_per_annotator and len(self.noise_per_annotator) != self.n:
-            raise ValueError(
-                f"noise_per_annotator has {len(self.noise_per_annotator)} values for n={self.n} annotators"
-            )
-        if not 1 <= self.labels_per_pair <= self.n:
-            raise ValueError(f"labels_per_pair must be in [1, n={self.n}], got {self.labels_per_pair}")
-
-
-@dataclass(frozen=True)
-class RewardDataConfig:
-    """Preference pairs for a reward model: the embedded world's simulated annotators, or files."""
-
-    source: Literal["world", "files"] = "world"
-    tokenizer: str | None = None  # a tokenizer folder; default: the one in model.init_from
-    world: WorldConfig = field(default_factory=WorldConfig)
-    annotators: AnnotatorsConfig = field(default_factory=AnnotatorsConfig)
-    train_prompts: int = 2000  # world: one pair per prompt (labels_per_pair labels each)
-    heldout_prompts: int = 400  # world: held-out prompts (instances never asked in training)
-    # world: also this many training prompts from the `dev` half of the held-out instances, the prompts PPO
-    # samples on (recipes/ppo.yaml prompts.train_split): annotators label answers on the distribution RL will
-    # run on, as in any RLHF loop. The evaluation then uses only the other half (heldout_split: test).
-    dev_prompts: int = 0
-    # world: the dev prompts' phrasings: null = dev's own three; 4 also asks them the fourth way, as PPO's
-    # prompts.train_phrasings: 4 does (192 dev instances x 2 languages x 4 phrasings = 1,536 distinct prompts)
-    dev_phrasings: int | None = None
-    heldout_split: Literal["heldout", "test"] = "heldout"  # world: the instances the held-out pairs come from
-    # world: the share of training prompts whose pair is a minimal pair (one answer sentence with a wrong value
-    # or wrapped in filler, World.contrast_responses); held-out pairs are always drawn as before
-    contrastive: float = 0.0
-    # which minimal pairs, drawn uniformly ('a>b', a and b from correct / wrong / verbose / wrong_language and the
-    # counterfactual verbose_wrong / wrong_language_wrong / terse / terse_wrong / other_subject / other_attribute /
-    # terse_other; 'all': every pairing of those eleven; repeat one to weight it; the annotators give the label)
-    contrast_kinds: tuple[str, ...] = ("correct>wrong", "correct>wrong", "correct>verbose")
-    # training pairs an annotator marked "both bad" (provenance.label; the store's export and the world's
-    # annotators): a tie (the loss's tie term pulls the two rewards together) or left out (docs/rewards.md)
-    both_bad: Literal["tie", "drop"] = "tie"
-    # with both_bad: tie, the weight of those tie pairs in the loss (x the record's own): < 1 lets two wrong
-    # answers of different forms keep apart (a wrong sentence above a refusal) while still learning ties
-    both_bad_weight: float = 1.0
-    paths: tuple[str, ...] = ()  # files: training data (JSONL / JSON / .gz / parquet / datasets folder)
-    eval_paths: tuple[str, ...] = ()  # files: held-out data; default: eval_fraction of paths
-    extra_paths: tuple[
-        str, ...
-    ] = ()  # more training pairs, whatever the source (a preferences stage's export)
-    format: Literal["auto", "preference", "hh_rlhf", "oasst_zh"] = "auto"
-    skip_invalid: bool = False  # leave out (and count) malformed rows instead of stopping at the first
-    eval_fraction: float = 0.05
-    max_train_pairs: int | None = None
-    max_eval_pairs: int | None = None
-    max_length: int = 256  # tokens of prompt + response + terminator
-    truncation: Literal["left", "drop", "error"] = "left"
-
-    def __post_init__(self) -> None:
-        if self.source == "files" and not self.paths:
-            raise ValueError("data.source is 'files' but data.paths is empty; list preference files")
-        if self.max_length < 8:
-            raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
-        if not 0.0 <= self.contrastive <= 1.0:
-            raise ValueError(f"data.contrastive must be a fraction in [0, 1], got {self.contrastive}")
-        if self.dev_prompts < 0:
-            raise ValueError(f"data.dev_prompts must be >= 0, got {self.dev_prompts}")
-        if self.dev_phrasings is not None and not 1 <= self.dev_phrasings <= 4:
-            raise ValueError(f"data.dev_phrasings must be 1 to 4 or null, got {self.dev_phrasings}")
-        if not 0.0 < self.both_bad_weight <= 1.0:
-            raise ValueError(
-                f"data.both_bad_weight must be in (0, 1] (the weight of 'both bad' tie pairs; "
-                f"data.both_bad: drop leaves them out), got {self.both_bad_weight}"
-            )
-        if self.dev_prompts and self.heldout_split != "test":
-            raise ValueError(
-                f"data.dev_prompts ({self.dev_prompts}) trains on the world's dev instances, which are half of "
-                "heldout_split 'heldout': set data.heldout_split: test (the other half) to keep the evaluation held out"
-            )
-        if self.contrastive:
-            from glmwb.pretrain.world import contrast_pairs  # names the allowed kinds in its error
-
-            if not self.contrast_kinds:
-                raise ValueError(
-                    "data.contrast_kinds is empty; name at least one minimal pair such as 'correct>wrong'"
-                )
-            contrast_pairs(self.contrast_kinds)
-
-
-@dataclass(frozen=True)
 class RewardModelConfig:
     init_from: str | None = None  # a base / SFT GLM folder (new head), or a reward folder
     heads: tuple[str, ...] = ("reward",)  # first: the overall preference; more: attributes in the records
@@ -266,7 +171,7 @@ class RewardRecipe:
 
     stage: Literal["reward"] = "reward"
     run: RunConfig = field(default_factory=RunConfig)
-    data: RewardDataConfig = field(default_factory=RewardDataConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     model: RewardModelConfig = field(default_factory=RewardModelConfig)
     loss: RewardLossConfig = field(default_factory=RewardLossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import builtins
 import json
-import random
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -12,113 +11,9 @@ from typing import Any
 
 import torch
 
+from glmwb.annotation.preference_data import load_records
 from glmwb.pretrain.errors import ConfigError
-from glmwb.rewards.config import RewardDataConfig, RewardRecipe
-
-
-def load_records(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
-    """Training and held-out ``PreferenceRecord``s for ``cfg`` (world or files, plus ``extra_paths``), and a
-    summary of where they came from. ``both_bad: drop`` leaves "both bad" pairs out of training only;
-    ``both_bad_weight`` < 1 keeps them as ties with that weight."""
-    train, held, facts = _load_records(cfg, seed)
-    both_bad = [(r.provenance or {}).get("label") == "both_bad" for r in train]
-    if getattr(cfg, "both_bad", "tie") == "drop":  # DPO's data config reads the same way and has no such key
-        keep = [r for r, bad in zip(train, both_bad, strict=True) if not bad]
-        facts["both_bad_dropped"] = len(train) - len(keep)
-        train = keep
-    elif getattr(cfg, "both_bad_weight", 1.0) != 1.0:
-        w = cfg.both_bad_weight
-        train = [
-            replace(r, weight=r.weight * w) if bad else r for r, bad in zip(train, both_bad, strict=True)
-        ]
-        facts["both_bad_weighted"] = sum(both_bad)
-    return train, held, facts
-
-
-def _load_records(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
-    """(train records, held-out records, facts about them) from the embedded world or from files, plus the
-    training pairs of ``cfg.extra_paths`` (e.g. a preferences stage's export)."""
-    train, held, facts = _load_source(cfg, seed)
-    extra = getattr(cfg, "extra_paths", ())
-    if extra:
-        from glmwb.annotation.preference_data import read_preferences
-
-        added, skipped = [], []
-        for path in extra:
-            if not Path(path).exists():
-                raise ConfigError(
-                    f"data.extra_paths: no preference file at {path} (run the preferences stage)"
-                )
-            res = read_preferences(path, "auto", cfg.skip_invalid)
-            added += res.records
-            skipped += res.skipped
-        train = train + added
-        random.Random(seed + 1).shuffle(train)
-        facts = {**facts, "extra_pairs": len(added), "extra_skipped": len(skipped)}
-    return train, held, facts
-
-
-def _load_source(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
-    from glmwb.annotation.preference_data import read_preferences
-
-    if cfg.source == "world":
-        from glmwb.annotation.records import records_from_dicts
-        from glmwb.pretrain.world import make_world, preference_pairs
-
-        world = make_world(seed=cfg.world.seed, num_entities=cfg.world.num_entities)
-        a = cfg.annotators
-        noise = list(a.noise_per_annotator) or a.noise
-        heldout_split = getattr(cfg, "heldout_split", "heldout")
-        parts = [
-            ("train", cfg.train_prompts),
-            ("dev", getattr(cfg, "dev_prompts", 0)),
-            (heldout_split, cfg.heldout_prompts),
-        ]
-        pairs = {
-            split: preference_pairs(
-                world,
-                world.prompts(
-                    split,
-                    n,
-                    seed=seed,
-                    phrasings=getattr(cfg, "dev_phrasings", None) if split == "dev" else None,
-                ),
-                a.n,
-                noise,
-                seed=seed,
-                labels_per_pair=a.labels_per_pair,
-                strength=a.strength,
-                contrastive=getattr(cfg, "contrastive", 0.0) if split in ("train", "dev") else 0.0,
-                **({"contrast_kinds": cfg.contrast_kinds} if hasattr(cfg, "contrast_kinds") else {}),
-            )
-            for split, n in parts
-        }
-        train = records_from_dicts(pairs["train"] + pairs["dev"], "world train pairs")
-        if pairs["dev"]:
-            random.Random(seed).shuffle(train)
-        held = records_from_dicts(pairs[heldout_split], "world held-out pairs")
-        info = {"source": "world", "noise": noise, "annotators": a.n, "heldout_split": heldout_split}
-        return train, held, {**info, "dev_pairs": len(pairs["dev"])}
-    skipped: list[str] = []
-    train = []
-    for path in cfg.paths:
-        res = read_preferences(path, cfg.format, cfg.skip_invalid)
-        train += res.records
-        skipped += res.skipped
-    if cfg.eval_paths:
-        held = []
-        for path in cfg.eval_paths:
-            res = read_preferences(path, cfg.format, cfg.skip_invalid)
-            held += res.records
-            skipped += res.skipped
-    else:  # a seeded split of the training files
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        n_eval = max(1, int(cfg.eval_fraction * len(train)))
-        held = [train[i] for i in order[:n_eval]]
-        train = [train[i] for i in order[n_eval:]]
-    random.Random(seed).shuffle(train)
-    return train, held, {"source": "files", "skipped_rows": len(skipped), "skipped_examples": skipped[:5]}
+from glmwb.rewards.config import RewardRecipe
 
 
 def split_value_first(recipe: RewardRecipe, records: list) -> tuple[list, list]:

@@ -81,30 +81,36 @@ def test_model_config_errors_are_recipe_errors(tmp_path):
 
 
 def test_reward_minimal_pair_kinds_are_checked_at_load(tmp_path):
-    path = write(tmp_path, "stage: reward\nmodel:\n  init_from: somewhere\ndata:\n  contrastive: 0.3\n")
-    ok = load_recipe(
-        path, ["data.contrast_kinds=[correct>verbose_wrong,wrong_language>wrong_language_wrong]"]
+    path = write(
+        tmp_path, "stage: reward\nmodel:\n  init_from: somewhere\ndata:\n  world:\n    contrastive: 0.3\n"
     )
-    assert ok.data.contrast_kinds == ("correct>verbose_wrong", "wrong_language>wrong_language_wrong")
+    ok = load_recipe(
+        path, ["data.world.contrast_kinds=[correct>verbose_wrong,wrong_language>wrong_language_wrong]"]
+    )
+    assert ok.data.world.contrast_kinds == ("correct>verbose_wrong", "wrong_language>wrong_language_wrong")
     with pytest.raises(RecipeError, match="'correct>verbose_right'.*verbose_wrong"):
-        load_recipe(path, ["data.contrast_kinds=[correct>verbose_right]"])
+        load_recipe(path, ["data.world.contrast_kinds=[correct>verbose_right]"])
     with pytest.raises(RecipeError, match="contrast_kinds is empty"):
-        load_recipe(path, ["data.contrast_kinds=[]"])
+        load_recipe(path, ["data.world.contrast_kinds=[]"])
     with pytest.raises(RecipeError, match="contrastive must be a fraction"):
-        load_recipe(path, ["data.contrastive=1.5"])
+        load_recipe(path, ["data.world.contrastive=1.5"])
 
 
 def test_reward_dev_prompts_train_on_dev_and_evaluate_on_test_only(tmp_path):
-    """data.dev_prompts adds labelled pairs on the world's dev instances (PPO's rollout prompts); the held-out
+    """data.world.dev_prompts adds labelled pairs on the world's dev instances (PPO's rollout prompts); the held-out
     pairs must then come from the other half (test), and the recipe says so when they would not."""
+    from glmwb.annotation.preference_data import PreferenceDataConfig, WorldPairsConfig, load_records
     from glmwb.pretrain.world import make_world
-    from glmwb.rewards.config import RewardDataConfig
-    from glmwb.rewards.run import load_records
 
     path = write(tmp_path, "stage: reward\nmodel:\n  init_from: somewhere\n")
     with pytest.raises(RecipeError, match="heldout_split: test"):
-        load_recipe(path, ["data.dev_prompts=100"])
-    assert load_recipe(path, ["data.dev_prompts=100", "data.heldout_split=test"]).data.dev_prompts == 100
+        load_recipe(path, ["data.world.dev_prompts=100"])
+    assert (
+        load_recipe(
+            path, ["data.world.dev_prompts=100", "data.world.heldout_split=test"]
+        ).data.world.dev_prompts
+        == 100
+    )
 
     world = make_world(seed=0, num_entities=96)
 
@@ -113,22 +119,26 @@ def test_reward_dev_prompts_train_on_dev_and_evaluate_on_test_only(tmp_path):
         ids = {r.provenance["prompt_id"] for r in records}
         return {k for k in keys if any(i.startswith(f"{k[0]}/{k[1]}/") for i in ids)}
 
-    cfg = RewardDataConfig(train_prompts=40, dev_prompts=60, heldout_prompts=50, heldout_split="test")
+    cfg = PreferenceDataConfig(
+        world=WorldPairsConfig(train_prompts=40, dev_prompts=60, heldout_prompts=50, heldout_split="test")
+    )
     train, held, info = load_records(cfg, seed=0)
     assert info["dev_pairs"] == 60 and len(train) == 100 and len(held) == 50
     assert instances(train, "dev") and instances(train, "train")
     assert not instances(train, "test") and not instances(held, "dev") and not instances(held, "train")
     assert instances(held, "test")
     # dev_phrasings: 4 also asks dev instances the fourth way (still no test instance in training)
-    four = RewardDataConfig(
-        train_prompts=10, dev_prompts=300, heldout_prompts=10, heldout_split="test", dev_phrasings=4
+    four = PreferenceDataConfig(
+        world=WorldPairsConfig(
+            train_prompts=10, dev_prompts=300, heldout_prompts=10, heldout_split="test", dev_phrasings=4
+        )
     )
     train4, _, _ = load_records(four, seed=0)
     assert any(r.provenance["prompt_id"].endswith("/t3") for r in train4)
     assert not any(r.provenance["prompt_id"].endswith("/t3") for r in train)
     assert instances(train4, "dev") and not instances(train4, "test")
     with pytest.raises(RecipeError, match="dev_phrasings must be 1 to 4"):
-        load_recipe(path, ["data.dev_phrasings=0"])
+        load_recipe(path, ["data.world.dev_phrasings=0"])
 
 
 def test_overrides_are_applied_last_and_typed(tmp_path):
@@ -260,21 +270,23 @@ def test_resuming_with_another_recipe_is_refused(tmp_path) -> None:
         "recipes/reward.yaml", [f"run.dir={run}", "train.max_steps=400", "train.max_minutes=9"]
     )
     assert resume_conflicts(read_yaml(run / "config.yaml"), to_plain(longer)) == []
-    other = load_recipe("recipes/reward.yaml", [f"run.dir={run}", "data.train_prompts=50", "optim.lr=1e-3"])
-    n = to_plain(first)["data"]["train_prompts"]
+    other = load_recipe(
+        "recipes/reward.yaml", [f"run.dir={run}", "data.world.train_prompts=50", "optim.lr=1e-3"]
+    )
+    n = to_plain(first)["data"]["world"]["train_prompts"]
     assert n != 50 and to_plain(first)["optim"]["lr"] == 3e-4
     assert resume_conflicts(read_yaml(run / "config.yaml"), to_plain(other)) == [
-        f"data.train_prompts: {n} -> 50",
+        f"data.world.train_prompts: {n} -> 50",
         "optim.lr: 0.0003 -> 0.001",
     ]
-    with pytest.raises(RecipeError, match=rf"another recipe \(data.train_prompts: {n} -> 50; optim.lr"):
+    with pytest.raises(RecipeError, match=rf"another recipe \(data.world.train_prompts: {n} -> 50; optim.lr"):
         run_stage(other)
-    assert read_yaml(run / "config.yaml")["data"]["train_prompts"] == n  # nothing was overwritten
+    assert read_yaml(run / "config.yaml")["data"]["world"]["train_prompts"] == n  # nothing was overwritten
 
     from glmwb.recipes.cli import _check_resume
 
     fresh = load_recipe(
-        "recipes/reward.yaml", [f"run.dir={run}", "data.train_prompts=50", "train.resume=false"]
+        "recipes/reward.yaml", [f"run.dir={run}", "data.world.train_prompts=50", "train.resume=false"]
     )
     _check_resume(fresh)  # starting over: the old checkpoints are set aside, not resumed, not deleted
     assert not (run / "checkpoints").exists()

@@ -130,8 +130,8 @@ def test_quickstart_pipeline_end_to_end(tmp_path, capsys):
             "pretrain.train.eval_every=20",
             "pretrain.train.batch_size=8",
             "pretrain.data.seq_len=128",
-            "reward.data.train_prompts=64",
-            "reward.data.heldout_prompts=48",
+            "reward.data.world.train_prompts=64",
+            "reward.data.world.heldout_prompts=48",
             "reward.train.max_steps=4",
             "reward.train.eval_every=2",
             "ppo.train.steps=3",  # (the recipe's 40 steps would be bounded only by its 12-minute safety net)

@@ -63,16 +63,18 @@ def test_sampled_answers_from_a_policy_folder(tmp_path, tiny_glm_folder) -> None
 
 
 def test_reward_stage_takes_the_export_as_extra_pairs(tmp_path) -> None:
-    from glmwb.rewards.run import load_records
+    from glmwb.annotation.preference_data import load_records
 
     path = tmp_path / "p.jsonl"
     row = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
            "rejected": [{"role": "assistant", "content": "5"}]}  # fmt: skip
     path.write_text(json.dumps(row) + "\n")
-    base = load_recipe("recipes/reward.yaml", ["data.train_prompts=20", "data.heldout_prompts=10"]).data
+    base = load_recipe(
+        "recipes/reward.yaml", ["data.world.train_prompts=20", "data.world.heldout_prompts=10"]
+    ).data
     with_extra = load_recipe(
         "recipes/reward.yaml",
-        ["data.train_prompts=20", "data.heldout_prompts=10", f"data.extra_paths=[{path}]"],
+        ["data.world.train_prompts=20", "data.world.heldout_prompts=10", f"data.extra_paths=[{path}]"],
     ).data
     train0, held0, _ = load_records(base, 0)
     train1, held1, facts = load_records(with_extra, 0)
@@ -84,9 +86,9 @@ def test_reward_stage_takes_the_export_as_extra_pairs(tmp_path) -> None:
 
 
 def test_reward_data_both_bad_drop_leaves_out_only_those_training_pairs() -> None:
-    from glmwb.rewards.run import load_records
+    from glmwb.annotation.preference_data import load_records
 
-    over = ["data.train_prompts=300", "data.heldout_prompts=100"]
+    over = ["data.world.train_prompts=300", "data.world.heldout_prompts=100"]
     train0, held0, _ = load_records(load_recipe("recipes/reward.yaml", over).data, 0)
     train1, held1, facts = load_records(
         load_recipe("recipes/reward.yaml", [*over, "data.both_bad=drop"]).data, 0
@@ -101,9 +103,9 @@ def test_reward_data_both_bad_drop_leaves_out_only_those_training_pairs() -> Non
 
 
 def test_reward_data_both_bad_weight_scales_only_those_training_pairs() -> None:
-    from glmwb.rewards.run import load_records
+    from glmwb.annotation.preference_data import load_records
 
-    over = ["data.train_prompts=300", "data.heldout_prompts=100"]
+    over = ["data.world.train_prompts=300", "data.world.heldout_prompts=100"]
     train0, held0, _ = load_records(load_recipe("recipes/reward.yaml", over).data, 0)
     train1, held1, facts = load_records(
         load_recipe("recipes/reward.yaml", [*over, "data.both_bad_weight=0.25"]).data, 0
@@ -140,13 +142,13 @@ def test_missing_policy_folder(tmp_path) -> None:
 
 
 def test_reward_data_with_annotator_strength_has_margins_and_the_same_labels() -> None:
+    from glmwb.annotation.preference_data import load_records
     from glmwb.annotation.records import STRENGTH_MARGINS
-    from glmwb.rewards.run import load_records
 
-    over = ["data.train_prompts=200", "data.heldout_prompts=50"]
+    over = ["data.world.train_prompts=200", "data.world.heldout_prompts=50"]
     plain, _, _ = load_records(load_recipe("recipes/reward.yaml", over).data, 0)
     graded, _, _ = load_records(
-        load_recipe("recipes/reward.yaml", [*over, "data.annotators.strength=true"]).data, 0
+        load_recipe("recipes/reward.yaml", [*over, "data.world.annotators.strength=true"]).data, 0
     )
     assert [(r.id, r.chosen, r.tie) for r in plain] == [(r.id, r.chosen, r.tie) for r in graded]
     assert all(r.margin is None for r in plain)

@@ -17,8 +17,8 @@ def test_two_ranks_equal_one_rank_with_accumulation(tiny_tokenizer, tmp_path) ->
     pytest.importorskip("deepspeed")
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
     common = [
-        "model.init_from=null", f"data.tokenizer={tmp_path}/tok", MODEL, "data.train_prompts=64",
-        "data.heldout_prompts=32", "train.max_steps=3", "train.batch_size=4", "train.eval_every=100",
+        "model.init_from=null", f"data.tokenizer={tmp_path}/tok", MODEL, "data.world.train_prompts=64",
+        "data.world.heldout_prompts=32", "train.max_steps=3", "train.batch_size=4", "train.eval_every=100",
         "train.max_minutes=null", "train.resume=false", "model.verifier.enabled=false", "train.value_first=null",
     ]  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}

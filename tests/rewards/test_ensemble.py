@@ -98,7 +98,7 @@ def test_reward_recipe_trains_an_ensemble(tiny_tokenizer, tmp_path, capsys) -> N
         "run", "recipes/reward.yaml", f"run.dir={tmp_path}/run", "model.init_from=null", f"data.tokenizer={tmp_path}/tok",
         "model.config={vocab_size: 832, hidden_size: 32, intermediate_size: 64, num_layers: 1, num_heads: 4, "
         "num_kv_heads: 2, head_dim: 8}",
-        "data.train_prompts=48", "data.heldout_prompts=32", "train.max_steps=3", "train.batch_size=8",
+        "data.world.train_prompts=48", "data.world.heldout_prompts=32", "train.max_steps=3", "train.batch_size=8",
         "train.eval_every=0", "train.max_minutes=null", "model.verifier.enabled=false", "train.value_first=null", "model.ensemble=3",
         "eval.likelihood_baseline=null",
     ]  # fmt: skip

@@ -207,7 +207,7 @@ def test_reward_recipe_end_to_end(tiny_tokenizer, tmp_path, capsys) -> None:
     from glmwb.recipes.cli import main
 
     code = _run_tiny_reward_recipe(
-        tiny_tokenizer, tmp_path, "data.train_prompts=64", "data.heldout_prompts=48", "train.max_steps=4",
+        tiny_tokenizer, tmp_path, "data.world.train_prompts=64", "data.world.heldout_prompts=48", "train.max_steps=4",
         "train.batch_size=8", "train.eval_every=2", "eval.ensemble=1", "train.packing=true", "train.max_minutes=null",
     )  # fmt: skip
     assert code == 0
@@ -229,7 +229,7 @@ def test_reward_recipe_end_to_end(tiny_tokenizer, tmp_path, capsys) -> None:
 
 def test_a_reward_run_cut_short_by_the_clock_says_so(tiny_tokenizer, tmp_path, capsys) -> None:
     code = _run_tiny_reward_recipe(
-        tiny_tokenizer, tmp_path, "data.train_prompts=32", "data.heldout_prompts=24", "train.max_steps=5",
+        tiny_tokenizer, tmp_path, "data.world.train_prompts=32", "data.world.heldout_prompts=24", "train.max_steps=5",
         "train.batch_size=4", "train.max_minutes=0", "eval.ensemble=0",
     )  # fmt: skip
     assert code == 0

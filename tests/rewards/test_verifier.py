@@ -340,7 +340,7 @@ def test_reward_recipe_runs_value_first_on_the_world(tiny_tokenizer, tmp_path, c
     base = save_pretrained(tiny_glm(tiny_tokenizer), tmp_path / "base", tiny_tokenizer)
     code = main([
         "run", "recipes/reward.yaml", f"run.dir={tmp_path}/run", f"model.init_from={base}",
-        "data.train_prompts=64", "data.heldout_prompts=32", "train.max_steps=2", "train.batch_size=8",
+        "data.world.train_prompts=64", "data.world.heldout_prompts=32", "train.max_steps=2", "train.batch_size=8",
         "train.max_minutes=null", "eval.likelihood_baseline=null",
     ])  # fmt: skip
     assert code == 0
