@@ -23,7 +23,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """The embedded synthetic world (pretrain/world.py): entities and task families from a seed."""
+    """The embedded synthetic world (pretrain/world/): entities and task families from a seed."""
 
     seed: int = 0
     num_entities: int = 96
@@ -78,7 +78,7 @@ class PretrainRecipe:
 
 @dataclass(frozen=True)
 class AnnotatorsConfig:
-    """Simulated annotators labelling the embedded world's pairs (pretrain/world.py ``preference_pairs``)."""
+    """Simulated annotators labelling the embedded world's pairs (annotation/annotators.py ``preference_pairs``)."""
 
     n: int = 3
     noise: float = 0.1  # P(a label is replaced by a uniformly random one), for every annotator...
@@ -163,7 +163,7 @@ class RewardDataConfig:
                 "heldout_split 'heldout': set data.heldout_split: test (the other half) to keep the evaluation held out"
             )
         if self.contrastive:
-            from glmwb.pretrain.world import contrast_pairs  # names the allowed kinds in its error
+            from glmwb.annotation.annotators import contrast_pairs  # names the allowed kinds in its error
 
             if not self.contrast_kinds:
                 raise ValueError(

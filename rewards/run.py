@@ -62,8 +62,9 @@ def _load_source(cfg: RewardDataConfig, seed: int) -> tuple[list, list, dict[str
     from glmwb.rewards.data import read_preferences
 
     if cfg.source == "world":
+        from glmwb.annotation.annotators import preference_pairs
         from glmwb.annotation.records import records_from_dicts
-        from glmwb.pretrain.world import make_world, preference_pairs
+        from glmwb.pretrain.world import make_world
 
         world = make_world(seed=cfg.world.seed, num_entities=cfg.world.num_entities)
         a = cfg.annotators
