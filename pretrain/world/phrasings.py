@@ -8,8 +8,6 @@ answer; every "say" sentence is a concise correct answer, and ``say[:2]`` are fu
 
 from __future__ import annotations
 
-# Question phrasings ("ask") and answer sentences ("say") per question spec and language. ask[-1] is the
-# held-out phrasing. say[0] is the reference answer; every "say" sentence is a concise correct answer.
 # Slots: {n} subject name; {v} value; {V} value capitalised; arithmetic {a} {b} {sym} {word}; conversion
 # {x} {fa} {fl} (from: abbreviation, long name agreeing with x), {ta} {tl} (to), {tv} (to, agreeing with v).
 ARITH = {
