@@ -10,7 +10,7 @@ A conversation is a list of GLM chat messages (the roles of ``pretrain/tokenizer
 A ``Conversation`` is such a list plus the tools the assistant was offered (JSON schemas in the OpenAI /
 ``transformers`` form, ``None`` when there are none) and where it came from (file and row).
 
-World (the embedded default, ``pretrain/world.py``):
+World (the embedded default, ``pretrain/world/``):
     world_prompts(world, split, n, seed) -> list[Prompt]
     prompt_messages(prompts) -> list[list[dict]]                  (the chat prompt of each, copied)
     world_sft_conversations(world, n, seed, split="train") -> list[list[dict]]

@@ -226,7 +226,8 @@ def unpaired_rows(records) -> list[dict[str, Any]]:
 def world_rated_rows(cfg: DPODataConfig, seed: int) -> list[dict[str, Any]]:
     """KTO's unpaired rows from single world answers (one random kind per prompt), labelled by the checker:
     desirable when the answer is correct and in the prompt's language."""
-    from glmwb.pretrain.world import KINDS, make_world
+    from glmwb.pretrain.world import make_world
+    from glmwb.pretrain.world.responses import KINDS
 
     world = make_world(seed=cfg.world.seed, num_entities=cfg.world.num_entities)
     rng = random.Random(seed)

@@ -165,7 +165,8 @@ def label_scores(cfg: LabelConfig, specs, answers, scorer) -> dict[str, list[flo
         for (s, _), r in zip(flat, got, strict=True):
             out[s.uid].append(float(r))
         return out
-    from glmwb.pretrain.world import PreferenceRule, Prompt, check
+    from glmwb.annotation.annotators import PreferenceRule
+    from glmwb.pretrain.world import Prompt, check
 
     rule = PreferenceRule()
     return {

@@ -92,7 +92,7 @@ class WorldPairsConfig:
                 "evaluation held out"
             )
         if self.contrastive:
-            from glmwb.pretrain.world import contrast_pairs  # names the allowed kinds in its error
+            from glmwb.annotation.annotators import contrast_pairs  # names the allowed kinds in its error
 
             if not self.contrast_kinds:
                 raise ValueError(
@@ -412,7 +412,8 @@ def _load_records(cfg: PreferenceDataConfig, seed: int) -> tuple[list, list, dic
 def _world_pairs(w: WorldPairsConfig, seed: int) -> tuple[list, list, dict[str, Any]]:
     """The embedded world's candidate pairs for the train (+ dev) and held-out prompts, labelled by the
     simulated annotators."""
-    from glmwb.pretrain.world import make_world, preference_pairs
+    from glmwb.annotation.annotators import preference_pairs
+    from glmwb.pretrain.world import make_world
 
     world = make_world(seed=w.seed, num_entities=w.num_entities)
     a = w.annotators

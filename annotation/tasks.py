@@ -1,7 +1,7 @@
 """Comparison tasks: prompts -> K sampled answers per prompt from one or more models -> items in the store.
 
 Prompt sources (``load_prompts``):
-- ``world``, ``world:train``, ``world:heldout:200``: the embedded world's prompts (``pretrain/world.py``);
+- ``world``, ``world:train``, ``world:heldout:200``: the embedded world's prompts (``pretrain/world/``);
   each keeps its world prompt in ``meta["world_prompt"]``, so its answers can be checked and simulated
   annotators can judge them (``simulate_votes``);
 - a JSONL file, or a saved ``datasets`` folder, with rows holding ``messages`` (chat messages) or ``prompt``
@@ -266,12 +266,13 @@ def make_items(
 
 def world_candidates(prompts: Sequence[PromptSpec], seed: int = 0) -> dict[str, list[NewResponse]]:
     """The embedded world's candidate answers (one of each kind: correct, wrong, verbose, ...)."""
-    from glmwb.pretrain.world import Prompt, _cached_world
+    from glmwb.pretrain.world import Prompt
+    from glmwb.pretrain.world.model import cached_world
 
     out = {}
     for p in prompts:
         prompt = Prompt.from_dict(p.meta["world_prompt"])
-        world = _cached_world(*prompt.world_key)
+        world = cached_world(*prompt.world_key)
         out[p.uid] = [
             NewResponse(r.text, f"world:{r.kind}", meta={"kind": r.kind})
             for r in world.responses(prompt, seed)
@@ -289,7 +290,8 @@ def world_items(
 ) -> list[NewItem]:
     """``n`` regular items (two world candidates of different kinds per prompt) and ``gold`` gold items
     (a correct answer against an incorrect one: the rule's answer is certain) from the embedded world."""
-    from glmwb.pretrain.world import PreferenceRule, Prompt, check
+    from glmwb.annotation.annotators import PreferenceRule
+    from glmwb.pretrain.world import Prompt, check
 
     prompts = load_prompts(f"world:{split}:{n + gold}", seed=seed)
     candidates = world_candidates(prompts, seed)
@@ -332,7 +334,8 @@ def simulate_votes(
     """Let the world's simulated annotators (``SimulatedAnnotator``) judge their assignments through the
     store, as people would through the page (world prompts only); returns the number of votes cast.
     ``strength``: a winner's vote also says how much better it is (``judge_with_strength``)."""
-    from glmwb.pretrain.world import Prompt, SimulatedAnnotator
+    from glmwb.annotation.annotators import SimulatedAnnotator
+    from glmwb.pretrain.world import Prompt
 
     items = store.items()
     cast = 0

@@ -228,7 +228,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_world(args: argparse.Namespace) -> int:
-    from glmwb.pretrain.world import main as world_main
+    from glmwb.pretrain.world.cli import main as world_main
 
     return world_main(["--out", args.out, "--seed", str(args.seed)]) or 0
 

@@ -241,7 +241,7 @@ def ensemble_disagreement(
 def world_agreement(records: Sequence[Any], chosen: Tensor, rejected: Tensor) -> dict[str, Any]:
     """Accuracy of the RM against held-out simulated-annotator labels, next to their agreement ceiling.
 
-    ``records``: ``PreferenceRecord``s from ``pretrain.world.preference_pairs`` (provenance has ``label``,
+    ``records``: ``PreferenceRecord``s from ``annotation.annotators.preference_pairs`` (provenance has ``label``,
     ``rule_choice``, ``noise``, ``kinds``, ``family``). The ceiling (``agreement_ceiling(p, "pairwise")``)
     is defined over pairs where both the annotator's label and the noise-free rule are strict, so the
     accuracy compared with it is over exactly those pairs: ``accuracy_vs_annotators`` and
@@ -252,7 +252,7 @@ def world_agreement(records: Sequence[Any], chosen: Tensor, rejected: Tensor) ->
     about ±2.5 points, so a figure a point from a target says little on its own.
     ``by_kinds`` breaks the rule accuracy down by the kinds compared ("correct>wrong", ...).
     """
-    from glmwb.pretrain.world import agreement_ceiling
+    from glmwb.annotation.annotators import agreement_ceiling
 
     d = _np(chosen) - _np(rejected)
     agree_ann, agree_rule, ceilings = [], [], []

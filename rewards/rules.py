@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from glmwb.pretrain.tokenizer import SPECIAL_TOKENS
-from glmwb.pretrain.world import Prompt, check, detect_language, find_numbers, on_topic
+from glmwb.pretrain.world.checking import check, detect_language, find_numbers, on_topic
+from glmwb.pretrain.world.prompts import Prompt
 
 GSM8K_FINAL = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
 

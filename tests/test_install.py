@@ -95,7 +95,9 @@ def test_the_wheel_installs_only_glmwb_and_works_outside_the_checkout(tmp_path):
     # so its own site-packages, where the wheel goes, comes first); only the wheel itself is installed.
     vsite = Path(_run([str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                       cwd=tmp_path).stdout.strip())  # fmt: skip
-    (vsite / "zz_reuse_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # (every site-packages folder this interpreter sees: a venv may itself reach its packages through a .pth)
+    reuse = [sysconfig.get_paths()["purelib"], *(p for p in sys.path if p.endswith("site-packages"))]
+    (vsite / "zz_reuse_deps.pth").write_text("\n".join(dict.fromkeys(reuse)) + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_CONSTRAINT")}
     _run(
         [str(vpy), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], cwd=tmp_path, env=env

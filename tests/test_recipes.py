@@ -115,7 +115,7 @@ def test_reward_dev_prompts_train_on_dev_and_evaluate_on_test_only(tmp_path):
     world = make_world(seed=0, num_entities=96)
 
     def instances(records, split):
-        keys = {(f, it.key) for f, items in world._split[split].items() for it in items}
+        keys = {(f, it.key) for f, items in world.splits[split].items() for it in items}
         ids = {r.provenance["prompt_id"] for r in records}
         return {k for k in keys if any(i.startswith(f"{k[0]}/{k[1]}/") for i in ids)}
 

@@ -442,7 +442,7 @@ def test_anchor_prompts_add_train_instances_and_never_a_test_one() -> None:
     assert all(q.family in ("fact", "conversion") for q in mixed)
     assert len(mixed) > len(plain) + 150 and len(anchors) > 100  # distinct train instances, not repeats
     assert not anchors & test and not dev & test
-    assert not any(world.is_heldout(world._item(q)) for q in mixed if key(q) in anchors)
+    assert not any(world.is_heldout(world.item_of(q)) for q in mixed if key(q) in anchors)
     # train_phrasings applies to the anchors too
     assert {q.id[-2:] for q in mixed if key(q) in anchors} == {"t0", "t1", "t2", "t3"}
 

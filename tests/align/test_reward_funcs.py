@@ -22,7 +22,8 @@ from glmwb.align.reward_funcs import (
     connect_reward_server,
 )
 from glmwb.pretrain.model import GLM
-from glmwb.pretrain.world import KINDS, make_world
+from glmwb.pretrain.world import make_world
+from glmwb.pretrain.world.responses import KINDS
 from glmwb.rewards.rules import CombinedReward, RuleContext, length_penalty
 from glmwb.rewards.scoring import RewardScorer
 from glmwb.rewards.server import RewardClient, create_app

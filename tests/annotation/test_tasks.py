@@ -91,7 +91,8 @@ def test_pregenerated_answers(tmp_path):
 
 
 def test_world_items_have_right_gold(sqlite_store):
-    from glmwb.pretrain.world import PreferenceRule, Prompt, check
+    from glmwb.annotation.annotators import PreferenceRule
+    from glmwb.pretrain.world import Prompt, check
 
     items = tasks.world_items(10, gold=5, overlap=2)
     assert sum(i.gold is not None for i in items) == 5

@@ -205,7 +205,8 @@ def test_head_labels() -> None:
 
 
 def test_annotator_reliability_ranks_careless_annotators_last() -> None:
-    from glmwb.pretrain.world import make_world, preference_pairs
+    from glmwb.annotation.annotators import preference_pairs
+    from glmwb.pretrain.world import make_world
 
     world = make_world(seed=0)
     rows = preference_pairs(world, world.prompts("train", 400), n_annotators=3, noise=[0.0, 0.1, 0.8],
