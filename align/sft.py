@@ -35,7 +35,22 @@ import torch
 from glmwb.align.hf_common import HF_LORA_TARGETS, metrics_callback, optim_arguments, peft_config, save_policy
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.optim import OptimConfig
-from glmwb.pretrain.settings import LoRAConfig, RunConfig, WorldConfig
+from glmwb.pretrain.settings import LoRAConfig, RunConfig
+
+
+@dataclass(frozen=True)
+class SFTWorldConfig:
+    """``source: world``: the embedded world's conversations (world-only settings)."""
+
+    seed: int = 0
+    num_entities: int = 96
+    multi_turn: float = 0.2  # share of conversations with 2-3 user turns
+    # each prompt's reference answer (it restates the question), or any correct phrasing ("varied")
+    answers: Literal["reference", "varied"] = "reference"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.multi_turn <= 1.0:
+            raise ValueError(f"data.world.multi_turn must be in [0, 1], got {self.multi_turn}")
 
 
 @dataclass(frozen=True)
@@ -46,13 +61,10 @@ class SFTDataConfig:
     paths: tuple[str, ...] = ()  # files: JSONL / JSON / .gz / parquet / datasets folder
     format: Literal["auto", "alpaca", "oasst_zh", "sharegpt", "messages"] = "auto"
     skip_invalid: bool = False  # leave out (and count) malformed rows instead of stopping at the first
-    world: WorldConfig = field(default_factory=WorldConfig)
+    world: SFTWorldConfig = field(default_factory=SFTWorldConfig)
     n_train: int | None = 1200  # world: conversations; files: a cap (null: every row)
     # held-out conversations for the held-out loss (world: held-out prompts; files: split off, <= a tenth)
     n_eval: int = 100
-    multi_turn: float = 0.2  # world: share of conversations with 2-3 user turns
-    # world: each prompt's reference answer (it restates the question), or any correct phrasing ("varied")
-    answers: Literal["reference", "varied"] = "reference"
     max_length: int = 128  # tokens; longer conversations are left out (counted), never cut mid-answer
     packing: bool = True  # best-fit-decreasing rows of max_length tokens, padding-free
 
@@ -138,9 +150,10 @@ def load_conversations(cfg: SFTDataConfig, seed: int) -> tuple[list, list, dict[
         from glmwb.pretrain.world import make_world
 
         world = make_world(seed=cfg.world.seed, num_entities=cfg.world.num_entities)
-        train = world_sft_conversations(world, cfg.n_train, seed, "train", cfg.multi_turn, cfg.answers)
+        w = cfg.world
+        train = world_sft_conversations(world, cfg.n_train, seed, "train", w.multi_turn, w.answers)
         held = (
-            world_sft_conversations(world, cfg.n_eval, seed, "heldout", cfg.multi_turn, cfg.answers)
+            world_sft_conversations(world, cfg.n_eval, seed, "heldout", w.multi_turn, w.answers)
             if cfg.n_eval
             else []
         )

@@ -187,12 +187,12 @@ def test_pipeline_stage_can_set_a_key_back_to_null(tmp_path):
     path = write(
         tmp_path,
         "stage: pipeline\nstages:\n"
-        "  - {name: p, recipe: ppo.yaml, overrides: {prompts.train_phrasings: null, prompts.anchor_prompts: 0}}\n",
+        "  - {name: p, recipe: ppo.yaml, overrides: {prompts.world.train_phrasings: null, prompts.world.anchor_prompts: 0}}\n",
         "pipe.yaml",
     )
-    assert load_recipe(tmp_path / "ppo.yaml").prompts.train_phrasings == 4
+    assert load_recipe(tmp_path / "ppo.yaml").prompts.world.train_phrasings == 4
     ((_, _, ppo),) = resolve_pipeline(path, [])[1]
-    assert ppo.prompts.train_phrasings is None and ppo.prompts.anchor_prompts == 0
+    assert ppo.prompts.world.train_phrasings is None and ppo.prompts.world.anchor_prompts == 0
 
 
 def test_pipeline_runs_a_chosen_subset_of_stages(tmp_path, capsys):

@@ -98,52 +98,58 @@ class RewardSection:
 
 @dataclass(frozen=True)
 class WorldPromptsConfig:
-    seed: int = 0
-    num_entities: int = 96
-
-
-@dataclass(frozen=True)
-class PromptsConfig:
-    """Rollout prompts and evaluation prompts from the embedded world.
+    """Which of the embedded world's prompts PPO rolls out on and is graded on (world-only settings).
 
     ``train_split``: ``train`` (instances the SFT chats ask) or ``dev`` (held-out instances the policy has
     only read as prose); ``heldout_split``: ``heldout`` or ``test`` (the half of heldout that ``dev`` is
     not). Training on ``dev`` and grading on ``test`` is the design that can show transfer (docs/align_ppo.md).
     """
 
-    source: Literal["world"] = "world"
-    world: WorldPromptsConfig = field(default_factory=WorldPromptsConfig)
+    seed: int = 0
+    num_entities: int = 96
     train_split: Literal["train", "dev"] = "train"
     heldout_split: Literal["heldout", "test"] = "heldout"
-    train_prompts: int = 2000
-    heldout_prompts: int = 200
     # rollout prompts' phrasings: null = the split's own (train / dev: the three the SFT chats ask); 4 adds the
-    # fourth, which only held-out prompts otherwise use (new instances stay new; docs/align_ppo.md, session 20)
+    # fourth, which only held-out prompts otherwise use (new instances stay new; docs/align_ppo.md)
     train_phrasings: int | None = None
     # that many prompts of ``train`` instances (the ones the SFT chats ask) mixed into the rollouts of a
     # ``dev`` run: answers the policy already gets right, so that a value learnt on a dev instance is not
-    # rewarded on every question of its kind (docs/align_ppo.md, session 21)
+    # rewarded on every question of its kind (docs/align_ppo.md)
     anchor_prompts: int = 0
     families: tuple[str, ...] = ()  # restrict to these task families (arithmetic, conversion, fact); () = all
-    max_prompt_tokens: int = 256
 
     def __post_init__(self) -> None:
         bad = sorted(set(self.families) - {"arithmetic", "conversion", "fact"})
         if bad:
-            raise ValueError(f"prompts.families: unknown {bad}; known: arithmetic, conversion, fact")
-        if self.train_prompts < 1 or self.heldout_prompts < 0:
-            raise ValueError("prompts.train_prompts must be >= 1 and prompts.heldout_prompts >= 0")
+            raise ValueError(f"prompts.world.families: unknown {bad}; known: arithmetic, conversion, fact")
         if self.train_phrasings is not None and not 1 <= self.train_phrasings <= 4:
-            raise ValueError(f"prompts.train_phrasings must be 1 to 4 or null, got {self.train_phrasings}")
+            raise ValueError(
+                f"prompts.world.train_phrasings must be 1 to 4 or null, got {self.train_phrasings}"
+            )
         if self.anchor_prompts < 0 or (self.anchor_prompts and self.train_split != "dev"):
             raise ValueError(
-                f"prompts.anchor_prompts must be >= 0 and needs train_split: dev, got {self.anchor_prompts} "
+                f"prompts.world.anchor_prompts must be >= 0 and needs train_split: dev, got {self.anchor_prompts} "
                 f"with train_split {self.train_split!r}"
             )
         if self.train_split == "dev" and self.heldout_split == "heldout":
             raise ValueError(
-                "prompts: train_split 'dev' is half of heldout_split 'heldout'; grade on heldout_split: test"
+                "prompts.world: train_split 'dev' is half of heldout_split 'heldout'; grade on heldout_split: test"
             )
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    """Rollout prompts and evaluation prompts (from the embedded world: ``world``)."""
+
+    source: Literal["world"] = "world"
+    world: WorldPromptsConfig = field(default_factory=WorldPromptsConfig)
+    train_prompts: int = 2000
+    heldout_prompts: int = 200
+    max_prompt_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if self.train_prompts < 1 or self.heldout_prompts < 0:
+            raise ValueError("prompts.train_prompts must be >= 1 and prompts.heldout_prompts >= 0")
 
 
 @dataclass(frozen=True)

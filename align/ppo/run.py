@@ -118,12 +118,13 @@ def build_models(recipe: PPORecipe, device: torch.device):
 
 
 def rollout_prompts(world, pc, seed: int = 0) -> list:
-    """PPO's rollout prompts: ``pc.train_prompts`` of ``pc.train_split`` plus ``pc.anchor_prompts`` of
-    ``train`` (a ``dev`` run's anchors), each in ``pc.train_phrasings``, kept to ``pc.families``."""
-    out = world.prompts(pc.train_split, pc.train_prompts, seed=seed, phrasings=pc.train_phrasings)
-    if pc.anchor_prompts:
-        out += world.prompts("train", pc.anchor_prompts, seed=seed, phrasings=pc.train_phrasings)
-    return [q for q in out if not pc.families or q.family in pc.families]
+    """PPO's rollout prompts: ``pc.train_prompts`` of ``world.train_split`` plus ``world.anchor_prompts`` of
+    ``train`` (a ``dev`` run's anchors), each in ``world.train_phrasings``, kept to ``world.families``."""
+    w = pc.world
+    out = world.prompts(w.train_split, pc.train_prompts, seed=seed, phrasings=w.train_phrasings)
+    if w.anchor_prompts:
+        out += world.prompts("train", w.anchor_prompts, seed=seed, phrasings=w.train_phrasings)
+    return [q for q in out if not w.families or q.family in w.families]
 
 
 def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
@@ -165,8 +166,8 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
     pc = recipe.prompts
     world = make_world(seed=pc.world.seed, num_entities=pc.world.num_entities)
     train_prompts = rollout_prompts(world, pc, seed=recipe.run.seed)
-    heldout = [q for q in world.prompts(pc.heldout_split, pc.heldout_prompts, seed=recipe.run.seed)
-               if not pc.families or q.family in pc.families] if pc.heldout_prompts else []  # fmt: skip
+    heldout = [q for q in world.prompts(pc.world.heldout_split, pc.heldout_prompts, seed=recipe.run.seed)
+               if not pc.world.families or q.family in pc.world.families] if pc.heldout_prompts else []  # fmt: skip
     items, dropped = world_items(tok, train_prompts, pc.max_prompt_tokens)
     if not items:
         raise ConfigError(

@@ -18,7 +18,7 @@ appear in its worked-example prose. A held-out prompt therefore asks, in a chat 
 phrasing, for something the base model has only read as prose.
 
 The held-out instances are split once more, by a second hash, into two halves: ``dev`` (prompts for
-training stages that learn from their own samples (PPO: ``prompts.train_split``), asked in the first three
+training stages that learn from their own samples (PPO: ``prompts.world.train_split``), asked in the first three
 phrasings) and ``test`` (the evaluation, all four phrasings). A stage that trains on ``dev`` and is
 evaluated on ``test`` learns *to answer from what it has read* on instances it is then never graded on.
 """

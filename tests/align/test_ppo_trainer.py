@@ -402,12 +402,16 @@ def _recipe(overrides):
         (["reward.kind=rm"], "reward.rm"),
         (["reward.kind=http"], "reward.url"),
         (["reward.rules={world_corect: 1.0}"], "unknown rule"),
-        (["prompts.heldout_split=heldout"], "grade on heldout_split: test"),
-        (["prompts.train_split=heldout"], "prompts.train_split"),
-        (["prompts.train_phrasings=5"], "train_phrasings must be 1 to 4"),
-        (["prompts.anchor_prompts=-1"], "anchor_prompts must be >= 0"),
+        (["prompts.world.heldout_split=heldout"], "grade on heldout_split: test"),
+        (["prompts.world.train_split=heldout"], "prompts.world.train_split"),
+        (["prompts.world.train_phrasings=5"], "train_phrasings must be 1 to 4"),
+        (["prompts.world.anchor_prompts=-1"], "anchor_prompts must be >= 0"),
         (
-            ["prompts.anchor_prompts=100", "prompts.train_split=train", "prompts.heldout_split=heldout"],
+            [
+                "prompts.world.anchor_prompts=100",
+                "prompts.world.train_split=train",
+                "prompts.world.heldout_split=heldout",
+            ],
             "needs train_split: dev",
         ),
         (["critic.init_from=reward"], "critic.init_from"),
@@ -427,14 +431,15 @@ def test_recipe_mistakes_are_clear_errors(overrides, message) -> None:
 
 
 def test_anchor_prompts_add_train_instances_and_never_a_test_one() -> None:
-    from glmwb.align.ppo.config import PromptsConfig
+    from glmwb.align.ppo.config import PromptsConfig, WorldPromptsConfig
     from glmwb.align.ppo.run import rollout_prompts
     from glmwb.pretrain.world import make_world
 
     world = make_world(seed=0, num_entities=96)
-    base = dict(train_split="dev", heldout_split="test", families=("fact", "conversion"), train_prompts=300)
-    plain = rollout_prompts(world, PromptsConfig(**base), seed=0)
-    mixed = rollout_prompts(world, PromptsConfig(**base, anchor_prompts=300, train_phrasings=4), seed=0)
+    base = dict(train_split="dev", heldout_split="test", families=("fact", "conversion"))
+    plain = rollout_prompts(world, PromptsConfig(world=WorldPromptsConfig(**base), train_prompts=300), seed=0)
+    anchored = WorldPromptsConfig(**base, anchor_prompts=300, train_phrasings=4)
+    mixed = rollout_prompts(world, PromptsConfig(world=anchored, train_prompts=300), seed=0)
     key = lambda q: (q.family, q.key)  # noqa: E731
     dev = {key(q) for q in plain}
     test = {key(q) for q in world.prompts("test", 600, seed=0) if q.family in ("fact", "conversion")}
