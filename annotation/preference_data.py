@@ -206,7 +206,7 @@ def preference_record(row: Any, where: str) -> PreferenceRecord:
     """TRL's explicit-prompt rows, the store's export, and TRL's implicit-prompt conversations."""
     row = _require(row, ("chosen", "rejected"), where)
     if "prompt" in row:
-        return PreferenceRecord.from_dict(row, where)
+        return _distinct(PreferenceRecord.from_dict(row, where), where)
     chosen, rejected = row["chosen"], row["rejected"]
     if not (isinstance(chosen, list) and isinstance(rejected, list)):
         raise PreferenceDataError(
@@ -217,9 +217,21 @@ def preference_record(row: Any, where: str) -> PreferenceRecord:
         n += 1
     if n == 0:
         raise PreferenceDataError(f"{where}: chosen and rejected conversations share no prompt")
-    return PreferenceRecord.from_dict(
+    record = PreferenceRecord.from_dict(
         {**row, "prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}, where
     )
+    return _distinct(record, where)
+
+
+def _distinct(record: PreferenceRecord, where: str) -> PreferenceRecord:
+    """A file's strict pair must hold two different answers (one cannot be better than itself); a tie of
+    the same text is consistent and kept."""
+    if not record.tie and record.chosen == record.rejected:
+        raise PreferenceDataError(
+            f"{where}: fields 'chosen' and 'rejected' are the same text in a pair that is not a tie; "
+            "a preference needs two different answers (or tie: true)"
+        )
+    return record
 
 
 _HUMAN, _ASSISTANT = "\n\nHuman:", "\n\nAssistant:"

@@ -10,6 +10,7 @@ Pure Python, no heavy imports: every package may import it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -66,11 +67,13 @@ class PreferenceRecord:
         if not isinstance(tie, bool):
             raise PreferenceDataError(f"{where}: field 'tie' must be true or false, got {tie!r}")
         weight = row.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-            raise PreferenceDataError(f"{where}: field 'weight' must be a number >= 0, got {weight!r}")
+        if not _finite_number(weight) or weight < 0:
+            raise PreferenceDataError(f"{where}: field 'weight' must be a finite number >= 0, got {weight!r}")
         margin = row.get("margin")
-        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
-            raise PreferenceDataError(f"{where}: field 'margin' must be a number or null, got {margin!r}")
+        if margin is not None and not _finite_number(margin):
+            raise PreferenceDataError(
+                f"{where}: field 'margin' must be a finite number or null, got {margin!r}"
+            )
         attributes = row.get("attributes") or {}
         if isinstance(attributes, Mapping):
             # Arrow (Parquet, `datasets`) gives every row every attribute any row has, unrated ones as None.
@@ -94,11 +97,28 @@ class PreferenceRecord:
         )
 
 
+def _finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _text(value: Any, field_name: str, where: str) -> str:
+    """A non-empty string that is valid Unicode (no lone surrogates, which no file or database can store)."""
+    if not isinstance(value, str):
+        raise PreferenceDataError(f"{where}: field {field_name} must be text, got {type(value).__name__}")
+    if not value.strip():
+        raise PreferenceDataError(f"{where}: field {field_name} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PreferenceDataError(
+            f"{where}: field {field_name} has a lone surrogate at character {e.start} (not valid Unicode)"
+        ) from None
+    return value
+
+
 def _messages(value: Any, where: str) -> tuple[dict[str, Any], ...]:
     if isinstance(value, str):
-        if not value.strip():
-            raise PreferenceDataError(f"{where}: field 'prompt' is empty")
-        return ({"role": "user", "content": value},)
+        return ({"role": "user", "content": _text(value, "'prompt'", where)},)
     if not isinstance(value, (list, tuple)) or not value:
         raise PreferenceDataError(
             f"{where}: field 'prompt' must be a non-empty string or list of chat messages, got {value!r:.80}"
@@ -113,13 +133,28 @@ def _messages(value: Any, where: str) -> tuple[dict[str, Any], ...]:
             raise PreferenceDataError(
                 f"{where}: field 'prompt'[{i}].role is {m['role']!r}; expected one of {', '.join(ROLES)}"
             )
+        calls_a_tool = m["role"] == "assistant" and (m.get("tool_calls") or m.get("metadata"))
+        if not (
+            calls_a_tool and m["content"] in ("", None)
+        ):  # a tool call may carry its call outside content
+            _text(m["content"], f"'prompt'[{i}].content", where)
         out.append(dict(m))
+    if out[-1]["role"] == "assistant":
+        raise PreferenceDataError(
+            f"{where}: field 'prompt' ends with an assistant turn; the judged answers are the next assistant "
+            "turn, so the prompt must end with a user, tool or observation message"
+        )
     return tuple(out)
 
 
 def _response(value: Any, name: str, where: str) -> str:
     # TRL's conversational format: [{"role": "assistant", "content": "..."}]
     if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], Mapping):
+        role = value[0].get("role", "assistant")
+        if role != "assistant":
+            raise PreferenceDataError(
+                f"{where}: field {name!r} is a {role!r} message; the judged response must be the assistant's"
+            )
         value = value[0].get("content")
     if not isinstance(value, str):
         raise PreferenceDataError(
@@ -127,7 +162,7 @@ def _response(value: Any, name: str, where: str) -> str:
         )
     if not value.strip():
         raise PreferenceDataError(f"{where}: field {name!r} is an empty response")
-    return value
+    return _text(value, repr(name), where)
 
 
 def records_from_dicts(rows: Iterable[Mapping[str, Any]], source: str = "data") -> list[PreferenceRecord]:

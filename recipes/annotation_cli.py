@@ -147,6 +147,9 @@ def cmd_add_tasks(args: argparse.Namespace) -> int:
 
 @_user_errors
 def cmd_import(args: argparse.Namespace) -> int:
+    """Import a preference file. A malformed row stops the import before anything is written (exit 2, the
+    file, row and field named), unless --skip-invalid: then the good rows are imported and every skipped
+    row's reason is written to --skipped-report."""
     from glmwb.annotation.export import import_preferences
 
     store = _store(args)
@@ -158,13 +161,16 @@ def cmd_import(args: argparse.Namespace) -> int:
         limit=args.limit,
         open_for_annotation=args.open,
         overlap=args.overlap,
+        skip_invalid=args.skip_invalid,
     )
-    print(
-        f"imported {result.items} pairs ({result.already_imported} were there already, "
-        f"{len(result.skipped)} invalid rows skipped)"
-    )
-    for message in result.skipped[:5]:
-        print(f"  skipped: {message}", file=sys.stderr)
+    print(f"imported {result.items} pairs ({result.already_imported} were there already)")
+    if result.skipped:
+        report = Path(args.skipped_report or f"{Path(args.path).name}.skipped.txt")
+        report.write_text("".join(f"{line}\n" for line in result.skipped), encoding="utf-8")
+        print(
+            f"{len(result.skipped)} invalid rows skipped; every one with its reason in {report}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -295,6 +301,12 @@ def _data_parsers(nsub: argparse._SubParsersAction) -> None:
     i.add_argument("--limit", type=int)
     i.add_argument("--open", action="store_true", help="also give the items to annotators")
     i.add_argument("--overlap", type=int, default=3)
+    i.add_argument(
+        "--skip-invalid", action="store_true", help="import the good rows, skip (and report) bad ones"
+    )
+    i.add_argument(
+        "--skipped-report", help="with --skip-invalid: where the skipped rows go (default FILE.skipped.txt)"
+    )
     i.set_defaults(func=cmd_import)
 
     e = nsub.add_parser("export", help="export votes as prompt / chosen / rejected records")

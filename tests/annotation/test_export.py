@@ -193,3 +193,34 @@ def test_import_real_hh_rlhf_sample(sqlite_store, tmp_path):
     from glmwb.annotation.preference_data import read_preferences
 
     assert len(read_preferences(out).records) == 200
+
+
+def test_import_cli_stops_at_a_bad_row_unless_told_to_skip(sqlite_url, tmp_path, capsys, monkeypatch):
+    """`glmwb annotation import`: a malformed row is a user error (exit 2, file / row / field named) and
+    nothing is imported; with --skip-invalid the good rows go in and every skipped row is in the report."""
+    from glmwb.annotation.store import Store
+    from glmwb.recipes.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rows = [
+        {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},
+        {"prompt": "q", "chosen": "a", "rejected": "b", "weight": float("inf")},
+        {"prompt": "Colour of the sky?", "chosen": "Blue.", "rejected": "Green."},
+        {"prompt": "q", "chosen": "same", "rejected": "same"},
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    db = ["--db", sqlite_url]
+    assert main(["annotation", "import", *db, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "pairs.jsonl, row 2: field 'weight' must be a finite number" in err and "Traceback" not in err
+    store = Store(sqlite_url)
+    assert store.counts()["items"] == 0  # nothing half-imported
+    report = tmp_path / "skipped.txt"
+    assert (
+        main(["annotation", "import", *db, str(path), "--skip-invalid", "--skipped-report", str(report)]) == 0
+    )
+    assert store.counts()["items"] == 2
+    lines = report.read_text().splitlines()
+    assert len(lines) == 2 and "row 2" in lines[0] and "row 4" in lines[1] and "not a tie" in lines[1]
+    store.close()

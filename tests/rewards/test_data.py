@@ -103,8 +103,42 @@ def test_datasets_folder_and_parquet(tmp_path: Path) -> None:
         ),
         (
             {"prompt": "q", "chosen": "a", "rejected": "b", "weight": -1},
-            "row 2: field 'weight' must be a number >= 0",
+            "row 2: field 'weight' must be a finite number >= 0",
         ),
+        (
+            '{"prompt": "q", "chosen": "a", "rejected": "b", "weight": Infinity}',
+            "field 'weight' must be a finite",
+        ),
+        ('{"prompt": "q", "chosen": "a", "rejected": "b", "margin": NaN}', "field 'margin' must be a finite"),
+        (
+            {"prompt": [{"role": "user", "content": 7}], "chosen": "a", "rejected": "b"},
+            "field 'prompt'[0].content must be text, got int",
+        ),
+        (
+            {"prompt": [{"role": "user", "content": None}], "chosen": "a", "rejected": "b"},
+            "field 'prompt'[0].content must be text, got NoneType",
+        ),
+        (
+            {"prompt": [{"role": "user", "content": " "}], "chosen": "a", "rejected": "b"},
+            "field 'prompt'[0].content is empty",
+        ),
+        (
+            {"prompt": "q", "chosen": "same", "rejected": "same"},
+            "'chosen' and 'rejected' are the same text in a pair that is not a tie",
+        ),
+        (
+            {"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"},
+            "field 'chosen' is a 'user' message",
+        ),
+        (
+            {
+                "prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}],
+                "chosen": "a",
+                "rejected": "b",
+            },
+            "field 'prompt' ends with an assistant turn",
+        ),  # fmt: skip
+        ('{"prompt": "q", "chosen": "a\\ud800", "rejected": "b"}', "field 'chosen' has a lone surrogate"),
         ([1, 2], "row 2: a row must be a JSON object"),
         ("{not json", "row 2 (line 2): not JSON"),
     ],
@@ -142,10 +176,13 @@ def test_real_hh_rlhf_slice() -> None:
     assert len(res.records) == 200
     assert all(r.prompt[-1]["role"] == "user" and r.prompt[0]["role"] == "user" for r in res.records)
     assert all(m["role"] in ("user", "assistant") for r in res.records for m in r.prompt)
-    # rows 121 (empty rejected answer) and 169 (the transcripts differ earlier) are reported, not read
-    assert any("row 121: field 'rejected' is an empty response" in s for s in res.skipped)
+    # rows 121 (an empty assistant turn and an empty rejected answer) and 169 (the transcripts differ
+    # earlier) are reported, not read
+    assert any("row 121: field 'prompt'[3].content is empty" in s for s in res.skipped)
     assert any("row 169" in s for s in res.skipped)
-    with pytest.raises(PreferenceDataError, match="test.jsonl.gz, row 121: field 'rejected' is an empty"):
+    with pytest.raises(
+        PreferenceDataError, match=r"test.jsonl.gz, row 121: field 'prompt'\[3\].content is empty"
+    ):
         read_preferences(DATA / "hh_rlhf" / "helpful-base" / "test.jsonl.gz", limit=200)
 
 
