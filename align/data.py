@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from glmwb.pretrain.errors import ConfigError
+
 if TYPE_CHECKING:
     from glmwb.pretrain.world import Prompt, World
 
@@ -59,7 +61,7 @@ _SHAREGPT_ROLES = {
 }
 
 
-class SFTDataError(ValueError):
+class SFTDataError(ConfigError):
     """A malformed SFT row: the message names the file, the 1-based row and the field."""
 
 

@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from glmwb.pretrain.errors import ConfigError
 from glmwb.rewards.rules import RULES, CombinedReward, RuleContext
 
 # Dataset columns the rule rewards read.
@@ -39,7 +40,7 @@ WORLD_COLUMN, GOLD_COLUMN, LANG_COLUMN = "world_prompt", "gold", "lang"
 MODEL_REWARDS = ("rm", "rm_http")  # a reward folder in-process / a scoring server
 
 
-class RewardSetupError(ValueError):
+class RewardSetupError(ConfigError):
     """A reward that cannot work as configured: unknown name, missing dataset column, unreachable server."""
 
 

@@ -165,6 +165,16 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
         for i, row in enumerate(ds, 1):
             yield f"{path}, row {i}", row
         return
+    try:
+        yield from _text_rows(path)
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # a corrupt .gz, bytes that are not UTF-8, ...
+        what = (
+            f"not UTF-8 text ({e.reason} at byte {e.start})" if isinstance(e, UnicodeDecodeError) else str(e)
+        )
+        raise PreferenceDataError(f"{path}: cannot be read: {what}") from None
+
+
+def _text_rows(path: Path) -> Iterator[tuple[str, Any]]:
     stem_suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
     with _open_text(path) as f:
         if stem_suffix == ".json":

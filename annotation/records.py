@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from glmwb.pretrain.errors import ConfigError
+
 ROLES = ("system", "user", "assistant", "tool", "observation")
 
 # How much better the chosen answer is, as its annotator says (a four-point scale as in Llama 2, Touvron et
@@ -24,7 +26,7 @@ STRENGTHS = ("negligible", "slight", "clear", "strong")
 STRENGTH_MARGINS = {"negligible": 0.0, "slight": 1.0 / 3.0, "clear": 2.0 / 3.0, "strong": 1.0}
 
 
-class PreferenceDataError(ValueError):
+class PreferenceDataError(ConfigError):
     """A malformed preference record: the message names the row (and file, when known) and the field."""
 
 
@@ -60,7 +62,7 @@ class PreferenceRecord:
                 raise PreferenceDataError(
                     f"{where}: missing field {key!r} (a record needs prompt, chosen, rejected; has {sorted(row)})"
                 )
-        prompt = _messages(row["prompt"], where)
+        prompt = validate_prompt(row["prompt"], where)
         chosen = _response(row["chosen"], "chosen", where)
         rejected = _response(row["rejected"], "rejected", where)
         tie = row.get("tie", False)
@@ -101,7 +103,7 @@ def _finite_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _text(value: Any, field_name: str, where: str) -> str:
+def validate_text(value: Any, field_name: str, where: str) -> str:
     """A non-empty string that is valid Unicode (no lone surrogates, which no file or database can store)."""
     if not isinstance(value, str):
         raise PreferenceDataError(f"{where}: field {field_name} must be text, got {type(value).__name__}")
@@ -116,9 +118,11 @@ def _text(value: Any, field_name: str, where: str) -> str:
     return value
 
 
-def _messages(value: Any, where: str) -> tuple[dict[str, Any], ...]:
+def validate_prompt(value: Any, where: str) -> tuple[dict[str, Any], ...]:
+    """A prompt as chat messages: a string (one user turn) or messages with known roles and text content,
+    ending with a user, tool or observation turn."""
     if isinstance(value, str):
-        return ({"role": "user", "content": _text(value, "'prompt'", where)},)
+        return ({"role": "user", "content": validate_text(value, "'prompt'", where)},)
     if not isinstance(value, (list, tuple)) or not value:
         raise PreferenceDataError(
             f"{where}: field 'prompt' must be a non-empty string or list of chat messages, got {value!r:.80}"
@@ -137,7 +141,7 @@ def _messages(value: Any, where: str) -> tuple[dict[str, Any], ...]:
         if not (
             calls_a_tool and m["content"] in ("", None)
         ):  # a tool call may carry its call outside content
-            _text(m["content"], f"'prompt'[{i}].content", where)
+            validate_text(m["content"], f"'prompt'[{i}].content", where)
         out.append(dict(m))
     if out[-1]["role"] == "assistant":
         raise PreferenceDataError(
@@ -162,7 +166,7 @@ def _response(value: Any, name: str, where: str) -> str:
         )
     if not value.strip():
         raise PreferenceDataError(f"{where}: field {name!r} is an empty response")
-    return _text(value, repr(name), where)
+    return validate_text(value, repr(name), where)
 
 
 def records_from_dicts(rows: Iterable[Mapping[str, Any]], source: str = "data") -> list[PreferenceRecord]:

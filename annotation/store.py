@@ -58,6 +58,7 @@ from glmwb.annotation.schema import (
     Vote,
     utcnow,
 )
+from glmwb.pretrain.errors import ConfigError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 AN, SE, PR, GE = Annotator.__table__, Session.__table__, Prompt.__table__, Generation.__table__
@@ -68,7 +69,7 @@ MAX_RATIONALE = 10_000
 SESSION_TTL = timedelta(hours=12)
 
 
-class StoreError(ValueError):
+class StoreError(ConfigError):
     """A request the store refuses; the message is safe to show to the user who made it."""
 
 

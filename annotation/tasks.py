@@ -29,11 +29,13 @@ import hashlib
 import itertools
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from glmwb.annotation.preference_data import iter_rows
+from glmwb.annotation.records import PreferenceDataError, validate_prompt, validate_text
 from glmwb.annotation.store import NewItem, NewResponse, Store
 
 PriorityFn = Callable[["PromptSpec", Sequence[str]], float]
@@ -56,22 +58,25 @@ def _uid(messages: Sequence[dict[str, Any]]) -> str:
     )
 
 
-def _prompt_from_row(row: dict[str, Any], where: str, source: str) -> PromptSpec:
+def _prompt_from_row(row: Any, where: str, source: str) -> PromptSpec:
+    """A prompt row (``messages`` or ``prompt``: a string or chat messages), checked as a preference record's
+    prompt is (roles, text content, ending with a user turn), so that a bad item is refused here, by row,
+    and can never reach the store and block an export later."""
+    if isinstance(row, PreferenceDataError):
+        raise row
+    if not isinstance(row, Mapping):
+        raise PreferenceDataError(f"{where}: a prompt row must be a JSON object, got {type(row).__name__}")
     if "messages" in row:
         messages = row["messages"]
     elif "prompt" in row:
         messages = row["prompt"]
     else:
-        raise ValueError(f"{where}: a prompt row needs 'messages' or 'prompt' (has {sorted(row)})")
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    if (
-        not isinstance(messages, list)
-        or not messages
-        or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
-    ):
-        raise ValueError(f"{where}: 'messages' / 'prompt' must be a string or a list of chat messages")
-    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        raise PreferenceDataError(f"{where}: a prompt row needs 'messages' or 'prompt' (has {sorted(row)})")
+    if isinstance(messages, list):
+        messages = [
+            {k: v for k, v in m.items() if v is not None} if isinstance(m, Mapping) else m for m in messages
+        ]
+    messages = [dict(m) for m in validate_prompt(messages, where)]
     uid = row.get("uid") or row.get("id") or _uid(messages)
     meta = {k: v for k, v in row.items() if k not in ("messages", "prompt", "uid", "id", "responses")}
     return PromptSpec(str(uid), messages, source, meta)
@@ -97,12 +102,12 @@ def load_prompts(source: str, limit: int | None = None, seed: int = 0) -> list[P
         import datasets
 
         rows = datasets.load_from_disk(str(path))
+        rows = ((f"{source}, row {i}", row) for i, row in enumerate(rows, 1))
     else:
-        with path.open(encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = iter_rows(path)
     out = []
-    for i, row in enumerate(rows, 1):
-        out.append(_prompt_from_row(dict(row), f"{source}, row {i}", path.name))
+    for where, row in rows:
+        out.append(_prompt_from_row(row, where, path.name))
         if limit is not None and len(out) >= limit:
             break
     return out
@@ -191,35 +196,36 @@ def sample_responses(
 
 def read_responses(path: str | Path) -> tuple[list[PromptSpec], dict[str, list[NewResponse]]]:
     """Pre-generated answers from JSONL (see the module doc)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no responses file at {path}")
     prompts, responses = [], {}
-    with Path(path).open(encoding="utf-8") as f:
-        for i, line in enumerate((line for line in f if line.strip()), 1):
-            row = json.loads(line)
-            where = f"{path}, row {i}"
-            spec = _prompt_from_row(row, where, Path(path).name)
-            answers = []
-            for r in row.get("responses") or []:
-                if isinstance(r, str):
-                    r = {"text": r}
-                if not isinstance(r, dict) or not isinstance(r.get("text"), str):
-                    raise ValueError(f"{where}: each response is a string or an object with 'text'")
-                answers.append(
-                    NewResponse(
-                        text=r["text"],
-                        model=str(r.get("model") or "unknown"),
-                        checkpoint=r.get("checkpoint"),
-                        sampling=dict(r.get("sampling") or {}),
-                        chat_template_sha256=r.get("chat_template_sha256"),
-                        meta={k: v for k, v in r.items() if k not in NewResponse.__dataclass_fields__},
-                    )
-                )
-            if len(answers) < 2:
-                raise ValueError(f"{where}: needs at least two responses, has {len(answers)}")
-            spec_meta = {k: v for k, v in spec.meta.items() if k != "responses"}
-            spec = PromptSpec(spec.uid, spec.messages, spec.source, spec_meta)
-            prompts.append(spec)
-            responses.setdefault(spec.uid, []).extend(answers)
+    for where, row in iter_rows(path):
+        spec = _prompt_from_row(row, where, Path(path).name)
+        answers = [
+            _new_response(r, f"{where}: responses[{j}]") for j, r in enumerate(row.get("responses") or [])
+        ]
+        if len(answers) < 2:
+            raise PreferenceDataError(f"{where}: needs at least two responses, has {len(answers)}")
+        spec_meta = {k: v for k, v in spec.meta.items() if k != "responses"}
+        spec = PromptSpec(spec.uid, spec.messages, spec.source, spec_meta)
+        prompts.append(spec)
+        responses.setdefault(spec.uid, []).extend(answers)
     return prompts, responses
+
+
+def _new_response(r: Any, where: str) -> NewResponse:
+    if isinstance(r, str):
+        r = {"text": r}
+    if not isinstance(r, Mapping) or not isinstance(r.get("text"), str):
+        raise PreferenceDataError(f"{where}: each response is a string or an object with 'text'")
+    return NewResponse(
+        text=validate_text(r["text"], "'text'", where),
+        model=str(r.get("model") or "unknown"),
+        checkpoint=r.get("checkpoint"),
+        sampling=dict(r.get("sampling") or {}),
+        chat_template_sha256=r.get("chat_template_sha256"),
+        meta={k: v for k, v in r.items() if k not in NewResponse.__dataclass_fields__},
+    )
 
 
 def make_items(

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from glmwb.pretrain.errors import ConfigError
+
 EOT_TOKEN = "<|endoftext|>"
 IGNORE_INDEX = -100
 FORMAT_VERSION = 1
@@ -751,7 +753,7 @@ def unigram_entropy(train, heldout=None, vocab_size: int | None = None) -> float
 # --------------------------------------------------------------------------------------------------
 
 
-class DataFormatError(ValueError):
+class DataFormatError(ConfigError):
     """A record that cannot be read; the message names the file, the line and what is wrong."""
 
 

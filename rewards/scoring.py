@@ -21,13 +21,14 @@ from typing import Any
 import torch
 
 from glmwb.annotation.records import ROLES
+from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.tokenizer import encode_response
 from glmwb.rewards.data import PreferenceDataError, truncate
 from glmwb.rewards.ensemble import RewardEnsemble, load_reward_model
 from glmwb.rewards.model import RewardModel, reward_pad_id, score_sequences
 
 
-class ScoringError(ValueError):
+class ScoringError(ConfigError):
     """Bad scoring input; ``field`` names the offending field ("prompts[2][0].role")."""
 
     def __init__(self, field: str, message: str) -> None:

@@ -224,3 +224,37 @@ def test_import_cli_stops_at_a_bad_row_unless_told_to_skip(sqlite_url, tmp_path,
     lines = report.read_text().splitlines()
     assert len(lines) == 2 and "row 2" in lines[0] and "row 4" in lines[1] and "not a tie" in lines[1]
     store.close()
+
+
+def test_unreadable_files_and_bad_items_are_refused_at_entry(sqlite_url, tmp_path, capsys, monkeypatch):
+    """A corrupt .gz, non-UTF-8 bytes, a prompt with an unknown role (`human`), a responses file that is not
+    JSON: each is one line naming the file and row (exit 2), and nothing reaches the store, so no bad item
+    can block a later export."""
+    import gzip
+
+    from glmwb.annotation.store import Store
+    from glmwb.recipes.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corrupt.jsonl.gz").write_bytes(b"not gzip at all")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "q", "chosen": "caf\xe9", "rejected": "b"}\n')
+    with gzip.open(tmp_path / "ok.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    human = {"prompt": [{"role": "human", "content": "hi"}], "responses": ["a", "b"]}
+    (tmp_path / "human.jsonl").write_text(json.dumps(human) + "\n")
+    (tmp_path / "garbage.jsonl").write_text("{not json\n")
+    cases = [
+        (["import", "corrupt.jsonl.gz"], "corrupt.jsonl.gz: cannot be read"),
+        (["import", "latin1.jsonl"], "latin1.jsonl: cannot be read: not UTF-8 text"),
+        (["add-tasks", "--responses", "human.jsonl"], "human.jsonl, row 1: field 'prompt'[0].role is 'human'"),
+        (["add-tasks", "--responses", "garbage.jsonl"], "garbage.jsonl, row 1 (line 1): not JSON"),
+    ]
+    for args, message in cases:
+        assert main(["annotation", args[0], "--db", sqlite_url, *args[1:]]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    store = Store(sqlite_url)
+    assert store.counts()["items"] == 0
+    assert main(["annotation", "import", "--db", sqlite_url, "ok.jsonl.gz"]) == 0  # .gz itself is fine
+    assert store.counts()["items"] == 1
+    store.close()
