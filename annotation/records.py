@@ -85,6 +85,20 @@ class PreferenceRecord:
                 f"{where}: field 'attributes' must map attribute names to -1, 0 or +1, got {attributes!r}"
             )
         annotator = row.get("annotator")
+        if annotator is not None and not isinstance(annotator, (str, int)) or isinstance(annotator, bool):
+            raise PreferenceDataError(
+                f"{where}: field 'annotator' must be a name (text) or null, got {annotator!r:.60}"
+            )
+        provenance = row.get("provenance") or {}
+        if not isinstance(provenance, Mapping):
+            raise PreferenceDataError(
+                f"{where}: field 'provenance' must be an object, got {type(provenance).__name__}"
+            )
+        record_id = row.get("id")
+        if record_id is not None and (isinstance(record_id, bool) or not isinstance(record_id, (str, int))):
+            raise PreferenceDataError(
+                f"{where}: field 'id' must be text or an integer, got {record_id!r:.60}"
+            )
         return cls(
             prompt=prompt,
             chosen=chosen,
@@ -94,8 +108,8 @@ class PreferenceRecord:
             weight=float(weight),
             margin=None if margin is None else float(margin),
             attributes=dict(attributes),
-            provenance=dict(row.get("provenance") or {}),
-            id=None if row.get("id") is None else str(row["id"]),
+            provenance=dict(provenance),
+            id=None if record_id is None else str(record_id),
         )
 
 

@@ -246,7 +246,10 @@ def test_unreadable_files_and_bad_items_are_refused_at_entry(sqlite_url, tmp_pat
     cases = [
         (["import", "corrupt.jsonl.gz"], "corrupt.jsonl.gz: cannot be read"),
         (["import", "latin1.jsonl"], "latin1.jsonl: cannot be read: not UTF-8 text"),
-        (["add-tasks", "--responses", "human.jsonl"], "human.jsonl, row 1: field 'prompt'[0].role is 'human'"),
+        (
+            ["add-tasks", "--responses", "human.jsonl"],
+            "human.jsonl, row 1: field 'prompt'[0].role is 'human'",
+        ),
         (["add-tasks", "--responses", "garbage.jsonl"], "garbage.jsonl, row 1 (line 1): not JSON"),
     ]
     for args, message in cases:
