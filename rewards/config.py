@@ -115,7 +115,7 @@ class RewardTrainConfig:
     num_threads: int | None = None
     strategy: Literal["single", "deepspeed"] = "single"
     zero_stage: int = 2
-    # value first, form second (docs/rewards.md, "Session 25"): the backbone and head learn only from the pairs
+    # value first, form second (docs/rewards.md): the backbone and head learn only from the pairs
     # whose records call this attribute equal (both answers right, say), with the likelihood-feature weights held
     # at 0; then those weights are fitted on the other pairs with the head's rewards as offset and scaled by the
     # entry of value_scales that ranks the training pairs best. null: one joint fit on every pair

@@ -4,8 +4,8 @@
 
 The mean of the members' rewards (their logits of the same Bradley–Terry / tie model, so on one scale)
 averages out what each member learnt by chance; on the embedded world 0.5-1 point of the annotators'
-ceiling above its members when they were trained on different pairs (docs/rewards.md, sessions 9 and 22-23),
-less on the same pairs from other seeds, as ``model.ensemble`` trains them (session 17). ``penalty`` > 0 makes the reward
+ceiling above its members when they were trained on different pairs (docs/rewards.md),
+less on the same pairs from other seeds, as ``model.ensemble`` trains them. ``penalty`` > 0 makes the reward
 conservative where the members disagree — the uncertainty-weighted objective against over-optimisation
 (Coste et al. 2023, "Reward Model Ensembles Help Mitigate Overoptimization"; Eisenstein et al. 2023).
 

@@ -4,7 +4,7 @@ Held-out accuracy on the world's candidate answers says how an RM does on templa
 optimises it on what the policy samples, which looks different (bare numbers, half sentences, the wrong
 entity). This samples ``k`` answers per held-out world prompt from a policy, grades each with the world's
 checker, and reports per reward model: of the (right, wrong) pairs of the same prompt, the share the RM
-orders right, and the accuracy of its best-of-k pick (docs/rewards.md, session 7).
+orders right, and the accuracy of its best-of-k pick (docs/rewards.md).
 
     python -m glmwb.rewards.on_policy --policy runs/quickstart/sft/final \
         --rm runs/quickstart/reward/final [--rm another/final ...] [--k 4] [--out report.json]

@@ -4,7 +4,7 @@ recipes/reward.yaml on the same base (about 30 minutes on 2 cores).
 
 The issue's target is 90 % of the ceiling on held-out pairs. recipes/reward.yaml, fitted value first
 (train.value_first), measured 91.8-94.2 % over 3 training x 3 held-out seeds on the demo's 600-step base
-(docs/rewards.md, session 25); the quickstart's reward stage keeps the joint fit PPO was measured against
+(docs/rewards.md); the quickstart's reward stage keeps the joint fit PPO was measured against
 (88.1 % on its `test` pairs), so for it the first test guards the level it has held.
 """
 
