@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 
 from glmwb.align.hf_common import optim_arguments
-from glmwb.kernels.apply import KernelConfig
+from glmwb.kernels.config import KernelConfig
 from glmwb.pretrain.train import OptimConfig
 from glmwb.recipes.loader import RecipeError
 from glmwb.recipes.schema import AnnotatorsConfig, RunConfig, WorldConfig
@@ -475,11 +475,7 @@ def train_packed_engine(recipe: DPORecipe, init_from: str, train_records, tok, r
     from glmwb.pretrain.hf import load_pretrained, save_pretrained
 
     device = _device(recipe.train)
-    model = load_pretrained(init_from, device=device)
-    if recipe.kernels is not None:
-        from glmwb.kernels.apply import apply_kernels
-
-        apply_kernels(model, recipe.kernels)
+    model = load_pretrained(init_from, device=device, kernels=recipe.kernels)
     pairs = [encode_pair(tok, r.prompt, r.chosen, r.rejected) for r in train_records]
     o, t, loss = recipe.optim, recipe.train, recipe.loss
     settings = PackedSettings(

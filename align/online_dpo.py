@@ -37,7 +37,7 @@ from glmwb.align.dpo import (
     DPOTrainConfig,
     check_combination,
 )
-from glmwb.kernels.apply import KernelConfig
+from glmwb.kernels.config import KernelConfig
 from glmwb.pretrain.train import OptimConfig
 from glmwb.recipes.loader import RecipeError
 from glmwb.recipes.schema import RunConfig, WorldConfig

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from glmwb.kernels.apply import KernelConfig
+from glmwb.kernels.config import KernelConfig
 from glmwb.pretrain.config import GLMConfig
 from glmwb.pretrain.train import DataConfig, OptimConfig, TrainConfig
 from glmwb.rewards.config import LoRAConfig, RewardLossConfig, RewardTrainConfig, VerifierConfig
