@@ -39,7 +39,7 @@ import torch
 
 from glmwb.align.hf_common import optim_arguments
 from glmwb.annotation.preference_data import PreferenceDataConfig, WorldPairsConfig, load_records
-from glmwb.kernels.apply import KernelConfig
+from glmwb.kernels.config import KernelConfig
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.optim import OptimConfig
 from glmwb.pretrain.settings import LoRAConfig, RunConfig
@@ -463,11 +463,7 @@ def train_packed_engine(recipe: DPORecipe, init_from: str, train_records, tok, r
     from glmwb.pretrain.packing import encode_pair
 
     device = _device(recipe.train)
-    model = load_pretrained(init_from, device=device)
-    if recipe.kernels is not None:
-        from glmwb.kernels.apply import apply_kernels
-
-        apply_kernels(model, recipe.kernels)
+    model = load_pretrained(init_from, device=device, kernels=recipe.kernels)
     pairs = [encode_pair(tok, r.prompt, r.chosen, r.rejected) for r in train_records]
     o, t, loss = recipe.optim, recipe.train, recipe.loss
     settings = PackedSettings(

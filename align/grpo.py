@@ -38,7 +38,7 @@ import torch
 
 from glmwb.align.hf_common import metrics_callback, optim_arguments, peft_config, save_policy
 from glmwb.align.reward_funcs import RewardSetupError, RewardSpec, RuleReward, build_reward_funcs
-from glmwb.kernels.apply import KernelConfig
+from glmwb.kernels.config import KernelConfig
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.optim import OptimConfig
 from glmwb.pretrain.settings import LoRAConfig, RunConfig, WorldConfig

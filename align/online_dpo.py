@@ -38,7 +38,7 @@ from glmwb.align.dpo import (
     check_combination,
 )
 from glmwb.annotation.preference_data import WorldPairsConfig
-from glmwb.kernels.apply import KernelConfig
+from glmwb.kernels.config import KernelConfig
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.optim import OptimConfig
 from glmwb.pretrain.settings import RunConfig, WorldConfig

@@ -1,31 +1,23 @@
-"""``apply_kernels(model)``: swap our kernels into a GLM, reversibly, chosen by a config.
+"""``apply_kernels(model)``: swap our kernels into ``transformers``' Glm / Glm4 models, reversibly.
 
-Supported models and what each choice replaces (per instance: the module's ``forward`` is set on that
-instance; classes and the ``transformers`` module namespace are never touched):
+Those classes' code is not ours, so the kernels go in from outside: per instance, the module's ``forward`` is
+set on that instance (classes and the ``transformers`` module namespace are never touched). Our own GLM
+(``pretrain.model.GLM``) needs none of this: it picks its ops when it is built (``GLM(config, kernels=...)``).
 
-| choice      | ``pretrain.model.GLM``                         | ``transformers`` Glm / Glm4 (CausalLM, Model, ...) |
-|-------------|------------------------------------------------|-----------------------------------------------------|
-| rmsnorm     | every ``RMSNorm`` -> ``kernels.rmsnorm``;      | every ``GlmRMSNorm`` / ``Glm4RMSNorm``              |
-|             | ``Block``: residual add + MLP norm fused       |                                                     |
-| swiglu      | ``MLP``: down(swiglu(gate_up(x)))              | ``GlmMLP`` / ``Glm4MLP`` (hidden_act must be silu)  |
-| rotary      | ``Attention``: Triton rotary on q and k        | ``GlmAttention`` / ``Glm4Attention``: Triton rotary |
-| attention   | ``Attention``: ``kernels.attention`` dispatch  | same, for the sdpa / eager attn_implementation      |
-| fused_ce    | ``GLM.forward`` with labels and                | ``*ForCausalLM.forward`` with labels in training    |
-|             | ``return_logits=False``: fused linear + CE     | mode: fused linear + CE, logits None (as Liger)     |
+| choice      | what is replaced in ``transformers``' Glm / Glm4 (CausalLM, Model, ...)                    |
+|-------------|--------------------------------------------------------------------------------------------|
+| rmsnorm     | every ``GlmRMSNorm`` / ``Glm4RMSNorm`` -> ``kernels.rmsnorm``                              |
+| swiglu      | ``GlmMLP`` / ``Glm4MLP``: down(swiglu(gate_up(x))) (hidden_act must be silu)               |
+| rotary      | ``GlmAttention`` / ``Glm4Attention``: Triton rotary, positions from the layer's position_ids |
+| attention   | the same attention forward -> ``kernels.attention`` (sdpa / eager attn_implementation)     |
+| fused_ce    | ``*ForCausalLM.forward`` with labels in training mode: fused linear + CE, logits None      |
 
 Choices come from a config section such as ``kernels: {rmsnorm: triton, swiglu: torch}`` (a frozen
-``KernelConfig``; "torch" keeps the model's own code) and/or keyword flags (``True`` = our kernel,
-``False`` = torch). The returned ``KernelHandle.remove()`` (or ``revert_kernels(model)``) restores every
-replaced ``forward`` exactly as it was; parameters and buffers are never replaced, so the state dict and
+``KernelConfig``, kernels/config.py; "torch" keeps the model's own code) and/or keyword flags (``True`` = our
+kernel, ``False`` = torch). The returned ``KernelHandle.remove()`` (or ``revert_kernels(model)``) restores
+every replaced ``forward`` exactly as it was; parameters and buffers are never replaced, so the state dict and
 the optimizer's parameters are the same objects throughout. Applying to a model that already has kernels
 applied is an ERROR (``RuntimeError``): remove the first handle to change the choice.
-
-Rotary in our GLM: the model hands each block cos / sin only, while the Triton kernel computes the angles
-from the positions (fp32, never rounded to bf16). So ``GLM.hidden_states`` is wrapped to work out the
-positions by the model's own rule (given, else restarting per document, else from the padding mask, else
-0..T-1 after the cache) and to pass them explicitly; the first attention layer to see that call's cos
-tensor tags it with the positions, which later layers and gradient-checkpoint recomputation (same tensor)
-read back. An attention call whose cos carries no positions falls back to the model's own rotary.
 
 On a CPU the Triton kernels run only under ``TRITON_INTERPRET=1``; ``apply_kernels`` says so up front.
 """
@@ -36,66 +28,16 @@ import functools
 import sys
 import types
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-KERNEL_CHOICES: dict[str, tuple[str, ...]] = {
-    "rmsnorm": ("triton", "torch"),
-    "swiglu": ("triton", "torch"),
-    "rotary": ("triton", "torch"),
-    "fused_ce": ("triton", "torch"),
-    "attention": ("auto", "sdpa", "flash_attn", "torch"),  # auto: flash-attn where it can run, else SDPA
-}
+from glmwb.kernels.config import KernelConfig, check_triton_can_run, kernel_choice
+
 _HANDLE_ATTR = "_kernel_handle"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Config
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """Which implementation each op uses; "torch" keeps the model's own code."""
-
-    rmsnorm: str = "triton"
-    swiglu: str = "triton"
-    rotary: str = "triton"
-    fused_ce: str = "triton"
-    attention: str = "auto"
-
-    def __post_init__(self) -> None:
-        for name, allowed in KERNEL_CHOICES.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"KernelConfig: {name} must be one of {allowed}, got {value!r}")
-
-    @classmethod
-    def from_dict(cls, section: Mapping[str, Any] | None) -> KernelConfig:
-        """Strict: unknown keys are an error naming the allowed ones; booleans mean our kernel / torch."""
-        section = dict(section or {})
-        unknown = sorted(set(section) - set(KERNEL_CHOICES))
-        if unknown:
-            raise ValueError(f"KernelConfig: unknown key(s) {unknown}; allowed: {sorted(KERNEL_CHOICES)}")
-        return cls(**{name: _choice(name, value) for name, value in section.items()})
-
-    @classmethod
-    def all_torch(cls) -> KernelConfig:
-        return cls(**{name: "torch" for name in KERNEL_CHOICES})
-
-    def uses_triton(self) -> bool:
-        return "triton" in (self.rmsnorm, self.swiglu, self.rotary, self.fused_ce)
-
-
-def _choice(name: str, value: Any) -> str:
-    if value is True:
-        return KERNEL_CHOICES[name][0]
-    if value is False:
-        return "torch"
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -161,26 +103,20 @@ def apply_kernels(
     fused_ce: bool | str | None = None,
     attention: bool | str | None = None,
 ) -> KernelHandle:
-    """Swap kernels into ``model`` (our ``GLM``, or ``transformers``' Glm / Glm4 models); returns the handle.
+    """Swap kernels into ``model`` (``transformers``' Glm / Glm4 models); returns the handle.
 
     ``config``: a ``KernelConfig`` or its dict (the recipe's ``kernels:`` section); default all kernels on.
     Keyword flags override it: True = our kernel, False = the model's torch code, or a choice string.
     """
-    if isinstance(config, KernelConfig):
-        base = config
-    else:
-        base = KernelConfig.from_dict(config)
-    overrides = {
+    base = config if isinstance(config, KernelConfig) else KernelConfig.from_dict(config)
+    flags = {
         "rmsnorm": rmsnorm,
         "swiglu": swiglu,
         "rotary": rotary,
         "fused_ce": fused_ce,
         "attention": attention,
     }
-    cfg = KernelConfig(
-        **{f.name: _choice(f.name, overrides[f.name]) if overrides[f.name] is not None else getattr(base, f.name)
-           for f in fields(KernelConfig)}
-    )  # fmt: skip
+    cfg = replace(base, **{name: kernel_choice(name, v) for name, v in flags.items() if v is not None})
 
     existing = model.__dict__.get(_HANDLE_ATTR)
     if existing is not None and existing.active:
@@ -188,20 +124,18 @@ def apply_kernels(
             f"apply_kernels: kernels are already applied to this {type(model).__name__} ({existing.config}); "
             "call handle.remove() (or revert_kernels(model)) first"
         )
+    if not _hf_glm_modules(model):
+        raise ValueError(
+            f"apply_kernels: unsupported model {type(model).__name__}; supported: transformers' Glm / Glm4 "
+            "models (GlmForCausalLM, Glm4ForCausalLM, GlmModel, ...). Our GLM picks its kernels when it is "
+            "built: GLM(config, kernels=KernelConfig(...))"
+        )
     if cfg.uses_triton():
-        _check_triton_can_run()
+        check_triton_can_run("apply_kernels")
 
     handle = KernelHandle(model, cfg)
     try:
-        if _is_our_glm(model):
-            _apply_to_our_glm(model, cfg, handle)
-        elif _hf_glm_modules(model):
-            _apply_to_hf_glm(model, cfg, handle)
-        else:
-            raise ValueError(
-                f"apply_kernels: unsupported model {type(model).__name__}; supported: pretrain.model.GLM and "
-                "transformers' Glm / Glm4 models (GlmForCausalLM, Glm4ForCausalLM, GlmModel, ...)"
-            )
+        _apply_to_hf_glm(model, cfg, handle)
     except BaseException:
         handle.remove()
         raise
@@ -209,208 +143,20 @@ def apply_kernels(
     return handle
 
 
-def _check_triton_can_run() -> None:
-    from glmwb.kernels._common import is_interpreted
-    from glmwb.kernels.rmsnorm import _rmsnorm_fwd_kernel
-
-    if not torch.cuda.is_available() and not is_interpreted(_rmsnorm_fwd_kernel):
-        raise ValueError(
-            "apply_kernels: the Triton kernels need a CUDA GPU; on a CPU set TRITON_INTERPRET=1 before triton "
-            "is first imported, or choose 'torch' for rmsnorm / swiglu / rotary / fused_ce"
-        )
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Shared forwards
+# Forwards of the norm and the MLP
 
 
-def _rmsnorm_forward(eps_attr: str) -> Callable:
+def _rmsnorm_forward(self, x: torch.Tensor, original: Callable) -> torch.Tensor:
     from glmwb.kernels.rmsnorm import rmsnorm
 
-    def forward(self, x: torch.Tensor, original: Callable) -> torch.Tensor:
-        return rmsnorm(x, self.weight, getattr(self, eps_attr))
-
-    return forward
+    return rmsnorm(x, self.weight, self.variance_epsilon)
 
 
 def _swiglu_mlp_forward(self, x: torch.Tensor, original: Callable) -> torch.Tensor:
     from glmwb.kernels.swiglu import swiglu
 
     return self.down_proj(swiglu(self.gate_up_proj(x)))  # gate_up (.., 2I), gate first
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Our GLM
-
-
-def _is_our_glm(model: nn.Module) -> bool:
-    mod = sys.modules.get("glmwb.pretrain.model")
-    return mod is not None and isinstance(model, mod.GLM)
-
-
-class _PositionsByCos:
-    """The positions of the current ``hidden_states`` call, handed to the attention layers through its cos."""
-
-    TAG = "_kernel_positions"
-
-    def __init__(self) -> None:
-        self.pending: torch.Tensor | None = None
-
-    def positions_for(self, cos: torch.Tensor) -> torch.Tensor | None:
-        positions = getattr(cos, self.TAG, None)
-        if positions is None and self.pending is not None and self.pending.shape[-1] == cos.shape[1]:
-            positions = self.pending
-            setattr(cos, self.TAG, positions)
-        return positions
-
-
-def _our_block_forward(self, x, cos, sin, attn_mask, is_causal, kv_cache=None, *, original):
-    """``Block.forward`` with the attention's residual add and the MLP's norm in one kernel
-    (``rmsnorm_add``: one pass over the rows instead of an add, then a norm that reads the sum again)."""
-    from glmwb.kernels.rmsnorm import rmsnorm_add
-
-    h = self.attn(self.attn_norm(x), cos, sin, attn_mask, is_causal, kv_cache)
-    if self.post_attn_norm is not None:
-        h = self.post_attn_norm(h)
-    normed, x = rmsnorm_add(h, x, self.mlp_norm.weight, self.mlp_norm.eps)  # mlp_norm(x + h), x + h
-    h = self.mlp(normed)
-    if self.post_mlp_norm is not None:
-        h = self.post_mlp_norm(h)
-    return x + h
-
-
-def _apply_to_our_glm(model: nn.Module, cfg: KernelConfig, handle: KernelHandle) -> None:
-    from glmwb.pretrain import model as glm
-
-    if cfg.rmsnorm == "triton":
-        forward = _rmsnorm_forward("eps")
-        for module in model.modules():
-            if isinstance(module, glm.RMSNorm):
-                handle.patch(module, "forward", forward, "rmsnorm")
-            elif isinstance(module, glm.Block):
-                handle.patch(module, "forward", _our_block_forward, "add+rmsnorm")
-    if cfg.swiglu == "triton":
-        for module in model.modules():
-            if isinstance(module, glm.MLP):
-                handle.patch(module, "forward", _swiglu_mlp_forward, "swiglu")
-    if cfg.rotary == "triton" or cfg.attention != "torch":
-        from glmwb.kernels.rotary import rotary_inv_freq
-
-        positions = _PositionsByCos()
-        inv_freq = rotary_inv_freq(model.config.rotary_dim, model.config.rope_theta)
-        attention_forward = _our_attention_forward(cfg, positions, inv_freq)
-        kind = (
-            "attention"
-            if cfg.rotary == "torch"
-            else "rotary"
-            if cfg.attention == "torch"
-            else "rotary+attention"
-        )
-        for module in model.modules():
-            if isinstance(module, glm.Attention):
-                handle.patch(module, "forward", attention_forward, kind)
-        if cfg.rotary == "triton":
-            handle.patch(model, "hidden_states", _our_hidden_states(positions), "positions")
-    if cfg.fused_ce == "triton":
-        handle.patch(model, "forward", _our_glm_forward, "fused_ce")
-
-
-def _our_default_positions(
-    input_ids: torch.Tensor,
-    doc_ids: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
-    kv_cache: Any,
-) -> torch.Tensor:
-    """``GLM.hidden_states``' rule for positions when none are given (kept in step by the parity tests)."""
-    from glmwb.pretrain.model import doc_position_ids
-
-    batch, seq_len = input_ids.shape
-    past = 0 if kv_cache is None else kv_cache.length
-    if doc_ids is not None:
-        return doc_position_ids(doc_ids)  # (B, T)
-    if attention_mask is not None and attention_mask.shape == (batch, past + seq_len):
-        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
-    return torch.arange(past, past + seq_len, device=input_ids.device)[None]  # (1, T)
-
-
-def _our_hidden_states(positions: _PositionsByCos) -> Callable:
-    def hidden_states(
-        self, input_ids, position_ids=None, doc_ids=None, attention_mask=None, kv_cache=None, *, original
-    ):
-        if position_ids is None:
-            position_ids = _our_default_positions(input_ids, doc_ids, attention_mask, kv_cache)
-        previous, positions.pending = positions.pending, position_ids
-        try:
-            return original(input_ids, position_ids, doc_ids, attention_mask, kv_cache)
-        finally:
-            positions.pending = previous
-
-    return hidden_states
-
-
-def _our_attention_forward(cfg: KernelConfig, positions: _PositionsByCos, inv_freq: torch.Tensor) -> Callable:
-    from glmwb.kernels.attention import attention
-    from glmwb.kernels.rotary import apply_rotary_qkv_
-    from glmwb.pretrain.model import apply_rotary as torch_rotary
-
-    backend = "sdpa" if cfg.attention == "torch" else cfg.attention
-    freqs: dict[torch.device, torch.Tensor] = {}
-
-    def forward(self, x, cos, sin, attn_mask, is_causal, kv_cache=None, *, original):
-        B, T, C = x.shape
-        H, K, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        pos = positions.positions_for(cos) if cfg.rotary == "triton" else None
-        if pos is not None:
-            if x.device not in freqs:
-                freqs[x.device] = inv_freq.to(x.device)
-            # A Linear on 2-D input returns a fresh tensor (on 3-D input, a view): rotate its q and k heads in
-            # place, touching only their rotary half, then view and split (q, k, v: views of one buffer).
-            qkv = self.qkv_proj(x.reshape(B * T, C))  # (B * T, (H + 2K) * hd)
-            if qkv._base is not None:  # a wrapper returned a view: rotating it in place would copy more
-                qkv = qkv.clone(memory_format=torch.contiguous_format)
-            qkv = apply_rotary_qkv_(qkv, pos, freqs[x.device], H, K).view(B, T, H + 2 * K, hd)
-            q, k, v = qkv.split((H, K, K), dim=2)  # (B, T, H | K | K, hd) views
-        else:
-            qkv = self.qkv_proj(x).view(B, T, H + 2 * K, hd)  # (B, T, H + 2K, hd)
-            qk, v = qkv.split((H + K, K), dim=2)  # (B, T, H + K, hd), (B, T, K, hd)
-            q, k = torch_rotary(qk, cos, sin).split((H, K), dim=2)
-        if kv_cache is not None:
-            k_all, v_all = kv_cache.update(
-                self.layer_idx, k.transpose(1, 2), v.transpose(1, 2)
-            )  # (B, K, S, hd)
-            k, v = k_all.transpose(1, 2), v_all.transpose(1, 2)  # (B, S, K, hd) views
-        y = attention(q, k, v, causal=is_causal, attn_mask=attn_mask, backend=backend)  # (B, T, H, hd)
-        return self.o_proj(y.reshape(B, T, H * hd))
-
-    return forward
-
-
-def _our_glm_forward(
-    self,
-    input_ids,
-    position_ids=None,
-    doc_ids=None,
-    attention_mask=None,
-    labels=None,
-    kv_cache=None,
-    *,
-    return_logits: bool = True,
-    original: Callable,
-):
-    """``GLM.forward``; with labels and ``return_logits=False``, the loss by fused linear + CE (no logits)."""
-    if labels is None or return_logits:
-        return original(
-            input_ids, position_ids, doc_ids, attention_mask, labels, kv_cache, return_logits=return_logits
-        )
-    from glmwb.kernels.fused_linear_ce import fused_linear_cross_entropy
-    from glmwb.pretrain.model import IGNORE_INDEX, GLMOutput
-
-    h = self.hidden_states(input_ids, position_ids, doc_ids, attention_mask, kv_cache)  # (B, T, D)
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): next-token labels, as causal_lm_loss
-    loss = fused_linear_cross_entropy(
-        h, self.lm_head.weight, targets, self.lm_head.bias, ignore_index=IGNORE_INDEX
-    )
-    return GLMOutput(logits=None, loss=loss)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -441,10 +187,9 @@ def _apply_to_hf_glm(model: nn.Module, cfg: KernelConfig, handle: KernelHandle) 
     classes = _hf_classes()
     modules = list(model.modules())
     if cfg.rmsnorm == "triton":
-        forward = _rmsnorm_forward("variance_epsilon")
         for module in modules:
             if isinstance(module, classes["norm"]):
-                handle.patch(module, "forward", forward, "rmsnorm")
+                handle.patch(module, "forward", _rmsnorm_forward, "rmsnorm")
     if cfg.swiglu == "triton":
         for module in modules:
             if isinstance(module, classes["mlp"]):

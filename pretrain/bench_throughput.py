@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--kernels",
         action="store_true",
-        help="also time both models with kernels.apply_kernels (Triton RMSNorm, SwiGLU, rotary, fused CE)",
+        help="also time our GLM built with every kernel (Triton RMSNorm, SwiGLU, rotary, fused CE) and HF's "
+        "with kernels.apply_kernels",
     )
     return p.parse_args(argv)
 
@@ -118,11 +119,14 @@ def main(argv: list[str] | None = None) -> dict:
         import copy
 
         from glmwb.kernels.apply import apply_kernels
+        from glmwb.kernels.config import KernelConfig
 
-        for name, model, is_hf in (("ours+kernels", ours, False), ("hf+kernels", hf, True)):
-            twin = copy.deepcopy(model)
-            apply_kernels(twin)
-            steps[name] = make_step(twin, is_hf, input_ids)
+        ours_kernels = GLM(cfg, kernels=KernelConfig()).to(device=device, dtype=dtype).train()
+        ours_kernels.load_state_dict(ours.state_dict())
+        hf_kernels = copy.deepcopy(hf)
+        apply_kernels(hf_kernels)
+        steps["ours+kernels"] = make_step(ours_kernels, False, input_ids)
+        steps["hf+kernels"] = make_step(hf_kernels, True, input_ids)
 
     first_loss = {name: step() for name, step in steps.items()}  # same weights, same batch: same loss
     for _ in range(args.warmup - 1):

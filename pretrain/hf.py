@@ -27,6 +27,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from glmwb.kernels.config import KernelConfig
 from glmwb.pretrain.config import GLMConfig
 from glmwb.pretrain.model import GLM
 
@@ -281,9 +282,15 @@ def _load_hf_weights(folder: Path) -> dict[str, Tensor]:
     )
 
 
-def load_pretrained(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None) -> GLM:
+def load_pretrained(
+    folder: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    kernels: KernelConfig | None = None,
+) -> GLM:
     """Our GLM from a folder written by ``save_pretrained`` or by ``GlmForCausalLM`` / ``Glm4ForCausalLM``
-    (single or sharded safetensors). Tensors are cast to ``dtype``; no random init is materialised."""
+    (single or sharded safetensors). Tensors are cast to ``dtype``; no random init is materialised.
+    ``kernels``: the model's ops (``GLM(config, kernels)``; None: plain PyTorch)."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.exists():
@@ -292,6 +299,6 @@ def load_pretrained(folder: str | Path, dtype: torch.dtype = torch.float32, devi
     sd = from_hf_state_dict(_load_hf_weights(folder), cfg)
     sd = {k: v.to(device=device or "cpu", dtype=dtype) for k, v in sd.items()}
     with torch.device("meta"):
-        model = GLM(cfg)
+        model = GLM(cfg, kernels)
     model.load_state_dict(sd, assign=True)
     return model

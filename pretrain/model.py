@@ -1,7 +1,12 @@
-"""GLM-4 decoder in plain PyTorch, read top to bottom: norm -> rotary -> attention -> MLP -> block -> model.
+"""GLM-4 decoder, read top to bottom: norm -> rotary -> attention -> MLP -> block -> model.
 
 Numerically it is ``transformers.GlmForCausalLM`` (``Glm4ForCausalLM`` with ``post_norms``); the one layout
 difference is a fused ``qkv_proj`` (one matmul instead of three), split back apart by ``pretrain/hf.py``.
+
+Each op (RMSNorm and the residual add + RMSNorm, SwiGLU, rotary, attention, LM head + cross-entropy) is
+chosen when the model is built, from a ``KernelConfig`` (``GLM(config, kernels=...)``): the plain PyTorch
+functions in this file (the default, and the reference every kernel is tested against), or the Triton kernels
+of ``glmwb.kernels`` (imported only when chosen). The positions reach the rotary op explicitly (``Rope``).
 
 Shapes: B batch, T new tokens, S keys (cached + new), D hidden, H query heads, K key/value heads,
 hd head dim, R rotary dims (the first R of each head), V vocabulary.
@@ -9,7 +14,10 @@ hd head dim, R rotary dims (the first R of each head), V vocabulary.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,28 +25,58 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from glmwb.kernels.config import KernelConfig, check_triton_can_run
 from glmwb.pretrain.config import GLMConfig
 
 IGNORE_INDEX = -100
+
+
+def _kernel_op(module: str, name: str) -> Callable:
+    """``glmwb.kernels.<module>.<name>``, imported when a model chooses it (Triton need not be installed)."""
+    return getattr(importlib.import_module(f"glmwb.kernels.{module}"), name)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # RMSNorm
 
 
-class RMSNorm(nn.Module):
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """y = weight * (x / sqrt(mean(x^2) + eps)); the variance in fp32, rounded to the input dtype before the
     weight multiply, exactly as ``GlmRMSNorm`` (so bf16 outputs match Hugging Face bit for bit)."""
+    input_dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(input_dtype)
 
-    def __init__(self, dim: int, eps: float) -> None:
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """A block's residual add and the norm after it: (rms_norm(residual + x), residual + x)."""
+    residual = residual + x
+    return rms_norm(residual, weight, eps), residual
+
+
+class RMSNorm(nn.Module):
+    """``rms_norm`` with a learned weight; ``forward(x, residual)`` also adds the residual first and returns
+    the sum too (one pass over the rows with the Triton kernel: ``kernels.rmsnorm.rmsnorm_add``)."""
+
+    def __init__(self, dim: int, eps: float, kernel: str = "torch") -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernel = kernel
+        if kernel == "triton":
+            self.norm_fn = _kernel_op("rmsnorm", "rmsnorm")
+            self.add_norm_fn = _kernel_op("rmsnorm", "rmsnorm_add")
+        else:
+            self.norm_fn, self.add_norm_fn = rms_norm, add_rms_norm
 
-    def forward(self, x: Tensor) -> Tensor:
-        input_dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(input_dtype)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        if residual is None:
+            return self.norm_fn(x, self.weight, self.eps)
+        return self.add_norm_fn(x, residual, self.weight, self.eps)  # (normed, residual + x)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, kernel={self.kernel}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -73,6 +111,66 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, R/2)
     rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)  # (B, T, N, R/2, 2)
     return torch.cat((rotated.flatten(-2), x_pass), dim=-1)  # (B, T, N, hd)
+
+
+@dataclass
+class Rope:
+    """What every layer's rotary op takes in one forward: the positions (B | 1, T) and, made from them once,
+    either the cos / sin of their angles (B | 1, T, R/2) in the activation dtype (PyTorch rotary) or
+    inv_freq (R/2,) in fp32 (the Triton rotary makes the angles itself, in fp32, from the positions)."""
+
+    positions: Tensor
+    cos: Tensor | None = None
+    sin: Tensor | None = None
+    inv_freq: Tensor | None = None
+
+
+def rope_cos_sin(position_ids: Tensor, rotary_dim: int, theta: float, dtype: torch.dtype) -> Rope:
+    cos, sin = rotary_cos_sin(position_ids, rotary_dim, theta, dtype)
+    return Rope(position_ids, cos=cos, sin=sin)
+
+
+def rope_inv_freq(position_ids: Tensor, rotary_dim: int, theta: float, dtype: torch.dtype) -> Rope:
+    from glmwb.kernels.rotary import rotary_inv_freq
+
+    return Rope(position_ids, inv_freq=rotary_inv_freq(rotary_dim, theta, device=position_ids.device))
+
+
+def qkv_rotary(
+    qkv_proj: nn.Module, x: Tensor, rope: Rope, num_heads: int, num_kv_heads: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Project x (B, T, D) to q, k, v (B, T, H | K | K, hd) token-major, q and k rotated by ``apply_rotary``."""
+    B, T, _ = x.shape
+    H, K = num_heads, num_kv_heads
+    qkv = qkv_proj(x).view(B, T, H + 2 * K, -1)  # (B, T, H + 2K, hd)
+    qk, v = qkv.split((H + K, K), dim=2)  # (B, T, H + K, hd), (B, T, K, hd)
+    q, k = apply_rotary(qk, rope.cos, rope.sin).split((H, K), dim=2)  # q and k rotate in one pass
+    return q, k, v
+
+
+def qkv_rotary_triton(
+    qkv_proj: nn.Module, x: Tensor, rope: Rope, num_heads: int, num_kv_heads: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``qkv_rotary`` with the Triton rotary, in place on the projection's output: it reads and writes only
+    the rotating half of each q / k head (``kernels.rotary.apply_rotary_qkv_``)."""
+    from glmwb.kernels.rotary import apply_rotary_qkv_
+
+    B, T, D = x.shape
+    H, K = num_heads, num_kv_heads
+    # A Linear on 2-D input returns a fresh tensor (on 3-D input, a view, and an in-place op on a view makes
+    # autograd copy the whole gradient to rebase it)
+    qkv = qkv_proj(x.reshape(B * T, D))  # (B * T, (H + 2K) * hd)
+    if qkv._base is not None:  # a wrapper returned a view: rotating it in place would copy more
+        qkv = qkv.clone(memory_format=torch.contiguous_format)
+    qkv = apply_rotary_qkv_(qkv, rope.positions, rope.inv_freq, H, K).view(B, T, H + 2 * K, -1)
+    q, k, v = qkv.split((H, K, K), dim=2)  # (B, T, H | K | K, hd) views
+    return q, k, v
+
+
+# per ``KernelConfig.rotary``: what the model makes from the positions once per forward, and what each layer
+# does with it
+ROPE_INPUTS = {"torch": rope_cos_sin, "triton": rope_inv_freq}
+QKV_ROTARY = {"torch": qkv_rotary, "triton": qkv_rotary_triton}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -157,11 +255,44 @@ def build_attention_mask(
 # Attention
 
 
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+    """PyTorch SDPA on token-major q (B, T, H, hd), k / v (B, S, K, hd); returns (B, T, H, hd)."""
+    H, K = q.shape[2], k.shape[2]
+    # heads-first views for SDPA; kept token-major in memory, so SDPA's output is too and the reshape
+    # back to (B, T, H * hd) after it is free
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H | K, T | S, hd)
+    enable_gqa = H != K
+    if enable_gqa and attn_mask is not None and q.device.type != "cpu":
+        # as transformers does: CUDA's kernels that take a mask do not take enable_gqa (only the slow math
+        # one would), so share the kv heads explicitly; query head h reads kv head h // (H / K)
+        k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)  # (B, H, S, hd)
+        enable_gqa = False
+    y = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa
+    )  # (B, H, T, hd)
+    return y.transpose(1, 2)  # (B, T, H, hd)
+
+
+def dispatch_attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, *, backend: str
+) -> Tensor:
+    """``kernels.attention.attention``: flash-attn where it can run (``backend`` auto / flash_attn), else SDPA."""
+    from glmwb.kernels.attention import attention
+
+    return attention(q, k, v, causal=is_causal, attn_mask=attn_mask, backend=backend)  # (B, T, H, hd)
+
+
+def attention_op(choice: str) -> Callable:
+    """The attention function for a ``KernelConfig.attention`` choice."""
+    return sdpa_attention if choice == "torch" else functools.partial(dispatch_attention, backend=choice)
+
+
 class Attention(nn.Module):
     """Grouped-query attention with a fused q/k/v projection (bias = attention_bias) and no o_proj bias."""
 
-    def __init__(self, config: GLMConfig, layer_idx: int) -> None:
+    def __init__(self, config: GLMConfig, layer_idx: int, kernels: KernelConfig | None = None) -> None:
         super().__init__()
+        kernels = kernels or KernelConfig.all_torch()
         self.layer_idx = layer_idx
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -169,54 +300,55 @@ class Attention(nn.Module):
         qkv_dim = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, qkv_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        self.rotary_kernel, self.attention_kernel = kernels.rotary, kernels.attention
+        self.qkv_fn = QKV_ROTARY[kernels.rotary]
+        self.attention_fn = attention_op(kernels.attention)
 
     def forward(
         self,
         x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        rope: Rope,
         attn_mask: Tensor | None,
         is_causal: bool,
         kv_cache: KVCache | None = None,
     ) -> Tensor:
         B, T, _ = x.shape
-        H, K, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x).view(B, T, H + 2 * K, hd)  # (B, T, H + 2K, hd)
-        qk, v = qkv.split((H + K, K), dim=2)  # (B, T, H + K, hd), (B, T, K, hd)
-        q, k = apply_rotary(qk, cos, sin).split((H, K), dim=2)  # q and k rotate in one pass
-        # heads-first views for SDPA; kept token-major in memory, so SDPA's output is too and the reshape
-        # back to (B, T, H * hd) below is free
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H | K, T, hd)
+        q, k, v = self.qkv_fn(self.qkv_proj, x, rope, self.num_heads, self.num_kv_heads)  # (B, T, H | K, hd)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, K, S, hd)
-        enable_gqa = H != K
-        if enable_gqa and attn_mask is not None and q.device.type != "cpu":
-            # as transformers does: CUDA's kernels that take a mask do not take enable_gqa (only the slow math
-            # one would), so share the kv heads explicitly; query head h reads kv head h // (H / K)
-            k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)  # (B, H, S, hd)
-            enable_gqa = False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa
-        )  # (B, H, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H * hd)
-        return self.o_proj(y)
+            k, v = kv_cache.update(self.layer_idx, k.transpose(1, 2), v.transpose(1, 2))  # (B, K, S, hd)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, S, K, hd) views
+        y = self.attention_fn(q, k, v, attn_mask, is_causal)  # (B, T, H, hd)
+        return self.o_proj(y.reshape(B, T, self.num_heads * self.head_dim))  # (B, T, D)
+
+    def extra_repr(self) -> str:
+        return f"rotary={self.rotary_kernel}, attention={self.attention_kernel}"
 
 
 # ----------------------------------------------------------------------------------------------------------
 # MLP
 
 
+def swiglu(gate_up: Tensor) -> Tensor:
+    """up * silu(gate) from the fused gate_up_proj output (..., 2I), gate first; returns (..., I)."""
+    gate, up = gate_up.chunk(2, dim=-1)  # (B, T, I) each
+    return up * F.silu(gate)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(up * silu(gate)) with a fused gate_up_proj, gate first; no biases."""
 
-    def __init__(self, config: GLMConfig) -> None:
+    def __init__(self, config: GLMConfig, kernel: str = "torch") -> None:
         super().__init__()
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.kernel = kernel
+        self.swiglu_fn = _kernel_op("swiglu", "swiglu") if kernel == "triton" else swiglu
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
-        return self.down_proj(up * F.silu(gate))
+        return self.down_proj(self.swiglu_fn(self.gate_up_proj(x)))
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -227,32 +359,33 @@ class Block(nn.Module):
     """Pre-norm residual block; with ``post_norms`` (glm4) each sublayer's output is normed again before
     the residual add: x + post_norm(sublayer(norm(x)))."""
 
-    def __init__(self, config: GLMConfig, layer_idx: int) -> None:
+    def __init__(self, config: GLMConfig, layer_idx: int, kernels: KernelConfig | None = None) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = Attention(config, layer_idx)
-        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        kernels = kernels or KernelConfig.all_torch()
+        dim, eps, norm_kernel = config.hidden_size, config.rms_norm_eps, kernels.rmsnorm
+        self.attn_norm = RMSNorm(dim, eps, norm_kernel)
+        self.attn = Attention(config, layer_idx, kernels)
+        self.mlp_norm = RMSNorm(dim, eps, norm_kernel)
+        self.mlp = MLP(config, kernels.swiglu)
         if config.post_norms:
-            self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.post_mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.post_attn_norm = RMSNorm(dim, eps, norm_kernel)
+            self.post_mlp_norm = RMSNorm(dim, eps, norm_kernel)
         else:
             self.post_attn_norm = self.post_mlp_norm = None
 
     def forward(
         self,
         x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        rope: Rope,
         attn_mask: Tensor | None,
         is_causal: bool,
         kv_cache: KVCache | None = None,
     ) -> Tensor:
-        h = self.attn(self.attn_norm(x), cos, sin, attn_mask, is_causal, kv_cache)
+        h = self.attn(self.attn_norm(x), rope, attn_mask, is_causal, kv_cache)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
-        x = x + h
-        h = self.mlp(self.mlp_norm(x))
+        normed, x = self.mlp_norm(h, residual=x)  # mlp_norm(x + h), x + h
+        h = self.mlp(normed)
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
         return x + h
@@ -320,16 +453,36 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return CrossEntropy.apply(logits.flatten(0, 1), targets.flatten())
 
 
-class GLM(nn.Module):
-    """GLM-4 causal LM: embedding -> blocks -> final norm -> untied lm_head."""
+def fused_causal_lm_loss(hidden: Tensor, lm_head: nn.Linear, labels: Tensor) -> Tensor:
+    """``causal_lm_loss(lm_head(hidden), labels)`` by the Triton fused LM head + cross-entropy
+    (``kernels.fused_linear_ce``): the (B, T, V) logits never exist. hidden (B, T, D), labels (B, T)."""
+    from glmwb.kernels.fused_linear_ce import fused_linear_cross_entropy
 
-    def __init__(self, config: GLMConfig) -> None:
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
+    return fused_linear_cross_entropy(
+        hidden, lm_head.weight, targets, lm_head.bias, ignore_index=IGNORE_INDEX
+    )
+
+
+class GLM(nn.Module):
+    """GLM-4 causal LM: embedding -> blocks -> final norm -> untied lm_head.
+
+    ``kernels``: which implementation each op uses (``None``: the plain PyTorch functions of this file);
+    the choice changes no parameter, so a state dict loads into a model built with any choice.
+    """
+
+    def __init__(self, config: GLMConfig, kernels: KernelConfig | None = None) -> None:
         super().__init__()
+        kernels = kernels or KernelConfig.all_torch()
+        if kernels.uses_triton():
+            check_triton_can_run("GLM")
         self.config = config
+        self.kernels = kernels
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.blocks = nn.ModuleList(Block(config, i, kernels) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels.rmsnorm)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rope_fn = ROPE_INPUTS[kernels.rotary]
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
 
@@ -398,14 +551,14 @@ class GLM(nn.Module):
 
         x = self.embed_tokens(input_ids)  # (B, T, D)
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
-        cos, sin = rotary_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta, dtype)
+        rope = self.rope_fn(position_ids, self.config.rotary_dim, self.config.rope_theta, dtype)
 
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if use_checkpoint and kv_cache is None:
-                x = checkpoint(block, x, cos, sin, attn_mask, is_causal, use_reentrant=False)
+                x = checkpoint(block, x, rope, attn_mask, is_causal, use_reentrant=False)
             else:
-                x = block(x, cos, sin, attn_mask, is_causal, kv_cache)
+                x = block(x, rope, attn_mask, is_causal, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.norm(x)
@@ -423,9 +576,12 @@ class GLM(nn.Module):
     ) -> GLMOutput:
         """Logits (B, T, V) and, with labels (B, T; -100 = ignore), the mean next-token loss (shift inside).
 
-        ``return_logits=False`` (only with labels) drops the logits from the output once the loss is computed.
+        ``return_logits=False`` (only with labels) drops the logits from the output once the loss is computed;
+        with ``kernels.fused_ce == "triton"`` the loss is then computed without them (``fused_causal_lm_loss``).
         """
         h = self.hidden_states(input_ids, position_ids, doc_ids, attention_mask, kv_cache)
+        if labels is not None and not return_logits and self.kernels.fused_ce == "triton":
+            return GLMOutput(logits=None, loss=fused_causal_lm_loss(h, self.lm_head, labels))
         logits = self.lm_head(h)  # (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         if loss is not None and not return_logits:

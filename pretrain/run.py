@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import torch
 
-from glmwb.kernels.apply import KernelConfig
+from glmwb.kernels.config import KernelConfig
 from glmwb.pretrain.config import GLMConfig
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.optim import OptimConfig
@@ -147,11 +147,10 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
 
     cfg = recipe.model.with_(pad_token_id=tok.pad_token_id, eos_token_ids=tuple(turn_terminator_ids(tok)))
     torch.manual_seed(recipe.run.seed)
-    model = load_pretrained(recipe.train.init_from) if recipe.train.init_from else GLM(cfg)
-    if recipe.kernels is not None:
-        from glmwb.kernels.apply import apply_kernels
-
-        apply_kernels(model, recipe.kernels)
+    if recipe.train.init_from:
+        model = load_pretrained(recipe.train.init_from, kernels=recipe.kernels)
+    else:
+        model = GLM(cfg, kernels=recipe.kernels)
     print(
         f"model: {model.num_params() / 1e6:.2f}M parameters, {cfg.num_layers} layers, hidden {cfg.hidden_size}"
     )

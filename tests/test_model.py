@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -346,3 +348,21 @@ def test_autocast_bf16_forward_backward():
     out.loss.backward()
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_the_default_model_imports_no_kernel(tmp_path):
+    """Built without a kernel config the model is the plain PyTorch code of pretrain/model.py: no Triton (it
+    may not be installed) and no kernel module of ours beyond the config is imported, forward or backward."""
+    code = (
+        "import sys, torch\n"
+        "from glmwb.pretrain.config import GLMConfig\n"
+        "from glmwb.pretrain.model import GLM\n"
+        "model = GLM(GLMConfig(vocab_size=64, num_layers=1))\n"
+        "ids = torch.tensor([[1, 2, 3]])\n"
+        "model(ids, labels=ids, return_logits=False).loss.backward()\n"
+        "print(sorted(m for m in sys.modules if m == 'triton' or m.startswith(('triton.', 'glmwb.kernels.'))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True
+    )
+    assert out.stdout.strip() == "['glmwb.kernels.config']", out.stdout + out.stderr

@@ -36,9 +36,9 @@ def packed(tiny_tokenizer, tmp_path_factory):
     return load_packed(out / "train"), load_packed(out / "heldout")
 
 
-def _run(packed, tok, run_dir, **train_kw):
+def _run(packed, tok, run_dir, kernels=None, **train_kw):
     torch.manual_seed(0)
-    model = GLM(TINY.with_(vocab_size=max(TINY.vocab_size, len(tok))))
+    model = GLM(TINY.with_(vocab_size=max(TINY.vocab_size, len(tok))), kernels=kernels)
     cfg = TrainConfig(
         **{
             "batch_size": 4,
@@ -109,6 +109,30 @@ def test_grad_accumulation_1x8_equals_8x1(packed, tiny_tokenizer, tmp_path):
     big, _ = _run(packed, tiny_tokenizer, tmp_path / "a", batch_size=8, grad_accum=1, max_steps=3)
     small, _ = _run(packed, tiny_tokenizer, tmp_path / "b", batch_size=1, grad_accum=8, max_steps=3)
     assert _max_diff(big, small) < 2e-5
+
+
+def test_kernels_on_equals_kernels_off_in_the_loop(packed, tiny_tokenizer, tmp_path):
+    """The loop asks for no logits, so a model built with the kernels takes the fused LM head + CE too."""
+    pytest.importorskip("triton")
+    from glmwb.kernels.config import KernelConfig
+
+    runs = {}
+    for name, kernels in (("plain", None), ("kernels", KernelConfig())):
+        _run(
+            packed,
+            tiny_tokenizer,
+            tmp_path / name,
+            kernels=kernels,
+            batch_size=2,
+            max_steps=3,
+            eval_batches=1,
+        )
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = torch.tensor(
+            [r["loss"] for r in rows if r["kind"] == "train"] + [rows[-1]["heldout_loss"]]
+        )
+    assert len(runs["plain"]) == 4 and runs["plain"][2] < runs["plain"][0]
+    assert (runs["kernels"] - runs["plain"]).abs().max() < 1e-4
 
 
 def test_quickstart_pipeline_end_to_end(tmp_path, capsys):

@@ -77,3 +77,31 @@ def bf16_round_to_nearest(monkeypatch):
 
     monkeypatch.setattr(interpreter, "_convert_float", convert_float)
     yield
+
+
+@pytest.fixture
+def launches(monkeypatch) -> dict[str, int]:
+    """Counts of each Triton launcher called, to prove the kernels (not the torch code) ran."""
+    import glmwb.kernels.fused_linear_ce
+    import glmwb.kernels.rmsnorm
+    import glmwb.kernels.rotary
+    import glmwb.kernels.swiglu
+
+    counts = {"rmsnorm": 0, "swiglu": 0, "rotary": 0, "fused_ce": 0, "rmsnorm_add": 0}
+    for key, module, name in [
+        ("rmsnorm", glmwb.kernels.rmsnorm, "_rmsnorm_fwd"),
+        ("swiglu", glmwb.kernels.swiglu, "_swiglu_fwd"),
+        ("rotary", glmwb.kernels.rotary, "_rotary_fwd"),
+        ("rotary", glmwb.kernels.rotary, "_rotary_inplace"),  # our GLM's path: in place on the fused qkv
+        ("fused_ce", glmwb.kernels.fused_linear_ce, "_fused_linear_ce_fwd"),
+    ]:
+        original = getattr(module, name)
+
+        def counted(*args, _original=original, _key=key, **kwargs):
+            counts[_key] += 1
+            if _key == "rmsnorm" and len(args) > 3 and args[3] is not None:  # (x, weight, eps, residual)
+                counts["rmsnorm_add"] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return counts
