@@ -8,21 +8,27 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 
 from glmwb.pretrain.errors import ConfigError
+from glmwb.pretrain.ranges import Range
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class RecipeError(ConfigError):
     """A mistake in a recipe or an override: printed to the user as is, exit code 2."""
+
+
+class OutOfRange(RecipeError):
+    """A number of the right type outside its field's range (or not finite)."""
 
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of settings; anything this large is a mistake
@@ -120,6 +126,8 @@ def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _type_name(typing.get_args(tp)[0])
     if origin in (Union, types.UnionType):
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is Literal:
@@ -133,8 +141,17 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
-    """Check `value` against the annotation `tp`; return it converted (lists → tuples, dicts → dataclasses)."""
+    """Check `value` against the annotation `tp`; return it converted (lists → tuples, dicts → dataclasses).
+    ``Annotated[T, Range(...)]`` checks the converted value's range too (pretrain/ranges.py)."""
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *extras = typing.get_args(tp)
+        converted = _convert(value, base, where, source)
+        for extra in extras:
+            if isinstance(extra, Range) and converted is not None and not extra.holds(converted):
+                kind = "an integer" if base is int else "a finite number"
+                raise OutOfRange(f"{source}: {where} must be {kind} {extra.describe()}, got {value!r}")
+        return converted
     bad = RecipeError(f"{source}: {where} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if tp is Any:
         return value
@@ -142,14 +159,17 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        out_of_range = None
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg, where, source)
+            except OutOfRange as e:  # the right type, a wrong value: say so rather than "must be int | null"
+                out_of_range = out_of_range or e
             except RecipeError:
                 continue
-        raise bad
+        raise out_of_range or bad
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
@@ -179,10 +199,14 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
         raise bad
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
-        raise bad
+            number = float(value)
+        elif isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            number = float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
+        else:
+            raise bad
+        if not math.isfinite(number):
+            raise OutOfRange(f"{source}: {where} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -194,7 +218,7 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
 
 def build(cls: type, data: dict[str, Any], where: str = "", source: str = "recipe") -> Any:
     """Build the dataclass `cls` from `data`, strictly: unknown keys and wrong types are errors."""
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in data.items():
