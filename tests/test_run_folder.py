@@ -149,7 +149,7 @@ def test_a_truncated_last_metrics_line_is_skipped_and_dropped_on_resume(tmp_path
 # KIND:N = die at the N-th operation of that kind in one process (tests/run_folder_child.py). The first list
 # hits each kind once along a 6-step run: a half-written model file and trainer state, an unrenamed complete
 # checkpoint, a half-removed folder, half a metrics line, the metrics rewrite of a resume, an fsync; the
-# second (slow) list hits each kind at several places along a 12-step run, rotations and resumes included.
+# second (slow) list hits each kind at several places along a 30-step run, rotations and resumes included.
 EACH_KIND = ("model:2", "rename:2", "replace:1", "metrics:3", "state:3", "rmtree:1", "fsync:3")
 MANY = (
     "model:1", "state:1", "fsync:3", "rename:1", "metrics:2", "rmtree:1", "replace:1", "rename:2", "fsync:9",
@@ -192,7 +192,7 @@ def _numbers(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize(
     "points, steps",
-    [pytest.param(EACH_KIND, 6, id="each-kind"), pytest.param(MANY, 12, id="many", marks=pytest.mark.slow)],
+    [pytest.param(EACH_KIND, 6, id="each-kind"), pytest.param(MANY, 30, id="many", marks=pytest.mark.slow)],
 )
 def test_killed_at_many_points_during_saves_resumes_to_the_uninterrupted_run(
     packed_dir, tiny_tokenizer, tmp_path, points, steps
