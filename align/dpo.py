@@ -680,7 +680,7 @@ def run_dpo(recipe: DPORecipe) -> dict[str, Any]:
     comparison = compare(before["world"], after["world"]) if prompts else None
     what = f"{recipe.trainer}/{recipe.loss.type if recipe.trainer == 'dpo' else 'kto'} ({recipe.engine})"
     models = format_models({"before": init_from, "after": train["final"]})
-    print(f"\n{what}: before → after on held-out data\n{table}\n{models}")
+    print(f"\n{what}: before → after on held-out data\n{table}\n\n{models}")
     if "pairs" in after:  # the held-out pairs' implicit reward before and after, on the training curves
         held = [{"step": s, **{f"heldout/{k}": v for k, v in r["pairs"].items()}}
                 for s, r in ((0, before), (train["steps"], after))]  # fmt: skip

@@ -616,7 +616,7 @@ def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
             for name, r in ev["reports"].items():
                 for a in r["answers"]:
                     f.write(json.dumps({"policy": name, **a}, ensure_ascii=False) + "\n")
-        print(f"\n{ev['prompts']}, greedy answers:\n{ev['table']}\n{format_models(folders)}")
+        print(f"\n{ev['prompts']}, greedy answers:\n{ev['table']}\n\n{format_models(folders)}")
         summary["eval"] = {
             "prompts": ev["prompts"],
             "reports": {n: {k: v for k, v in r.items() if k != "answers"} for n, r in ev["reports"].items()},

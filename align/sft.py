@@ -403,7 +403,7 @@ def run_sft(recipe: SFTRecipe) -> dict[str, Any]:
         report = evaluate_before_after(recipe, final, run_dir / "eval")
         summary["eval"] = report
         print(f"\nheld-out world prompts (n={report['n_prompts']}), greedy answers:\n{report['table']}")
-        print(report["models"])
+        print(f"\n{report['models']}")
     summary["seconds"] = round(time.time() - started, 1)
     write_summary(run_dir, summary, budget)
     print(

@@ -270,7 +270,7 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
         comparison = compare(before, after)
         table = format_table(reports, {"after": comparison})
         models = format_models({"before": recipe.policy.init_from, "after": final})
-        print(f"\nheld-out world prompts (n={after['n']}), before vs after PPO:\n{table}\n{models}")
+        print(f"\nheld-out world prompts (n={after['n']}), before vs after PPO:\n{table}\n\n{models}")
         print(significance_line(comparison))
         (run_dir / "eval").mkdir(exist_ok=True)
         (run_dir / "eval" / "table.md").write_text(
