@@ -31,17 +31,30 @@ import copy
 import json
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from glmwb.align.hf_common import optim_arguments
+from glmwb.align.hf_common import metrics_callback, optim_arguments
 from glmwb.annotation.preference_data import PreferenceDataConfig, WorldPairsConfig, load_records
 from glmwb.kernels.config import KernelConfig
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.optim import OptimConfig
+from glmwb.pretrain.run_folder import (
+    METRICS,
+    Budget,
+    Curve,
+    MetricsLog,
+    Panel,
+    plot_curves,
+    read_metrics,
+    run_title,
+    write_model_record,
+    write_summary,
+)
 from glmwb.pretrain.settings import LoRAConfig, RunConfig
 
 # ----------------------------------------------------------------------------------------------------------
@@ -367,44 +380,20 @@ def make_trl_trainer(recipe: DPORecipe, init_from: str, train_records, tok, out_
     return DPOTrainer(**common, train_dataset=dataset, peft_config=peft_config)
 
 
-class _LogCallback:
-    """TRL's logs → metrics.jsonl; stops the run after ``max_minutes``."""
-
-    def __new__(cls, path: Path, max_minutes: float | None):
-        from transformers import TrainerCallback
-
-        class LogCallback(TrainerCallback):
-            def __init__(self) -> None:
-                self.started = time.time()
-                self.stopped_early = False
-
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs:
-                    with path.open("a", encoding="utf-8") as f:
-                        f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-            def on_step_end(self, args, state, control, **kwargs):
-                if max_minutes is not None and time.time() - self.started > 60 * max_minutes:
-                    control.should_training_stop = True
-                    self.stopped_early = True
-                return control
-
-        return LogCallback()
-
-
 def train_trl(
     recipe: DPORecipe, init_from: str, train_records, tok, run_dir: Path, log=print
 ) -> dict[str, Any]:
     """Train with TRL and save the (merged, when LoRA) policy to run_dir/final with its tokenizer."""
     from accelerate.utils import is_peft_model
 
-    callback = _LogCallback(run_dir / "metrics.jsonl", recipe.train.max_minutes)
+    callback = metrics_callback(run_dir / METRICS, recipe.train.max_minutes, "dpo")
     trainer = make_trl_trainer(recipe, init_from, train_records, tok, run_dir / "trl", [callback])
     facts = {"reference": reference_kind(trainer), "train_examples": len(trainer.train_dataset)}
     log(f"TRL {type(trainer).__name__}: {facts['train_examples']} examples, reference = {facts['reference']}")
     started = time.time()
     result = trainer.train()
     seconds = time.time() - started
+    budget = callback.budget(trainer.state)
     model = trainer.model
     if is_peft_model(model):
         model = model.merge_and_unload()
@@ -416,8 +405,9 @@ def train_trl(
         "steps": trainer.state.global_step,
         "seconds": seconds,
         "train_loss": result.training_loss,
-        "stopped_early": callback.stopped_early,
+        "stopped_early": budget.stopped_early,
         "final": str(final),
+        "budget": budget.to_dict(),
         **facts,
     }
 
@@ -482,6 +472,8 @@ def train_packed_engine(recipe: DPORecipe, init_from: str, train_records, tok, r
     final = run_dir / "final"
     save_pretrained(model, final, tok)
     history = out.pop("history")
+    reason = out.pop("stop_reason")
+    out["budget"] = Budget("dpo", t.max_steps, out["steps"], out["stopped_early"], reason).to_dict()
     return {
         "engine": "packed", "trainer": "packed_dpo", "final": str(final), "train_examples": len(pairs),
         "reference": "none (reference-free)" if loss.type == "simpo" else "precomputed log-probs (one pass)",
@@ -544,30 +536,36 @@ def before_after_table(before: dict[str, Any], after: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_metrics(metrics_path: Path, out: Path) -> None:
-    """Loss, implicit-reward margin and accuracy per logged step (the keys TRL and the packed loop share)."""
-    import matplotlib
+TRAINING_PANELS = (
+    Panel("preference loss", "loss (per pair)", (Curve("loss", "train (batch mean)"),)),
+    Panel(
+        "implicit-reward margin",
+        "β · (log-ratio chosen − rejected) (nats)",
+        (Curve("rewards/margins", "train"), Curve("heldout/reward_margin", "held-out pairs", markers=True)),
+    ),
+    Panel(
+        "implicit-reward accuracy",
+        "fraction of pairs with chosen > rejected",
+        (
+            Curve("rewards/accuracies", "train"),
+            Curve("heldout/reward_accuracy", "held-out pairs", markers=True),
+        ),
+    ),
+    Panel(
+        "log-probability of the answers",
+        "sum of token log-probs (nats)",
+        (Curve("logps/chosen", "chosen"), Curve("logps/rejected", "rejected")),
+    ),
+)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    if not metrics_path.is_file():
-        return
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "loss" in r]
-    if not rows:
-        return
-    keys = [k for k in ("loss", "rewards/margins", "rewards/accuracies", "kl") if any(k in r for r in rows)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
-    for ax, key in zip(axes if len(keys) > 1 else [axes], keys, strict=True):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+def plot_metrics(
+    metrics_path: Path, out: Path, title: str = "DPO", extra_rows: Sequence[dict] = ()
+) -> Path | None:
+    """Loss, implicit-reward margin and accuracy, answer log-probs per logged step (the keys TRL and the
+    packed loop share); ``extra_rows``: held-out points (``heldout/...`` keys) drawn on the same panels."""
+    rows = [r for r in read_metrics(metrics_path) if "loss" in r] + list(extra_rows)
+    return plot_curves(rows, out, TRAINING_PANELS, title, ncols=2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -577,15 +575,21 @@ def plot_metrics(metrics_path: Path, out: Path) -> None:
 def train_policy(recipe: DPORecipe, init_from: str, train_records, tok, run_dir: Path, log=print):
     """One training run from ``init_from`` on ``train_records`` (the online recipe calls this per round)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    MetricsLog(run_dir / METRICS).reset()
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     if recipe.engine == "packed":
         out = train_packed_engine(recipe, init_from, train_records, tok, run_dir, log)
     else:
         out = train_trl(recipe, init_from, train_records, tok, run_dir, log)
-    plot_metrics(run_dir / "metrics.jsonl", run_dir / "training.png")
+    write_model_record(out["final"], Budget.from_dict(out["budget"]), run_dir, init_from)
+    plot_metrics(run_dir / METRICS, run_dir / "training.png", training_title(recipe, init_from, run_dir, out))
     return out
+
+
+def training_title(recipe: DPORecipe, init_from: str, run_dir: Path, train: dict[str, Any]) -> str:
+    what = f"{recipe.trainer}/{recipe.loss.type if recipe.trainer == 'dpo' else 'kto'} ({recipe.engine})"
+    return run_title(what, run_dir, f"policy from {init_from}", Budget.from_dict(train["budget"]))
 
 
 def evaluate_folder(
@@ -609,7 +613,7 @@ def evaluate_folder(
 
 
 def run_dpo(recipe: DPORecipe) -> dict[str, Any]:
-    from glmwb.align.evaluate import compare
+    from glmwb.align.evaluate import compare, format_models
     from glmwb.pretrain.run import load_tokenizer
     from glmwb.pretrain.world import make_world
 
@@ -659,7 +663,13 @@ def run_dpo(recipe: DPORecipe) -> dict[str, Any]:
     table = before_after_table(before, after)
     comparison = compare(before["world"], after["world"]) if prompts else None
     what = f"{recipe.trainer}/{recipe.loss.type if recipe.trainer == 'dpo' else 'kto'} ({recipe.engine})"
-    print(f"\n{what}: before → after on held-out data\n{table}")
+    models = format_models({"before": init_from, "after": train["final"]})
+    print(f"\n{what}: before → after on held-out data\n{table}\n\n{models}")
+    if "pairs" in after:  # the held-out pairs' implicit reward before and after, on the training curves
+        held = [{"step": s, **{f"heldout/{k}": v for k, v in r["pairs"].items()}}
+                for s, r in ((0, before), (train["steps"], after))]  # fmt: skip
+        title = training_title(recipe, init_from, run_dir, train)
+        plot_metrics(run_dir / METRICS, run_dir / "training.png", title, held)
     if comparison:
         print(
             f"win rate vs the start policy: world score {comparison['by_world_score']['win_rate']:.3f}"
@@ -671,7 +681,7 @@ def run_dpo(recipe: DPORecipe) -> dict[str, Any]:
         )
     eval_dir = run_dir / "eval"
     eval_dir.mkdir(exist_ok=True)
-    (eval_dir / "table.md").write_text(table + "\n")
+    (eval_dir / "table.md").write_text(f"{table}\n\n{models}\n")
     for name, report in (("before", before), ("after", after)):
         if "world" in report:
             with (eval_dir / f"answers_{name}.jsonl").open("w", encoding="utf-8") as f:
@@ -694,8 +704,9 @@ def run_dpo(recipe: DPORecipe) -> dict[str, Any]:
         "table": table,
         "final": train["final"],
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=_json))
-    print(f"policy → {train['final']}; summary → {run_dir / 'summary.json'}")
+    budget = Budget.from_dict(train["budget"])
+    write_summary(run_dir, summary, budget, default=_json)
+    print(f"policy → {train['final']} ({budget.line()}); summary → {run_dir / 'summary.json'}")
     return summary
 
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.generate import generate_answers, load_policy
+from glmwb.pretrain.run_folder import cut_short, describe_model, read_model_record, training_line, write_json
 from glmwb.pretrain.settings import RunConfig, WorldConfig
 
 
@@ -323,6 +324,23 @@ def format_table(
     return "\n".join(lines)
 
 
+def format_models(folders: dict[str, str | Path]) -> str:
+    """A Markdown table saying which model each policy is: its folder and how it was trained (its
+    glmwb_run.json: stage, steps done of planned), a policy whose training stopped early flagged."""
+    lines = ["| policy | folder | training |", "|---|---|---|"]
+    for name, folder in folders.items():
+        text = describe_model(folder)
+        if cut_short(folder):
+            text = f"**{text}** (not the recipe's model)"
+        lines.append(f"| {name} | {folder} | {text} |")
+    return "\n".join(lines)
+
+
+def model_records(folders: dict[str, str | Path]) -> dict[str, dict[str, Any]]:
+    """{policy: {path, training (its glmwb_run.json or None)}} for summary.json."""
+    return {n: {"path": str(f), "training": read_model_record(f)} for n, f in folders.items()}
+
+
 def format_breakdown_table(reports: dict[str, dict[str, Any]], by: str) -> str:
     """A Markdown table of accuracy per group of the reports' ``by_<by>`` breakdown (family, lang, phrasing;
     columns, with the counts) for each policy (rows)."""
@@ -336,26 +354,43 @@ def format_breakdown_table(reports: dict[str, dict[str, Any]], by: str) -> str:
     return "\n".join(lines)
 
 
-def plot_comparison(reports: dict[str, dict[str, Any]], path: Path) -> None:
+COMPARED = (
+    ("accuracy", "accuracy\n(share right)"),
+    ("right_language", "right language\n(share)"),
+    ("concision", "concision\n(0-1)"),
+    ("score", "world score\n(0-1)"),
+)
+
+
+def plot_comparison(
+    reports: dict[str, dict[str, Any]], path: Path, title: str, labels: dict[str, str] | None = None
+) -> Path:
+    """Grouped bars, one group per metric (all on a 0-1 scale), one bar per policy with its value on it;
+    ``labels``: the legend's text per policy (e.g. with its training state)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = ["accuracy", "right_language", "concision", "score"]
     names = list(reports)
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(11, 5.2))
     for i, name in enumerate(names):
-        xs = [j + i * width for j in range(len(metrics))]
-        ax.bar(xs, [reports[name][m] for m in metrics], width, label=name)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics)
-    ax.set_ylim(0, 1)
-    ax.set_title(f"held-out world prompts (n={next(iter(reports.values()))['n']})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        xs = [j + i * width for j in range(len(COMPARED))]
+        bars = ax.bar(
+            xs, [reports[name][m] for m, _ in COMPARED], width, label=(labels or {}).get(name, name)
+        )
+        ax.bar_label(bars, fmt="%.3f", padding=1, fontsize=7, rotation=90 if len(names) > 3 else 0)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(COMPARED))], [label for _, label in COMPARED])
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("value on the held-out prompts (0-1)")
+    ax.set_xlabel("metric (greedy answers graded by the world's checker)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend below the axes stays in the picture
     plt.close(fig)
+    return path
 
 
 def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
@@ -399,11 +434,14 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
         del model
     comparisons = {n: compare(reports[base], r) for n, r in reports.items() if n != base}
     table = format_table(reports, comparisons, base)
+    folders = {p.name: p.path for p in policies}
+    models = format_models(folders)
     families = format_breakdown_table(reports, by="family")
     phrasings = format_breakdown_table(reports, by="phrasing")
     phrasing_title = (
         "accuracy by phrasing (the world asks each question four ways; the training chats use t0-t2)"
     )
+    print(f"\nthe policies (folder, and how each was trained):\n{models}")
     print(f"\nheld-out world prompts ({cfg.split}, n={len(prompts)}); win rates against {base!r}:\n{table}")
     print(f"\naccuracy by task family:\n{families}")
     print(f"\n{phrasing_title}:\n{phrasings}")
@@ -411,24 +449,32 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
     if tests:
         print(f"\npaired tests against {base!r}:\n{tests}")
     (out / "table.md").write_text(
-        f"{table}\n\naccuracy by task family:\n\n{families}\n\n{phrasing_title}:\n\n{phrasings}\n\n"
-        f"paired tests against {base!r}:\n\n{tests}\n"
+        f"the policies:\n\n{models}\n\n{table}\n\naccuracy by task family:\n\n{families}\n\n"
+        f"{phrasing_title}:\n\n{phrasings}\n\npaired tests against {base!r}:\n\n{tests}\n"
     )
-    plot_comparison(reports, out / "comparison.png")
+    labels = {n: f"{n}: {training_line(f, short=True) or 'no training record'}" for n, f in folders.items()}
+    title = f"held-out world prompts ({cfg.split} split, n={len(prompts)}), greedy answers — {out}"
+    plot_comparison(reports, out / "comparison.png", title, labels)
+    summary = {"baseline": base, "policies": model_records(folders), "missing": missing,
+               "comparisons": comparisons, "table": table, "family_table": families,
+               "phrasing_table": phrasings}  # fmt: skip
+    return _save_eval(out, reports, folders, summary)
+
+
+def _save_eval(
+    out: Path, reports: dict[str, dict[str, Any]], folders: dict[str, str], summary: dict[str, Any]
+) -> dict[str, Any]:
+    """answers.jsonl and summary.json (the reports without their answers, the policies cut short named)."""
     with (out / "answers.jsonl").open("w", encoding="utf-8") as f:
         for name, r in reports.items():
             for a in r["answers"]:
                 f.write(json.dumps({"policy": name, **a}, ensure_ascii=False) + "\n")
-    summary = {
-        "baseline": base,
-        "missing": missing,
-        "reports": {n: {k: v for k, v in r.items() if k != "answers"} for n, r in reports.items()},
-        "comparisons": comparisons,
-        "table": table,
-        "family_table": families,
-        "phrasing_table": phrasings,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=_json_num))
+    summary["reports"] = {n: {k: v for k, v in r.items() if k != "answers"} for n, r in reports.items()}
+    summary["stopped_early"] = early = [n for n, f in folders.items() if cut_short(f)]
+    if early:
+        print(f"note: {', '.join(early)}: training (or an earlier stage's) stopped early, see the policies "
+              "above: not the models the recipes describe")  # fmt: skip
+    write_json(out / "summary.json", summary, default=_json_num)
     return summary
 
 

@@ -41,6 +41,7 @@ from glmwb.align.reward_funcs import RewardSetupError, RewardSpec, RuleReward, b
 from glmwb.kernels.config import KernelConfig
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.optim import OptimConfig
+from glmwb.pretrain.run_folder import Curve, Panel, plot_curves, run_title, write_model_record, write_summary
 from glmwb.pretrain.settings import LoRAConfig, RunConfig, WorldConfig
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16's GRPO losses
@@ -436,37 +437,19 @@ def build_trainer(recipe: GRPORecipe, model, tok, reward_funcs, weights, rows: l
     )
 
 
-def plot_rewards(metrics_path: Path, out_png: Path, reward_names: Sequence[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-    rows = [r for r in rows if "reward" in r]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    steps = [r["step"] for r in rows]
-    ax.plot(steps, [r["reward"] for r in rows], lw=1.6, label="reward (weighted sum)")
-    for name in reward_names:
-        key = f"rewards/{name}/mean"
-        if any(key in r for r in rows):
-            ax.plot(steps, [r.get(key, math.nan) for r in rows], lw=1, alpha=0.8, label=name)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("mean reward of sampled completions")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax2.plot(steps, [r.get("completions/mean_length", math.nan) for r in rows], label="completion tokens")
-    if any("kl" in r for r in rows):
-        ax3 = ax2.twinx()
-        ax3.plot(steps, [r.get("kl", math.nan) for r in rows], color="C3", lw=1, label="KL to reference")
-        ax3.set_ylabel("KL", color="C3")
-    ax2.set_xlabel("optimizer step")
-    ax2.set_ylabel("mean completion length (tokens)")
-    ax2.grid(alpha=0.3)
-    fig.suptitle(f"{metrics_path.parent.name}: rewards")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+def plot_rewards(
+    metrics_path: Path, out_png: Path, reward_names: Sequence[str], title: str = "GRPO"
+) -> Path | None:
+    """The sampled completions' reward (weighted sum, and each reward on its own), their length, the KL to the
+    reference and the policy's entropy per logged step, one quantity per panel."""
+    rewards = (Curve("reward", "weighted sum"),) + tuple(Curve(f"rewards/{n}/mean", n) for n in reward_names)
+    panels = (
+        Panel("reward of the sampled completions", "mean reward per completion", rewards),
+        Panel("completion length", "mean length (tokens)", (Curve("completions/mean_length", "sampled"),)),
+        Panel("KL to the reference", "KL (nats / token)", (Curve("kl", "policy vs reference"),)),
+        Panel("policy entropy", "entropy (nats / token)", (Curve("entropy", "sampled tokens"),)),
+    )
+    return plot_curves(metrics_path, out_png, panels, title, ncols=2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -541,6 +524,8 @@ def _json_safe(x: Any) -> Any:
 
 
 def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
+    from glmwb.align.evaluate import format_models
+
     t = recipe.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -574,12 +559,13 @@ def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
         from glmwb.kernels.apply import apply_kernels
 
         handle = apply_kernels(model, recipe.kernels)
-    callback = metrics_callback(metrics_path, t.max_minutes)
+    callback = metrics_callback(metrics_path, t.max_minutes, recipe.trainer)
     torch.manual_seed(recipe.run.seed)
     trainer = build_trainer(recipe, model, tok, reward_funcs, weights, train_rows, [callback])
     started = time.time()
     trainer.train()
     train_s = time.time() - started
+    budget = callback.budget(trainer.state)
     if handle is not None:
         handle.remove()
 
@@ -587,6 +573,7 @@ def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
     if recipe.model.lora.enabled:
         policy = policy.merge_and_unload()
     final = save_policy(policy, run_dir / "final", tok)
+    write_model_record(final, budget, run_dir, recipe.model.init_from)
     del trainer, policy, model
 
     rows = (
@@ -596,13 +583,14 @@ def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
     )
     curve = [r for r in rows if "reward" in r]
     if curve:
-        plot_rewards(metrics_path, run_dir / "rewards.png", names)
+        title = run_title(recipe.trainer.upper(), run_dir, f"policy from {recipe.model.init_from}", budget)
+        plot_rewards(metrics_path, run_dir / "rewards.png", names, title)
     k = max(1, len(curve) // 5)
     summary: dict[str, Any] = {
         "trainer": recipe.trainer,
         "steps": curve[-1]["step"] if curve else 0,
         "train_seconds": round(train_s, 1),
-        "stopped_early": callback.stopped_early,
+        "stopped_early": budget.stopped_early,
         "data": facts,
         "rewards": dict(zip(names, weights, strict=True)),
         "reward_first": sum(r["reward"] for r in curve[:k]) / k if curve else None,
@@ -628,17 +616,18 @@ def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
             for name, r in ev["reports"].items():
                 for a in r["answers"]:
                     f.write(json.dumps({"policy": name, **a}, ensure_ascii=False) + "\n")
-        print(f"\n{ev['prompts']}, greedy answers:\n{ev['table']}")
+        print(f"\n{ev['prompts']}, greedy answers:\n{ev['table']}\n\n{format_models(folders)}")
         summary["eval"] = {
             "prompts": ev["prompts"],
             "reports": {n: {k: v for k, v in r.items() if k != "answers"} for n, r in ev["reports"].items()},
             "comparisons": ev["comparisons"],
             "table": ev["table"],
         }
-    (run_dir / "summary.json").write_text(
-        json.dumps(summary, indent=2, ensure_ascii=False, default=_json_safe), encoding="utf-8"
+    write_summary(run_dir, summary, budget, default=_json_safe)
+    print(
+        f"policy -> {final} ({budget.line()}); curves -> {run_dir / 'rewards.png'}; "
+        f"summary -> {run_dir / 'summary.json'}"
     )
-    print(f"policy -> {final}; curves -> {run_dir / 'rewards.png'}; summary -> {run_dir / 'summary.json'}")
     return summary
 
 

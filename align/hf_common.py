@@ -3,7 +3,6 @@ the metrics / time-limit callback, and saving a trained policy as a plain GLM fo
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -36,27 +35,40 @@ def peft_config(cfg: LoRAConfig):
     )
 
 
-def metrics_callback(metrics_path: Path, max_minutes: float | None):
-    """A TrainerCallback: every log line to ``metrics_path`` (JSONL); training stops past ``max_minutes``
-    (the caller still saves the final model; ``stopped_early`` says it happened)."""
+def metrics_callback(metrics_path: Path, max_minutes: float | None, stage: str = "train"):
+    """A TrainerCallback: every log line to ``metrics_path`` (JSONL, run_folder.MetricsLog); training stops
+    past ``max_minutes`` (the caller still saves the final model). ``budget(state)`` is the stage's budget
+    record: planned steps (``args.max_steps``), steps done, stopped early and why."""
     from transformers import TrainerCallback
+
+    from glmwb.pretrain.run_folder import Budget, MetricsLog, TimeLimit
 
     class MetricsAndTimeLimit(TrainerCallback):
         def __init__(self) -> None:
-            self.start = time.time()
+            self.limit = TimeLimit(max_minutes)
+            self.metrics = MetricsLog(metrics_path)
             self.stopped_early = False
+            self.planned_steps: int | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.planned_steps = state.max_steps or args.max_steps
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            row = {"step": state.global_step, "elapsed_s": round(time.time() - self.start, 2)}
+            row = {"step": state.global_step, "elapsed_s": round(time.time() - self.limit.started, 2)}
             row.update({k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))})
-            with metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            self.metrics.write(row)
 
         def on_step_end(self, args, state, control, **kwargs):
-            if max_minutes is not None and time.time() - self.start > 60 * max_minutes:
+            if self.limit.reached() and state.global_step < state.max_steps:
                 self.stopped_early = True
                 control.should_training_stop = True
                 control.should_log = True
+
+        def budget(self, state) -> Budget:
+            why = self.limit.reason if self.stopped_early else None
+            return Budget(
+                stage, self.planned_steps or state.max_steps, state.global_step, self.stopped_early, why
+            )
 
     return MetricsAndTimeLimit()
 

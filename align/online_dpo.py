@@ -22,7 +22,6 @@ Each round r = 1..R:
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,6 +40,7 @@ from glmwb.annotation.preference_data import WorldPairsConfig
 from glmwb.kernels.config import KernelConfig
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.optim import OptimConfig
+from glmwb.pretrain.run_folder import Budget, write_summary
 from glmwb.pretrain.settings import RunConfig, WorldConfig
 
 
@@ -292,7 +292,11 @@ def run_online_dpo(recipe: OnlineDPORecipe) -> dict[str, Any]:
     (run_dir / "rounds.md").write_text(table + "\n")
     summary = {"stage": "online_dpo", "label": recipe.label.source, "rounds": rounds, "table": table,
                "final": policy}  # fmt: skip
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
+    trained = [Budget.from_dict(r["train"]["budget"]) for r in rounds if "train" in r]
+    budget = Budget.combine("online_dpo", trained, "round") if trained else None
+    if budget is not None:
+        print(f"online DPO: {len(trained)} rounds, {budget.line()} in all")
+    write_summary(run_dir, summary, budget)
     return summary
 
 

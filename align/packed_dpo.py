@@ -31,7 +31,6 @@ Losses (``LOSSES``; ``h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -46,6 +45,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from glmwb.pretrain.packing import PairTokens, make_batch, pair_logps
+from glmwb.pretrain.run_folder import METRICS, MetricsLog, TimeLimit
 
 # ----------------------------------------------------------------------------------------------------------
 # Losses: pure functions of per-sequence log-probs, (B,) tensors
@@ -237,7 +237,8 @@ def train_packed(
 ) -> dict[str, Any]:  # fmt: skip
     """DPO-family training of our GLM on tokenised pairs, packed rows, reference log-probs precomputed once.
 
-    Writes ``metrics.jsonl`` in ``run_dir`` (when given); returns {steps, seconds, tokens_per_s, history}."""
+    Writes ``metrics.jsonl`` in ``run_dir`` (when given); returns {steps, seconds, tokens_per_s, history,
+    stopped_early, stop_reason}."""
     if not pairs:
         raise ValueError("train_packed: no training pairs")
     if s.loss not in LOSSES:
@@ -252,14 +253,16 @@ def train_packed(
     rng = random.Random(s.seed)
     order: list[int] = []
     history, window = [], []
-    metrics_file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if run_dir else None
-    started, tokens = time.time(), 0
-    step = 0
+    metrics = MetricsLog(run_dir / METRICS) if run_dir else None
+    limit = TimeLimit(s.max_minutes)
+    started, tokens = limit.started, 0
+    step, stopped_early = 0, False
     bar = tqdm(total=s.max_steps, desc=f"{'packed' if s.packed else 'padded'} {s.loss}", leave=False)
     try:
         while step < s.max_steps:
-            if s.max_minutes is not None and time.time() - started > 60 * s.max_minutes:
-                log(f"max_minutes={s.max_minutes} reached after {step} steps")
+            if limit.reached():
+                log(f"{limit.reason} after {step} of {s.max_steps} steps")
+                stopped_early = True
                 break
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, s)
@@ -310,13 +313,10 @@ def train_packed(
                 window.clear()
                 history.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}")
-                if metrics_file:
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
+                if metrics:
+                    metrics.write(row)
     finally:
         bar.close()
-        if metrics_file:
-            metrics_file.close()
     elapsed = time.time() - started
     model.eval()
     return {
@@ -324,4 +324,6 @@ def train_packed(
         "seconds": elapsed,
         "tokens_per_s": tokens / max(elapsed, 1e-9),
         "history": history,
+        "stopped_early": stopped_early,
+        "stop_reason": limit.reason if stopped_early else None,
     }

@@ -35,6 +35,7 @@ import torch
 from glmwb.align.hf_common import HF_LORA_TARGETS, metrics_callback, optim_arguments, peft_config, save_policy
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.optim import OptimConfig
+from glmwb.pretrain.run_folder import Curve, Panel, plot_curves, run_title, write_model_record, write_summary
 from glmwb.pretrain.settings import LoRAConfig, RunConfig
 
 
@@ -271,28 +272,20 @@ def build_trainer(
     )
 
 
-def plot_loss(metrics_path: Path, out_png: Path) -> None:
-    import matplotlib
+LOSS_PANELS = (
+    Panel(
+        "loss on assistant tokens",
+        "cross-entropy (nats / token)",
+        (Curve("loss", "train"), Curve("eval_loss", "held-out conversations", markers=True)),
+    ),
+    Panel("learning rate", "learning rate", (Curve("learning_rate", "AdamW lr (warm-up + cosine)"),)),
+    Panel("gradient norm", "global grad norm (before clipping)", (Curve("grad_norm", "grad norm"),)),
+)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    if train:
-        ax.plot(*zip(*train, strict=True), lw=1.2, label="train loss (assistant tokens)")
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="held-out loss (assistant tokens)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats / token)")
-    ax.set_title("SFT")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+def plot_loss(metrics_path: Path, out_png: Path, title: str = "SFT") -> Path | None:
+    """Training and held-out loss, learning rate and gradient norm per logged step."""
+    return plot_curves(metrics_path, out_png, LOSS_PANELS, title)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -300,7 +293,7 @@ def plot_loss(metrics_path: Path, out_png: Path) -> None:
 
 
 def evaluate_before_after(recipe: SFTRecipe, final: Path, out_dir: Path) -> dict[str, Any]:
-    from glmwb.align.evaluate import compare, evaluate_policy, format_table
+    from glmwb.align.evaluate import compare, evaluate_policy, format_models, format_table
     from glmwb.pretrain.generate import load_policy
     from glmwb.pretrain.world import make_world
 
@@ -317,8 +310,9 @@ def evaluate_before_after(recipe: SFTRecipe, final: Path, out_dir: Path) -> dict
         )
     comparisons = {"sft": compare(reports["before"], reports["sft"])} if cfg.before else {}
     table = format_table(reports, comparisons)
+    models = format_models(folders)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "table.md").write_text(table + "\n", encoding="utf-8")
+    (out_dir / "table.md").write_text(f"{table}\n\n{models}\n", encoding="utf-8")
     with (out_dir / "answers.jsonl").open("w", encoding="utf-8") as f:
         for name, r in reports.items():
             for a in r["answers"]:
@@ -328,6 +322,7 @@ def evaluate_before_after(recipe: SFTRecipe, final: Path, out_dir: Path) -> dict
         "reports": {n: {k: v for k, v in r.items() if k != "answers"} for n, r in reports.items()},
         "comparisons": comparisons,
         "table": table,
+        "models": models,
     }
 
 
@@ -375,7 +370,7 @@ def run_sft(recipe: SFTRecipe) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
-    callback = metrics_callback(metrics_path, t.max_minutes)
+    callback = metrics_callback(metrics_path, t.max_minutes, "sft")
     trainer = build_trainer(recipe, tok, train_ds, held_ds, max_steps, use_cuda, [callback])
     n_params = sum(p.numel() for p in trainer.model.parameters())
     n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -387,22 +382,25 @@ def run_sft(recipe: SFTRecipe) -> dict[str, Any]:
     train_start = time.time()
     result = trainer.train()
     train_seconds = time.time() - train_start
+    budget = callback.budget(trainer.state)
     eval_after = trainer.evaluate()["eval_loss"] if held_ds is not None else None
 
     hf_model = trainer.model
     if lora.enabled:
         hf_model = hf_model.merge_and_unload()
     final = save_policy(hf_model, run_dir / "final", tok)
+    write_model_record(final, budget, run_dir, init)
     if (run_dir / "trainer").is_dir() and not any((run_dir / "trainer").iterdir()):
         (run_dir / "trainer").rmdir()  # the Trainer's output_dir; nothing is saved there (save_strategy "no")
-    plot_loss(metrics_path, run_dir / "loss.png")
+    what = f"LoRA r={lora.r} (merged)" if lora.enabled else "full fine-tuning"
+    plot_loss(metrics_path, run_dir / "loss.png", run_title(f"SFT of {init}", run_dir, what, budget))
 
     summary: dict[str, Any] = {
         "model": str(final),
         "init_from": str(init),
         "steps": trainer.state.global_step,
         "max_steps": max_steps,
-        "stopped_early": callback.stopped_early,
+        "stopped_early": budget.stopped_early,
         "train_loss": result.training_loss,
         "heldout_loss_before": eval_before,
         "heldout_loss_after": eval_after,
@@ -418,7 +416,11 @@ def run_sft(recipe: SFTRecipe) -> dict[str, Any]:
         report = evaluate_before_after(recipe, final, run_dir / "eval")
         summary["eval"] = report
         print(f"\nheld-out world prompts (n={report['n_prompts']}), greedy answers:\n{report['table']}")
+        print(f"\n{report['models']}")
     summary["seconds"] = round(time.time() - started, 1)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
-    print(f"SFT policy → {final} ({summary['seconds']:.0f} s in all, {train_seconds:.0f} s training)")
+    write_summary(run_dir, summary, budget)
+    print(
+        f"SFT policy → {final} ({budget.line()}; {summary['seconds']:.0f} s in all, "
+        f"{train_seconds:.0f} s training)"
+    )
     return summary

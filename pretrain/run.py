@@ -119,6 +119,7 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
     from glmwb.pretrain.data import FilterConfig, build_dataset, load_packed, unigram_entropy
     from glmwb.pretrain.hf import load_pretrained, save_pretrained
     from glmwb.pretrain.model import GLM
+    from glmwb.pretrain.run_folder import Budget, write_model_record, write_summary
     from glmwb.pretrain.tokenizer import turn_terminator_ids
     from glmwb.pretrain.train import train
 
@@ -166,14 +167,16 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
         unigram_baseline=baseline,
     )
     summary["unigram_baseline"] = baseline
+    budget = Budget.from_dict(summary["budget"])
     save_pretrained(model, run_dir / "final", tokenizer=tok)
+    write_model_record(run_dir / "final", budget, run_dir, recipe.train.init_from)
     summary["samples"] = world_samples(model, tok, recipe)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    write_summary(run_dir, summary, budget)
     before = summary.get("heldout_loss_before", float("nan"))
     print(
         f"held-out loss: {before:.3f} before → {summary['heldout_loss_after']:.3f} after "
         f"(unigram baseline {baseline:.3f}); {summary['tokens_per_s']:,.0f} tokens/s; "
-        f"model → {run_dir / 'final'}"
+        f"model → {run_dir / 'final'} ({budget.line()})"
     )
     return summary
 

@@ -2,19 +2,18 @@
 CUDA, held-out evaluation, resumable checkpoints, a progress bar with tokens/s, metrics and a plot.
 
 Single-device code; parallelism (DeepSpeed) wraps it from outside in a later stage.
-A run folder holds:
+The run folder (pretrain/run_folder.py) holds:
     metrics.jsonl                one JSON line per logged step / evaluation
-    loss.png                     training and held-out loss curves
-    checkpoints/step_000123/     Hugging Face folder + trainer_state.pt (optimizer, scheduler,
-                                 RNG states, data position) — `resume: true` continues from the newest
-    final/                       the trained model as a Hugging Face folder (+ tokenizer)
+    loss.png                     training and held-out loss curves, the learning rate
+    checkpoints/step_000123/     Hugging Face folder + trainer_state.pt (optimizer, RNG states, data
+                                 position) — `resume: true` continues from the newest complete one
+    final/                       the trained model as a Hugging Face folder (+ tokenizer, glmwb_run.json)
+    summary.json                 losses before / after, tokens/s, the budget record (steps done of planned)
 """
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +26,22 @@ from tqdm.auto import tqdm
 
 from glmwb.pretrain.data import DedupConfig, FilterConfig
 from glmwb.pretrain.optim import OptimConfig, lr_at, make_optimizer
+from glmwb.pretrain.run_folder import (
+    METRICS,
+    Budget,
+    Curve,
+    MetricsLog,
+    Panel,
+    TimeLimit,
+    latest_checkpoint,
+    load_trainer_state,
+    plot_curves,
+    rng_state,
+    run_title,
+    save_checkpoint,
+    set_rng_state,
+    truncate_metrics,
+)
 
 if TYPE_CHECKING:
     from glmwb.pretrain.model import GLM
@@ -84,21 +99,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 @torch.no_grad()
 def evaluate(model: GLM, dataset, batch_size: int, num_batches: int, device, amp_dtype) -> float:
     """Mean next-token loss (nats/token) over the first `num_batches` x `batch_size` held-out rows."""
@@ -120,59 +120,66 @@ def evaluate(model: GLM, dataset, batch_size: int, num_batches: int, device, amp
     return total_loss / max(1, total_tokens)
 
 
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+LOSS_PANELS = (
+    Panel(
+        "next-token loss",
+        "loss (nats / token)",
+        (
+            Curve("loss", "train", where=(("kind", "train"),)),
+            Curve("heldout_loss", "held-out", where=(("kind", "eval"),), markers=True),
+        ),
+        hline="unigram_baseline",
+        hline_label="unigram baseline",
+    ),
+    Panel("learning rate", "learning rate", (Curve("lr", "AdamW lr (warm-up + cosine)"),)),
+)
 
 
-def save_checkpoint(
-    run_dir: Path, model, tokenizer, optimizer, step: int, data_state: dict, extra: dict, keep: int
-) -> Path:
-    from glmwb.pretrain.hf import save_pretrained
+def _resume(run_dir: Path, model, optimizer, batches, device, log) -> tuple[int, int]:
+    """Load the newest checkpoint of ``run_dir`` (weights, optimizer, data position, RNG) and cut
+    metrics.jsonl back to its step; (step, tokens seen), or (0, 0) with metrics.jsonl removed when there is
+    none."""
+    from glmwb.pretrain.hf import load_pretrained
 
-    final = run_dir / "checkpoints" / f"step_{step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp, tokenizer=tokenizer)
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "rng": rng_state(),
-        "data": data_state,
-        **extra,
-    }
-    torch.save(state, tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)  # a checkpoint is complete or absent, never half-written
-    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    metrics = MetricsLog(run_dir / METRICS)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        metrics.reset()
+        return 0, 0
+    state = load_trainer_state(ckpt, map_location=device)
+    model.load_state_dict(load_pretrained(ckpt).state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    batches.load_state_dict(state["data"])
+    set_rng_state(state["rng"])
+    step = state["step"]
+    log(f"resumed from {ckpt} at step {step}")
+    truncate_metrics(metrics.path, step)  # rows written after that checkpoint come again
+    return step, state.get("tokens_seen", 0)
 
 
-def plot_losses(metrics_path: Path, out_png: Path, title: str = "pretraining") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
-    held = [(r["step"], r["heldout_loss"]) for r in rows if r.get("kind") == "eval"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train, strict=False), label="train loss", lw=1)
-    if held:
-        ax.plot(*zip(*held, strict=False), "o-", label="held-out loss", lw=1.5)
-    baseline = next((r["unigram_baseline"] for r in rows if "unigram_baseline" in r), None)
-    if baseline:
-        ax.axhline(baseline, ls="--", color="gray", label=f"unigram baseline ({baseline:.2f})")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats / token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+def _train_step(model, fwd, optimizer, micro: list[dict], optim_cfg: OptimConfig, device, amp_dtype):
+    """One optimizer step over the micro-batches ``micro``; returns (loss, grad norm before clipping)."""
+    # Normalise by the target tokens of the whole step, not per micro-batch, so that
+    # grad_accum x batch_size is the same optimisation whatever the split (1x8 == 8x1).
+    step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    loss_sum = 0.0
+    for batch in micro:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = fwd(
+                batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"], return_logits=False
+            )
+        share = int((batch["labels"][:, 1:] != -100).sum()) / max(1, step_tokens)
+        (out.loss * share).backward()
+        loss_sum += float(out.loss.detach()) * share
+    grad_norm = (
+        float(torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip))
+        if optim_cfg.grad_clip > 0
+        else float("nan")
+    )
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
 
 
 def train(
@@ -187,8 +194,10 @@ def train(
     log: Callable[[str], None] = print,
     unigram_baseline: float | None = None,
 ) -> dict[str, Any]:
-    """Train `model` on packed `train_data`; returns a summary (losses before / after, tokens/s, ...)."""
+    """Train `model` on packed `train_data`; returns a summary (losses before / after, tokens/s, the budget
+    record, ...)."""
     from glmwb.pretrain.data import BatchIterator
+    from glmwb.pretrain.hf import save_pretrained
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -201,50 +210,30 @@ def train(
     model.gradient_checkpointing = train_cfg.gradient_checkpointing
     optimizer = make_optimizer(model, optim_cfg, device)
     batches = BatchIterator(train_data, train_cfg.batch_size, seed=seed)
+    metrics = MetricsLog(run_dir / METRICS)
     step, tokens_seen = 0, 0
-    metrics_path = run_dir / "metrics.jsonl"
-
-    existing = checkpoint_dirs(run_dir) if train_cfg.resume else []
-    if existing:
-        from glmwb.pretrain.hf import load_pretrained
-
-        ckpt = existing[-1]
-        model.load_state_dict(load_pretrained(ckpt).state_dict())
-        state = torch.load(ckpt / "trainer_state.pt", map_location=device, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        batches.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        step, tokens_seen = state["step"], state.get("tokens_seen", 0)
-        log(f"resumed from {ckpt} at step {step}")
-        if metrics_path.exists():  # drop lines written after that checkpoint
-            keep = [
-                ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step
-            ]
-            metrics_path.write_text("".join(line + "\n" for line in keep))
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    if train_cfg.resume:
+        step, tokens_seen = _resume(run_dir, model, optimizer, batches, device, log)
+    else:
+        metrics.reset()
 
     fwd = torch.compile(model) if train_cfg.compile else model
 
     def heldout_loss() -> float:
         return evaluate(model, heldout_data, train_cfg.batch_size, train_cfg.eval_batches, device, amp_dtype)
 
-    def write(row: dict) -> None:
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
     summary: dict[str, Any] = {"start_step": step}
     if step == 0:
         loss0 = heldout_loss()
         summary["heldout_loss_before"] = loss0
-        write({"kind": "eval", "step": 0, "heldout_loss": loss0})
+        metrics.write({"kind": "eval", "step": 0, "heldout_loss": loss0})
         if unigram_baseline is not None:
-            write({"kind": "baseline", "step": 0, "unigram_baseline": unigram_baseline})
+            metrics.write({"kind": "baseline", "step": 0, "unigram_baseline": unigram_baseline})
         log(f"held-out loss before training: {loss0:.4f}")
 
     model.train()
     tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum * train_data.seq_len
-    started = time.time()
+    limit = TimeLimit(train_cfg.max_minutes)
     window_t, window_tokens = time.time(), 0
     data_iter = iter(batches)
     bar = tqdm(total=train_cfg.max_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
@@ -253,27 +242,8 @@ def train(
         lr = lr_at(step, optim_cfg, train_cfg.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # Normalise by the target tokens of the whole step, not per micro-batch, so that
-        # grad_accum x batch_size is the same optimisation whatever the split (1x8 == 8x1).
         micro = [next(data_iter) for _ in range(train_cfg.grad_accum)]
-        step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        loss_sum = 0.0
-        for batch in micro:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = fwd(
-                    batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"], return_logits=False
-                )
-            share = int((batch["labels"][:, 1:] != -100).sum()) / max(1, step_tokens)
-            (out.loss * share).backward()
-            loss_sum += float(out.loss.detach()) * share
-        grad_norm = (
-            float(torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip))
-            if optim_cfg.grad_clip > 0
-            else float("nan")
-        )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum, grad_norm = _train_step(model, fwd, optimizer, micro, optim_cfg, device, amp_dtype)
         step += 1
         tokens_seen += tokens_per_step
         window_tokens += tokens_per_step
@@ -284,44 +254,33 @@ def train(
             tps = window_tokens / max(1e-9, now - window_t)
             window_t, window_tokens = now, 0
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-            write(
-                {
-                    "kind": "train",
-                    "step": step,
-                    "loss": loss_sum,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens": tokens_seen,
-                    "tokens_per_s": tps,
-                }
-            )
-        out_of_time = (
-            train_cfg.max_minutes is not None and (time.time() - started) > 60 * train_cfg.max_minutes
-        )
+            metrics.write({"kind": "train", "step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                           "tokens": tokens_seen, "tokens_per_s": tps})  # fmt: skip
+        out_of_time = limit.reached()
         last = step == train_cfg.max_steps or out_of_time
         if step % train_cfg.eval_every == 0 or last:
             held = heldout_loss()
-            write({"kind": "eval", "step": step, "heldout_loss": held})
+            metrics.write({"kind": "eval", "step": step, "heldout_loss": held})
             bar.write(f"step {step}: held-out loss {held:.4f}")
             summary["heldout_loss_after"] = held
         if step % train_cfg.save_every == 0 or last:
-            save_checkpoint(
-                run_dir,
-                model,
-                tokenizer,
-                optimizer,
-                step,
-                batches.state_dict(),
-                {"tokens_seen": tokens_seen},
-                train_cfg.keep_checkpoints,
-            )
+            state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                     "data": batches.state_dict(), "tokens_seen": tokens_seen}  # fmt: skip
+            save_checkpoint(run_dir, step, lambda folder: save_pretrained(model, folder, tokenizer=tokenizer),
+                            state, train_cfg.keep_checkpoints)  # fmt: skip
         if out_of_time and step < train_cfg.max_steps:
             stopped_early = True
-            bar.write(f"max_minutes ({train_cfg.max_minutes}) reached at step {step}; checkpoint saved")
+            bar.write(f"{limit.reason} at step {step} of {train_cfg.max_steps}; checkpoint saved")
             break
     bar.close()
-    elapsed = time.time() - started
-    plot_losses(metrics_path, run_dir / "loss.png")
+    elapsed = time.time() - limit.started
+    budget = Budget(
+        "pretrain", train_cfg.max_steps, step, stopped_early, limit.reason if stopped_early else None
+    )
+    cfg, n_params = model.config, sum(p.numel() for p in model.parameters())
+    what = f"GLM, {n_params / 1e6:.2f}M parameters ({cfg.num_layers} layers, hidden {cfg.hidden_size})"
+    title = run_title("pretraining", run_dir, what, budget)
+    plot_curves(metrics.path, run_dir / "loss.png", LOSS_PANELS, title)
     summary.update(
         steps=step,
         tokens_seen=tokens_seen,
@@ -329,5 +288,6 @@ def train(
         tokens_per_s=(step - summary["start_step"]) * tokens_per_step / max(1e-9, elapsed),
         stopped_early=stopped_early,
         device=str(device),
+        budget=budget.to_dict(),
     )
     return summary

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from glmwb.pretrain.errors import ConfigError
+from glmwb.pretrain.run_folder import CheckpointError
 from glmwb.recipes.loader import (
     RecipeError,
     apply_override,
@@ -188,6 +189,40 @@ def select_stages(stages: list, only: str | None, start: str | None) -> list:
     return stages
 
 
+def stage_line(stage: str, summary: dict[str, Any] | None) -> str:
+    """What a stage's training came to, from its summary: its budget record's line ("600 of 600 steps", or
+    "stopped early at step 418 of 600 (train.max_minutes=30 reached)"), or what the stage did instead."""
+    summary = summary or {}
+    if summary.get("budget"):
+        return summary["budget"]["line"]
+    if stage == "align_eval" and "reports" in summary:
+        early = summary.get("stopped_early") or []
+        note = f"; cut short in training: {', '.join(early)}" if early else ""
+        return f"{len(summary['reports'])} policies evaluated{note}"
+    return "no training steps"
+
+
+def _pipeline_record(path, pipeline, rows: list[dict[str, Any]], seconds: float, finished: bool) -> Path:
+    from glmwb.pretrain.run_folder import write_json
+
+    early = [r["name"] for r in rows if (r["budget"] or {}).get("stopped_early")]
+    record = {"recipe": str(path), "run_dir": pipeline.run.dir, "finished": finished,
+              "seconds": round(seconds, 1), "stages": rows, "stopped_early": early}  # fmt: skip
+    return write_json(Path(pipeline.run.dir) / "summary.json", record)
+
+
+def _print_pipeline_end(pipeline, rows: list[dict[str, Any]], seconds: float, record: Path) -> None:
+    print(f"\npipeline finished in {seconds:.0f} s; outputs under {pipeline.run.dir}")
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"  {r['name']:<{width}}  {r['seconds']:>6.0f} s  {r['line']}")
+    early = [r["name"] for r in rows if (r["budget"] or {}).get("stopped_early")]
+    if early:
+        print(f"note: stopped early: {', '.join(early)}; the models these stages wrote, and the figures of "
+              "the stages built on them, are not the ones the recipes describe")  # fmt: skip
+    print(f"summary → {record}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if not is_pipeline(args.recipe):
         if getattr(args, "only", None) or getattr(args, "start", None):
@@ -198,12 +233,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     stages = select_stages(stages, getattr(args, "only", None), getattr(args, "start", None))
     dump_yaml(pipeline, Path(pipeline.run.dir) / "config.yaml")
     started = time.time()
+    rows: list[dict[str, Any]] = []
     for i, (name, path, stage) in enumerate(stages, 1):
         print(f"\n=== [{i}/{len(stages)}] {name}: {path.name} → {stage.run.dir} ===", flush=True)
         t0 = time.time()
-        run_stage(stage)
-        print(f"=== {name} done in {time.time() - t0:.0f} s ===", flush=True)
-    print(f"\npipeline finished in {time.time() - started:.0f} s; outputs under {pipeline.run.dir}")
+        summary = run_stage(stage)
+        line = stage_line(stage.stage, summary)
+        rows.append({"name": name, "stage": stage.stage, "run_dir": stage.run.dir,
+                     "seconds": round(time.time() - t0, 1), "budget": (summary or {}).get("budget"),
+                     "line": line})  # fmt: skip
+        _pipeline_record(args.recipe, pipeline, rows, time.time() - started, finished=False)
+        print(f"=== {name} done in {time.time() - t0:.0f} s: {line} ===", flush=True)
+    record = _pipeline_record(args.recipe, pipeline, rows, time.time() - started, finished=True)
+    _print_pipeline_end(pipeline, rows, time.time() - started, record)
     return 0
 
 
@@ -350,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:  # a stage's or the recipe loader's one-line user error
+    except (ConfigError, CheckpointError) as e:  # a stage's or the loader's one-line user error
         print(f"glmwb: error: {e}", file=sys.stderr)
         return USER_ERROR
     except FileNotFoundError as e:

@@ -107,15 +107,17 @@ def plot_reliability(
     ys = [b["observed"] for b in cal["bins"]]
     ax.plot(xs, ys, "o-", label=f"reward model (ECE {cal['ece']:.3f})")
     ax.set_ylabel("observed P(preferred)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
     width = 1.0 / max(1, len(cal["bins"]) + 1)
-    axh.bar(
+    bars = axh.bar(
         [b["lower"] + width / 2 for b in cal["bins"]], [b["count"] for b in cal["bins"]], width=width * 0.9
     )
+    axh.bar_label(bars, padding=1, fontsize=7)
+    axh.margins(y=0.25)
     axh.set_xlabel("predicted P(preferred) = sigmoid(r_a - r_b)")
-    axh.set_ylabel("count")
+    axh.set_ylabel("pairs in the bin")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -143,16 +145,17 @@ def plot_distributions(
     bins = np.linspace(allr.min(), allr.max() + 1e-6, 40)
     ax.hist(_np(chosen), bins=bins, alpha=0.6, label="chosen")
     ax.hist(_np(rejected), bins=bins, alpha=0.6, label="rejected")
-    ax.set_xlabel("reward")
+    ax.set_xlabel("reward (reward-model score)")
     ax.set_ylabel("responses")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.legend()
     if groups:
         ax = axes[0, 1]
         for name, values in sorted(groups.items()):
             ax.hist(_np(values), bins=bins, alpha=0.5, label=f"{name} ({len(values)})", histtype="stepfilled")
-        ax.set_xlabel("reward")
-        ax.set_title("by group")
+        ax.set_xlabel("reward (reward-model score)")
+        ax.set_ylabel("responses")
+        ax.set_title("by kind of response (count in the legend)", fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -392,7 +395,10 @@ def evaluate_folder(
     tie_param = info.tie_params[0] if info.tie_params else 1.0
     report: dict[str, Any] = {"pairwise": pairwise_metrics(chosen, rejected, tie, info.tie_model, tie_param)}
     report["calibration"] = calibration(chosen, rejected, tie, bins)
-    plot_reliability(report["calibration"], out_dir / "reliability.png")
+    model_line = f"{folder} on {len(pairs)} held-out pairs"
+    plot_reliability(
+        report["calibration"], out_dir / "reliability.png", f"reward model calibration\n{model_line}"
+    )
     groups: dict[str, list[float]] = defaultdict(list)
     for r, c, j in zip(records, chosen.tolist(), rejected.tolist(), strict=True):
         kinds = r.provenance.get("kinds")
@@ -404,6 +410,7 @@ def evaluate_folder(
         rejected,
         out_dir / "distributions.png",
         {k: torch.tensor(v) for k, v in groups.items()} or None,
+        title=f"held-out rewards: chosen vs rejected\n{model_line}",
     )
     report["reward_by_group"] = {
         k: {"mean": float(np.mean(v)), "n": len(v)} for k, v in sorted(groups.items())

@@ -99,6 +99,7 @@ def attach_verifier(model, recipe: RewardRecipe, tok) -> None:
 
 def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
     from glmwb.pretrain.run import load_tokenizer
+    from glmwb.pretrain.run_folder import Budget, write_model_record, write_summary
     from glmwb.pretrain.strategy import make_strategy
     from glmwb.rewards.data import annotator_reliability, encode_pairs, reliability_weights
     from glmwb.rewards.evaluate import evaluate_folder, format_summary
@@ -166,18 +167,18 @@ def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
     if not strategy.is_main:
         return summary
 
-    members = [final]
+    members, member_budgets = [final], [summary["budget"]]
     extra = recipe.model.ensemble - 1 or recipe.eval.ensemble  # members beyond the first, same data
     for i in range(1, extra + 1):  # same data and schedule, other seeds
         torch.manual_seed(recipe.run.seed + i)
         member = build_model(recipe, tok)  # a new head (and, from scratch, a new backbone) from this seed
         member_dir = run_dir / f"ensemble_{i}"
         print(f"ensemble member {i + 1} of {extra + 1} (seed {recipe.run.seed + i})")
-        train_reward_model(
+        member_budgets.append(train_reward_model(
             member, tok, train_pairs, [], recipe.loss, recipe.optim, replace(recipe.train, resume=False),
             member_dir, pad_id, seed=recipe.run.seed + i, lora=recipe.model.lora.enabled, log=lambda s: None,
             value_pairs=value_pairs,
-        )  # fmt: skip
+        )["budget"])  # fmt: skip
         members.append(save_reward_folder(member, member_dir / "final", tok))
     if recipe.model.ensemble > 1:  # final/ becomes the ensemble: member 0 there, the others in final/members/
         from glmwb.rewards.ensemble import RewardEnsemble
@@ -197,6 +198,9 @@ def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
         final, held_records, held_pairs, run_dir / "eval", members=members[1:], bins=recipe.eval.bins
     )
     summary.update(data={"train": train_stats, "heldout": held_stats, **facts}, eval=report, model=str(final))
+    budget = Budget.from_dict(summary["budget"])
+    if len(member_budgets) > 1 and recipe.model.ensemble > 1:  # final/ is the ensemble: all its members count
+        budget = Budget.combine("reward", [Budget.from_dict(b) for b in member_budgets], "member")
     line = format_summary(
         report["pairwise"] | {"calibration": report["calibration"], "length": report["length"]}
     )
@@ -213,11 +217,8 @@ def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
             f"(95% CI {lo:.1%}–{hi:.1%}; target {target:.0%}: {'met' if w['meets_target'] else 'NOT met'}); "
             f"vs the noise-free rule {w['accuracy_vs_rule']:.3f}"
         )
-    if summary.get("stopped_early"):  # a figure from a cut-short run is not the recipe's figure: say so
-        print(
-            f"note: training stopped at step {summary['steps']} of {recipe.train.max_steps} "
-            f"(train.max_minutes={recipe.train.max_minutes} reached): the figures above are for that shorter run"
-        )
+    if budget.stopped_early:  # a figure from a cut-short run is not the recipe's figure: say so
+        print(f"note: training {budget.line()}: the figures above are for that shorter run")
     ens = report.get("ensemble", {})
     if ens.get("member_accuracy"):
         members_line = ", ".join(f"{a:.3f}" for a in ens["member_accuracy"])
@@ -234,14 +235,15 @@ def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
         summary["likelihood_baseline"] = _likelihood_baseline(
             baseline, recipe.data.max_length, held_records, report, run_dir, print
         )
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
+    write_summary(run_dir, summary, budget)
+    write_model_record(final, budget, run_dir, recipe.model.init_from)
     from glmwb.rewards.ensemble import ENSEMBLE_INFO, is_ensemble
 
     info_path = final / (ENSEMBLE_INFO if is_ensemble(final) else "reward_config.json")
     info = json.loads(info_path.read_text())
     info["extra"]["eval"] = {k: report[k] for k in ("pairwise", "world") if k in report}
     info_path.write_text(json.dumps(info, indent=2, ensure_ascii=False))
-    print(f"reward model → {final}; evaluation → {run_dir / 'eval'}")
+    print(f"reward model → {final} ({budget.line()}); evaluation → {run_dir / 'eval'}")
     return summary
 
 

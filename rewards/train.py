@@ -8,17 +8,15 @@ padding-free (``packing: true``: the 2B sequences laid end to end in rows of ``p
 attention stays within each sequence). Full fine-tuning, or LoRA through PEFT on the GLM's linear layers
 (then only the adapters, the head and the tie parameter train; the saved folder has the adapters merged).
 
-A run folder holds:
+The run folder (pretrain/run_folder.py) holds:
     metrics.jsonl                one JSON line per logged step / evaluation
-    training.png                 loss, held-out loss and accuracy
+    training.png                 loss (train and held-out), held-out accuracy, the tie parameter
     checkpoints/step_000123/     reward folder + trainer_state.pt (optimizer, RNG, data order, step)
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,11 +27,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from glmwb.pretrain import run_folder
 from glmwb.pretrain.model import IGNORE_INDEX, causal_lm_loss
 from glmwb.pretrain.optim import OptimConfig, lr_at, make_optimizer
+from glmwb.pretrain.run_folder import Budget, Curve, Panel, rng_state, set_rng_state
 from glmwb.pretrain.settings import LoRAConfig
 from glmwb.pretrain.strategy import SingleDevice
-from glmwb.pretrain.train import autocast_dtype, resolve_device, rng_state, seed_everything, set_rng_state
+from glmwb.pretrain.train import autocast_dtype, resolve_device, seed_everything
 from glmwb.rewards.config import RewardLossConfig, RewardTrainConfig
 from glmwb.rewards.data import EncodedPair
 from glmwb.rewards.evaluate import pairwise_metrics
@@ -348,10 +348,6 @@ def fit_value_first(
 # Checkpoints and plots
 
 
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-
-
 def own_lr_group(optimizer: torch.optim.Optimizer, param: nn.Parameter, lr_scale: float) -> None:
     """Move ``param`` into a group of its own: no weight decay, lr = the schedule's lr x ``lr_scale``."""
     for group in optimizer.param_groups:
@@ -360,21 +356,15 @@ def own_lr_group(optimizer: torch.optim.Optimizer, param: nn.Parameter, lr_scale
 
 
 def save_checkpoint(run_dir: Path, model: RewardModel, tokenizer, state: dict, keep: int, lora: bool) -> Path:
-    final = run_dir / "checkpoints" / f"step_{state['step']:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_reward_folder(model, tmp, tokenizer)
+    """``checkpoints/step_N``: the reward folder (LoRA merged) + trainer_state.pt (via the run folder)."""
     if lora:  # the adapters themselves (the folder has them merged): what resume needs to go on training
         state = {
             **state,
             "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
         }
-    torch.save(state, tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    return run_folder.save_checkpoint(
+        run_dir, state["step"], lambda folder: save_reward_folder(model, folder, tokenizer), state, keep
+    )
 
 
 def save_reward_folder(model: RewardModel, folder: str | Path, tokenizer=None) -> Path:
@@ -396,44 +386,32 @@ def save_reward_folder(model: RewardModel, folder: str | Path, tokenizer=None) -
     return merged.save(folder, tokenizer)
 
 
-def plot_training(metrics_path: Path, out_png: Path) -> None:
-    import matplotlib
+TRAINING_PANELS = (
+    Panel(
+        "preference loss",
+        "loss (nats / pair)",
+        (
+            Curve("loss", "train", where=(("kind", "train"),)),
+            Curve("loss", "held-out", where=(("kind", "eval"),), markers=True),
+        ),
+    ),
+    Panel(
+        "held-out pairwise accuracy",
+        "fraction of pairs ranked right",
+        (
+            Curve("accuracy", "accuracy (strict pairs)", where=(("kind", "eval"),), markers=True),
+            Curve("three_way_accuracy", "3-way accuracy (ties)", where=(("kind", "eval"),), markers=True),
+        ),
+    ),
+    Panel("tie parameter", "tie parameter (first head)", (Curve("tie_param", "learned"),)),
+)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
-    evals = [r for r in rows if r["kind"] == "eval"]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    if train:
-        ax.plot(*zip(*train, strict=True), lw=1, label="train loss")
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="held-out loss")
-        ax2.plot(
-            [r["step"] for r in evals],
-            [r.get("accuracy", float("nan")) for r in evals],
-            "o-",
-            label="accuracy",
-        )
-        if any("three_way_accuracy" in r for r in evals):
-            ax2.plot(
-                [r["step"] for r in evals], [r.get("three_way_accuracy", float("nan")) for r in evals], "s--",
-                label="3-way accuracy (ties)",
-            )  # fmt: skip
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("preference loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax2.set_xlabel("optimizer step")
-    ax2.set_ylabel("held-out accuracy")
-    ax2.grid(alpha=0.3)
-    if evals:
-        ax2.legend()
-    fig.suptitle("reward model")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+def plot_training(metrics_path: Path, out_png: Path, title: str = "reward model") -> Path | None:
+    """Loss (train and held-out), held-out accuracy and the tie parameter per step."""
+    rows = [{**r, "tie_param": r["tie_param"][0]} if isinstance(r.get("tie_param"), list) else r
+            for r in run_folder.read_metrics(metrics_path)]  # fmt: skip
+    return run_folder.plot_curves(rows, out_png, TRAINING_PANELS, title)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -506,49 +484,15 @@ def train_reward_model(
     if train_cfg.epochs is not None:
         max_steps = math.ceil(train_cfg.epochs * len(train_pairs) / pairs_per_step)
     sampler = PairSampler(len(train_pairs), train_cfg.batch_size, seed)
-    step = 0
-    metrics_path = run_dir / "metrics.jsonl"
-    existing = checkpoint_dirs(run_dir) if train_cfg.resume else []
-    if existing and strategy.world_size > 1:
-        raise ValueError(
-            f"{run_dir} has checkpoints; resuming a multi-rank run is not supported (train.resume=false)"
-        )
-    if existing:
-        ckpt = existing[-1]
-        state = torch.load(ckpt / "trainer_state.pt", map_location=device, weights_only=False)
-        if "trainable" in state:
-            core.load_state_dict(state["trainable"], strict=False)
-        else:
-            loaded = RewardModel.from_pretrained(ckpt)
-            core.backbone.load_state_dict(loaded.backbone.state_dict(), strict=core.backbone.lm_head is None)
-            core.score.load_state_dict(loaded.score.state_dict())
-            if core.verifier is not None:
-                core.verifier_weight.data.copy_(loaded.verifier_weight.data)
-                if core.verifier_gate is not None:
-                    core.verifier_gate.weight.data.copy_(loaded.verifier_gate.weight.data)
-        tie.raw.data.copy_(state["tie_raw"])
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        log(f"resumed from {ckpt} at step {step}")
-        if metrics_path.exists():
-            keep = [
-                ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step
-            ]
-            metrics_path.write_text("".join(line + "\n" for line in keep))
-    elif metrics_path.exists():
-        metrics_path.unlink()
-
-    def write(row: dict) -> None:
-        if strategy.is_main:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+    metrics = run_folder.MetricsLog(run_dir / run_folder.METRICS, enabled=strategy.is_main)
+    step = _resume(run_dir, train_cfg.resume, strategy, core, tie, optimizer, sampler, device, log)
+    if step == 0:
+        metrics.reset()
 
     def run_eval() -> dict[str, Any]:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            metrics, _, _ = evaluate_pairs(core, eval_pairs, pad_id, loss_cfg.tie_model, tie().tolist())
-        return metrics
+            m, _, _ = evaluate_pairs(core, eval_pairs, pad_id, loss_cfg.tie_model, tie().tolist())
+        return m
 
     summary: dict[str, Any] = {"start_step": step, "max_steps": max_steps, "train_pairs": len(train_pairs)}
     if (
@@ -568,13 +512,13 @@ def train_reward_model(
         )
     if step == 0 and eval_pairs:
         summary["eval_before"] = m0 = run_eval()
-        write({"kind": "eval", "step": 0, **m0})
+        metrics.write({"kind": "eval", "step": 0, **m0})
         log(
             f"held-out before training: accuracy {m0.get('accuracy', float('nan')):.3f}, loss {m0['loss']:.3f}"
         )
 
     model.train()
-    started = time.time()
+    limit = run_folder.TimeLimit(train_cfg.max_minutes)
     window_t, window_pairs = time.time(), 0
     bar = tqdm(
         total=max_steps,
@@ -649,8 +593,8 @@ def train_reward_model(
                 "pairs_per_s": pps,
             }
             row["tie_param"] = tie().tolist()
-            write(row)
-        out_of_time = train_cfg.max_minutes is not None and time.time() - started > 60 * train_cfg.max_minutes
+            metrics.write(row)
+        out_of_time = limit.reached()
         if strategy.world_size > 1:  # every rank must stop at the same step
             out_of_time = bool(strategy.all_reduce(torch.tensor(float(out_of_time))) > 0)
         last = step == max_steps or out_of_time
@@ -658,7 +602,7 @@ def train_reward_model(
             (train_cfg.eval_every and step % train_cfg.eval_every == 0) or (last and value_pairs is None)
         ):  # 0: at the end (with value_pairs, after the value fit instead)
             m = run_eval()
-            write({"kind": "eval", "step": step, **m})
+            metrics.write({"kind": "eval", "step": step, **m})
             bar.write(
                 f"step {step}: held-out accuracy {m.get('accuracy', float('nan')):.3f}, loss {m['loss']:.3f}"
             )
@@ -677,13 +621,11 @@ def train_reward_model(
                     save_checkpoint(run_dir, core, tokenizer, state, train_cfg.keep_checkpoints, lora)
         if out_of_time and step < max_steps:
             stopped_early = True
-            bar.write(f"max_minutes ({train_cfg.max_minutes}) reached at step {step}; checkpoint saved")
+            bar.write(f"{limit.reason} at step {step} of {max_steps}; checkpoint saved")
             break
     bar.close()
-    elapsed = time.time() - started
-    if strategy.is_main and metrics_path.exists():
-        plot_training(metrics_path, run_dir / "training.png")
-
+    elapsed = time.time() - limit.started
+    budget = Budget("reward", max_steps, step, stopped_early, limit.reason if stopped_early else None)
     if value_pairs is not None:
         summary["value_first"] = fit = fit_value_first(
             core, value_pairs, train_pairs, pad_id, loss_cfg, tie, train_cfg.value_scales
@@ -697,10 +639,15 @@ def train_reward_model(
         )
         if eval_pairs:
             summary["eval_after"] = m = run_eval()
-            write({"kind": "eval", "step": step, "after": "value_first", **m})
+            metrics.write({"kind": "eval", "step": step, "after": "value_first", **m})
             log(
                 f"held-out after the value fit: accuracy {m.get('accuracy', float('nan')):.3f}, loss {m['loss']:.3f}"
             )
+    if strategy.is_main:
+        n_params = sum(p.numel() for p in core.backbone.parameters())
+        what = f"GLM backbone of {n_params / 1e6:.2f}M parameters, heads {list(core.heads)}"
+        title = run_folder.run_title("reward model", run_dir, what, budget)
+        plot_training(metrics.path, run_dir / "training.png", title)
     reward_statistics(core, list(train_pairs) + list(value_pairs or []), pad_id, seed)
     core.info.tie_model, core.info.tie_params = loss_cfg.tie_model, tie().tolist()
     del core.tie
@@ -711,5 +658,42 @@ def train_reward_model(
         stopped_early=stopped_early,
         device=str(device),
         tie_params=core.info.tie_params,
+        budget=budget.to_dict(),
     )
     return summary
+
+
+def _resume(
+    run_dir: Path, resume: bool, strategy, core: RewardModel, tie, optimizer, sampler, device, log
+) -> int:
+    """Load the newest checkpoint of ``run_dir`` (weights or LoRA adapters, tie parameter, optimizer, data
+    order, RNG) and cut metrics.jsonl back to its step; returns that step (0: nothing to resume)."""
+    if not resume:
+        return 0
+    if strategy.world_size > 1:
+        if run_folder.checkpoint_dirs(run_dir, with_state=True):
+            raise ValueError(
+                f"{run_dir} has checkpoints; resuming a multi-rank run is not supported (train.resume=false)"
+            )
+        return 0
+    ckpt = run_folder.latest_checkpoint(run_dir)
+    if ckpt is None:
+        return 0
+    state = run_folder.load_trainer_state(ckpt, map_location=device)
+    if "trainable" in state:
+        core.load_state_dict(state["trainable"], strict=False)
+    else:
+        loaded = RewardModel.from_pretrained(ckpt)
+        core.backbone.load_state_dict(loaded.backbone.state_dict(), strict=core.backbone.lm_head is None)
+        core.score.load_state_dict(loaded.score.state_dict())
+        if core.verifier is not None:
+            core.verifier_weight.data.copy_(loaded.verifier_weight.data)
+            if core.verifier_gate is not None:
+                core.verifier_gate.weight.data.copy_(loaded.verifier_gate.weight.data)
+    tie.raw.data.copy_(state["tie_raw"])
+    optimizer.load_state_dict(state["optimizer"])
+    sampler.load_state_dict(state["sampler"])
+    set_rng_state(state["rng"])
+    log(f"resumed from {ckpt} at step {state['step']}")
+    run_folder.truncate_metrics(run_dir / run_folder.METRICS, state["step"])
+    return state["step"]

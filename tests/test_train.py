@@ -158,13 +158,40 @@ def test_quickstart_pipeline_end_to_end(tmp_path, capsys):
             "reward.data.world.heldout_prompts=48",
             "reward.train.max_steps=4",
             "reward.train.eval_every=2",
-            "ppo.train.steps=3",  # (the recipe's 40 steps would be bounded only by its 12-minute safety net)
+            "ppo.train.steps=3",
             "ppo.train.eval_every=0",
             "ppo_rm.train.steps=3",
             "ppo_rm.train.eval_every=0",
+            "sft.train.max_minutes=0",  # the clock's net fires after SFT's first step: the summaries say so
         ]
     )
     assert code == 0
+    out = capsys.readouterr().out
+    early = "stopped early at step 1 of 48 (train.max_minutes=0 reached)"
+    assert "=== sft done in " in out and early in out
+    lines = out[out.index("pipeline finished") :].splitlines()
+    assert [ln.split()[0] for ln in lines[1:10]] == [
+        "tokenizer", "pretrain", "sft", "preferences", "reward", "dpo", "ppo", "ppo_rm", "eval"
+    ]  # fmt: skip
+    assert (
+        lines[3].endswith(early) and lines[2].endswith("40 of 40 steps") and "note: stopped early: sft" in out
+    )
+    pipeline = json.loads((tmp_path / "summary.json").read_text())
+    assert pipeline["finished"] and pipeline["stopped_early"] == ["sft"]
+    assert [s["budget"]["steps_done"] if s["budget"] else None for s in pipeline["stages"]][:3] == [
+        None,
+        40,
+        1,
+    ]
+    for stage in ("pretrain", "sft", "reward", "dpo", "ppo", "ppo_rm"):
+        record = json.loads((tmp_path / stage / "final" / "glmwb_run.json").read_text())
+        assert record["stage"] in stage and record["line"] == pipeline["stages"][
+            [s["name"] for s in pipeline["stages"]].index(stage)]["line"]  # fmt: skip
+    # the evaluation names each policy's folder and training; the SFT-based ones are flagged
+    evaluation = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert evaluation["policies"]["sft"]["training"]["stopped_early"] is True
+    assert evaluation["stopped_early"] == ["sft", "dpo", "ppo", "ppo_rm"]
+    assert f"| base | {tmp_path / 'pretrain' / 'final'} | pretrain: 40 of 40 steps |" in out
     summary = json.loads((tmp_path / "pretrain" / "summary.json").read_text())
     assert summary["heldout_loss_after"] < summary["heldout_loss_before"]
     assert summary["heldout_loss_after"] < summary["unigram_baseline"] + 0.5
@@ -182,7 +209,7 @@ def test_quickstart_pipeline_end_to_end(tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "pretrain" / "final")
     tok = AutoTokenizer.from_pretrained(tmp_path / "pretrain" / "final")
     assert type(model).__name__ == "GlmForCausalLM" and tok.chat_template
-    assert "held-out loss" in capsys.readouterr().out
+    assert "held-out loss" in out
 
 
 def test_vocab_too_small_is_a_user_error(tmp_path, tiny_tokenizer, capsys):

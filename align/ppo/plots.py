@@ -1,73 +1,40 @@
-"""Curves of a PPO run (metrics.jsonl -> training.png): reward, held-out accuracy, KL, entropy, clipping,
-value fit, response length, and where the time goes."""
+"""Curves of a PPO run (metrics.jsonl -> training.png), one quantity per panel: reward, held-out accuracy, KL,
+its coefficient, entropy, clipping, approximate KL, value fit, response length, termination, reward-length
+correlation, and where the time goes. Drawn by the run folder's one plotter (pretrain/run_folder.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from glmwb.pretrain.run_folder import Curve, Panel, plot_curves, read_metrics
+
 PANELS = (
-    ("reward (raw score)", ["reward/score_mean"], "reward/score_std"),
-    ("held-out accuracy", ["eval/accuracy"], None),
-    ("KL to reference (nats / response)", ["kl/seq_k1", "kl/seq_k3"], None),
-    ("KL coefficient", ["kl/coef"], None),
-    ("entropy (nats / token)", ["policy/entropy"], None),
-    ("clipping and approx KL", ["policy/clipfrac", "policy/approx_kl", "value/vf_clipfrac"], None),
-    ("value fit", ["value/loss", "value/explained_variance"], None),
-    ("response", ["response/length_mean", "response/terminated"], None),
-    ("reward-length correlation", ["reward/length_corr"], None),
-)
-TIMES = ("time/generation", "time/scoring", "time/inference", "time/training")
+    Panel("reward of the rollouts", "raw score (mean ± 1 std)",
+          (Curve("reward/score_mean", "score", band="reward/score_std"),)),
+    Panel("held-out accuracy", "share of greedy answers right",
+          (Curve("eval/accuracy", "held-out prompts", markers=True),), share=True),
+    Panel("KL to the reference", "KL (nats / response)",
+          (Curve("kl/seq_k1", "k1"), Curve("kl/seq_k3", "k3"))),
+    Panel("KL coefficient", "β", (Curve("kl/coef", "β (KL controller)"),)),
+    Panel("policy entropy", "entropy (nats / token)", (Curve("policy/entropy", "rollout tokens"),)),
+    Panel("clipping", "fraction of tokens clipped",
+          (Curve("policy/clipfrac", "policy ratio"), Curve("value/vf_clipfrac", "value")), share=True),
+    Panel("approximate KL of the update", "KL (nats / token)",
+          (Curve("policy/approx_kl", "old vs new policy"),)),
+    Panel("value loss", "squared error (normalised reward units²)", (Curve("value/loss", "value loss"),)),
+    Panel("value fit", "explained variance of the returns",
+          (Curve("value/explained_variance", "explained variance"),)),
+    Panel("response length", "mean length (tokens)", (Curve("response/length_mean", "rollouts"),)),
+    Panel("termination", "share of responses ending with a terminator",
+          (Curve("response/terminated", "terminated"),), share=True),
+    Panel("reward-length correlation", "Pearson r (score vs length)", (Curve("reward/length_corr", "r"),)),
+    Panel("time per step by phase", "mean seconds per step",
+          tuple(Curve(f"time/{k}", k) for k in ("generation", "scoring", "inference", "training")),
+          bars=True),
+)  # fmt: skip
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def plot_training(metrics_path: str | Path, out_png: str | Path) -> Path | None:
-    """A grid of the main curves; None when there is nothing to plot."""
+def plot_training(metrics_path: str | Path, out_png: str | Path, title: str = "PPO") -> Path | None:
+    """A grid of the curves in metrics.jsonl; None when there is nothing to plot."""
     rows = read_metrics(metrics_path)
-    if not rows:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(3, 4, figsize=(18, 11))
-    axes = axes.flatten()
-    for ax, (title, keys, band) in zip(axes, PANELS, strict=False):
-        for key in keys:
-            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None and "step" in r]
-            if pts:
-                xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=key.split("/")[-1])
-                if band and key == keys[0]:
-                    sd = [r.get(band) or 0.0 for r in rows if r.get(key) is not None and "step" in r]
-                    ax.fill_between(xs, [y - s for y, s in zip(ys, sd, strict=True)],
-                                    [y + s for y, s in zip(ys, sd, strict=True)], alpha=0.2)  # fmt: skip
-        ax.set_title(title)
-        ax.set_xlabel("PPO step")
-        ax.grid(alpha=0.3)
-        if len(keys) > 1:
-            ax.legend(fontsize=8)
-    ax = axes[len(PANELS)]
-    steps = [r["step"] for r in rows if "time/training" in r]
-    bottom = [0.0] * len(steps)
-    for key in TIMES:
-        ys = [r.get(key) or 0.0 for r in rows if "time/training" in r]
-        ax.bar(steps, ys, bottom=bottom, label=key.split("/")[-1], width=1.0)
-        bottom = [b + y for b, y in zip(bottom, ys, strict=True)]
-    ax.set_title("time per step (s)")
-    ax.set_xlabel("PPO step")
-    ax.legend(fontsize=8)
-    for ax in axes[len(PANELS) + 1 :]:
-        ax.axis("off")
-    fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=80)
-    plt.close(fig)
-    return out_png
+    return plot_curves(rows, out_png, PANELS, title, xlabel="PPO step", ncols=4) if rows else None

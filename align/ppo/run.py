@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import builtins
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -128,20 +127,22 @@ def rollout_prompts(world, pc, seed: int = 0) -> list:
 
 
 def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
-    from glmwb.align.evaluate import compare, evaluate_policy, format_table, significance_line
+    from glmwb.align.evaluate import compare, evaluate_policy, format_models, format_table, significance_line
     from glmwb.align.ppo.distributed import make_strategy
     from glmwb.align.ppo.models import merged_glm
     from glmwb.align.ppo.rollout import PromptCycle, build_reward, world_items
     from glmwb.align.ppo.trainer import PPOTrainer
     from glmwb.pretrain.hf import save_pretrained
-    from glmwb.pretrain.tokenizer import turn_terminator_ids
-    from glmwb.pretrain.train import (
-        autocast_dtype,
-        checkpoint_dirs,
-        resolve_device,
+    from glmwb.pretrain.run_folder import (
+        METRICS,
         rng_state,
-        seed_everything,
+        run_title,
+        save_checkpoint,
+        write_model_record,
+        write_summary,
     )
+    from glmwb.pretrain.tokenizer import turn_terminator_ids
+    from glmwb.pretrain.train import autocast_dtype, resolve_device, seed_everything
     from glmwb.pretrain.world import make_world
 
     run_dir, t = Path(recipe.run.dir), recipe.train
@@ -210,9 +211,9 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
     if resumed is not None:
         before, seen_before = resumed.get("before"), resumed.get("seen_before")
     else:
-        for stale in ("metrics.jsonl", "samples.jsonl", "samples.txt"):
-            if strategy.is_main and (run_dir / stale).exists():
-                (run_dir / stale).unlink()
+        for stale in (METRICS, "samples.jsonl", "samples.txt"):
+            if strategy.is_main:
+                (run_dir / stale).unlink(missing_ok=True)
         before = evaluate(samples=recipe.eval.samples) if recipe.eval.before and heldout else None
         seen_before = evaluate(seen) if seen else None
         if before:
@@ -223,34 +224,31 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
         )
 
     def on_step(step: int) -> None:
-        if t.save_every and step % t.save_every == 0:
-            folder = run_dir / "checkpoints" / f"step_{step:05d}"
-            tmp = folder.with_name(folder.name + ".tmp")
-            with strategy.gathered(trainer.actor):
-                if strategy.is_main:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    save_pretrained(merged_glm(trainer.actor_module.glm), tmp, tok)
-            if strategy.world_size == 1:  # what resume needs; DeepSpeed runs keep the policy folder only
-                extra = {"prompts": cycle.state_dict(), "rng": rng_state(), "before": before,
-                         "seen_before": seen_before}  # fmt: skip
-                torch.save({"trainer": trainer.state_dict(), **extra}, tmp / "trainer_state.pt")
+        if not (t.save_every and step % t.save_every == 0):
+            return
+        state = None
+        if strategy.world_size == 1:  # what resume needs; DeepSpeed runs keep the policy folder only
+            state = {"trainer": trainer.state_dict(), "prompts": cycle.state_dict(), "rng": rng_state(),
+                     "before": before, "seen_before": seen_before}  # fmt: skip
+        with strategy.gathered(trainer.actor):
             if strategy.is_main:
-                shutil.rmtree(folder, ignore_errors=True)
-                tmp.rename(folder)  # a checkpoint folder exists whole or not at all
-                if t.keep_checkpoints:
-                    for old in checkpoint_dirs(run_dir)[: -t.keep_checkpoints]:
-                        shutil.rmtree(old, ignore_errors=True)
+                save_checkpoint(run_dir, step, write_policy, state, t.keep_checkpoints, digits=5)
+
+    def write_policy(folder: Path) -> None:
+        save_pretrained(merged_glm(trainer.actor_module.glm), folder, tok)
 
     periodic_eval = (lambda: eval_row(evaluate())) if heldout else None
     last = trainer.train(cycle, t.steps, t.max_minutes, periodic_eval, t.eval_every, on_step)
     after = evaluate(samples=recipe.eval.samples) if recipe.eval.after and heldout else None
     seen_after = evaluate(seen) if seen else None
+    budget = trainer.budget()
     if after:
         trainer.write_metrics({"step": trainer.step_count, **eval_row(after)})
-        if strategy.is_main:
-            from glmwb.align.ppo.plots import plot_training
+    if strategy.is_main:
+        from glmwb.align.ppo.plots import plot_training
 
-            plot_training(run_dir / "metrics.jsonl", run_dir / "training.png")
+        what = f"policy from {recipe.policy.init_from}, {recipe.reward.kind} reward"
+        plot_training(run_dir / METRICS, run_dir / "training.png", run_title("PPO", run_dir, what, budget))
 
     with strategy.gathered(trainer.actor):
         final = (
@@ -264,16 +262,21 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
                 strategy.unwrap(trainer.critic).save(run_dir / "critic", tok)
     if not strategy.is_main:
         return {}
+    write_model_record(final, budget, run_dir, recipe.policy.init_from)
     summary: dict[str, Any] = {"steps": trainer.step_count, "final": str(final), "parameters": counts,
-                               "last_step": last, "minutes": last.get("time/elapsed_min")}  # fmt: skip
+                               "last_step": last, "minutes": last.get("time/elapsed_min"),
+                               "stopped_early": budget.stopped_early}  # fmt: skip
     if before and after:
         reports = {"before": before, "after": after}
         comparison = compare(before, after)
         table = format_table(reports, {"after": comparison})
-        print(f"\nheld-out world prompts (n={after['n']}), before vs after PPO:\n{table}")
+        models = format_models({"before": recipe.policy.init_from, "after": final})
+        print(f"\nheld-out world prompts (n={after['n']}), before vs after PPO:\n{table}\n\n{models}")
         print(significance_line(comparison))
         (run_dir / "eval").mkdir(exist_ok=True)
-        (run_dir / "eval" / "table.md").write_text(f"{table}\n\n{significance_line(comparison)}\n")
+        (run_dir / "eval" / "table.md").write_text(
+            f"{table}\n\n{significance_line(comparison)}\n\n{models}\n"
+        )
         for name, r in reports.items():
             (run_dir / "eval" / f"{name}.json").write_text(json.dumps(r, indent=2, ensure_ascii=False))
         summary["eval"] = {"before": _brief(before), "after": _brief(after), "comparison": comparison}
@@ -287,37 +290,45 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
         (run_dir / "eval").mkdir(parents=True, exist_ok=True)
         (run_dir / "eval" / "rollout_prompts.md").write_text(table + "\n")
         summary["eval_rollout_prompts"] = {"before": _brief(seen_before), "after": _brief(seen_after)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=_plain))
-    print(f"policy → {final}; metrics → {run_dir / 'metrics.jsonl'}; curves → {run_dir / 'training.png'}")
+    write_summary(run_dir, summary, budget, default=_plain)
+    print(
+        f"policy → {final} ({budget.line()}); metrics → {run_dir / METRICS}; "
+        f"curves → {run_dir / 'training.png'}"
+    )
     return summary
 
 
 def _resume(run_dir: Path, t, strategy, trainer, cycle, log) -> dict[str, Any] | None:
     """Load the newest checkpoint of ``run_dir`` into the trainer and the prompt order (``train.resume``);
     returns the saved evaluations of the start policy, or None when there is nothing to resume."""
-    from glmwb.pretrain.train import checkpoint_dirs, set_rng_state
+    from glmwb.pretrain.run_folder import (
+        METRICS,
+        checkpoint_dirs,
+        latest_checkpoint,
+        load_trainer_state,
+        set_rng_state,
+        truncate_metrics,
+    )
 
-    existing = [c for c in checkpoint_dirs(run_dir) if (c / "trainer_state.pt").is_file()] if t.resume else []
-    if not existing:
+    if not t.resume:
         return None
     if strategy.world_size > 1:
-        raise ConfigError(
-            f"{run_dir} has PPO checkpoints; resuming a multi-rank (DeepSpeed) run is not supported: "
-            "train.resume=false, or a new run.dir"
-        )
-    ckpt = existing[-1]
-    state = torch.load(ckpt / "trainer_state.pt", map_location=trainer.device, weights_only=False)
+        if checkpoint_dirs(run_dir, with_state=True):
+            raise ConfigError(
+                f"{run_dir} has PPO checkpoints; resuming a multi-rank (DeepSpeed) run is not supported: "
+                "train.resume=false, or a new run.dir"
+            )
+        return None
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    state = load_trainer_state(ckpt, map_location=trainer.device)
     trainer.load_state_dict(state["trainer"])
     cycle.load_state_dict(state["prompts"])
     set_rng_state(state["rng"])
     step = trainer.step_count
-    for name in ("metrics.jsonl", "samples.jsonl"):  # drop what was written after that checkpoint
-        path = run_dir / name
-        if path.exists():
-            keep = [
-                ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step
-            ]
-            path.write_text("".join(line + "\n" for line in keep))
+    for name in (METRICS, "samples.jsonl"):  # drop what was written after that checkpoint
+        truncate_metrics(run_dir / name, step)
     log(f"ppo: resumed from {ckpt} at step {step} of {t.steps}")
     return {"before": state.get("before"), "seen_before": state.get("seen_before")}
 

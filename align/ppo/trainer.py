@@ -11,8 +11,6 @@ reference (a frozen copy, or nothing extra with a LoRA actor), and a reward mode
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from glmwb.align.ppo.config import GenerationConfig, KLConfig, PPOConfig, PPOTra
 from glmwb.align.ppo.distributed import Single
 from glmwb.align.ppo.models import Actor, Critic, Reference
 from glmwb.align.ppo.rollout import PromptItem, RewardFunction, Samples, decode_responses, sample_batched
+from glmwb.pretrain.run_folder import METRICS, Budget, MetricsLog, TimeLimit
 
 # ----------------------------------------------------------------------------------------------------------
 # A step's experience
@@ -126,6 +125,8 @@ class PPOTrainer:
         self.logprob_kernel = logprob_kernel
         self.log = log
         self.run_dir = Path(run_dir) if run_dir else None
+        self.metrics = MetricsLog(self.run_dir / METRICS, self.strategy.is_main) if self.run_dir else None
+        self.stopped_early, self.stop_reason, self.planned_steps = False, None, train.steps
         self.shared = critic is None
         self.reference = reference
 
@@ -449,7 +450,8 @@ class PPOTrainer:
 
         cfg = self.cfg
         world, rank = self.strategy.world_size, self.strategy.rank
-        started = time.perf_counter()
+        limit = TimeLimit(max_minutes)
+        self.planned_steps = steps
         last: dict[str, Any] = {}
         bar = tqdm(
             range(self.step_count, steps), desc="ppo", disable=not self.strategy.is_main, dynamic_ncols=True,
@@ -461,7 +463,7 @@ class PPOTrainer:
             exp, m = self.step(items)
             if evaluate is not None and eval_every and self.step_count % eval_every == 0:
                 m.update(evaluate())
-            m["time/elapsed_min"] = (time.perf_counter() - started) / 60
+            m["time/elapsed_min"] = (time.time() - limit.started) / 60
             self.write_metrics(m)
             if (
                 self.run_dir is not None
@@ -481,21 +483,21 @@ class PPOTrainer:
             if on_step is not None:
                 on_step(self.step_count)
             last = m
-            over = max_minutes is not None and (time.perf_counter() - started) / 60 >= max_minutes
-            if over and self.step_count < steps:  # (the last step done in time is no early stop)
-                self.log(
-                    f"ppo: stopping after {self.step_count} steps: train.max_minutes={max_minutes} reached"
-                )
+            if limit.reached() and self.step_count < steps:  # (the last step done in time is no early stop)
+                self.stopped_early, self.stop_reason = True, limit.reason
+                self.log(f"ppo: stopping after {self.step_count} of {steps} steps: {limit.reason}")
                 break
         if self.run_dir is not None and self.strategy.is_main:
-            plot_training(self.run_dir / "metrics.jsonl", self.run_dir / "training.png")
+            plot_training(self.run_dir / METRICS, self.run_dir / "training.png", f"PPO\nrun {self.run_dir}")
         return last
 
+    def budget(self) -> Budget:
+        """Steps done of the planned ones, and whether (and why) the clock stopped the run early."""
+        return Budget("ppo", self.planned_steps, self.step_count, self.stopped_early, self.stop_reason)
+
     def write_metrics(self, m: dict[str, Any]) -> None:
-        if self.run_dir is None or not self.strategy.is_main:
-            return
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({k: _jsonable(v) for k, v in m.items()}) + "\n")
+        if self.metrics is not None:
+            self.metrics.write(m)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a stopped run needs to go on as if it had not stopped (one process): the actor (LoRA
@@ -582,9 +584,3 @@ def _adamw(groups: list[dict], optim: Any, device: torch.device) -> torch.optim.
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v

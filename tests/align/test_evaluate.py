@@ -159,10 +159,12 @@ def test_table_lists_every_policy() -> None:
 
 def test_align_eval_stage_end_to_end(tiny_tokenizer, tmp_path, capsys) -> None:
     from glmwb.pretrain.hf import save_pretrained
+    from glmwb.pretrain.run_folder import Budget, write_model_record
     from glmwb.recipes.cli import main
 
     for name, seed in (("a", 0), ("b", 1)):
         save_pretrained(tiny_policy(tiny_tokenizer, seed), tmp_path / name, tokenizer=tiny_tokenizer)
+    write_model_record(tmp_path / "b", Budget("sft", 48, 24, True, "train.max_minutes=1 reached"), tmp_path)
     recipe = tmp_path / "eval.yaml"
     recipe.write_text(
         f"stage: align_eval\nrun: {{dir: {tmp_path}/run}}\n"
@@ -170,9 +172,16 @@ def test_align_eval_stage_end_to_end(tiny_tokenizer, tmp_path, capsys) -> None:
         "data: {world: {num_entities: 24}, n_prompts: 6, max_new_tokens: 8}\n"
     )
     assert main(["run", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    # which model each row is: its folder and its training, the one cut short flagged
+    assert f"| base | {tmp_path / 'a'} | no training record (glmwb_run.json) |" in out
+    flagged = "**sft: stopped early at step 24 of 48 (train.max_minutes=1 reached)** (not the recipe's model)"
+    assert f"| tuned | {tmp_path / 'b'} | {flagged} |" in out
+    assert "note: tuned: training (or an earlier stage's) stopped early" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert set(summary["reports"]) == {"base", "tuned"} and "tuned" in summary["comparisons"]
-    out = capsys.readouterr().out
+    assert summary["stopped_early"] == ["tuned"] and summary["policies"]["base"]["training"] is None
+    assert summary["policies"]["tuned"]["training"]["steps_done"] == 24
     assert "| tuned |" in out and "accuracy by task family" in out and "accuracy by phrasing" in out
     assert summary["phrasing_table"].splitlines()[0].startswith("| policy | t")
     fam = summary["family_table"].splitlines()

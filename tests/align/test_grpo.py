@@ -224,6 +224,9 @@ def test_glmwb_run_end_to_end(policy_folder, tmp_path, capsys) -> None:
     assert "| before |" in out and "| grpo |" in out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["rewards"] == {"world_correct": 1.0, "length": 0.2}
+    assert summary["budget"]["line"] == "2 of 2 steps" and not summary["budget"]["stopped_early"]
+    assert json.loads((run_dir / "final" / "glmwb_run.json").read_text())["stage"] == "grpo"
+    assert f"| grpo | {run_dir / 'final'} | grpo: 2 of 2 steps |" in out
     assert set(summary["eval"]["reports"]) == {"before", "grpo"}
     assert summary["eval"]["reports"]["before"]["n"] == 6
     for name in ("config.yaml", "metrics.jsonl", "rewards.png", "eval/table.md", "eval/answers.jsonl"):

@@ -249,7 +249,15 @@ def test_the_clock_stops_a_run_early_and_says_so_only_when_steps_remain(tiny_tok
         assert tr.step_count == (stopped_at or steps)
         said = [x for x in lines if "max_minutes" in x]
         assert said == (
-            [f"ppo: stopping after {stopped_at} steps: train.max_minutes=0.0 reached"] if stopped_at else []
+            [f"ppo: stopping after {stopped_at} of {steps} steps: train.max_minutes=0 reached"]
+            if stopped_at
+            else []
+        )
+        budget = tr.budget()
+        assert (budget.steps_done, budget.planned_steps, budget.stopped_early) == (
+            tr.step_count,
+            steps,
+            bool(stopped_at),
         )
 
 
@@ -487,6 +495,9 @@ def test_glmwb_run_ppo_end_to_end(policy_folder, tmp_path, capsys) -> None:
         assert key in rows[0]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and "comparison" in summary["eval"]
+    assert summary["budget"]["line"] == "2 of 2 steps" and "policy → " in out and "(2 of 2 steps)" in out
+    record = json.loads((run / "final" / "glmwb_run.json").read_text())
+    assert (record["stage"], record["steps_done"], record["init_from"]) == ("ppo", 2, str(policy_folder))
     assert 0 <= summary["eval"]["after"]["sample_accuracy"] <= 1
     assert summary["eval"]["comparison"]["sample_accuracy_test"]["n"] == summary["eval"]["after"]["n"]
     names = ("training.png", "samples.html", "samples.jsonl", "samples.txt", "eval/table.md", "config.yaml",

@@ -257,6 +257,10 @@ def test_sft_recipe_end_to_end(tiny_folder, tmp_path, capsys) -> None:
     assert "held-out loss on assistant tokens" in out and "| before |" in out and "| sft |" in out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["lora"] and summary["packing"]
+    assert summary["budget"] == {"stage": "sft", "planned_steps": 3, "steps_done": 3, "stopped_early": False,
+                                 "reason": None, "line": "3 of 3 steps"}  # fmt: skip
+    assert f"| sft | {run / 'final'} | sft: 3 of 3 steps |" in out  # which model the table's row is
+    assert json.loads((run / "final" / "glmwb_run.json").read_text())["init_from"] == str(tiny_folder)
     assert math.isfinite(summary["train_loss"]) and math.isfinite(summary["heldout_loss_after"])
     train, held = summary["data"]["train"], summary["data"]["heldout"]
     assert train["conversations"] + train["too_long"] == 48 and held["conversations"] + held["too_long"] == 8

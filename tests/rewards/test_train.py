@@ -234,8 +234,11 @@ def test_a_reward_run_cut_short_by_the_clock_says_so(tiny_tokenizer, tmp_path, c
     )  # fmt: skip
     assert code == 0
     out = capsys.readouterr().out
-    assert "training stopped at step 1 of 5 (train.max_minutes=0.0 reached)" in out
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["stopped_early"] is True
+    assert "note: training stopped early at step 1 of 5 (train.max_minutes=0 reached)" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stopped_early"] is True and summary["budget"]["steps_done"] == 1
+    record = json.loads((tmp_path / "run" / "final" / "glmwb_run.json").read_text())
+    assert record["stopped_early"] and record["reason"] == "train.max_minutes=0 reached"
 
 
 def test_auxiliary_lm_loss_keeps_a_frozen_lm_head_that_is_never_saved(
