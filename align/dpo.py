@@ -34,7 +34,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 
@@ -43,6 +43,7 @@ from glmwb.annotation.preference_data import PreferenceDataConfig, WorldPairsCon
 from glmwb.kernels.config import KernelConfig
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.optim import OptimConfig
+from glmwb.pretrain.ranges import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Range
 from glmwb.pretrain.run_folder import (
     METRICS,
     Budget,
@@ -91,14 +92,15 @@ class DPOModelConfig:
 @dataclass(frozen=True)
 class DPOLossConfig:
     type: Literal["sigmoid", "ipo", "robust", "cdpo", "hinge", "simpo"] = "sigmoid"
-    beta: float = 0.1  # deviation from the reference (IPO's tau; SimPO's reward scale)
-    label_smoothing: float = 0.0  # robust / cdpo: assumed label-flip rate, in [0, 0.5)
-    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    beta: PositiveFloat = 0.1  # deviation from the reference (IPO's tau; SimPO's reward scale)
+    # robust / cdpo: assumed label-flip rate, in [0, 0.5)
+    label_smoothing: Annotated[float, Range(0, 0.5)] = 0.0
+    simpo_gamma: NonNegFloat = 0.5  # SimPO's target reward margin
     # + sft_weight x the chosen answers' mean token NLL (RPO, Pang et al. 2024; CPO's alpha for simpo): keeps
     # the chosen answers likely while the rejected ones are pushed down
-    sft_weight: float = 0.0
-    kto_desirable_weight: float = 1.0
-    kto_undesirable_weight: float = 1.0
+    sft_weight: NonNegFloat = 0.0
+    kto_desirable_weight: NonNegFloat = 1.0
+    kto_undesirable_weight: NonNegFloat = 1.0
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
@@ -111,16 +113,16 @@ class DPOLossConfig:
 
 @dataclass(frozen=True)
 class DPOTrainConfig:
-    batch_size: int = 8  # pairs (KTO: examples) per micro-batch
-    grad_accum: int = 1
-    max_steps: int = 100
-    max_minutes: float | None = None  # stop early (and save) when the wall clock says so
-    log_every: int = 5
+    batch_size: PositiveInt = 8  # pairs (KTO: examples) per micro-batch
+    grad_accum: PositiveInt = 1
+    max_steps: PositiveInt = 100
+    max_minutes: PositiveFloat | None = None  # stop early (and save) when the wall clock says so
+    log_every: PositiveInt = 5
     reference: Literal["model", "precomputed"] = "model"  # trl engine; packed always precomputes
-    pack_tokens: int = 512  # packed engine: row length (a CPU attends over whole rows: keep it short)
+    pack_tokens: PositiveInt = 512  # packed engine: row length (a CPU attends over whole rows: keep it short)
     gradient_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_threads: int | None = None
+    num_threads: PositiveInt | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
@@ -129,8 +131,8 @@ class DPOTrainConfig:
 
 @dataclass(frozen=True)
 class DPOEvalConfig:
-    world_prompts: int = 100  # held-out world prompts answered before / after (0: skip)
-    max_new_tokens: int = 48
+    world_prompts: NonNegInt = 100  # held-out world prompts answered before / after (0: skip)
+    max_new_tokens: PositiveInt = 48
     reward_model: str | None = None  # a reward folder: RM reward of the answers and RM win rate
 
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.generate import generate_answers, load_policy
+from glmwb.pretrain.ranges import NonNegInt, PositiveFloat, PositiveInt
 from glmwb.pretrain.run_folder import cut_short, describe_model, read_model_record, training_line, write_json
 from glmwb.pretrain.settings import RunConfig, WorldConfig
 
@@ -258,11 +259,11 @@ class EvalDataConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     # test: the half of heldout that PPO (rollouts on dev) never samples
     split: Literal["heldout", "test", "dev", "train"] = "heldout"
-    n_prompts: int = 200
-    max_new_tokens: int = 48
+    n_prompts: PositiveInt = 200
+    max_new_tokens: PositiveInt = 48
     # also k temperature-1 answers per prompt: sample_accuracy, and a Wilcoxon test against the baseline
-    samples: int = 0
-    sample_temperature: float = 1.0
+    samples: NonNegInt = 0
+    sample_temperature: PositiveFloat = 1.0
 
     def __post_init__(self) -> None:
         if self.n_prompts < 1:

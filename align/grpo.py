@@ -32,7 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 
@@ -41,6 +41,7 @@ from glmwb.align.reward_funcs import RewardSetupError, RewardSpec, RuleReward, b
 from glmwb.kernels.config import KernelConfig
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.optim import OptimConfig
+from glmwb.pretrain.ranges import AnyFloat, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Range
 from glmwb.pretrain.run_folder import Curve, Panel, plot_curves, run_title, write_model_record, write_summary
 from glmwb.pretrain.settings import LoRAConfig, RunConfig, WorldConfig
 
@@ -64,11 +65,11 @@ class GRPODataConfig:
 
     source: Literal["world", "files"] = "world"
     world: WorldConfig = field(default_factory=WorldConfig)
-    train_prompts: int = 512  # world: distinct train prompts; files: a cap (0: every row)
+    train_prompts: NonNegInt = 512  # world: distinct train prompts; files: a cap (0: every row)
     paths: tuple[str, ...] = ()  # files: JSONL (.gz allowed)
     eval_paths: tuple[str, ...] = ()  # files: held-out rows for the before / after rule rewards
     system_prompt: str | None = None  # files: a system turn in front of every question
-    max_prompt_tokens: int = 512  # longer prompts are left out (and counted)
+    max_prompt_tokens: PositiveInt = 512  # longer prompts are left out (and counted)
 
     def __post_init__(self) -> None:
         if self.source == "files" and not self.paths:
@@ -83,12 +84,12 @@ class GRPODataConfig:
 class SamplingConfig:
     """How completions are sampled during training."""
 
-    num_generations: int = 8  # completions per prompt (the group)
-    max_completion_length: int = 32  # tokens, the terminator included
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k
-    repetition_penalty: float = 1.0
+    num_generations: Annotated[int, Range(2)] = 8  # completions per prompt (the group)
+    max_completion_length: PositiveInt = 32  # tokens, the terminator included
+    temperature: PositiveFloat = 1.0
+    top_p: Annotated[float, Range(0, 1, lo_open=True)] = 1.0
+    top_k: NonNegInt = 0  # 0: no top-k
+    repetition_penalty: PositiveFloat = 1.0
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
@@ -105,10 +106,10 @@ class SamplingConfig:
 class PolicyLossConfig:
     """The policy-gradient objective. ``beta``: KL coefficient to the reference (0: no reference model)."""
 
-    beta: float = 0.0
-    epsilon: float = 0.2  # clip range of the importance ratio
-    epsilon_high: float | None = None  # upper clip (DAPO: 0.28); default epsilon
-    num_iterations: int = 1  # optimisation passes over each generation batch
+    beta: NonNegFloat = 0.0
+    epsilon: PositiveFloat = 0.2  # clip range of the importance ratio
+    epsilon_high: PositiveFloat | None = None  # upper clip (DAPO: 0.28); default epsilon
+    num_iterations: PositiveInt = 1  # optimisation passes over each generation batch
     mask_truncated_completions: bool = False  # leave completions that hit the length limit out of the loss
     # GRPO only
     loss_type: str = "dapo"  # one of LOSS_TYPES
@@ -117,7 +118,7 @@ class PolicyLossConfig:
     multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
     # RLOO only
     normalize_advantages: bool = False
-    reward_clip_range: tuple[float, ...] | None = None  # (min, max)
+    reward_clip_range: tuple[AnyFloat, ...] | None = None  # (min, max)
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
@@ -140,16 +141,16 @@ _RLOO_ONLY = ("normalize_advantages", "reward_clip_range")
 
 @dataclass(frozen=True)
 class GRPOTrainConfig:
-    prompts_per_step: int = 4  # prompts per optimizer step (x num_generations completions)
-    micro_batch: int | None = None  # completions per forward / backward (default: all of a step's)
-    max_steps: int = 50
-    max_minutes: float | None = None  # stop early (and save) when the wall clock says so
-    log_every: int = 5
-    save_every: int = 0  # 0: only the final folder
+    prompts_per_step: PositiveInt = 4  # prompts per optimizer step (x num_generations completions)
+    micro_batch: PositiveInt | None = None  # completions per forward / backward (default: all of a step's)
+    max_steps: PositiveInt = 50
+    max_minutes: PositiveFloat | None = None  # stop early (and save) when the wall clock says so
+    log_every: PositiveInt = 5
+    save_every: NonNegInt = 0  # 0: only the final folder
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA
     gradient_checkpointing: bool = False
-    num_threads: int | None = None  # torch CPU threads; default: torch's
+    num_threads: PositiveInt | None = None  # torch CPU threads; default: torch's
     log_completions: bool = False  # TRL prints a sample table every log step
 
     def __post_init__(self) -> None:
@@ -161,9 +162,9 @@ class GRPOTrainConfig:
 class GRPOEvalConfig:
     """Before / after: greedy answers to held-out world prompts (world data) or to data.eval_paths (files)."""
 
-    heldout_prompts: int = 200  # 0: no evaluation
-    max_new_tokens: int = 48
-    batch_size: int = 64
+    heldout_prompts: NonNegInt = 200  # 0: no evaluation
+    max_new_tokens: PositiveInt = 48
+    batch_size: PositiveInt = 64
     before: bool = True  # evaluate model.init_from too (the table's baseline)
     reward_model: str | None = None  # a reward folder: RM rewards and RM win rates in the table
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from glmwb.align.dpo import (
     DPODataConfig,
@@ -40,19 +40,20 @@ from glmwb.annotation.preference_data import WorldPairsConfig
 from glmwb.kernels.config import KernelConfig
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.optim import OptimConfig
+from glmwb.pretrain.ranges import Fraction, NonNegFloat, PositiveFloat, PositiveInt, Range
 from glmwb.pretrain.run_folder import Budget, write_summary
 from glmwb.pretrain.settings import RunConfig, WorldConfig
 
 
 @dataclass(frozen=True)
 class RoundsConfig:
-    rounds: int = 2
-    prompts_per_round: int = 64  # fresh world training prompts each round
-    k: int = 4  # answers sampled per prompt
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 48
-    batch_size: int = 64  # sequences per generate() call
+    rounds: PositiveInt = 2
+    prompts_per_round: PositiveInt = 64  # fresh world training prompts each round
+    k: Annotated[int, Range(2)] = 4  # answers sampled per prompt
+    temperature: PositiveFloat = 1.0
+    top_p: Annotated[float, Range(0, 1, lo_open=True)] = 1.0
+    max_new_tokens: PositiveInt = 48
+    batch_size: PositiveInt = 64  # sequences per generate() call
     world: WorldConfig = field(default_factory=WorldConfig)
 
     def __post_init__(self) -> None:
@@ -68,12 +69,12 @@ class RoundsConfig:
 class LabelConfig:
     source: Literal["rm", "world", "store"] = "rm"
     reward_model: str | None = None  # rm: a reward folder
-    min_gap: float = 0.0  # rm / world: keep a pair only when best - worst > min_gap
+    min_gap: NonNegFloat = 0.0  # rm / world: keep a pair only when best - worst > min_gap
     store: str | None = None  # store: a database URL or SQLite file path; default run.dir/annotation.db
     simulate: bool = True  # store: simulated annotators vote (else the run waits for people)
-    annotators: int = 3  # store + simulate: simulated annotator accounts
-    overlap: int = 1  # store: votes wanted per item
-    noise: float = 0.1  # store + simulate: each simulated annotator's noise
+    annotators: PositiveInt = 3  # store + simulate: simulated annotator accounts
+    overlap: PositiveInt = 1  # store: votes wanted per item
+    noise: Fraction = 0.1  # store + simulate: each simulated annotator's noise
     export: bool = True  # write each round's pairs to round_r/pairs.jsonl
 
     def __post_init__(self) -> None:

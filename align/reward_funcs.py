@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from glmwb.pretrain.errors import ConfigError
+from glmwb.pretrain.ranges import AnyFloat, PositiveInt
 from glmwb.rewards.rules import RULES, CombinedReward, RuleContext
 
 # Dataset columns the rule rewards read.
@@ -268,14 +269,14 @@ class RewardSpec:
     scored in-process) or ``rm_http`` (a ``glmwb serve-rewards`` server)."""
 
     name: str
-    weight: float = 1.0
+    weight: AnyFloat = 1.0
     folder: str | None = None  # rm: the reward folder
     url: str | None = None  # rm_http: e.g. http://127.0.0.1:8008
     head: str | None = None  # rm / rm_http: which head (default: the first)
     normalize: bool = True  # rm / rm_http: standardise with the folder's training mean / std
-    empty_reward: float = -3.0  # rm / rm_http: reward of an empty answer (it cannot be scored)
+    empty_reward: AnyFloat = -3.0  # rm / rm_http: reward of an empty answer (it cannot be scored)
     device: str | None = None  # rm: where the reward model runs (default: cuda when there is one)
-    length_budget: int | None = None  # length: characters (default: the world's budget)
+    length_budget: PositiveInt | None = None  # length: characters (default: the world's budget)
     require_final_answer: bool = False  # format: a '#### N' final line is required
 
     def __post_init__(self) -> None:

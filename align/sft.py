@@ -35,6 +35,7 @@ import torch
 from glmwb.align.hf_common import HF_LORA_TARGETS, metrics_callback, optim_arguments, peft_config, save_policy
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.optim import OptimConfig
+from glmwb.pretrain.ranges import Fraction, NonNegInt, PositiveFloat, PositiveInt
 from glmwb.pretrain.run_folder import Curve, Panel, plot_curves, run_title, write_model_record, write_summary
 from glmwb.pretrain.settings import LoRAConfig, RunConfig
 
@@ -43,9 +44,9 @@ from glmwb.pretrain.settings import LoRAConfig, RunConfig
 class SFTWorldConfig:
     """``source: world``: the embedded world's conversations (world-only settings)."""
 
-    seed: int = 0
-    num_entities: int = 96
-    multi_turn: float = 0.2  # share of conversations with 2-3 user turns
+    seed: NonNegInt = 0
+    num_entities: PositiveInt = 96
+    multi_turn: Fraction = 0.2  # share of conversations with 2-3 user turns
     # each prompt's reference answer (it restates the question), or any correct phrasing ("varied")
     answers: Literal["reference", "varied"] = "reference"
 
@@ -63,10 +64,10 @@ class SFTDataConfig:
     format: Literal["auto", "alpaca", "oasst_zh", "sharegpt", "messages"] = "auto"
     skip_invalid: bool = False  # leave out (and count) malformed rows instead of stopping at the first
     world: SFTWorldConfig = field(default_factory=SFTWorldConfig)
-    n_train: int | None = 1200  # world: conversations; files: a cap (null: every row)
+    n_train: PositiveInt | None = 1200  # world: conversations; files: a cap (null: every row)
     # held-out conversations for the held-out loss (world: held-out prompts; files: split off, <= a tenth)
-    n_eval: int = 100
-    max_length: int = 128  # tokens; longer conversations are left out (counted), never cut mid-answer
+    n_eval: NonNegInt = 100
+    max_length: PositiveInt = 128  # tokens; longer conversations are left out (counted), never cut mid-answer
     packing: bool = True  # best-fit-decreasing rows of max_length tokens, padding-free
 
     def __post_init__(self) -> None:
@@ -91,18 +92,19 @@ class SFTModelConfig:
 
 @dataclass(frozen=True)
 class SFTTrainConfig:
-    batch_size: int = 4  # packed rows (or conversations, without packing) per micro-batch
-    grad_accum: int = 1
-    max_steps: int = 48
-    epochs: float | None = None  # when set, max_steps = ceil(epochs x rows / (batch_size x grad_accum))
-    max_minutes: float | None = None  # stop early (and save) when the wall clock says so
-    log_every: int = 4
-    eval_every: int = 0  # held-out loss every N steps; 0: before and after training only
+    batch_size: PositiveInt = 4  # packed rows (or conversations, without packing) per micro-batch
+    grad_accum: PositiveInt = 1
+    max_steps: PositiveInt = 48
+    # when set, max_steps = ceil(epochs x rows / (batch_size x grad_accum))
+    epochs: PositiveFloat | None = None
+    max_minutes: PositiveFloat | None = None  # stop early (and save) when the wall clock says so
+    log_every: PositiveInt = 4
+    eval_every: NonNegInt = 0  # held-out loss every N steps; 0: before and after training only
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
     loss: Literal["nll", "dft"] = "nll"  # dft: Dynamic Fine-Tuning (TRL's loss_type)
-    num_threads: int | None = None  # torch CPU threads; default: all cores
+    num_threads: PositiveInt | None = None  # torch CPU threads; default: all cores
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
@@ -111,10 +113,10 @@ class SFTTrainConfig:
 
 @dataclass(frozen=True)
 class SFTEvalConfig:
-    heldout_prompts: int = 200  # world prompts answered greedily before and after; 0: skip
-    max_new_tokens: int = 48
+    heldout_prompts: NonNegInt = 200  # world prompts answered greedily before and after; 0: skip
+    max_new_tokens: PositiveInt = 48
     before: bool = True  # also evaluate model.init_from (the "before" column)
-    batch_size: int = 64
+    batch_size: PositiveInt = 64
 
 
 @dataclass(frozen=True)

@@ -19,17 +19,18 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from glmwb.pretrain.errors import ConfigError
+from glmwb.pretrain.ranges import Fraction, NonNegInt, PositiveFloat, PositiveInt, Range
 from glmwb.pretrain.settings import RunConfig
 
 
 @dataclass(frozen=True)
 class CollectPromptsConfig:
     source: str = "world:train"  # world[:split] (train, dev, ...), a JSONL file or a datasets folder
-    n: int = 400
-    world_seed: int = 0  # world prompts: which world (the one the policies were trained on)
+    n: PositiveInt = 400
+    world_seed: NonNegInt = 0  # world prompts: which world (the one the policies were trained on)
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -38,11 +39,11 @@ class CollectPromptsConfig:
 
 @dataclass(frozen=True)
 class CollectSamplingConfig:
-    k: int = 2  # answers per prompt and policy
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 48
-    batch_size: int = 64
+    k: Annotated[int, Range(2)] = 2  # answers per prompt and policy
+    temperature: PositiveFloat = 1.0
+    top_p: Annotated[float, Range(0, 1, lo_open=True)] = 1.0
+    max_new_tokens: PositiveInt = 48
+    batch_size: PositiveInt = 64
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.temperature <= 0:
@@ -51,9 +52,10 @@ class CollectSamplingConfig:
 
 @dataclass(frozen=True)
 class CollectAnnotatorsConfig:
-    simulated: int = 3  # simulated annotators voting through the store; 0 = leave the items for people
-    noise: float = 0.1  # each simulated annotator's chance of a random judgement
-    overlap: int = 3  # distinct annotators per item
+    # simulated annotators voting through the store; 0 = leave the items for people
+    simulated: NonNegInt = 3
+    noise: Fraction = 0.1  # each simulated annotator's chance of a random judgement
+    overlap: PositiveInt = 3  # distinct annotators per item
     strength: bool = False  # a winner's vote also says how much better it is (the export's margin)
 
     def __post_init__(self) -> None:
@@ -71,7 +73,7 @@ class CollectExportConfig:
     mode: Literal["majority", "all"] = "majority"
     ties: Literal["keep", "drop"] = "keep"
     both_bad: Literal["tie", "drop"] = "tie"
-    min_votes: int = 1
+    min_votes: PositiveInt = 1
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class PreferencesRecipe:
     policies: tuple[str, ...] = ()  # HF policy folders to sample answers from
     prompts: CollectPromptsConfig = field(default_factory=CollectPromptsConfig)
     sampling: CollectSamplingConfig = field(default_factory=CollectSamplingConfig)
-    items_per_prompt: int = 1  # comparisons per prompt (distinct pairs of distinct answers)
+    items_per_prompt: PositiveInt = 1  # comparisons per prompt (distinct pairs of distinct answers)
     annotators: CollectAnnotatorsConfig = field(default_factory=CollectAnnotatorsConfig)
     export: CollectExportConfig = field(default_factory=CollectExportConfig)
 

@@ -21,10 +21,11 @@ import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from glmwb.annotation.records import PreferenceDataError, PreferenceRecord, records_from_dicts
 from glmwb.pretrain.errors import ConfigError
+from glmwb.pretrain.ranges import Fraction, NonNegInt, PositiveInt, Range
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
@@ -34,10 +35,12 @@ from glmwb.pretrain.errors import ConfigError
 class AnnotatorsConfig:
     """Simulated annotators labelling the embedded world's pairs (``preference_pairs``)."""
 
-    n: int = 3
-    noise: float = 0.1  # P(a label is replaced by a uniformly random one), for every annotator...
-    noise_per_annotator: tuple[float, ...] = ()  # ...or one value per annotator (reliable and careless ones)
-    labels_per_pair: int = 1  # annotators labelling each pair (>= 2 lets reliability be estimated)
+    n: PositiveInt = 3
+    noise: Fraction = 0.1  # P(a label is replaced by a uniformly random one), for every annotator...
+    noise_per_annotator: tuple[
+        Fraction, ...
+    ] = ()  # ...or one value per annotator (reliable and careless ones)
+    labels_per_pair: PositiveInt = 1  # annotators labelling each pair (>= 2 lets reliability be estimated)
     # they also say how much better the winner is (negligible / slight / clear / strong, from the utility
     # gap); the records' margin is then that level's (annotation.records.STRENGTH_MARGINS), for loss.use_margin
     strength: bool = False
@@ -56,22 +59,22 @@ class WorldPairsConfig:
     """``source: world``: pairs of the embedded world's candidate answers, labelled by simulated annotators.
     Settings here apply to the world only; a stage on files never reads them."""
 
-    seed: int = 0
-    num_entities: int = 96
+    seed: NonNegInt = 0
+    num_entities: PositiveInt = 96
     annotators: AnnotatorsConfig = field(default_factory=AnnotatorsConfig)
-    train_prompts: int = 2000  # one pair per prompt (labels_per_pair labels each)
-    heldout_prompts: int = 400  # held-out prompts (instances never asked in training)
+    train_prompts: PositiveInt = 2000  # one pair per prompt (labels_per_pair labels each)
+    heldout_prompts: NonNegInt = 400  # held-out prompts (instances never asked in training)
     # also this many training prompts from the `dev` half of the held-out instances, the prompts PPO samples
     # on (recipes/ppo.yaml prompts.world.train_split): annotators label answers on the distribution RL will
     # run on, as in any RLHF loop. The evaluation then uses only the other half (heldout_split: test).
-    dev_prompts: int = 0
+    dev_prompts: NonNegInt = 0
     # the dev prompts' phrasings: null = dev's own three; 4 also asks them the fourth way, as PPO's
     # prompts.world.train_phrasings: 4 does (192 dev instances x 2 languages x 4 phrasings = 1,536 prompts)
-    dev_phrasings: int | None = None
+    dev_phrasings: Annotated[int, Range(1, 4)] | None = None
     heldout_split: Literal["heldout", "test"] = "heldout"  # the instances the held-out pairs come from
     # the share of training prompts whose pair is a minimal pair (one answer sentence with a wrong value or
     # wrapped in filler, World.contrast_responses); held-out pairs are always drawn as before
-    contrastive: float = 0.0
+    contrastive: Fraction = 0.0
     # which minimal pairs, drawn uniformly ('a>b', a and b from correct / wrong / verbose / wrong_language and
     # the counterfactual verbose_wrong / wrong_language_wrong / terse / terse_wrong / other_subject /
     # other_attribute / terse_other; 'all': every pairing of those eleven; repeat one to weight it; the
@@ -116,10 +119,10 @@ class PreferenceDataConfig:
     ] = ()  # more training pairs, whatever the source (a preferences stage's export)
     format: Literal["auto", "preference", "hh_rlhf", "oasst_zh"] = "auto"
     skip_invalid: bool = False  # leave out (and count) malformed rows instead of stopping at the first
-    eval_fraction: float = 0.05
-    max_train_pairs: int | None = None
-    max_eval_pairs: int | None = None
-    max_length: int = 256  # tokens of prompt + response + terminator
+    eval_fraction: Annotated[float, Range(0, 1, hi_open=True)] = 0.05
+    max_train_pairs: PositiveInt | None = None
+    max_eval_pairs: PositiveInt | None = None
+    max_length: PositiveInt = 256  # tokens of prompt + response + terminator
     # too long: "left" keeps [gMASK]<sop> and the newest tokens, "drop" leaves the pair out, "error" stops
     truncation: Literal["left", "drop", "error"] = "left"
     # training pairs an annotator marked "both bad" (provenance.label: the store's export and the world's
@@ -127,7 +130,7 @@ class PreferenceDataConfig:
     both_bad: Literal["tie", "drop"] = "tie"
     # with both_bad: tie, the weight of those tie pairs in the loss (x the record's own): < 1 lets two wrong
     # answers of different forms keep apart (a wrong sentence above a refusal) while still learning ties
-    both_bad_weight: float = 1.0
+    both_bad_weight: Annotated[float, Range(0, 1, lo_open=True)] = 1.0
 
     def __post_init__(self) -> None:
         if self.source == "files" and not self.paths:

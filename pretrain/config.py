@@ -7,27 +7,32 @@ Defaults are a toy model; ``GLMConfig.glm4_9b()`` gives the real GLM-4-9B layout
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Annotated, Any
+
+from glmwb.pretrain.ranges import NonNegInt, PositiveFloat, PositiveInt, Range
 
 
 @dataclass(frozen=True)
 class GLMConfig:
-    vocab_size: int = 4096
-    hidden_size: int = 256
-    intermediate_size: int = 688  # SwiGLU width; gate_up_proj is hidden -> 2 * intermediate
-    num_layers: int = 6
-    num_heads: int = 8  # query heads
-    num_kv_heads: int = 2  # grouped-query attention: num_heads % num_kv_heads == 0
-    head_dim: int = 32
-    rms_norm_eps: float = 1.5625e-07
-    rope_theta: float = 10_000.0  # GLM: 10,000 x rope_ratio
-    partial_rotary_factor: float = 0.5  # only the first half of each head rotates
-    max_position_embeddings: int = 2048
+    vocab_size: PositiveInt = 4096
+    hidden_size: PositiveInt = 256
+    intermediate_size: PositiveInt = 688  # SwiGLU width; gate_up_proj is hidden -> 2 * intermediate
+    num_layers: PositiveInt = 6
+    num_heads: PositiveInt = 8  # query heads
+    num_kv_heads: PositiveInt = 2  # grouped-query attention: num_heads % num_kv_heads == 0
+    head_dim: PositiveInt = 32
+    rms_norm_eps: PositiveFloat = 1.5625e-07
+    rope_theta: PositiveFloat = 10_000.0  # GLM: 10,000 x rope_ratio
+    # only the first half of each head rotates
+    partial_rotary_factor: Annotated[float, Range(0, 1, lo_open=True)] = 0.5
+    max_position_embeddings: PositiveInt = 2048
     attention_bias: bool = True  # bias on q, k, v only (never on o_proj or the MLP)
     post_norms: bool = False  # glm4 (GLM-4-0414) "sandwich" norms after attention and MLP
-    initializer_range: float = 0.02
-    pad_token_id: int | None = None
-    eos_token_ids: tuple[int, ...] = ()  # the turn terminators: <|endoftext|>, <|user|>, <|observation|>
+    initializer_range: PositiveFloat = 0.02
+    pad_token_id: NonNegInt | None = None
+    eos_token_ids: tuple[
+        NonNegInt, ...
+    ] = ()  # the turn terminators: <|endoftext|>, <|user|>, <|observation|>
 
     def __post_init__(self) -> None:
         checks = [

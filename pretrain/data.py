@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from glmwb.pretrain.errors import ConfigError
+from glmwb.pretrain.ranges import Fraction, NonNegInt, PositiveInt
 
 EOT_TOKEN = "<|endoftext|>"
 IGNORE_INDEX = -100
@@ -101,14 +102,15 @@ class FilterConfig:
     nothing; they exist to drop boilerplate, tables of symbols, and fragments.
     """
 
-    min_chars: int = 32
-    max_chars: int = 200_000
-    max_symbol_fraction: float = 0.3  # non-letter, non-digit, non-space characters / non-space characters
+    min_chars: NonNegInt = 32
+    max_chars: PositiveInt = 200_000
+    max_symbol_fraction: Fraction = 0.3  # non-letter, non-digit, non-space characters / non-space characters
     # characters in lines that repeat an earlier line / characters in all lines. Weighted by characters so
     # that a play's repeated speaker tags ("ROMEO:") do not count as boilerplate.
-    max_duplicate_line_fraction: float = 0.3
-    min_unique_word_ratio: float = 0.1  # distinct words / words (each CJK character counts as a word)
-    min_words_for_ratio: int = 20  # the unique-word rule only applies to texts with at least this many words
+    max_duplicate_line_fraction: Fraction = 0.3
+    min_unique_word_ratio: Fraction = 0.1  # distinct words / words (each CJK character counts as a word)
+    # the unique-word rule only applies to texts with at least this many words
+    min_words_for_ratio: NonNegInt = 20
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_chars <= self.max_chars:
@@ -185,13 +187,13 @@ def filter_texts(texts: Iterable[str], cfg: FilterConfig = FilterConfig()) -> tu
 class DedupConfig:
     exact: bool = True
     near: bool = True
-    num_perm: int = 128  # MinHash permutations (signature length)
-    shingle_size: int = 5  # characters per shingle
-    threshold: float = 0.8  # Jaccard similarity at or above which a later document is a near duplicate
-    bands: int | None = None  # LSH bands; None = chosen from num_perm and threshold (see lsh_params)
-    seed: int = 0  # of the hash functions
+    num_perm: PositiveInt = 128  # MinHash permutations (signature length)
+    shingle_size: PositiveInt = 5  # characters per shingle
+    threshold: Fraction = 0.8  # Jaccard similarity at or above which a later document is a near duplicate
+    bands: PositiveInt | None = None  # LSH bands; None = chosen from num_perm and threshold (see lsh_params)
+    seed: NonNegInt = 0  # of the hash functions
     # shingles hashed per numpy block: chunk x num_perm x 4 bytes (4 MiB) stays in cache
-    chunk_shingles: int = 8192
+    chunk_shingles: PositiveInt = 8192
 
     def __post_init__(self) -> None:
         if self.num_perm < 1 or self.shingle_size < 1 or self.chunk_shingles < 1:

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+
+from glmwb.pretrain.ranges import Fraction, NonNegFloat, NonNegInt, PositiveFloat, Range
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 50
-    weight_decay: float = 0.1  # on matrices only; norms, biases and embeddings are not decayed
-    betas: tuple[float, ...] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    lr: PositiveFloat = 3e-3
+    min_lr_ratio: Fraction = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: NonNegInt = 50
+    weight_decay: NonNegFloat = 0.1  # on matrices only; norms, biases and embeddings are not decayed
+    betas: tuple[Annotated[float, Range(0, 1, hi_open=True)], ...] = (0.9, 0.95)
+    eps: PositiveFloat = 1e-8
+    grad_clip: NonNegFloat = 1.0  # max global grad norm; 0 disables
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

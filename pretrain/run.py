@@ -13,6 +13,7 @@ from glmwb.kernels.config import KernelConfig
 from glmwb.pretrain.config import GLMConfig
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.optim import OptimConfig
+from glmwb.pretrain.ranges import PositiveInt
 from glmwb.pretrain.settings import RunConfig, WorldConfig
 from glmwb.pretrain.train import DataConfig, TrainConfig
 
@@ -24,8 +25,8 @@ class CorpusConfig:
     source: Literal["world", "files"] = "world"
     paths: tuple[str, ...] = ()  # JSONL ("text" field, .gz allowed) or .txt files when source is "files"
     world: WorldConfig = field(default_factory=WorldConfig)
-    num_docs: int = 20_000  # documents drawn from the world
-    max_docs: int | None = None  # cap on documents read from files
+    num_docs: PositiveInt = 20_000  # documents drawn from the world
+    max_docs: PositiveInt | None = None  # cap on documents read from files
 
     def __post_init__(self) -> None:
         if self.source == "files" and not self.paths:
@@ -34,9 +35,9 @@ class CorpusConfig:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    vocab_size: int = 4096
-    min_frequency: int = 2
-    model_max_length: int = 2048
+    vocab_size: PositiveInt = 4096
+    min_frequency: PositiveInt = 2
+    model_max_length: PositiveInt = 2048
     cjk: Literal["char", "run"] = "char"  # Han / kana: one token per character at most, or BPE over runs
 
 

@@ -7,20 +7,23 @@ its own section.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
+
+from glmwb.pretrain.ranges import NonNegInt, PositiveFloat, PositiveInt, Range
 
 
 @dataclass(frozen=True)
 class RunConfig:
     dir: str = "runs/default"  # the run folder: resolved config, metrics, checkpoints, outputs
-    seed: int = 0
+    seed: NonNegInt = 0
 
 
 @dataclass(frozen=True)
 class WorldConfig:
     """The embedded synthetic world (glmwb.pretrain.world): entities and task families from a seed."""
 
-    seed: int = 0
-    num_entities: int = 96
+    seed: NonNegInt = 0
+    num_entities: PositiveInt = 96
 
 
 LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -31,7 +34,7 @@ class LoRAConfig:
     """PEFT LoRA on the GLM's linear layers (names as in ``pretrain/model.py``)."""
 
     enabled: bool = False
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.0
     target_modules: tuple[str, ...] = LORA_TARGETS

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from glmwb.pretrain.data import DedupConfig, FilterConfig
 from glmwb.pretrain.optim import OptimConfig, lr_at, make_optimizer
+from glmwb.pretrain.ranges import Fraction, NonNegInt, PositiveFloat, PositiveInt
 from glmwb.pretrain.run_folder import (
     METRICS,
     Budget,
@@ -52,8 +53,8 @@ class DataConfig:
     """The packed token data: which tokenizer, how long a row, how much is held out."""
 
     tokenizer: str = "runs/tokenizer"  # a Hugging Face tokenizer folder (the tokenizer stage's output)
-    seq_len: int = 256
-    heldout_fraction: float = 0.02
+    seq_len: PositiveInt = 256
+    heldout_fraction: Fraction = 0.02
     cache_dir: str | None = None  # where packed data goes; default <run.dir>/data
     filter: FilterConfig | None = field(default_factory=FilterConfig)  # null: keep every document
     dedup: DedupConfig = field(default_factory=DedupConfig)
@@ -61,22 +62,22 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 16  # rows per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 1000
-    max_minutes: float | None = None  # stop early (and save) when the wall clock says so
-    eval_every: int = 100
-    eval_batches: int = 20
-    log_every: int = 10
-    save_every: int = 500
-    keep_checkpoints: int = 2
+    batch_size: PositiveInt = 16  # rows per micro-batch
+    grad_accum: PositiveInt = 1  # micro-batches per optimizer step
+    max_steps: PositiveInt = 1000
+    max_minutes: PositiveFloat | None = None  # stop early (and save) when the wall clock says so
+    eval_every: NonNegInt = 100
+    eval_batches: PositiveInt = 20
+    log_every: PositiveInt = 10
+    save_every: NonNegInt = 500
+    keep_checkpoints: NonNegInt = 2
     resume: bool = True  # continue from the newest checkpoint in the run folder, if any
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast dtype; auto = bf16 on CUDA
     gradient_checkpointing: bool = False
     compile: bool = False
     init_from: str | None = None  # start from a Hugging Face / our GLM folder instead of random weights
-    num_threads: int | None = None  # torch CPU threads; default: all cores
+    num_threads: PositiveInt | None = None  # torch CPU threads; default: all cores
 
 
 def resolve_device(name: str) -> torch.device:

@@ -4,11 +4,12 @@ imports them). Each component gets only its own section."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 from glmwb.annotation.preference_data import PreferenceDataConfig
 from glmwb.pretrain.config import GLMConfig
 from glmwb.pretrain.optim import OptimConfig
+from glmwb.pretrain.ranges import Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Range
 from glmwb.pretrain.settings import LoRAConfig, RunConfig
 
 # rewards/verifier.py: statistics of a frozen LM's per-token predictions over the judged answer, each
@@ -73,16 +74,16 @@ class VerifierConfig:
 @dataclass(frozen=True)
 class RewardLossConfig:
     tie_model: Literal["drop", "davidson", "rao_kupper"] = "davidson"  # "drop" = plain Bradley-Terry
-    tie_param: float = 1.0  # initial nu (Davidson, >= 0) or theta (Rao-Kupper, > 1)
+    tie_param: NonNegFloat = 1.0  # initial nu (Davidson, >= 0) or theta (Rao-Kupper, > 1)
     learn_tie_param: bool = True  # fit it with the model (one per head)
-    tie_param_lr: float = 0.05  # its own learning rate: the model's fine-tuning lr would barely move it
+    tie_param_lr: NonNegFloat = 0.05  # its own learning rate: the model's fine-tuning lr would barely move it
     use_margin: bool = False  # -log sigma(d - margin_scale * record.margin) on strict pairs
-    margin_scale: float = 1.0
-    centering: float = 0.0  # coefficient of mean((r_c + r_r)^2)
+    margin_scale: NonNegFloat = 1.0
+    centering: NonNegFloat = 0.0  # coefficient of mean((r_c + r_r)^2)
     weights: Literal["record", "reliability", "none"] = "record"  # per-pair weights (reliability: data.py)
     # + lm_coef x next-token loss on the chosen responses through the base's lm_head, a regulariser that keeps
     # the hidden states those of a language model (GRM, Yang et al. 2024); needs a causal-LM init_from
-    lm_coef: float = 0.0
+    lm_coef: NonNegFloat = 0.0
 
     def __post_init__(self) -> None:
         if self.tie_model == "davidson" and self.tie_param < 0:
@@ -93,34 +94,36 @@ class RewardLossConfig:
 
 @dataclass(frozen=True)
 class RewardTrainConfig:
-    batch_size: int = 16  # pairs per micro-batch
-    grad_accum: int = 1
-    max_steps: int = 200
-    epochs: float | None = None  # when set, max_steps = ceil(epochs x pairs / (batch_size x grad_accum))
-    max_minutes: float | None = None
-    eval_every: int = 50  # held-out evaluation every N steps (and at the end; 0: only at the end)
-    log_every: int = 10
-    save_every: int = 0  # 0: only the final checkpoint
-    keep_checkpoints: int = 1
+    batch_size: PositiveInt = 16  # pairs per micro-batch
+    grad_accum: PositiveInt = 1
+    max_steps: PositiveInt = 200
+    # when set, max_steps = ceil(epochs x pairs / (batch_size x grad_accum))
+    epochs: PositiveFloat | None = None
+    max_minutes: PositiveFloat | None = None
+    eval_every: NonNegInt = 50  # held-out evaluation every N steps (and at the end; 0: only at the end)
+    log_every: PositiveInt = 10
+    save_every: NonNegInt = 0  # 0: only the final checkpoint
+    keep_checkpoints: NonNegInt = 1
     resume: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     gradient_checkpointing: bool = False
     packing: bool = False  # padding-free batches (doc ids) instead of right padding
-    verifier_lr: float = 0.02  # learning rate of the likelihood-feature weights (model.verifier)
-    head_lr: float | None = None  # the score head's own learning rate (None: optim.lr, as the backbone)
+    verifier_lr: PositiveFloat = 0.02  # learning rate of the likelihood-feature weights (model.verifier)
+    # the score head's own learning rate (None: optim.lr, as the backbone)
+    head_lr: PositiveFloat | None = None
     # fit those weights alone on this many training pairs (cached features, L-BFGS) before the joint training
-    verifier_prefit_pairs: int = 0
-    pack_tokens: int = 2048  # row length of packed batches
-    num_threads: int | None = None
+    verifier_prefit_pairs: NonNegInt = 0
+    pack_tokens: PositiveInt = 2048  # row length of packed batches
+    num_threads: PositiveInt | None = None
     strategy: Literal["single", "deepspeed"] = "single"
-    zero_stage: int = 2
+    zero_stage: Annotated[int, Range(0, 3)] = 2
     # value first, form second (docs/rewards.md): the backbone and head learn only from the pairs
     # whose records call this attribute equal (both answers right, say), with the likelihood-feature weights held
     # at 0; then those weights are fitted on the other pairs with the head's rewards as offset and scaled by the
     # entry of value_scales that ranks the training pairs best. null: one joint fit on every pair
     value_first: str | None = None
-    value_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 5.0)
+    value_scales: tuple[PositiveFloat, ...] = (1.0, 1.5, 2.0, 3.0, 5.0)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "value_scales", tuple(float(k) for k in self.value_scales))
@@ -145,8 +148,8 @@ class RewardModelConfig:
     verifier: VerifierConfig = field(default_factory=VerifierConfig)  # likelihood features of a frozen LM
     # > 1: that many RMs on the same pairs from seeds seed, seed+1, ...; final/ is their ensemble (rewards/ensemble.py:
     # the mean reward, minus ensemble_penalty x the members' std), evaluated as one
-    ensemble: int = 1
-    ensemble_penalty: float = 0.0
+    ensemble: PositiveInt = 1
+    ensemble_penalty: NonNegFloat = 0.0
 
     def __post_init__(self) -> None:
         if self.ensemble < 1:
@@ -157,9 +160,9 @@ class RewardModelConfig:
 
 @dataclass(frozen=True)
 class RewardEvalConfig:
-    ensemble: int = 0  # extra members trained with other seeds, for the ensemble-disagreement metrics
-    bins: int = 10  # calibration bins
-    target_fraction_of_ceiling: float = 0.9  # world: held-out accuracy / annotators' agreement ceiling
+    ensemble: NonNegInt = 0  # extra members trained with other seeds, for the ensemble-disagreement metrics
+    bins: PositiveInt = 10  # calibration bins
+    target_fraction_of_ceiling: Fraction = 0.9  # world: held-out accuracy / annotators' agreement ceiling
     # a causal-LM folder whose own Σ log p(response | prompt) is scored on the held-out pairs beside the RM
     # ("init": model.init_from); null: skip
     likelihood_baseline: str | None = None

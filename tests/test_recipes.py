@@ -93,7 +93,7 @@ def test_reward_minimal_pair_kinds_are_checked_at_load(tmp_path):
         load_recipe(path, ["data.world.contrast_kinds=[correct>verbose_right]"])
     with pytest.raises(RecipeError, match="contrast_kinds is empty"):
         load_recipe(path, ["data.world.contrast_kinds=[]"])
-    with pytest.raises(RecipeError, match="contrastive must be a fraction"):
+    with pytest.raises(RecipeError, match=r"contrastive must be a finite number in \[0, 1\]"):
         load_recipe(path, ["data.world.contrastive=1.5"])
 
 
@@ -138,7 +138,7 @@ def test_reward_dev_prompts_train_on_dev_and_evaluate_on_test_only(tmp_path):
     assert any(r.provenance["prompt_id"].endswith("/t3") for r in train4)
     assert not any(r.provenance["prompt_id"].endswith("/t3") for r in train)
     assert instances(train4, "dev") and not instances(train4, "test")
-    with pytest.raises(RecipeError, match="dev_phrasings must be 1 to 4"):
+    with pytest.raises(RecipeError, match=r"dev_phrasings must be an integer in \[1, 4\]"):
         load_recipe(path, ["data.world.dev_phrasings=0"])
 
 
@@ -323,3 +323,110 @@ def test_recipe_files_that_cannot_be_a_recipe_are_one_line_errors(tmp_path):
     )
     # an override value is parsed by the same loader: an alias there is kept as the literal text
     assert load_recipe(ROOT / "recipes" / "tokenizer.yaml", ["run.dir=*x"]).run.dir == "*x"
+
+
+def _numeric_fields_without_range(cls, seen=None):
+    """(Class.field, type) for every int / float field reachable from a recipe class that has no Range."""
+    import dataclasses
+    import types
+    import typing
+
+    from glmwb.pretrain.ranges import Range
+
+    seen = set() if seen is None else seen
+    if cls in seen:
+        return []
+    seen.add(cls)
+
+    def unranged(tp) -> bool:
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            base, *extras = typing.get_args(tp)
+            return not any(isinstance(e, Range) for e in extras) and unranged(base)
+        if origin in (typing.Union, types.UnionType, list, tuple):
+            return any(unranged(a) for a in typing.get_args(tp) if a is not Ellipsis)
+        return tp in (int, float)
+
+    def nested(tp):
+        if dataclasses.is_dataclass(tp):
+            yield tp
+        for arg in typing.get_args(tp):
+            if isinstance(arg, type) or typing.get_origin(arg) is not None:
+                yield from nested(arg)
+
+    out = []
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        if unranged(hints[f.name]):
+            out.append((f"{cls.__qualname__}.{f.name}", hints[f.name]))
+        for sub in nested(hints[f.name]):
+            out.extend(_numeric_fields_without_range(sub, seen))
+    return out
+
+
+def test_every_numeric_config_field_declares_its_range():
+    from glmwb.recipes.schema import stage_class, stage_names
+
+    seen: set = set()
+    missing = [m for name in stage_names() for m in _numeric_fields_without_range(stage_class(name), seen)]
+    assert len(seen) > 50  # the walk reaches the nested sections, not just the stage classes
+    assert missing == [], f"numeric recipe fields without a range (pretrain/ranges.py): {missing}"
+
+
+@pytest.mark.parametrize(
+    "recipe, override, named",
+    [
+        ("pretrain_tiny.yaml", "train.max_steps=0", "train.max_steps must be an integer >= 1, got 0"),
+        ("pretrain_tiny.yaml", "train.batch_size=-4", "train.batch_size must be an integer >= 1"),
+        ("pretrain_tiny.yaml", "optim.lr=-0.001", "optim.lr must be a finite number > 0"),
+        ("pretrain_tiny.yaml", "optim.lr=.nan", "optim.lr must be a finite number"),
+        (
+            "pretrain_tiny.yaml",
+            "optim.betas=[0.9, 1.0]",
+            r"optim.betas\[1\] must be a finite number in \[0, 1\)",
+        ),
+        (
+            "pretrain_tiny.yaml",
+            "data.heldout_fraction=1.5",
+            r"data.heldout_fraction must be a finite number in \[0, 1\]",
+        ),
+        (
+            "pretrain_tiny.yaml",
+            "model.partial_rotary_factor=0",
+            r"model.partial_rotary_factor must be .* in \(0, 1\]",
+        ),
+        ("pretrain_tiny.yaml", "train.max_minutes=0", "train.max_minutes must be a finite number > 0"),
+        ("reward.yaml", "train.zero_stage=4", r"train.zero_stage must be an integer in \[0, 3\]"),
+        ("reward.yaml", "data.eval_fraction=1", r"data.eval_fraction must be a finite number in \[0, 1\)"),
+        ("reward.yaml", "data.world.annotators.noise=-0.1", "data.world.annotators.noise must be"),
+        ("sft.yaml", "train.max_steps=-1", "train.max_steps must be an integer >= 1"),
+        (
+            "dpo.yaml",
+            "loss.label_smoothing=0.7",
+            r"loss.label_smoothing must be a finite number in \[0, 0.5\]",
+        ),
+        ("dpo.yaml", "loss.beta=0", "loss.beta must be a finite number > 0"),
+        ("ppo.yaml", "generation.top_p=0", r"generation.top_p must be a finite number in \(0, 1\]"),
+        ("ppo.yaml", "ppo.lam=2", r"ppo.lam must be a finite number in \[0, 1\]"),
+        ("ppo.yaml", "kl.coef=-1", "kl.coef must be a finite number >= 0"),
+        ("grpo.yaml", "generation.num_generations=1", "generation.num_generations must be an integer >= 2"),
+        ("preferences.yaml", "sampling.k=1", "sampling.k must be an integer >= 2"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_by_name(recipe, override, named):
+    path = Path(__file__).resolve().parent.parent / "recipes" / recipe
+    load_recipe(path)  # the recipe itself is fine
+    with pytest.raises(RecipeError, match=named):
+        load_recipe(path, [override])
+
+
+def test_out_of_range_override_exits_2_with_one_line(tmp_path):
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "pretrain_tiny.yaml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "glmwb.recipes.cli", "validate", str(recipe), "train.max_steps=-3"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "train.max_steps must be an integer >= 1, got -3" in proc.stderr

@@ -162,7 +162,7 @@ def test_quickstart_pipeline_end_to_end(tmp_path, capsys):
             "ppo.train.eval_every=0",
             "ppo_rm.train.steps=3",
             "ppo_rm.train.eval_every=0",
-            "sft.train.max_minutes=0",  # the clock's net fires after SFT's first step: the summaries say so
+            "sft.train.max_minutes=0.0001",  # the clock's net fires after SFT's first step: the summaries say so
         ]
     )
     assert code == 0

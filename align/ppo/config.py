@@ -4,8 +4,17 @@ CLI import them). Each component receives only its own section."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
+from glmwb.pretrain.ranges import (
+    AnyFloat,
+    Fraction,
+    NonNegFloat,
+    NonNegInt,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+)
 from glmwb.pretrain.settings import LoRAConfig
 
 RULE_NAMES = (
@@ -43,10 +52,9 @@ class CriticConfig:
     backbone: Literal["separate", "shared"] = "separate"
     init_from: str = "policy"
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # separate critic only
-    lr: float | None = None  # default: optim.lr
-    warmup_steps: int = (
-        0  # PPO steps during which only the critic trains (values settle before the policy moves)
-    )
+    lr: PositiveFloat | None = None  # default: optim.lr
+    # PPO steps during which only the critic trains (values settle before the policy moves)
+    warmup_steps: NonNegInt = 0
 
 
 @dataclass(frozen=True)
@@ -61,13 +69,14 @@ class RewardSection:
     rules: dict = field(default_factory=lambda: {"world_correct": 1.0})
     rm: str | None = None  # reward folder (kind rm / combined)
     url: str | None = None  # scoring API (kind http, or combined without rm)
-    rm_weight: float = 1.0
+    rm_weight: NonNegFloat = 1.0
     normalize_rm: bool = True  # standardise RM scores with the mean / std saved in the reward folder
     head: str | None = None  # RM head (default: the first, the overall reward)
-    empty_score: float = -1.0  # the RM term of an empty response (the RM refuses to score one)
-    missing_terminator_penalty: float = 0.0  # subtracted when a response hits max_new_tokens unterminated
-    length_penalty: float = 0.0  # subtracted per response token (rule "length" penalises characters)
-    clip: float | None = None  # clip the final score to [-clip, clip] (after the penalties)
+    empty_score: AnyFloat = -1.0  # the RM term of an empty response (the RM refuses to score one)
+    # subtracted when a response hits max_new_tokens unterminated
+    missing_terminator_penalty: NonNegFloat = 0.0
+    length_penalty: NonNegFloat = 0.0  # subtracted per response token (rule "length" penalises characters)
+    clip: PositiveFloat | None = None  # clip the final score to [-clip, clip] (after the penalties)
 
     def __post_init__(self) -> None:
         if not isinstance(self.rules, dict):
@@ -105,17 +114,17 @@ class WorldPromptsConfig:
     not). Training on ``dev`` and grading on ``test`` is the design that can show transfer (docs/align_ppo.md).
     """
 
-    seed: int = 0
-    num_entities: int = 96
+    seed: NonNegInt = 0
+    num_entities: PositiveInt = 96
     train_split: Literal["train", "dev"] = "train"
     heldout_split: Literal["heldout", "test"] = "heldout"
     # rollout prompts' phrasings: null = the split's own (train / dev: the three the SFT chats ask); 4 adds the
     # fourth, which only held-out prompts otherwise use (new instances stay new; docs/align_ppo.md)
-    train_phrasings: int | None = None
+    train_phrasings: Annotated[int, Range(1, 4)] | None = None
     # that many prompts of ``train`` instances (the ones the SFT chats ask) mixed into the rollouts of a
     # ``dev`` run: answers the policy already gets right, so that a value learnt on a dev instance is not
     # rewarded on every question of its kind (docs/align_ppo.md)
-    anchor_prompts: int = 0
+    anchor_prompts: NonNegInt = 0
     families: tuple[str, ...] = ()  # restrict to these task families (arithmetic, conversion, fact); () = all
 
     def __post_init__(self) -> None:
@@ -143,9 +152,9 @@ class PromptsConfig:
 
     source: Literal["world"] = "world"
     world: WorldPromptsConfig = field(default_factory=WorldPromptsConfig)
-    train_prompts: int = 2000
-    heldout_prompts: int = 200
-    max_prompt_tokens: int = 256
+    train_prompts: PositiveInt = 2000
+    heldout_prompts: NonNegInt = 200
+    max_prompt_tokens: PositiveInt = 256
 
     def __post_init__(self) -> None:
         if self.train_prompts < 1 or self.heldout_prompts < 0:
@@ -154,11 +163,12 @@ class PromptsConfig:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    max_new_tokens: int = 48
-    temperature: float = 1.0  # the policy optimised is softmax(logits / temperature)
-    top_p: float = 1.0  # < 1 or top_k > 0 samples from a truncated policy: PPO's ratio is then off-policy
-    top_k: int = 0
-    batch_size: int = 64  # sequences generated at once
+    max_new_tokens: PositiveInt = 48
+    temperature: PositiveFloat = 1.0  # the policy optimised is softmax(logits / temperature)
+    # < 1 or top_k > 0 samples from a truncated policy: PPO's ratio is then off-policy
+    top_p: Annotated[float, Range(0, 1, lo_open=True)] = 1.0
+    top_k: NonNegInt = 0
+    batch_size: PositiveInt = 64  # sequences generated at once
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -171,12 +181,12 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class PPOConfig:
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_range: float = 0.2  # policy ratio clip epsilon
-    clip_range_value: float | None = 0.2  # value clip (null: plain squared error)
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0  # + entropy bonus (loss -= coef x mean entropy)
+    gamma: Fraction = 1.0
+    lam: Fraction = 0.95
+    clip_range: PositiveFloat = 0.2  # policy ratio clip epsilon
+    clip_range_value: PositiveFloat | None = 0.2  # value clip (null: plain squared error)
+    vf_coef: NonNegFloat = 0.1
+    entropy_coef: NonNegFloat = 0.0  # + entropy bonus (loss -= coef x mean entropy)
     # normalise the sequence score before GAE: running / batch = divide by the std (running across steps, or
     # this batch's); group = subtract the mean of the same prompt's other samples (leave-one-out, as RLOO does;
     # needs train.samples_per_prompt >= 2), then divide by the running std. A Bradley-Terry RM is fitted on
@@ -184,10 +194,11 @@ class PPOConfig:
     # the group baseline cancels it and leaves only what the RM was trained to judge.
     score_norm: Literal["none", "running", "batch", "group"] = "running"
     score_norm_shift: bool = False  # subtract the mean too (else divide by the std only)
-    score_clip: float | None = 10.0  # clip the normalised score to [-clip, clip] (null: no clip)
+    score_clip: PositiveFloat | None = 10.0  # clip the normalised score to [-clip, clip] (null: no clip)
     whiten_rewards: bool = False  # whiten per-token rewards (after KL) across the batch, mean kept
     whiten_advantages: bool = True
-    early_stop_kl: float | None = None  # stop this step's updates once the approx KL to pi_old exceeds it
+    # stop this step's updates once the approx KL to pi_old exceeds it
+    early_stop_kl: PositiveFloat | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
@@ -199,9 +210,9 @@ class PPOConfig:
 @dataclass(frozen=True)
 class KLConfig:
     controller: Literal["adaptive", "fixed"] = "adaptive"
-    coef: float = 0.05  # beta (the adaptive controller's initial value)
-    target: float = 6.0  # adaptive: the per-response KL (nats, summed over tokens) to hold
-    horizon: float = 10_000  # adaptive: samples to correct an error (Ziegler et al.)
+    coef: NonNegFloat = 0.05  # beta (the adaptive controller's initial value)
+    target: PositiveFloat = 6.0  # adaptive: the per-response KL (nats, summed over tokens) to hold
+    horizon: PositiveFloat = 10_000  # adaptive: samples to correct an error (Ziegler et al.)
     estimator: Literal["k1", "k2", "k3", "abs", "mse"] = "k1"  # per-token penalty
 
     def __post_init__(self) -> None:
@@ -213,25 +224,27 @@ class KLConfig:
 
 @dataclass(frozen=True)
 class PPOTrainConfig:
-    steps: int = 100  # PPO steps: rollout -> score -> epochs of minibatch updates
-    batch_size: int = 64  # prompts per step
-    samples_per_prompt: int = 1
-    minibatch_size: int = 32  # responses per optimizer step
-    microbatch_size: int = 32  # responses per forward / backward (gradients accumulate to the minibatch)
-    epochs: int = 2  # passes over each step's rollouts
-    max_minutes: float | None = None
-    log_every: int = 1
-    sample_every: int = 10  # the sample table (per-token KL) every N steps; 0 = never
-    samples_shown: int = 8
-    eval_every: int = 0  # held-out evaluation during training every N steps; 0 = before / after only
-    save_every: int = 0  # checkpoints/step_N every N steps (policy folder + trainer_state.pt); 0 = final only
-    keep_checkpoints: int = 2  # the newest N checkpoints are kept; 0 = all
+    steps: PositiveInt = 100  # PPO steps: rollout -> score -> epochs of minibatch updates
+    batch_size: PositiveInt = 64  # prompts per step
+    samples_per_prompt: PositiveInt = 1
+    minibatch_size: PositiveInt = 32  # responses per optimizer step
+    # responses per forward / backward (gradients accumulate to the minibatch)
+    microbatch_size: PositiveInt = 32
+    epochs: PositiveFloat = 2  # passes over each step's rollouts
+    max_minutes: PositiveFloat | None = None
+    log_every: PositiveInt = 1
+    sample_every: NonNegInt = 10  # the sample table (per-token KL) every N steps; 0 = never
+    samples_shown: NonNegInt = 8
+    eval_every: NonNegInt = 0  # held-out evaluation during training every N steps; 0 = before / after only
+    # checkpoints/step_N every N steps (policy folder + trainer_state.pt); 0 = final only
+    save_every: NonNegInt = 0
+    keep_checkpoints: NonNegInt = 2  # the newest N checkpoints are kept; 0 = all
     resume: bool = True  # continue from the newest checkpoint in run.dir (single process), if there is one
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto = bf16 autocast on CUDA
-    num_threads: int | None = None
+    num_threads: PositiveInt | None = None
     strategy: Literal["single", "deepspeed"] = "single"
-    zero_stage: int = 2
+    zero_stage: Annotated[int, Range(0, 3)] = 2
     # log-probs / entropy of the chosen tokens: "triton" = kernels.logprobs (chunked LM head, never the full
     # logits; GPU), "torch" = plain log-softmax; auto = triton on CUDA
     logprob_kernel: Literal["auto", "torch", "triton"] = "auto"
@@ -257,15 +270,15 @@ class PPOTrainConfig:
 class PPOEvalConfig:
     before: bool = True  # held-out evaluation of the initial policy
     after: bool = True
-    max_new_tokens: int = 48
+    max_new_tokens: PositiveInt = 48
     rm_scores: bool = True  # add RM rewards to the evaluation when the reward section has an RM
     # also grade the first N rollout (train-split) prompts before / after: did PPO learn what it was rewarded
     # for, on the prompts it saw? (held-out accuracy answers whether that carries over to new instances)
-    rollout_prompts: int = 0
+    rollout_prompts: NonNegInt = 0
     # also k temperature-1 answers per held-out prompt before / after (sample_accuracy, Wilcoxon p): PPO
     # trains the sampling distribution, and greedy accuracy moves only where the argmax flips
-    samples: int = 0
-    sample_temperature: float = 1.0
+    samples: NonNegInt = 0
+    sample_temperature: PositiveFloat = 1.0
 
     def __post_init__(self) -> None:
         if self.samples < 0:

@@ -412,8 +412,8 @@ def _recipe(overrides):
         (["reward.rules={world_corect: 1.0}"], "unknown rule"),
         (["prompts.world.heldout_split=heldout"], "grade on heldout_split: test"),
         (["prompts.world.train_split=heldout"], "prompts.world.train_split"),
-        (["prompts.world.train_phrasings=5"], "train_phrasings must be 1 to 4"),
-        (["prompts.world.anchor_prompts=-1"], "anchor_prompts must be >= 0"),
+        (["prompts.world.train_phrasings=5"], r"train_phrasings must be an integer in \[1, 4\]"),
+        (["prompts.world.anchor_prompts=-1"], "anchor_prompts must be an integer >= 0"),
         (
             [
                 "prompts.world.anchor_prompts=100",
@@ -426,7 +426,7 @@ def _recipe(overrides):
         (["policy.reference=adapter_off"], "policy.lora.enabled"),
         (["ppo.clip_rnge=0.1"], "did you mean 'clip_range'"),
         (["kl.controller=pid"], "kl.controller"),
-        (["generation.temperature=0"], "temperature must be > 0"),
+        (["generation.temperature=0"], "temperature must be a finite number > 0"),
         (["ppo.score_norm=group"], "samples_per_prompt >= 2"),
         (["ppo.score_norm=prompt"], "ppo.score_norm"),
     ],

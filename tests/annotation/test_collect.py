@@ -117,7 +117,7 @@ def test_reward_data_both_bad_weight_scales_only_those_training_pairs() -> None:
         assert r1.weight == pytest.approx(r0.weight * (0.25 if b else 1.0)) and r1.tie == r0.tie
     assert [r.weight for r in held1] == [r.weight for r in held0]  # held-out pairs untouched
     for wrong in ("0", "1.5"):
-        with pytest.raises(ConfigError, match="both_bad_weight must be in"):
+        with pytest.raises(ConfigError, match=r"both_bad_weight must be a finite number in \(0, 1\]"):
             load_recipe("recipes/reward.yaml", [f"data.both_bad_weight={wrong}"])
 
 
