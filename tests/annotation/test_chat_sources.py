@@ -1,0 +1,145 @@
+"""The arena's model sources: a model folder behind one batching generator (batched answers equal the
+answers of our own generate loop, one prompt at a time), and an OpenAI-compatible endpoint read as a
+stream of server-sent events from our small server (``pretrain/chat_server``) serving the same model."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+
+from glmwb.pretrain.chat_server import openai_chat_app
+from glmwb.pretrain.chat_sources import (
+    BatchingGenerator,
+    LocalChatModel,
+    OpenAIChatModel,
+    Sampling,
+    SourceError,
+    _sse_data,
+)
+from tests.annotation.conftest import ThreadServer, free_port
+from tests.tiny import one_thread  # noqa: F401 (autouse)
+
+PROMPTS = [
+    [{"role": "user", "content": "How is the weather in Beijing today?"}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "请写一首关于大海的短诗。"},
+    ],
+    [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "Numbers like 12 and 345?"},
+    ],
+]
+GREEDY = Sampling(temperature=0.0, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_glm_folder):
+    g = BatchingGenerator(tiny_glm_folder, max_batch=8, max_wait_s=0.3)
+    yield g
+    g.close()
+
+
+@pytest.fixture(scope="module")
+def reference_answers(tiny_glm_folder):
+    """Greedy answers from our own model and decoding loop (pretrain/generate.py), one prompt at a time."""
+    from glmwb.pretrain.generate import generate_answers, load_policy
+
+    model, tok = load_policy(tiny_glm_folder)
+    return [generate_answers(model, tok, [p], max_new_tokens=GREEDY.max_new_tokens)[0] for p in PROMPTS]
+
+
+def test_concurrent_requests_share_a_batch_and_match_unbatched_answers(generator, reference_answers):
+    assert any(reference_answers), "the tiny model answers nothing: the comparison below would be empty"
+    before = len(generator.batch_sizes)
+    streams = [None] * len(PROMPTS)
+    pieces: list[list[str]] = [[] for _ in PROMPTS]
+
+    def ask(i: int) -> None:
+        streams[i] = generator.submit(PROMPTS[i], GREEDY)
+        pieces[i] = list(streams[i])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert generator.batch_sizes[before:] == [3]  # one batch for the three users
+    for i, stream in enumerate(streams):
+        assert stream.text == "".join(pieces[i])
+        assert stream.text.strip() == reference_answers[i]  # left padding changes nothing
+        assert stream.finish_reason in ("stop", "length")
+    assert max(len(p) for p in pieces) > 1  # streamed in pieces, not in one go
+
+
+def test_requests_with_other_sampling_wait_for_their_own_batch(generator):
+    before = len(generator.batch_sizes)
+    a = generator.submit(PROMPTS[0], GREEDY)
+    b = generator.submit(PROMPTS[1], Sampling(temperature=0.9, max_new_tokens=4))
+    c = generator.submit(PROMPTS[2], GREEDY)
+    for s in (a, b, c):
+        s.read()
+    assert sorted(generator.batch_sizes[before:]) == [1, 2]
+    assert len(b.text) > 0 or b.finish_reason == "stop"
+
+
+def test_a_folder_that_is_not_a_model_is_refused(tmp_path):
+    from glmwb.pretrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no config.json"):
+        BatchingGenerator(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def endpoint(generator):
+    app = openai_chat_app({"tiny": LocalChatModel("tiny", generator)}, chunk_delay_s=0.0)
+    server = ThreadServer(app, health="/v1/models")
+    yield server.base_url
+    server.stop()
+
+
+def test_openai_client_streams_the_same_answer(endpoint, reference_answers):
+    client = OpenAIChatModel("tiny-remote", f"{endpoint}/v1", "tiny")
+    stream = client.stream(PROMPTS[0], GREEDY)
+    pieces = list(stream)
+    assert stream.text.strip() == reference_answers[0] and len(pieces) > 1
+    assert stream.finish_reason in ("stop", "length")
+    assert client.checkpoint == f"{endpoint}/v1#tiny" and client.chat_template_sha256 is None
+
+
+def test_the_server_speaks_the_chat_completions_shape(endpoint, reference_answers):
+    body = {"model": "tiny", "messages": PROMPTS[0], "temperature": 0, "max_tokens": GREEDY.max_new_tokens}
+    with httpx.stream("POST", f"{endpoint}/v1/chat/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = list(_sse_data(r.iter_lines()))
+    import json
+
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text.strip() == reference_answers[0]
+    whole = httpx.post(f"{endpoint}/v1/chat/completions", json=body, timeout=60).json()
+    assert whole["choices"][0]["message"]["content"].strip() == reference_answers[0]
+    bad = httpx.post(f"{endpoint}/v1/chat/completions", json={**body, "temperature": 9})
+    assert bad.status_code == 400 and "temperature" in bad.json()["error"]["message"]
+    unknown = httpx.post(f"{endpoint}/v1/chat/completions", json={**body, "model": "nope"})
+    assert unknown.status_code == 404 and "nope" in unknown.json()["error"]["message"]
+
+
+def test_endpoint_failures_are_one_clear_error(endpoint):
+    with pytest.raises(SourceError, match="404"):
+        OpenAIChatModel("x", f"{endpoint}/v1", "nope").stream(PROMPTS[0], GREEDY).read()
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(SourceError, match="no answer from"):
+        OpenAIChatModel("x", dead, "tiny", timeout_s=5).stream(PROMPTS[0], GREEDY).read()
+
+
+def test_sse_parser_joins_multi_line_data_and_skips_comments():
+    lines = [": keep-alive", "data: a", "data: b", "", "event: x", "data: c", ""]
+    assert list(_sse_data(iter(lines))) == ["a\nb", "c"]
