@@ -1,5 +1,7 @@
 """`glmwb arena ...`: the side-by-side comparison app and its leaderboard.
 
+    glmwb arena serve --db URL --model NAME=FOLDER ... [--endpoint NAME=URL[#MODEL] ...]   (the app)
+    glmwb arena serve-model FOLDER [--name NAME] [--port 8000]      (an OpenAI-compatible endpoint)
     glmwb arena leaderboard --db URL | --votes FILE [--style-control] [--json OUT] [--plot OUT.png]
         [--ties davidson|rao-kupper|none] [--bothbad separate|tie|drop] [--bootstrap 1000]
         [--category C] [--arena-only] [--fragility] [--seed 0]
@@ -16,6 +18,8 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from glmwb.recipes.arena_serve_cli import add_serve
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
@@ -94,8 +98,8 @@ def add_leaderboard(asub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_leaderboard)
 
 
-# Each adds one subcommand to `glmwb arena`.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_leaderboard]
+# Each adds one subcommand to `glmwb arena` (the app's: recipes/arena_serve_cli.py).
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_leaderboard, add_serve]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

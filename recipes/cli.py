@@ -7,6 +7,7 @@
     glmwb serve-rewards REWARD_DIR [--port 8008]       serve a reward model over HTTP (FastAPI)
     glmwb annotate --db URL [--host --port]           serve the annotator page and vote API
     glmwb annotation COMMAND ...                      the preference store (see recipes/annotation_cli.py)
+    glmwb arena serve --db URL --model NAME=DIR ...   the side-by-side comparison app (recipes/arena_serve_cli.py)
     glmwb arena leaderboard --db URL | --votes FILE   rate models from arena votes (recipes/arena_cli.py)
 
 User mistakes (bad recipe, missing file, bad override) print one clear line and exit with code 2.

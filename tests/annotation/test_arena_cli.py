@@ -1,0 +1,67 @@
+"""`glmwb arena serve` / `serve-model`: user mistakes are one line and exit code 2; the app starts on
+loopback with two names on one folder and signs in the store's accounts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from glmwb.annotation.store import Store
+from glmwb.recipes.cli import main
+from tests.annotation.conftest import REPO, cheap_hasher, free_port, wait_healthy
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model", "a=FOLDER"], "at least two models"),
+        (["--model", "a=FOLDER", "--model", "a=FOLDER"], "'a' is given twice"),
+        (["--model", "a=FOLDER", "--model", "nonsense"], "expected NAME=TARGET"),
+        (["--model", "a=FOLDER", "--model", "b=/no/such/folder"], "not a model folder"),
+        (["--model", "a=FOLDER", "--endpoint", "b=ftp://x"], "must start with http"),
+        (["--model", "a=FOLDER", "--endpoint", "b=http://x/v1", "--alias", "c=C"], "--alias c: no model"),
+        (["--model", "a=FOLDER", "--endpoint", "b=http://x/v1", "--temperature", "-1"], "temperature"),
+    ],
+)
+def test_serve_user_errors_are_one_line(extra, message, tiny_glm_folder, tmp_path, capsys):
+    extra = [x.replace("FOLDER", str(tiny_glm_folder)) for x in extra]
+    code = main(["arena", "serve", "--db", str(tmp_path / "a.db"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_serve_model_refuses_a_folder_that_is_not_a_model(tmp_path, capsys):
+    assert main(["arena", "serve-model", str(tmp_path)]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+
+
+def test_serve_starts_on_loopback_and_signs_in_store_accounts(tiny_glm_folder, tmp_path):
+    db = f"sqlite:///{tmp_path / 'arena.db'}"
+    with Store(db, password_hasher=cheap_hasher()) as store:
+        store.create_annotator("alice", "alice-password")
+    port = free_port()
+    args = [sys.executable, "-m", "glmwb.recipes.cli", "arena", "serve", "--db", db, "--port", str(port),
+            "--model", f"one={tiny_glm_folder}", "--model", f"two={tiny_glm_folder}", "--max-new-tokens", "8"]  # fmt: skip
+    log = (tmp_path / "serve.log").open("wb")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    process = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base, process=process)
+        shell = httpx.get(base, timeout=30)
+        assert shell.status_code == 200 and "auth_required" in shell.text
+        client = httpx.Client(base_url=base, timeout=30)
+        assert client.post("/login", data={"username": "alice", "password": "wrong-one"}).status_code == 400
+        assert (
+            client.post("/login", data={"username": "alice", "password": "alice-password"}).status_code == 200
+        )
+        assert client.get("/config").status_code == 200  # signed in: the page's config
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+    assert "arena on http://127.0.0.1" in (tmp_path / "serve.log").read_text()
