@@ -46,10 +46,16 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--votes {args.votes}: no such file")
             battles = read_battles(args.votes)
         else:
+            from sqlalchemy.exc import SQLAlchemyError
+
             from glmwb.annotation.store import Store
 
-            with Store(args.db) as store:
-                battles = battles_from_store(store, arena_only=args.arena_only)
+            try:
+                with Store(args.db) as store:
+                    battles = battles_from_store(store, arena_only=args.arena_only)
+            except SQLAlchemyError as e:
+                first = str(e.orig if getattr(e, "orig", None) is not None else e).splitlines()[0]
+                raise ConfigError(f"--db {args.db}: cannot read the store ({first})") from None
         lb = fit_bt(
             battles,
             ties=args.ties,
