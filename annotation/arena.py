@@ -13,7 +13,7 @@ bad) ends it. ``ArenaBattle.to_item`` turns a judged battle into a comparison it
   bookkeeping: ``mode`` (anonymous / named), ``counted`` (false: stored but not rated), ``leaked`` and
   ``leaks`` (why: the user named a model, or an answer named one), ``battle_id``, ``user``, ``turns``,
   ``left`` / ``right`` (the models as shown), ``regenerations``, ``started_at`` / ``voted_at`` (UTC,
-  ISO 8601), ``finish_reasons``, and, when the pair was chosen by ``ratings.next_pair``, ``pair_prob`` and
+  ISO 8601), ``finish_reasons``, ``tokens`` (each answer's length in tokens), and, when the pair was chosen by ``ratings.next_pair``, ``pair_prob`` and
   ``weight``;
 - the item's batch is ``"arena"`` and it is closed: nobody else is ever assigned it.
 
@@ -85,6 +85,7 @@ class BattleSide:
     sampling: dict[str, Any]
     messages: list[dict[str, Any]] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # generated tokens of each answer
 
     @property
     def answer(self) -> str:
@@ -156,6 +157,8 @@ class ArenaBattle:
             },
             "weight": self.weight,
         }
+        if all(s.tokens for s in (self.left, self.right)):  # the answers' lengths, for style control
+            meta["tokens"] = {k: s.tokens[-1] for k, s in self.sides.items()}
         if self.pair_prob is not None:
             meta["pair_prob"] = self.pair_prob
         if self.category:

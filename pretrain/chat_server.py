@@ -40,6 +40,7 @@ class ChatRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(default=None, ge=1, le=32768)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the token counts
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
@@ -105,6 +106,9 @@ def openai_chat_app(
                 yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
                 return
             yield chunk({}, answer.finish_reason or "stop")
+            if (body.stream_options or {}).get("include_usage"):
+                usage = {"completion_tokens": answer.tokens}
+                yield f"data: {json.dumps({'id': cid, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
 
         if body.stream:
@@ -125,6 +129,7 @@ def openai_chat_app(
                     "finish_reason": answer.finish_reason,
                 }
             ],
+            "usage": {"completion_tokens": answer.tokens},
         }
 
     return app

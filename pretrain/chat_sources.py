@@ -65,6 +65,7 @@ class AnswerStream:
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self.text = ""
+        self.tokens = 0  # generated tokens (an endpoint: its reported usage, else its content chunks)
         self.finish_reason: str | None = None
         self.error: str | None = None
 
@@ -73,8 +74,8 @@ class AnswerStream:
         if piece:
             self._queue.put(("piece", piece))
 
-    def finish(self, reason: str) -> None:
-        self._queue.put(("end", reason))
+    def finish(self, reason: str, tokens: int = 0) -> None:
+        self._queue.put(("end", (reason, tokens)))
 
     def fail(self, message: str) -> None:
         self._queue.put(("error", message))
@@ -87,7 +88,7 @@ class AnswerStream:
                 self.text += value
                 yield value
             elif kind == "end":
-                self.finish_reason = value
+                self.finish_reason, self.tokens = value
                 return
             else:
                 self.error = value
@@ -288,7 +289,7 @@ class BatchingGenerator:
                 if token in stops:
                     r.done = True
                     self._emit(r, final=True)
-                    r.out.finish("stop")
+                    r.out.finish("stop", len(r.ids))
                     continue
                 r.ids.append(token)
                 self._emit(r)
@@ -310,7 +311,7 @@ class BatchingGenerator:
             if not r.done:
                 r.done = True
                 self._emit(r, final=True)
-                r.out.finish("length")
+                r.out.finish("length", len(r.ids))
 
 
 @dataclass
@@ -386,10 +387,11 @@ class OpenAIChatModel:
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             "max_tokens": sampling.max_new_tokens,
+            "stream_options": {"include_usage": True},
         }
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         url = f"{self.base_url.rstrip('/')}/chat/completions"
-        reason = None
+        reason, chunks, usage = None, 0, None
         try:
             with httpx.stream("POST", url, json=body, headers=headers, timeout=self.timeout_s) as r:
                 if r.status_code != 200:
@@ -401,8 +403,11 @@ class OpenAIChatModel:
                     chunk = json.loads(data)
                     if "error" in chunk:
                         raise SourceError(f"{self.name}: the endpoint reported {chunk['error']}")
-                    for choice in chunk.get("choices", [])[:1]:
-                        out.put((choice.get("delta") or {}).get("content") or "")
+                    usage = (chunk.get("usage") or {}).get("completion_tokens", usage)
+                    for choice in (chunk.get("choices") or [])[:1]:
+                        piece = (choice.get("delta") or {}).get("content") or ""
+                        chunks += bool(piece)
+                        out.put(piece)
                         reason = choice.get("finish_reason") or reason
         except SourceError as e:
             out.fail(str(e))
@@ -410,4 +415,4 @@ class OpenAIChatModel:
         except (httpx.HTTPError, json.JSONDecodeError, AttributeError, TypeError) as e:
             out.fail(f"{self.name}: no answer from {url} ({type(e).__name__}: {e})")
             return
-        out.finish(reason or "stop")
+        out.finish(reason or "stop", usage if isinstance(usage, int) else chunks)

@@ -173,6 +173,8 @@ class Arena:
                 if prompt is None:
                     s.messages.pop()  # the last answer; the last user turn stays
                     s.finish_reasons.pop()
+                    if s.tokens:
+                        s.tokens.pop()
                 else:
                     s.messages.append({"role": "user", "content": prompt})
             if prompt is None:
@@ -193,6 +195,7 @@ class Arena:
                 for k, s in b.sides.items():
                     s.messages.append({"role": "assistant", "content": streams[k].text.strip() or "(empty)"})
                     s.finish_reasons.append(streams[k].finish_reason or "stop")
+                    s.tokens.append(streams[k].tokens)
         finally:
             live.shown_at = time.monotonic()
             live.busy = False

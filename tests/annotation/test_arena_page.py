@@ -39,7 +39,7 @@ def arena_site(tmp_path_factory, tiny_glm_folder):
     remote = OpenAIChatModel(REMOTE, f"{endpoint.base_url}/v1", "tiny")
     config = ArenaConfig(
         sampling=Sampling(temperature=0.0, max_new_tokens=16), per_minute=3, per_day=50, seed=0,
-        leaderboard_bootstrap=20, active_pairs=False,
+        leaderboard_bootstrap=20,
     )  # fmt: skip
     arena = Arena(
         store, {LOCAL: ArenaModel(local), REMOTE: ArenaModel(remote, aliases=("TinyRemote",))}, config
@@ -154,6 +154,7 @@ def test_an_anonymous_battle_in_the_browser(arena_site, browser, tmp_path):
         True,
     )
     assert item.prompt == [{"role": "user", "content": PROMPT}]
+    assert set(meta["tokens"]) == {"A", "B"} and 0 < min(meta["tokens"].values()) <= 16
     # a second vote on the same battle is refused
     page.locator("#anon-vote-A").click()
     wait_text(page, "#anon-status", "voted on this battle already")

@@ -101,13 +101,17 @@ def endpoint(generator):
     server.stop()
 
 
-def test_openai_client_streams_the_same_answer(endpoint, reference_answers):
+def test_openai_client_streams_the_same_answer(endpoint, generator, reference_answers):
     client = OpenAIChatModel("tiny-remote", f"{endpoint}/v1", "tiny")
     stream = client.stream(PROMPTS[0], GREEDY)
     pieces = list(stream)
     assert stream.text.strip() == reference_answers[0] and len(pieces) > 1
     assert stream.finish_reason in ("stop", "length")
     assert client.checkpoint == f"{endpoint}/v1#tiny" and client.chat_template_sha256 is None
+    local = generator.submit(PROMPTS[0], GREEDY)
+    local.read()
+    assert 0 < local.tokens <= GREEDY.max_new_tokens
+    assert stream.tokens == local.tokens  # the endpoint's usage report
 
 
 def test_the_server_speaks_the_chat_completions_shape(endpoint, reference_answers):
