@@ -241,8 +241,8 @@ class BatchingGenerator:
                 r = self._waiting.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            if r is None:
-                self._stop.set()
+            if r is None:  # closing: finish this batch; the next _gather sees the marker again
+                self._waiting.put(None)
                 break
             (batch if r.sampling == first.sampling else self._held).append(r)
         return batch

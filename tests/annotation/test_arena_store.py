@@ -52,8 +52,9 @@ def battle(i: int, left: str, right: str, question: str = "What is 2+2?", mode: 
 
 
 @pytest.fixture
-def arena_store(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'arena.db'}", password_hasher=cheap_hasher())
+def arena_store(db_url):
+    """An SQLite file, then a fresh PostgreSQL database (``db_url``)."""
+    store = Store(db_url, password_hasher=cheap_hasher())
     store.create_annotator("alice", "alice-password")
     store.create_annotator("bob", "bob-password")
     yield store

@@ -147,3 +147,13 @@ def test_endpoint_failures_are_one_clear_error(endpoint):
 def test_sse_parser_joins_multi_line_data_and_skips_comments():
     lines = [": keep-alive", "data: a", "data: b", "", "event: x", "data: c", ""]
     assert list(_sse_data(iter(lines))) == ["a\nb", "c"]
+
+
+def test_close_finishes_what_was_asked_and_refuses_the_rest(tiny_glm_folder):
+    g = BatchingGenerator(tiny_glm_folder, max_wait_s=0.0)
+    asked = [g.submit(PROMPTS[0], GREEDY), g.submit(PROMPTS[1], Sampling(temperature=0.5, max_new_tokens=3))]
+    g.close()
+    assert not g._thread.is_alive()
+    assert [s.read() is not None for s in asked] == [True, True]  # both answered before the worker ended
+    with pytest.raises(SourceError, match="closed"):
+        g.submit(PROMPTS[0], GREEDY).read()
