@@ -222,6 +222,10 @@ class Leaderboard:
         for name, c in self.style.items():
             notes.append(f"style {name}: {c.estimate:+.1f} points per s.d. [{c.lower:+.1f}, {c.upper:+.1f}]")
         notes.append("rank = 1 + the number of models whose interval lies wholly above")
+        if frag:
+            notes.append(
+                "fragility = the fewest removed votes found that change the rank (robust intervals, refits)"
+            )
         return "\n".join(lines + [""] + notes)
 
 
