@@ -222,6 +222,10 @@ class Leaderboard:
         for name, c in self.style.items():
             notes.append(f"style {name}: {c.estimate:+.1f} points per s.d. [{c.lower:+.1f}, {c.upper:+.1f}]")
         notes.append("rank = 1 + the number of models whose interval lies wholly above")
+        if frag:
+            notes.append(
+                "fragility = the fewest removed votes found that change the rank (robust intervals, refits)"
+            )
         return "\n".join(lines + [""] + notes)
 
 
@@ -489,37 +493,37 @@ def _outcome_terms(tie_model: str, y: np.ndarray, d: np.ndarray, tau: np.ndarray
     """Per row (broadcast over rounds): log-likelihood l and its derivatives in d and tau
     (l_d, l_t, l_dd, l_dt, l_tt; the tau ones None without a tie parameter)."""
     win, loss, tie = (y == WIN), (y == LOSS), (y == TIE)
+    fw, fl, ft = win.astype(float), loss.astype(float), tie.astype(float)
     if tie_model == "none" or tau is None:
         s = _sigmoid(d)
+        ls_pos, ls_neg = _log_sigmoid(d), _log_sigmoid(-d)
         if tie_model == "none":  # a tie: half a win and half a loss
-            l_ = np.where(
-                win,
-                _log_sigmoid(d),
-                np.where(loss, _log_sigmoid(-d), 0.5 * (_log_sigmoid(d) + _log_sigmoid(-d))),
-            )
-            l_d = np.where(win, 1.0 - s, np.where(loss, -s, 0.5 - s))
+            aw, al = fw + 0.5 * ft, fl + 0.5 * ft
         else:  # a tie model without ties in the data: plain Bradley-Terry (nu = 0)
-            l_ = np.where(win, _log_sigmoid(d), _log_sigmoid(-d))
-            l_d = np.where(win, 1.0 - s, -s)
-        return l_, l_d, None, (-s * (1.0 - s) if second else None), None, None
+            aw, al = fw, 1.0 - fw
+        l_ = aw * ls_pos + al * ls_neg
+        l_d = aw - (aw + al) * s
+        return l_, l_d, None, (-(aw + al) * s * (1.0 - s) if second else None), None, None
     t = tau[..., None] if np.ndim(tau) else tau
     if tie_model == "davidson":
-        half = 0.5 * d
-        # log Z = log(e^{d/2} + e^{-d/2} + e^tau), stably
-        mx = np.maximum(np.maximum(half, -half), t)
-        ew, el, et = np.exp(half - mx), np.exp(-half - mx), np.exp(t - mx)
-        z = ew + el + et
-        log_z = mx + np.log(z)
-        pw, pl, pt = ew / z, el / z, et / z
-        l_ = np.where(win, half, np.where(loss, -half, t)) - log_z
+        # Z = e^{d/2} + e^{-d/2} + e^tau; |d| and tau stay far below exp's range (capped Newton steps, prior)
+        half = np.clip(0.5 * d, -300.0, 300.0)
+        ew = np.exp(half)
+        el = 1.0 / ew
+        nu = np.exp(t)
+        z = ew + el + nu
+        log_z = np.log(z)
+        inv = 1.0 / z
+        pw, pl, pt = ew * inv, el * inv, nu * inv
+        l_ = (fw - fl) * half + ft * t - log_z
         diff = 0.5 * (pw - pl)
-        l_d = np.where(win, 0.5, np.where(loss, -0.5, 0.0)) - diff
-        l_t = np.where(tie, 1.0, 0.0) - pt
+        l_d = 0.5 * (fw - fl) - diff
+        l_t = ft - pt
         if not second:
             return l_, l_d, l_t, None, None, None
-        l_dd = -(0.25 * (pw + pl) - diff * diff)
+        l_dd = diff * diff - 0.25 * (pw + pl)
         l_dt = pt * diff
-        l_tt = -pt * (1.0 - pt)
+        l_tt = pt * (pt - 1.0)
         return l_, l_d, l_t, l_dd, l_dt, l_tt
     # Rao-Kupper: P(win) = s(d - eta), P(loss) = s(-d - eta), P(tie) = the rest; eta = e^tau
     eta = np.exp(t)
@@ -641,20 +645,21 @@ def _design(
         mean, std = mean[keep], std[keep]
     else:
         x, names, mean, std = np.zeros((n, 0)), (), np.zeros(0), np.zeros(0)
-    # distinct rows: (a, b, outcome, weight, x) -> multiplicity
-    key = np.column_stack([a, b_, out, w, x]) if n else np.zeros((0, 4))
-    uniq, inverse, counts = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+    # distinct rows: (a, b, outcome, weight, x) -> multiplicity; "both bad" shares the tie rows (counted apart)
+    y_all = np.minimum(out, TIE)
+    if x.shape[1]:
+        key = np.column_stack([a, b_, y_all, w, x])
+        _, first, inverse, counts = np.unique(
+            key, axis=0, return_index=True, return_inverse=True, return_counts=True
+        )
+    else:  # one integer key per row: much faster than unique rows
+        _, w_code = np.unique(w, return_inverse=True)
+        key = ((w_code.reshape(-1) * len(models) + a) * len(models) + b_) * 3 + y_all
+        _, first, inverse, counts = np.unique(key, return_index=True, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
-    ua, ub, uo, uw, ux = (
-        uniq[:, 0].astype(int),
-        uniq[:, 1].astype(int),
-        uniq[:, 2].astype(int),
-        uniq[:, 3],
-        uniq[:, 4:],
-    )
-    u = len(uniq)
-    y = np.where(uo == 3, TIE, uo)
-    bb = np.where(uo == 3, counts, 0).astype(float)
+    ua, ub, y, uw, ux = a[first], b_[first], y_all[first], w[first], x[first]
+    u = len(first)
+    bb = np.bincount(inverse, weights=(out == 3).astype(float), minlength=u)
     m = len(models)
     k = ux.shape[1]
     p_d = m + int(gamma) + k
@@ -717,7 +722,8 @@ def _objective(des: _Design, q: np.ndarray, W: np.ndarray, prior: float, second:
 def _newton(
     des: _Design, W: np.ndarray, q0: np.ndarray, prior: float, max_iter: int = 100, tol: float = 1e-9
 ):
-    """Maximise the penalised log-likelihood for each round (rows of W) by damped Newton steps."""
+    """Maximise the penalised log-likelihood for each round (rows of W) by Newton steps, each capped and
+    halved until the objective rises (rounds that have converged drop out)."""
     q = q0.copy()
     value, g, H = _objective(des, q, W, prior)
     active = np.ones(len(q), bool)
@@ -725,36 +731,30 @@ def _newton(
         idx = np.flatnonzero(active)
         if not len(idx):
             break
-        Hs = H[idx]
         try:
-            step = np.linalg.solve(-Hs, g[idx][..., None])[..., 0]
+            step = np.linalg.solve(-H[idx], g[idx][..., None])[..., 0]
         except np.linalg.LinAlgError:
-            step = (
-                np.linalg.lstsq(-Hs[0], g[idx][0], rcond=None)[0][None]
-                if len(idx) == 1
-                else np.stack(
-                    [np.linalg.lstsq(-h, gg, rcond=None)[0] for h, gg in zip(Hs, g[idx], strict=True)]
-                )
+            step = np.stack(
+                [np.linalg.lstsq(-h, gg, rcond=None)[0] for h, gg in zip(H[idx], g[idx], strict=True)]
             )
-        # cap the step (a far first step on a near-separable record), then halve until the objective rises
-        big = np.abs(step).max(1)
-        step *= np.minimum(1.0, 5.0 / np.maximum(big, 1e-300))[:, None]
+        step *= np.minimum(1.0, 5.0 / np.maximum(np.abs(step).max(1), 1e-300))[:, None]
         t = np.ones(len(idx))
         cand = q[idx] + step
-        new_value, _, _ = _objective(des, cand, W[idx], prior, second=False)
-        for _ in range(30):
-            worse = ~(new_value >= value[idx] - 1e-12 * np.abs(value[idx]))
-            if not worse.any():
-                break
-            t[worse] *= 0.5
-            cand[worse] = q[idx][worse] + t[worse, None] * step[worse]
-            nv, _, _ = _objective(des, cand[worse], W[idx][worse], prior, second=False)
-            new_value[worse] = nv
-        q[idx] = cand
-        v2, g2, H2 = _objective(des, q[idx], W[idx], prior)
-        value[idx], g[idx], H[idx] = v2, g2, H2
-        done = np.abs(t[:, None] * step).max(1) < tol
-        active[idx[done]] = False
+        v, gc, Hc = _objective(des, cand, W[idx], prior)
+        worse = np.flatnonzero(~(v >= value[idx] - 1e-12 * np.abs(value[idx])))
+        if len(worse):
+            todo = worse
+            for _ in range(40):
+                t[todo] *= 0.5
+                cand[todo] = q[idx[todo]] + t[todo, None] * step[todo]
+                nv, _, _ = _objective(des, cand[todo], W[idx[todo]], prior, second=False)
+                ok = nv >= value[idx[todo]] - 1e-12 * np.abs(value[idx[todo]])
+                todo = todo[~ok]
+                if not len(todo):
+                    break
+            v[worse], gc[worse], Hc[worse] = _objective(des, cand[worse], W[idx[worse]], prior)
+        q[idx], value[idx], g[idx], H[idx] = cand, v, gc, Hc
+        active[idx[np.abs(t[:, None] * step).max(1) < tol]] = False
     return q, H
 
 
@@ -848,20 +848,48 @@ def _fit_core(des: _Design, prior: float) -> tuple[np.ndarray, np.ndarray]:
     return q[0], H[0]
 
 
-def _bootstrap(des: _Design, q_hat: np.ndarray, rounds: int, prior: float, seed: int) -> np.ndarray:
-    """Resample the battles with replacement (multinomially over the distinct rows), refit each round by
-    Newton from the full-data estimate; chunks of rounds are fitted together."""
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _bootstrap(
+    des: _Design, q_hat: np.ndarray, rounds: int, prior: float, seed: int, workers: int
+) -> np.ndarray:
+    """Resample the battles with replacement (multinomially over the distinct rows, "both bad" apart), refit
+    each round by Newton from the full-data estimate. Rounds are fitted in chunks, ``workers`` chunks at a
+    time in threads (numpy releases the GIL); the draws are made in order, so the result does not depend on
+    the number of workers."""
+    from concurrent.futures import ThreadPoolExecutor
+
     rng = np.random.default_rng(seed)
     n = int(des.count.sum())
-    probs = des.count / des.count.sum()
-    rows = len(des.count)
-    chunk = max(1, min(rounds, int(4e6 // max(rows, 1))))
+    u = len(des.count)
+    fine = np.concatenate([des.count - des.bothbad, des.bothbad])
+    probs = fine / fine.sum()
+    chunk = max(1, min(125, int(2e6 // max(u, 1))))
+    starts = list(range(0, rounds, chunk))
     out = np.empty((rounds, des.p))
-    for start in range(0, rounds, chunk):
-        r = min(chunk, rounds - start)
-        M = rng.multinomial(n, probs, size=r).astype(float)
+
+    def fit(start: int, M: np.ndarray) -> None:
+        r = len(M)
         q, _ = _newton(des, M * des.w[None], np.repeat(q_hat[None], r, 0), prior, max_iter=50, tol=1e-7)
         out[start : start + r] = q
+
+    def draw(start: int) -> np.ndarray:
+        M = rng.multinomial(n, probs, size=min(chunk, rounds - start)).astype(float)
+        return M[:, :u] + M[:, u:]
+
+    workers = max(1, min(workers, len(starts)))
+    if workers == 1:
+        for start in starts:
+            fit(start, draw(start))
+        return out
+    with ThreadPoolExecutor(workers) as pool:
+        for g in range(0, len(starts), workers):
+            group = starts[g : g + workers]
+            list(pool.map(fit, group, [draw(st) for st in group]))
     return out
 
 
@@ -881,6 +909,7 @@ def fit_bt(
     scale: float = ELO_SCALE,
     prior: float = 1e-2,
     seed: int = 0,
+    workers: int | None = None,
 ) -> Leaderboard:
     """Bradley–Terry maximum likelihood with ties, on an Elo-like scale (``scale`` points = 10x the odds;
     the ratings average ``anchor_rating``, or ``anchor`` is pinned to it).
@@ -892,7 +921,8 @@ def fit_bt(
     ``bootstrap``: resampling rounds (0: robust intervals only). ``weighted``: use the battles'
     inverse-probability weights. ``category``: fit one category's battles only. ``prior``: precision of a
     weak Gaussian prior on every parameter on the logit scale (keeps an unbeaten model's rating, or a
-    position term that explains every vote, finite; 0.01 is a standard deviation of 10 logits)."""
+    position term that explains every vote, finite; 0.01 is a standard deviation of 10 logits). ``workers``:
+    threads for the bootstrap (default: the cores this process may use; the result does not depend on it)."""
     import time
 
     t0 = time.perf_counter()
@@ -911,13 +941,13 @@ def fit_bt(
         raise RatingsError(f"anchor model {anchor!r} has no battles")
     q, H = _fit_core(des, prior)
     cov_model, cov_robust = _scores_cov(des, q, H)
-    boot = _bootstrap(des, q, bootstrap, prior, seed) if bootstrap else None
+    boot = _bootstrap(des, q, bootstrap, prior, seed, workers or _cores()) if bootstrap else None
     settings = dict(ties=ties, bothbad=bothbad, style_control=style_control, position_bias=position_bias,
                     confidence=confidence, weighted=weighted, anchor=anchor, anchor_rating=anchor_rating,
                     scale=scale, prior=prior, category=category)  # fmt: skip
     state = _FitState(des, q, H, cov_model, cov_robust, boot, settings, anchor_rating,
                       None if anchor is None else des.models.index(anchor))  # fmt: skip
-    lb = _leaderboard(state, battles)
+    lb = _leaderboard(state)
     lb.seconds = time.perf_counter() - t0
     return lb
 
@@ -950,30 +980,24 @@ def _ranks(lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
     return 1 + (lower[None, :] > upper[:, None]).sum(1)
 
 
-def _tally(battles: Sequence[Battle], bothbad: str) -> dict[str, list[int]]:
-    t: dict[str, list[int]] = {}
-    for b in battles:
-        if bothbad == "drop" and b.winner == "tie (bothbad)":
-            continue
-        ta, tb = t.setdefault(b.model_a, [0] * 5), t.setdefault(b.model_b, [0] * 5)
-        ta[0] += 1
-        tb[0] += 1
-        if b.winner == "model_a":
-            ta[1] += 1
-            tb[2] += 1
-        elif b.winner == "model_b":
-            ta[2] += 1
-            tb[1] += 1
-        elif b.winner == "tie" or bothbad == "tie":
-            ta[3] += 1
-            tb[3] += 1
-        else:
-            ta[4] += 1
-            tb[4] += 1
-    return t
+def _tally(des: _Design, bothbad: str) -> np.ndarray:
+    """Per model (rows of the result): battles, wins, losses, ties, both bad (as ties unless kept apart)."""
+    m, c, bb = des.m, des.count, des.bothbad
+    a, b = des.pair[:, 0], des.pair[:, 1]
+    win, loss, tie = (des.y == WIN), (des.y == LOSS), (des.y == TIE)
+    per = lambda idx, w: np.bincount(idx, weights=w, minlength=m)  # noqa: E731
+    out = np.zeros((m, 5))
+    out[:, 0] = per(a, c) + per(b, c)
+    out[:, 1] = per(a, c * win) + per(b, c * loss)
+    out[:, 2] = per(a, c * loss) + per(b, c * win)
+    plain_ties = c * tie - (bb if bothbad == "separate" else 0.0)
+    out[:, 3] = per(a, plain_ties) + per(b, plain_ties)
+    if bothbad == "separate":
+        out[:, 4] = per(a, bb) + per(b, bb)
+    return np.rint(out).astype(int)
 
 
-def _leaderboard(state: _FitState, battles: Sequence[Battle]) -> Leaderboard:
+def _leaderboard(state: _FitState) -> Leaderboard:
     des, q, st = state.design, state.q, state.settings
     m, k = des.m, _to_points(st["scale"])
     conf = st["confidence"]
@@ -991,10 +1015,10 @@ def _leaderboard(state: _FitState, battles: Sequence[Battle]) -> Leaderboard:
     else:
         lower, upper = r_lo, r_hi
     ranks = _ranks(lower, upper)
-    tally = _tally(battles, st["bothbad"])
+    tally = _tally(des, st["bothbad"])
     rows = []
     for i, name in enumerate(des.models):
-        n, w, lo_, t, bb = tally.get(name, [0] * 5)
+        n, w, lo_, t, bb = (int(v) for v in tally[i])
         rows.append(
             ModelRating(
                 model=name,

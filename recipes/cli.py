@@ -201,6 +201,9 @@ def stage_line(stage: str, summary: dict[str, Any] | None) -> str:
         early = summary.get("stopped_early") or []
         note = f"; cut short in training: {', '.join(early)}" if early else ""
         return f"{len(summary['reports'])} policies evaluated{note}"
+    if stage == "arena" and "battles" in summary:
+        rows = summary.get("leaderboard", {}).get("rows") or [{}]
+        return f"{summary['battles']} battles among {len(summary.get('policies', []))} policies; first: {rows[0].get('model')}"
     return "no training steps"
 
 
