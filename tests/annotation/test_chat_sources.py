@@ -157,3 +157,66 @@ def test_close_finishes_what_was_asked_and_refuses_the_rest(tiny_glm_folder):
     assert [s.read() is not None for s in asked] == [True, True]  # both answered before the worker ended
     with pytest.raises(SourceError, match="closed"):
         g.submit(PROMPTS[0], GREEDY).read()
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_folder(tiny_tokenizer, tmp_path_factory):
+    """Another architecture with another chat template: a tiny random Llama whose tokenizer renders ChatML."""
+    import copy
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = CHATML
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_any_transformers_model_with_its_own_chat_template(tiny_llama_folder, tiny_glm_folder):
+    import hashlib
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    g = BatchingGenerator(tiny_llama_folder, max_wait_s=0.0)
+    try:
+        assert g.chat_template_sha256 == hashlib.sha256(CHATML.encode()).hexdigest()
+        assert type(g.model).__name__ == "LlamaForCausalLM"
+        text = g.tokenizer.decode(g.render(PROMPTS[1]))
+        assert text.startswith("<|im_start|>system\nYou are terse.<|im_end|>") and text.endswith(
+            "assistant\n"
+        )
+        stream = g.submit(PROMPTS[1], GREEDY)
+        answer = stream.read()
+        # the same greedy continuation from transformers' own generate, one prompt, no batching
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_folder).eval()
+        ids = torch.tensor([g.render(PROMPTS[1])])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=GREEDY.max_new_tokens, do_sample=False,
+                                 eos_token_id=g.stop_ids, pad_token_id=g.pad_id)  # fmt: skip
+        new = [t for t in out[0, ids.shape[1] :].tolist() if t not in g.stop_ids]
+        assert new, "the tiny Llama answers nothing: the comparison would be empty"
+        assert answer == g.tokenizer.decode(new, skip_special_tokens=True).lstrip()
+        assert stream.tokens == len(new)
+    finally:
+        g.close()
+    glm = BatchingGenerator(tiny_glm_folder, max_wait_s=0.0)
+    try:
+        assert glm.chat_template_sha256 != g.chat_template_sha256  # each folder's own template
+    finally:
+        glm.close()
