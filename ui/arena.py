@@ -103,6 +103,7 @@ class Arena:
         self._lock = threading.Lock()
         self._fit: Any = None  # the latest leaderboard (for next_pair), and the vote count it was made at
         self._fit_votes = -1
+        self._board: tuple[int, str] | None = None  # (votes, the Leaderboard tab's text)
 
     # -- battles -------------------------------------------------------------------------------------------
 
@@ -249,6 +250,16 @@ class Arena:
         return self._fit
 
     def leaderboard_markdown(self) -> str:
+        """The Leaderboard tab's text, refit only when votes were added since the last one."""
+        votes = self.store.counts()["votes"]
+        cached = self._board
+        if cached is not None and cached[0] == votes:
+            return cached[1]
+        text = self._leaderboard_markdown()
+        self._board = (votes, text)
+        return text
+
+    def _leaderboard_markdown(self) -> str:
         from glmwb.annotation.ratings import RatingsError, fit_bt
 
         battles = self._counted_battles()
