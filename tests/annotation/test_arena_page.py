@@ -208,3 +208,35 @@ def test_named_mode_two_turns_regenerate_and_the_rate_limit(arena_site, browser,
     assert (meta["mode"], meta["turns"], meta["regenerations"], meta["counted"]) == ("named", 2, 1, False)
     assert [r.model for r in item.responses] == [LOCAL, REMOTE] and vote.choice == "A"
     context.close()
+
+
+def test_the_annotator_pages_protections_hold_here_too(arena_site):
+    """The arena is mounted as the annotator page is (ui/app.py): a cross-origin request, an oversized
+    body, an upload or a file read gets the same answer from both servers."""
+    from glmwb.ui.app import create_app
+
+    store, arena_base, _ = arena_site
+    annotator = ThreadServer(create_app(store))
+    try:
+        answers = {}
+        for name, base in (("annotator", annotator.base_url), ("arena", arena_base)):
+            client = httpx.Client(base_url=base, timeout=30)
+            other = {"Origin": "http://localhost:1"}  # another local port
+            probes = [
+                client.post(
+                    "/login", data={"username": "carol", "password": PASSWORDS["carol"]}, headers=other
+                ),
+                client.post("/api/v1/login", content=b'{"username": "' + b"x" * 2_000_000 + b'"}'),
+            ]
+            client.post("/login", data={"username": "carol", "password": PASSWORDS["carol"]})
+            probes += [
+                client.post("/gradio_api/queue/join", json={"data": [], "fn_index": 0, "session_hash": "s"},
+                            headers=other),
+                client.post("/gradio_api/upload", files={"files": ("x.txt", b"x" * 5_000_000)}),
+                client.get("/gradio_api/file=/etc/passwd"),
+            ]  # fmt: skip
+            answers[name] = [(r.status_code, r.headers.get("access-control-allow-origin")) for r in probes]
+            client.close()
+        assert answers["arena"] == answers["annotator"]
+    finally:
+        annotator.stop()
