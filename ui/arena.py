@@ -194,7 +194,7 @@ class Arena:
                 yield dict(texts)
             if not live.failed:
                 for k, s in b.sides.items():
-                    s.messages.append({"role": "assistant", "content": streams[k].text.strip() or "(empty)"})
+                    s.messages.append({"role": "assistant", "content": streams[k].text.strip()})
                     s.finish_reasons.append(streams[k].finish_reason or "stop")
                     s.tokens.append(streams[k].tokens)
         finally:
@@ -211,8 +211,11 @@ class Arena:
                 raise ArenaRefusal(f"A model failed ({live.failed}); this battle cannot be judged.")
             if live.receipt is not None:
                 raise ArenaRefusal("You voted on this battle already; start a new battle.")
-            if not (live.battle.left.answer and live.battle.right.answer):
+            if not live.battle.left.messages:
                 raise ArenaRefusal("Nothing to vote on yet: send a prompt first.")
+            for k, side in live.battle.sides.items():  # an empty answer makes no preference pair
+                if not side.answer:
+                    raise ArenaRefusal(f"Model {k} gave an empty answer: regenerate, or start a new battle.")
             try:
                 live.receipt = self.store.record_judged_item(
                     who,

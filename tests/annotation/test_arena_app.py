@@ -123,3 +123,30 @@ def test_an_answer_stream_reports_errors_to_its_reader():
     with pytest.raises(Exception, match="went away"):
         s.read()
     assert s.text == "partial " and s.error == "the endpoint went away"
+
+
+class Silent:
+    """A model that ends its turn at once (an empty answer)."""
+
+    name, checkpoint, chat_template_sha256 = "silent", None, None
+
+    def stream(self, messages, sampling) -> AnswerStream:
+        out = AnswerStream()
+        out.finish("stop", 0)
+        return out
+
+
+def test_an_empty_answer_cannot_be_judged_until_regenerated(arena):
+    from glmwb.ui.arena import ArenaModel
+
+    arena.models["silent"] = ArenaModel(Silent())
+    live = play(arena, mode="named", picks=("m0", "silent"))
+    with pytest.raises(ArenaRefusal, match="Model B gave an empty answer"):
+        arena.vote(live, arena.store.annotator("alice"), "A")
+    assert arena.store.counts()["votes"] == 0
+    arena.models["silent"] = ArenaModel(LocalChatModel("silent", arena.models["m0"].source.generator))
+    arena.start_turn(live, "alice", regenerate=True)
+    for _ in arena.answer(live, None):
+        pass
+    assert live.battle.right.answer and live.battle.regenerations == 1 and live.battle.turns == 1
+    assert arena.vote(live, arena.store.annotator("alice"), "B").created
