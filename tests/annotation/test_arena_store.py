@@ -93,6 +93,13 @@ def test_a_vote_is_a_preference_record_with_the_right_chosen_and_rejected(arena_
     path = write_records(rows, tmp_path / "arena.jsonl")
     records = read_preferences(path).records
     assert len(records) == 4 and all(isinstance(r, PreferenceRecord) for r in records)
+    # beside an annotator's vote on a regular item, in one Parquet file
+    arena_store.add_items(make_items(1, prefix="regular"))
+    task = arena_store.next_task(arena_store.annotator("bob"))
+    arena_store.submit_vote(arena_store.annotator("bob"), task.assignment_id, "A", uid="regular-vote-1")
+    mixed = export_records(arena_store, mode="all").rows
+    assert sorted(r["provenance"]["arena"] == "" for r in mixed) == [False] * 4 + [True]
+    assert len(read_preferences(write_records(mixed, tmp_path / "mixed.parquet")).records) == 5
     assert records[0].prompt == ({"role": "user", "content": "What is 2+2?"},)
     (vote,) = [v for v in arena_store.votes() if v.choice == "B"]
     assert vote.annotator == "alice" and vote.time_spent_s == 3.5
