@@ -832,12 +832,14 @@ class Store:
 
     def undo_last_vote(self, annotator: AnnotatorInfo) -> VoteReceipt | None:
         """Retract this annotator's newest active vote (kept, marked retracted); its item is theirs to judge
-        again, next. None when there is nothing to undo."""
+        again, next. None when there is nothing to undo. Votes on closed items (an arena battle, judged as
+        it was made) are not undone: a closed item is never served again."""
 
         def work(conn: Connection) -> VoteReceipt | None:
             v = conn.execute(
                 select(VO.c.id, VO.c.uid, VO.c.assignment_id, VO.c.item_id, VO.c.choice)
-                .where(VO.c.annotator_id == annotator.id, VO.c.retracted_at.is_(None))
+                .join(IT, IT.c.id == VO.c.item_id)
+                .where(VO.c.annotator_id == annotator.id, VO.c.retracted_at.is_(None), IT.c.status == "open")
                 .order_by(VO.c.id.desc())
                 .limit(1)
             ).first()

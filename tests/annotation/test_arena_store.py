@@ -121,6 +121,20 @@ def test_display_order_is_kept_and_arena_items_are_never_assigned(arena_store):
     assert arena_store.next_task(bob) is not None
 
 
+def test_the_annotator_pages_undo_leaves_arena_votes_alone(arena_store):
+    alice = arena_store.annotator("alice")
+    arena_store.add_items(make_items(1))
+    task = arena_store.next_task(alice)
+    arena_store.submit_vote(alice, task.assignment_id, "B", uid="page-vote-0001")
+    arena_store.record_judged_item(alice, battle(1, "x", "y").to_item(), "A", uid="arena-undo-0001")
+    assert (
+        arena_store.undo_last_vote(alice).uid == "page-vote-0001"
+    )  # the newest on the page, not the arena's
+    assert arena_store.undo_last_vote(alice) is None
+    assert [v.uid for v in arena_store.votes()] == ["arena-undo-0001"]
+    assert arena_store.next_task(alice).item_id == task.item_id
+
+
 def test_the_same_vote_twice_is_stored_once(arena_store):
     alice = arena_store.annotator("alice")
     item = battle(1, "x", "y").to_item()
