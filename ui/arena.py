@@ -415,11 +415,18 @@ class BattleHandlers:
                 last = time.monotonic()
                 yield {v.answers[k]: self._render(history[k], partial[k]) for k in ("A", "B")}
         done = not live.failed
+        status = f"A model failed: {live.failed}"
+        if done:
+            status = (f"Turn {b.turns}{' again' if prompt is None else ''}: both answered. Vote, or send the next "
+                      "prompt to both.")  # fmt: skip
+            if b.mode == "anonymous" and b.leaks():  # the user sees the names anyway; say what it means
+                status += (
+                    " A model's name came up in this battle, so its vote will be stored but not counted."
+                )
         yield {
             **{v.answers[k]: render_conversation(s.messages) if done else self._render(history[k], partial[k])
                for k, s in b.sides.items()},
-            v.status: f"Turn {b.turns}{' again' if prompt is None else ''}: both answered. Vote, or send the next "
-            "prompt to both." if done else f"A model failed: {live.failed}",
+            v.status: status,
         }  # fmt: skip
 
     @staticmethod

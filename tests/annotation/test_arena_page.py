@@ -173,7 +173,7 @@ def test_an_anonymous_battle_in_the_browser(arena_site, browser, tmp_path):
     # a prompt that names a model: the vote is stored, not counted
     page.get_by_role("tab", name="Battle").click()
     send(page, "anon", f"Are you {REMOTE}?")
-    wait_text(page, "#anon-status", "Turn 1: both answered")
+    wait_text(page, "#anon-status", "Turn 1: both answered.* stored but not counted")
     page.locator("#anon-vote-tie").click()
     wait_text(page, "#anon-status", f"stored but not counted: the user named {REMOTE}")
     (_, leaked) = arena_votes(store, "alice")[-1]
