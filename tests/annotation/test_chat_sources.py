@@ -220,3 +220,32 @@ def test_any_transformers_model_with_its_own_chat_template(tiny_llama_folder, ti
         assert glm.chat_template_sha256 != g.chat_template_sha256  # each folder's own template
     finally:
         glm.close()
+
+
+class Breaking:
+    """A source that fails after its first piece (a model that crashes mid-answer)."""
+
+    name, checkpoint, chat_template_sha256 = "breaking", None, None
+
+    def stream(self, messages, sampling):
+        from glmwb.pretrain.chat_sources import AnswerStream
+
+        out = AnswerStream()
+        out.put("Half an ans")
+        out.fail("out of memory")
+        return out
+
+
+def test_a_failure_mid_stream_reaches_the_client_as_an_error():
+    server = ThreadServer(openai_chat_app({"breaking": Breaking()}), health="/v1/models")
+    try:
+        stream = OpenAIChatModel("b", f"{server.base_url}/v1", "breaking").stream(PROMPTS[0], GREEDY)
+        with pytest.raises(SourceError, match="out of memory"):
+            stream.read()
+        assert stream.text == "Half an ans"
+        whole = httpx.post(
+            f"{server.base_url}/v1/chat/completions", json={"model": "breaking", "messages": PROMPTS[0]}
+        )
+        assert whole.status_code == 503 and "out of memory" in whole.json()["error"]["message"]
+    finally:
+        server.stop()
