@@ -271,6 +271,7 @@ class BatchingGenerator:
 
     def _run(self, batch: list[_Request]) -> None:
         import torch
+        from transformers import GenerationConfig
 
         self.batch_sizes.append(len(batch))
         sampling = batch[0].sampling
@@ -294,18 +295,24 @@ class BatchingGenerator:
                 r.ids.append(token)
                 self._emit(r)
 
-        kwargs: dict[str, Any] = {"do_sample": sampling.temperature > 0}
-        if sampling.temperature > 0:
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+        # Exactly the recorded parameters: a fresh config, so that a folder's generation_config.json (a
+        # top_k, a repetition penalty) cannot change the sampling behind the stored provenance.
+        config = GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=sampling.temperature > 0,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            **({"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0, "min_p": 0.0}
+               if sampling.temperature > 0 else {}),
+        )  # fmt: skip
         with torch.no_grad():
             self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
-                max_new_tokens=sampling.max_new_tokens,
-                eos_token_id=self.stop_ids,
-                pad_token_id=self.pad_id,
+                generation_config=config,
                 streamer=_RowStreamer(on_step),
-                **kwargs,
             )
         for r in batch:
             if not r.done:

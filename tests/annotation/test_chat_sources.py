@@ -182,7 +182,10 @@ def tiny_llama_folder(tiny_tokenizer, tmp_path_factory):
         pad_token_id=tok.pad_token_id,
     )  # fmt: skip
     folder = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.repetition_penalty = 3.0  # a folder default the arena must not apply silently
+    model.generation_config.do_sample, model.generation_config.top_k = True, 2
+    model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
@@ -208,10 +211,16 @@ def test_any_transformers_model_with_its_own_chat_template(tiny_llama_folder, ti
         ids = torch.tensor([g.render(PROMPTS[1])])
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=GREEDY.max_new_tokens, do_sample=False,
-                                 eos_token_id=g.stop_ids, pad_token_id=g.pad_id)  # fmt: skip
+                                 eos_token_id=g.stop_ids, pad_token_id=g.pad_id, repetition_penalty=1.0)  # fmt: skip
+            penalised = model.generate(ids, max_new_tokens=GREEDY.max_new_tokens, do_sample=False,
+                                       eos_token_id=g.stop_ids, pad_token_id=g.pad_id)  # fmt: skip
+        assert penalised.tolist() != out.tolist()  # the folder's penalty changes the answer...
         new = [t for t in out[0, ids.shape[1] :].tolist() if t not in g.stop_ids]
         assert new, "the tiny Llama answers nothing: the comparison would be empty"
-        assert answer == g.tokenizer.decode(new, skip_special_tokens=True).lstrip()
+        assert answer == g.tokenizer.decode(new, skip_special_tokens=True).lstrip()  # ...but not the arena's
+        sampled = g.submit(PROMPTS[1], Sampling(temperature=1.0, max_new_tokens=4))
+        sampled.read()
+        assert sampled.finish_reason in ("stop", "length")
         assert stream.tokens == len(new)
     finally:
         g.close()
