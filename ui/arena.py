@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import queue
 import random
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -103,7 +105,8 @@ class Arena:
         self._lock = threading.Lock()
         self._fit: Any = None  # the latest leaderboard (for next_pair), and the vote count it was made at
         self._fit_votes = -1
-        self._board: tuple[int, str] | None = None  # (votes, the Leaderboard tab's text)
+        self._board: tuple[int, str, str | None] | None = None  # (votes, the Leaderboard tab's text, plot)
+        self._plots = Path(tempfile.mkdtemp(prefix="glmwb-arena-"))
 
     # -- battles -------------------------------------------------------------------------------------------
 
@@ -252,30 +255,34 @@ class Arena:
                 self._fit = None
         return self._fit
 
-    def leaderboard_markdown(self) -> str:
-        """The Leaderboard tab's text, refit only when votes were added since the last one."""
+    def leaderboard(self) -> tuple[str, str | None]:
+        """The Leaderboard tab: its text and the path of its plot (None before a fit), refit only when
+        votes were added since the last time."""
         votes = self.store.counts()["votes"]
         cached = self._board
         if cached is not None and cached[0] == votes:
-            return cached[1]
-        text = self._leaderboard_markdown()
-        self._board = (votes, text)
-        return text
+            return cached[1], cached[2]
+        text, plot = self._leaderboard(votes)
+        self._board = (votes, text, plot)
+        return text, plot
 
-    def _leaderboard_markdown(self) -> str:
-        from glmwb.annotation.ratings import RatingsError, fit_bt
+    def leaderboard_markdown(self) -> str:
+        return self.leaderboard()[0]
+
+    def _leaderboard(self, votes: int) -> tuple[str, str | None]:
+        from glmwb.annotation.ratings import RatingsError, adjacent_separations, fit_bt, plot_leaderboard
 
         battles = self._counted_battles()
         if not battles:
-            return "No counted votes yet: the leaderboard fills as anonymous battles are judged."
+            return "No counted votes yet: the leaderboard fills as anonymous battles are judged.", None
         try:
             lb = fit_bt(battles, bootstrap=self.config.leaderboard_bootstrap)
         except RatingsError as e:
-            return f"{len(battles)} counted votes; no fit yet ({e})."
+            return f"{len(battles)} counted votes; no fit yet ({e}).", None
         level = round(100 * lb.confidence)
         lines = [
             f"**{lb.n_battles}** counted votes · Bradley-Terry with {lb.ties} ties · {level} % intervals "
-            f"({lb.interval})",
+            f"({lb.interval}); a rank is 1 + the number of models whose interval lies wholly above",
             "",
             "| rank | model | rating | interval | battles | wins | losses | ties | both bad |",
             "|---:|---|---:|---|---:|---:|---:|---:|---:|",
@@ -285,7 +292,18 @@ class Arena:
                 f"| {r.rank} | {r.model} | {r.rating:.0f} | {r.lower:.0f} – {r.upper:.0f} | {r.battles} | "
                 f"{r.wins} | {r.losses} | {r.ties} | {r.bothbad} |"
             )
-        return "\n".join(lines)
+        pb = lb.position_bias
+        if pb is not None:
+            lines += ["", f"Position bias: the left answer's advantage is {pb.estimate:+.0f} points "
+                          f"({pb.lower:+.0f} to {pb.upper:+.0f})."]  # fmt: skip
+        needed = [x for x in adjacent_separations(lb) if x.votes]
+        if needed:
+            lines += ["", "Battles still needed to separate neighbours (at the estimated gap): " + "; ".join(
+                f"{x.model_a} vs {x.model_b} about {x.votes}" for x in needed)]  # fmt: skip
+        plot = None
+        if len(lb.rows) >= 2:
+            plot = str(plot_leaderboard(lb, battles, self._plots / f"leaderboard-{votes}.png"))
+        return "\n".join(lines), plot
 
 
 def _merge(streams: Mapping[str, AnswerStream], timeout_s: float) -> Iterator[tuple[str, str, str | None]]:
@@ -539,6 +557,8 @@ def build_arena_page(arena: Arena) -> gr.Blocks:
             with gr.Tab("Leaderboard", id="leaderboard"):
                 refresh = gr.Button("Refresh", size="sm", elem_id="leaderboard-refresh")
                 board = gr.Markdown(elem_id="leaderboard")
+                plot = gr.Image(label="ratings and win rates", type="filepath", interactive=False,
+                                elem_id="leaderboard-plot")  # fmt: skip
         for view in (anonymous, named):
             BattleHandlers(arena, view).wire()
 
@@ -546,13 +566,14 @@ def build_arena_page(arena: Arena) -> gr.Blocks:
             who = signed_in(arena.store, request)
             return f"Signed in as **{who.username}** · [sign out](logout) · {len(models)} models"
 
-        def on_refresh(request: gr.Request) -> str:
+        def on_refresh(request: gr.Request) -> dict:
             signed_in(arena.store, request)
-            return arena.leaderboard_markdown()
+            text, path = arena.leaderboard()
+            return {board: text, plot: gr.update(value=path, visible=path is not None)}
 
         page.load(on_load, None, header, api_visibility="private")
-        page.load(on_refresh, None, board, api_visibility="private")  # a fit may take a moment
-        refresh.click(on_refresh, None, board, api_visibility="private")
+        page.load(on_refresh, None, [board, plot], api_visibility="private")  # a fit may take a moment
+        refresh.click(on_refresh, None, [board, plot], api_visibility="private")
     return page
 
 

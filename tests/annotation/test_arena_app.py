@@ -112,8 +112,13 @@ def test_pairs_are_uniform_until_a_fit_then_chosen_by_next_pair(arena, monkeypat
     ]
     assert last.weight == pytest.approx(choice.weight) and last.pair_prob == pytest.approx(choice.prob)
     assert last.model_a == live.battle.left.model  # left is model_a
-    board = arena.leaderboard_markdown()
+    board, plot = arena.leaderboard()
     assert board.index("| m0 |") < board.index("| m2 |") and "10** counted votes" in board
+    assert "Position bias" in board and plot.endswith(".png")
+    from pathlib import Path
+
+    assert Path(plot).read_bytes()[:4] == b"\x89PNG"
+    assert arena.leaderboard() == (board, plot)  # no new votes: no refit
 
 
 def test_an_answer_stream_reports_errors_to_its_reader():

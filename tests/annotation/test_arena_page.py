@@ -168,6 +168,7 @@ def test_an_anonymous_battle_in_the_browser(arena_site, browser, tmp_path):
     page.locator("#leaderboard-refresh").click()
     board = wait_text(page, "#leaderboard", "1 counted votes")
     assert board.index(shown["B"]) < board.index(shown["A"])  # the winner ranks first
+    page.locator("#leaderboard-plot img").wait_for(timeout=30_000)
     page.screenshot(path=tmp_path / "alice-leaderboard.png", full_page=True)
 
     # a prompt that names a model: the vote is stored, not counted
