@@ -17,7 +17,8 @@ Gradio's cookie; every handler takes the user from ``request.username``). Tabs:
   hashes, display order, times, mode, and whether an identity leaked); only anonymous votes without a leak
   count for the leaderboard.
 - Each user has a rate limit and a daily cap on prompts (regenerations included).
-- **Leaderboard**: the Bradley-Terry fit (``annotation.ratings.fit_bt``) of the counted votes.
+- **Leaderboard**: the Bradley-Terry fit (``annotation.ratings.fit_bt``) of the counted votes, the
+  position bias, the battles still needed between neighbours, and the ratings / win-rate plot.
 
 State shared by all sessions lives in one ``Arena`` object (models, store, live battles, limiter, the
 latest fit), passed explicitly to the page builder; a session's own state is its battle id (``gr.State``).
