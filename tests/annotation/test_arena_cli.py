@@ -65,3 +65,23 @@ def test_serve_starts_on_loopback_and_signs_in_store_accounts(tiny_glm_folder, t
         process.wait(timeout=30)
         log.close()
     assert "arena on http://127.0.0.1" in (tmp_path / "serve.log").read_text()
+
+
+def test_model_specs_become_sources(tiny_glm_folder, monkeypatch):
+    from glmwb.recipes.arena_serve_cli import build_models
+    from glmwb.recipes.cli import make_parser
+
+    monkeypatch.setenv("ARENA_TEST_KEY", "sk-test")
+    args = make_parser().parse_args(
+        ["arena", "serve", "--model", f"one={tiny_glm_folder}", "--model", f"two={tiny_glm_folder}",
+         "--endpoint", "big=http://127.0.0.1:9/v1#org/Big-7B", "--endpoint", "small=https://host/v1",
+         "--api-key-env", "ARENA_TEST_KEY", "--alias", "big=BigLM, Big", "--max-batch", "4"]
+    )  # fmt: skip
+    models = build_models(args)
+    assert sorted(models) == ["big", "one", "small", "two"]
+    assert models["one"].source.generator is models["two"].source.generator  # one folder, one generator
+    assert models["one"].source.generator.max_batch == 4
+    big = models["big"].source
+    assert (big.base_url, big.model, big.api_key) == ("http://127.0.0.1:9/v1", "org/Big-7B", "sk-test")
+    assert models["small"].source.model == "small" and models["big"].aliases == ("BigLM", "Big")
+    models["one"].source.generator.close()
