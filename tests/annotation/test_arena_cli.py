@@ -1,4 +1,5 @@
-"""`glmwb arena serve` / `serve-model`: user mistakes are one line and exit code 2; the app starts on
+"""`glmwb arena serve` / `serve-model`: user mistakes are one line and exit code 2; the specs become the
+arena's sources; the app it builds (in this process; as a child process under the ``slow`` marker) binds
 loopback with two names on one folder and signs in the store's accounts."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 
 from glmwb.annotation.store import Store
 from glmwb.recipes.cli import main
-from tests.annotation.conftest import REPO, cheap_hasher, free_port, wait_healthy
+from tests.annotation.conftest import REPO, ThreadServer, cheap_hasher, free_port, wait_healthy
 
 
 @pytest.mark.parametrize(
@@ -39,6 +40,32 @@ def test_serve_model_refuses_a_folder_that_is_not_a_model(tmp_path, capsys):
     assert "not a model folder" in capsys.readouterr().err
 
 
+def test_serve_builds_the_app_that_signs_in_store_accounts(tiny_glm_folder, tmp_path, monkeypatch):
+    """`glmwb arena serve` in this process: uvicorn.run is caught, and its app served from a thread."""
+    import uvicorn
+
+    db = f"sqlite:///{tmp_path / 'arena.db'}"
+    with Store(db, password_hasher=cheap_hasher()) as store:
+        store.create_annotator("alice", "alice-password")
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    code = main(["arena", "serve", "--db", db, "--model", f"one={tiny_glm_folder}", "--model", f"two={tiny_glm_folder}",
+                 "--max-new-tokens", "8", "--per-minute", "5"])  # fmt: skip
+    assert code == 0 and served["host"] == "127.0.0.1" and served["port"] == 7861
+    server = ThreadServer(served["app"])
+    try:
+        client = httpx.Client(base_url=server.base_url, timeout=30)
+        assert "auth_required" in client.get("/").text
+        assert client.post("/login", data={"username": "alice", "password": "wrong-one"}).status_code == 400
+        assert (
+            client.post("/login", data={"username": "alice", "password": "alice-password"}).status_code == 200
+        )
+        assert client.get("/config").status_code == 200  # signed in: the page's config
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
 def test_serve_starts_on_loopback_and_signs_in_store_accounts(tiny_glm_folder, tmp_path):
     db = f"sqlite:///{tmp_path / 'arena.db'}"
     with Store(db, password_hasher=cheap_hasher()) as store:
