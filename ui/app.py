@@ -3,7 +3,8 @@
 
     glmwb annotate --db sqlite:///runs/annotation.db --host 127.0.0.1 --port 7860
 
-Binds to 127.0.0.1 unless told otherwise.
+Binds to 127.0.0.1 unless told otherwise. ``mount_page`` puts any Gradio page of the workbench (this one,
+the arena of ``ui/arena.py``) behind the same sign-in, so a protection added there holds for both.
 """
 
 from __future__ import annotations
