@@ -11,8 +11,9 @@ Gradio's cookie; every handler takes the user from ``request.username``). Tabs:
   names appear only after the vote. **Named**: the user picks both.
 - One prompt goes to both; the answers stream in token by token, side by side. The next prompt continues
   both conversations (multi-turn); **Regenerate** answers the last prompt again; **New battle** starts over.
-- Votes: A is better / B is better / Tie / Both bad. The server refuses a vote while either answer is still
-  being written, and a second vote on a battle. Each vote is stored with the battle
+- Votes: A is better / B is better / Tie / Both bad (keys 1 / 2 / 3 / 4). The server refuses a vote
+  while either answer is still being written, on an empty answer, and a second vote on a battle. Each vote
+  is stored with the battle
   (``annotation/arena.py``: an item of the store, closed, with the models, checkpoints, sampling, template
   hashes, display order, times, mode, and whether an identity leaked); only anonymous votes without a leak
   count for the leaderboard.
@@ -45,6 +46,23 @@ from glmwb.pretrain.chat_sources import AnswerStream, ChatSource, Sampling, Sour
 from glmwb.ui.render import render_conversation, render_markdown
 
 LABELS = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both bad"}
+# Keyboard: 1 = A is better, 2 = B, 3 = tie, 4 = both bad, in the tab on screen (not while typing).
+SHORTCUTS_JS = """
+<script>
+document.addEventListener("keydown", (event) => {
+  const t = event.target;
+  const typing = t && (t.isContentEditable || t.tagName === "TEXTAREA" || t.tagName === "SELECT" ||
+    (t.tagName === "INPUT" && !["radio", "checkbox", "button"].includes(t.type)));
+  if (typing || event.ctrlKey || event.metaKey || event.altKey) return;
+  const choice = {"1": "A", "2": "B", "3": "tie", "4": "both_bad"}[event.key];
+  if (!choice) return;
+  for (const prefix of ["anon", "named"]) {
+    const button = document.getElementById(`${prefix}-vote-${choice}`);
+    if (button && !button.disabled && button.offsetParent !== null) { event.preventDefault(); button.click(); return; }
+  }
+});
+</script>
+"""
 CSS = """
 .glmwb-turn { margin-bottom: 0.6em; }
 .glmwb-role { font-size: 0.75em; text-transform: uppercase; opacity: 0.6; }
@@ -579,7 +597,11 @@ def build_arena_page(arena: Arena) -> gr.Blocks:
 
 
 def page_options() -> dict[str, Any]:
-    return {"css": CSS, "theme": gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])}
+    return {
+        "head": SHORTCUTS_JS,
+        "css": CSS,
+        "theme": gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"]),
+    }
 
 
 def create_arena_app(store: Store, arena: Arena, throttle=None):
