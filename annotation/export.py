@@ -21,6 +21,9 @@ preference format plus the shared record's columns (``annotation/records.py``)::
   annotators and their strengths ("" for none), guideline versions, and per answer (chosen first) the
   generation id, model, checkpoint, sampling parameters (JSON text) and chat-template hash.
 - Gold items are left out unless ``include_gold`` (they are checks on annotators).
+- Arena battles (``annotation/arena.py``) export like any item, their bookkeeping (mode, counted, leaks,
+  display order, times) in ``provenance.arena`` as JSON text; a battle of more than one turn is left out
+  (its two answers continued different conversations) and counted as ``arena_multi_turn``.
 
 Every row passes ``records_from_dicts`` before it is written. Files: ``.jsonl``, ``.parquet``, or a folder
 (``datasets.Dataset.save_to_disk``); the reward trainer's reader (``rewards.data.read_preferences``) reads
@@ -132,6 +135,8 @@ def _row(
             "checkpoints": [a.checkpoint or "" for a in answers],
             "sampling": [json.dumps(a.sampling, sort_keys=True) for a in answers],
             "chat_template_sha256": [a.chat_template_sha256 or "" for a in answers],
+            # an arena battle's bookkeeping (annotation/arena.py) as JSON text, "" for other items
+            "arena": json.dumps(item.meta["arena"], sort_keys=True) if "arena" in item.meta else "",
         },
         "id": row_id,
     }
@@ -165,6 +170,9 @@ def export_records(
         item, votes = items[item_id], by_item[item_id]
         if item.gold_choice is not None and not include_gold:
             result.skipped["gold"] += 1
+            continue
+        if item.meta.get("arena", {}).get("turns", 1) > 1:  # the two answers had no common prompt
+            result.skipped["arena_multi_turn"] += 1
             continue
         letters = [r.letter for r in item.responses]
         before = len(result.rows)

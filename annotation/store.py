@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -213,6 +213,9 @@ class NewItem:
     batch: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     labels: list[tuple[str, int | str]] = field(default_factory=list)
+    shuffle: bool = (
+        True  # False: ``responses`` are already in display order (A, B, ...), e.g. an arena battle
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -574,7 +577,8 @@ class Store:
             generations.append(g)
         # Display order: a seeded shuffle, recorded as positions (A = 0), fixed for every annotator.
         order = list(range(k))
-        random.Random(f"{seed}|{new.prompt_uid}|{n}").shuffle(order)  # order[position] = original index
+        if new.shuffle:
+            random.Random(f"{seed}|{new.prompt_uid}|{n}").shuffle(order)  # order[position] = original index
         letter_of = {original: LETTERS[pos] for pos, original in enumerate(order)}
 
         def as_choice(value: int | str) -> str:
@@ -623,6 +627,58 @@ class Store:
                 )
             )
         return item.id
+
+    def record_judged_item(
+        self,
+        annotator: AnnotatorInfo,
+        item: NewItem,
+        choice: str,
+        *,
+        uid: str,
+        time_spent_s: float | None = None,
+        guideline_version: str = "",
+    ) -> VoteReceipt:
+        """Store an item together with its one vote, in one transaction: a comparison that was judged as it
+        was made (an arena battle). The item is closed (never assigned to anyone else) and keeps the
+        display order given (``item.shuffle`` is ignored). The same ``uid`` again stores nothing and returns
+        the stored vote (``created=False``)."""
+        if not isinstance(uid, str) or not UID_PATTERN.match(uid):
+            raise StoreError("a vote id (uid) is 8-64 characters of letters, digits and _ . : -")
+        letters = _letters(len(item.responses))
+        if choice not in (*letters, "tie", "both_bad"):
+            raise StoreError(f"this item has answers {', '.join(letters)}; got choice {choice!r}")
+        if time_spent_s is not None and not (0 <= time_spent_s < 10**7):
+            raise StoreError(f"time_spent_s must be >= 0, got {time_spent_s}")
+        closed = replace(item, status="closed", overlap=1, gold=None, labels=[], shuffle=False)
+        try:
+            with self._write() as s:
+                item_id = self._add_item(s, closed, 0, 0, {}, {})
+                assignment = Assignment(item_id=item_id, annotator_id=annotator.id, slot=None, status="done")
+                s.add(assignment)
+                s.flush()
+                vote = Vote(
+                    uid=uid,
+                    assignment_id=assignment.id,
+                    item_id=item_id,
+                    annotator_id=annotator.id,
+                    choice=choice,
+                    time_spent_s=time_spent_s,
+                    guideline_version=guideline_version,
+                )
+                s.add(vote)
+                s.flush()
+                return VoteReceipt(vote.id, uid, assignment.id, item_id, choice, created=True)
+        except IntegrityError:
+            pass
+        with self._read_conn() as conn:
+            v = conn.execute(
+                select(VO.c.id, VO.c.annotator_id, VO.c.assignment_id, VO.c.item_id, VO.c.choice).where(
+                    VO.c.uid == uid
+                )
+            ).first()
+        if v is not None and v.annotator_id == annotator.id:
+            return VoteReceipt(v.id, uid, v.assignment_id, v.item_id, v.choice, created=False)
+        raise Conflict(f"vote id {uid} or prompt {item.prompt_uid!r} is taken; make new ones")
 
     def prompt_uids(self) -> set[str]:
         with self._read() as s:
@@ -776,12 +832,14 @@ class Store:
 
     def undo_last_vote(self, annotator: AnnotatorInfo) -> VoteReceipt | None:
         """Retract this annotator's newest active vote (kept, marked retracted); its item is theirs to judge
-        again, next. None when there is nothing to undo."""
+        again, next. None when there is nothing to undo. Votes on closed items (an arena battle, judged as
+        it was made) are not undone: a closed item is never served again."""
 
         def work(conn: Connection) -> VoteReceipt | None:
             v = conn.execute(
                 select(VO.c.id, VO.c.uid, VO.c.assignment_id, VO.c.item_id, VO.c.choice)
-                .where(VO.c.annotator_id == annotator.id, VO.c.retracted_at.is_(None))
+                .join(IT, IT.c.id == VO.c.item_id)
+                .where(VO.c.annotator_id == annotator.id, VO.c.retracted_at.is_(None), IT.c.status == "open")
                 .order_by(VO.c.id.desc())
                 .limit(1)
             ).first()

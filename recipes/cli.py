@@ -7,6 +7,8 @@
     glmwb serve-rewards REWARD_DIR [--port 8008]       serve a reward model over HTTP (FastAPI)
     glmwb annotate --db URL [--host --port]           serve the annotator page and vote API
     glmwb annotation COMMAND ...                      the preference store (see recipes/annotation_cli.py)
+    glmwb arena serve --db URL --model NAME=DIR ...   the side-by-side comparison app (recipes/arena_serve_cli.py)
+    glmwb arena leaderboard --db URL | --votes FILE   rate models from arena votes (recipes/arena_cli.py)
 
 User mistakes (bad recipe, missing file, bad override) print one clear line and exit with code 2.
 """
@@ -199,6 +201,9 @@ def stage_line(stage: str, summary: dict[str, Any] | None) -> str:
         early = summary.get("stopped_early") or []
         note = f"; cut short in training: {', '.join(early)}" if early else ""
         return f"{len(summary['reports'])} policies evaluated{note}"
+    if stage == "arena" and "battles" in summary:
+        rows = summary.get("leaderboard", {}).get("rows") or [{}]
+        return f"{summary['battles']} battles among {len(summary.get('policies', []))} policies; first: {rows[0].get('model')}"
     return "no training steps"
 
 
@@ -361,6 +366,10 @@ def make_parser() -> argparse.ArgumentParser:
     from glmwb.recipes.annotation_cli import register as register_annotation
 
     register_annotation(sub)  # glmwb annotate, glmwb annotation ...
+
+    from glmwb.recipes.arena_cli import register as register_arena
+
+    register_arena(sub)  # glmwb arena leaderboard, ...
 
     from glmwb.rewards.server import add_arguments as reward_server_arguments
 

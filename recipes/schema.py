@@ -54,6 +54,7 @@ LAZY_STAGES: dict[str, str] = {
     "grpo": "glmwb.align.grpo:GRPORecipe",
     "align_eval": "glmwb.align.evaluate:EvalRecipe",
     "preferences": "glmwb.annotation.collect:PreferencesRecipe",
+    "arena": "glmwb.annotation.arena_round:ArenaRecipe",
 }
 
 RUNNERS: dict[str, str] = {
@@ -67,6 +68,7 @@ RUNNERS: dict[str, str] = {
     "grpo": "glmwb.align.grpo:run_grpo",
     "align_eval": "glmwb.align.evaluate:run_eval",
     "preferences": "glmwb.annotation.collect:run_preferences",
+    "arena": "glmwb.annotation.arena_round:run_arena",
 }
 
 

@@ -163,6 +163,11 @@ def test_quickstart_pipeline_end_to_end(tmp_path, capsys):
             "ppo_rm.train.steps=3",
             "ppo_rm.train.eval_every=0",
             "sft.train.max_minutes=0.0001",  # the clock's net fires after SFT's first step: the summaries say so
+            "arena.prompts.n=12",
+            "arena.sampling.max_new_tokens=8",
+            "arena.battles.n=40",
+            "arena.battles.refit_every=20",
+            "arena.leaderboard.bootstrap=50",
         ]
     )
     assert code == 0
@@ -170,9 +175,10 @@ def test_quickstart_pipeline_end_to_end(tmp_path, capsys):
     early = "stopped early at step 1 of 48 (train.max_minutes=0 reached)"
     assert "=== sft done in " in out and early in out
     lines = out[out.index("pipeline finished") :].splitlines()
-    assert [ln.split()[0] for ln in lines[1:10]] == [
-        "tokenizer", "pretrain", "sft", "preferences", "reward", "dpo", "ppo", "ppo_rm", "eval"
+    assert [ln.split()[0] for ln in lines[1:11]] == [
+        "tokenizer", "pretrain", "sft", "preferences", "reward", "dpo", "ppo", "ppo_rm", "eval", "arena"
     ]  # fmt: skip
+    assert "40 battles among 5 policies" in lines[10]
     assert (
         lines[3].endswith(early) and lines[2].endswith("40 of 40 steps") and "note: stopped early: sft" in out
     )
@@ -196,8 +202,21 @@ def test_quickstart_pipeline_end_to_end(tmp_path, capsys):
     assert summary["heldout_loss_after"] < summary["heldout_loss_before"]
     assert summary["heldout_loss_after"] < summary["unigram_baseline"] + 0.5
     assert {s["lang"] for s in summary["samples"]} == {"en", "zh"}
-    for stage in ("tokenizer", "pretrain", "sft", "preferences", "reward", "dpo", "ppo", "ppo_rm", "eval"):
+    for stage in (
+        "tokenizer",
+        "pretrain",
+        "sft",
+        "preferences",
+        "reward",
+        "dpo",
+        "ppo",
+        "ppo_rm",
+        "eval",
+        "arena",
+    ):
         assert (tmp_path / stage / "config.yaml").is_file(), stage
+    arena = json.loads((tmp_path / "arena" / "summary.json").read_text())
+    assert arena["battles"] == 40 and (tmp_path / "arena" / "leaderboard.png").is_file()
     prefs = json.loads((tmp_path / "preferences" / "summary.json").read_text())
     assert prefs["votes"] == 3 * (prefs["items_added"]) > 0  # the SFT policy's samples, voted on in the store
     reward_data = json.loads((tmp_path / "reward" / "summary.json").read_text())["data"]

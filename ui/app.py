@@ -3,7 +3,8 @@
 
     glmwb annotate --db sqlite:///runs/annotation.db --host 127.0.0.1 --port 7860
 
-Binds to 127.0.0.1 unless told otherwise.
+Binds to 127.0.0.1 unless told otherwise. ``mount_page`` puts any Gradio page of the workbench (this one,
+the arena of ``ui/arena.py``) behind the same sign-in, so a protection added there holds for both.
 """
 
 from __future__ import annotations
@@ -25,6 +26,37 @@ class ServerSettings:
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
 
 
+def gradio_auth(store: Store, throttle: LoginThrottle):
+    """Gradio's sign-in check against the store's accounts, sharing the JSON API's throttle of failed
+    sign-ins (every page of the workbench signs in through this one function)."""
+    import anyio
+
+    async def check(username: str, password: str) -> bool:
+        if throttle.blocked(username):
+            return False
+        who = await anyio.to_thread.run_sync(store.authenticate, username, password)
+        if who is None:
+            throttle.failed(username)
+        return who is not None
+
+    return check
+
+
+def mount_page(app: FastAPI, page, store: Store, throttle: LoginThrottle, **options) -> FastAPI:
+    """Mount a Gradio page at ``/`` of ``app`` behind the store's sign-in (the annotator page, the arena)."""
+    import gradio as gr
+
+    return gr.mount_gradio_app(
+        app,
+        page,
+        path="/",
+        auth=gradio_auth(store, throttle),
+        auth_message="Sign in with the account your admin made for you.",
+        footer_links=[],
+        **options,
+    )
+
+
 def create_app(store: Store, settings: ServerSettings | None = None) -> FastAPI:
     """The JSON API, and (``settings.ui``) the annotator page mounted at ``/``."""
     settings = settings or ServerSettings()
@@ -32,32 +64,12 @@ def create_app(store: Store, settings: ServerSettings | None = None) -> FastAPI:
     if not settings.ui:
         return app
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    import anyio
-    import gradio as gr
-
     from glmwb.ui.annotator import build_annotator_page, page_options
 
     page_config = settings.page or PageConfig()
     page = build_annotator_page(store, page_config)
     page.queue(default_concurrency_limit=16)
-
-    async def gradio_auth(username: str, password: str) -> bool:
-        if settings.throttle.blocked(username):
-            return False
-        who = await anyio.to_thread.run_sync(store.authenticate, username, password)
-        if who is None:
-            settings.throttle.failed(username)
-        return who is not None
-
-    return gr.mount_gradio_app(
-        app,
-        page,
-        path="/",
-        auth=gradio_auth,
-        auth_message="Sign in with the account your admin made for you.",
-        footer_links=[],
-        **page_options(page_config),
-    )
+    return mount_page(app, page, store, settings.throttle, **page_options(page_config))
 
 
 def serve(

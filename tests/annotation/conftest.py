@@ -144,13 +144,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(base_url: str, timeout_s: float = 60.0, process: subprocess.Popen | None = None) -> None:
+def wait_healthy(
+    base_url: str,
+    timeout_s: float = 60.0,
+    process: subprocess.Popen | None = None,
+    path: str = "/api/v1/health",
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"the server exited with code {process.returncode} before it was up")
         try:
-            if httpx.get(f"{base_url}/api/v1/health", timeout=2).status_code == 200:
+            if httpx.get(f"{base_url}{path}", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -188,7 +193,7 @@ class ServerProcess:
 class ThreadServer:
     """The app (``create_app``) served by uvicorn in a thread of the test process, on loopback."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, health: str = "/api/v1/health") -> None:
         import uvicorn
 
         self.port = free_port()
@@ -197,7 +202,7 @@ class ThreadServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        wait_healthy(self.base_url)
+        wait_healthy(self.base_url, path=health)
 
     def stop(self) -> None:
         self.server.should_exit = True
