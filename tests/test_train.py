@@ -172,7 +172,7 @@ def test_quickstart_pipeline_end_to_end(tmp_path, capsys):
     )
     assert code == 0
     out = capsys.readouterr().out
-    early = "stopped early at step 1 of 48 (train.max_minutes=0 reached)"
+    early = "stopped early at step 1 of 48 (train.max_minutes=0.0001 reached)"
     assert "=== sft done in " in out and early in out
     lines = out[out.index("pipeline finished") :].splitlines()
     assert [ln.split()[0] for ln in lines[1:11]] == [
