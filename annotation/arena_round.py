@@ -22,9 +22,10 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from glmwb.pretrain.errors import ConfigError
+from glmwb.pretrain.ranges import Fraction, NonNegInt, PositiveFloat, PositiveInt, Range
 from glmwb.pretrain.settings import RunConfig
 
 
@@ -37,8 +38,8 @@ class ArenaPolicy:
 @dataclass(frozen=True)
 class ArenaPromptsConfig:
     source: str = "world:test"  # world[:split]: the simulated evaluators judge world prompts only
-    n: int = 150
-    world_seed: int = 0
+    n: PositiveInt = 150
+    world_seed: NonNegInt = 0
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -49,11 +50,11 @@ class ArenaPromptsConfig:
 
 @dataclass(frozen=True)
 class ArenaSamplingConfig:
-    k: int = 2  # answers per prompt and policy
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 48
-    batch_size: int = 64
+    k: PositiveInt = 2  # answers per prompt and policy
+    temperature: PositiveFloat = 1.0
+    top_p: Annotated[float, Range(0, 1, lo_open=True)] = 1.0
+    max_new_tokens: PositiveInt = 48
+    batch_size: PositiveInt = 64
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.temperature <= 0:
@@ -62,12 +63,12 @@ class ArenaSamplingConfig:
 
 @dataclass(frozen=True)
 class ArenaBattlesConfig:
-    n: int = 600  # battles in all (this round and earlier runs of it)
+    n: PositiveInt = 600  # battles in all (this round and earlier runs of it)
     selection: Literal["active", "uniform"] = "active"
-    explore: float = 0.2  # active selection: the uniform share of the pair distribution
-    refit_every: int = 100  # battles between refits of the leaderboard the selection uses
-    evaluators: int = 3  # simulated evaluators; each battle is judged by one
-    noise: float = 0.1
+    explore: Fraction = 0.2  # active selection: the uniform share of the pair distribution
+    refit_every: PositiveInt = 100  # battles between refits of the leaderboard the selection uses
+    evaluators: PositiveInt = 3  # simulated evaluators; each battle is judged by one
+    noise: Fraction = 0.1
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.refit_every < 1 or self.evaluators < 1:
@@ -80,7 +81,7 @@ class ArenaBattlesConfig:
 class ArenaLeaderboardConfig:
     ties: Literal["davidson", "rao-kupper", "none"] = "davidson"
     bothbad: Literal["separate", "tie", "drop"] = "separate"
-    bootstrap: int = 1000
+    bootstrap: NonNegInt = 1000
     style_control: bool = False
     fragility: bool = True
 
