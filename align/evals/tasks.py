@@ -145,6 +145,42 @@ class GSM8K(Task):
         }
 
 
+_ARITHMETIC = (
+    ("{a} has {x} apples and buys {y} more. How many apples does {a} have now?", "{x} + {y} = {r}", "+"),
+    ("{a} had {x} coins and gave {y} away. How many coins does {a} have left?", "{x} - {y} = {r}", "-"),
+    ("{a} packs {x} boxes with {y} pens each. How many pens is that?", "{x} * {y} = {r}", "*"),
+)
+
+
+class Arithmetic(GSM8K):
+    """A generated slice of GSM8K-style one-step word problems (small numbers), graded like GSM8K."""
+
+    name = "arithmetic"
+
+    def __init__(self, limit: int | None = 40, seed: int = 0) -> None:
+        super().__init__(None, limit)
+        self.seed = seed
+
+    def load(self) -> list[Item]:
+        rng = random.Random(self.seed)
+        items = []
+        for i in range(self.limit or 40):
+            question, working, op = _ARITHMETIC[i % len(_ARITHMETIC)]
+            x, y = rng.randint(2, 12), rng.randint(1, 9)
+            x = x + y if op == "-" else x
+            r = {"+": x + y, "-": x - y, "*": x * y}[op]
+            a = rng.choice(["Mia", "Leo", "Ana", "Tom"])
+            row = {
+                "question": question.format(a=a, x=x, y=y),
+                "answer": working.format(x=x, y=y, r=r) + f"\n#### {r}",
+            }
+            items.append(Item(str(i), tuple(gsm8k_messages(row["question"])), row))
+        return items
+
+    def describe(self):
+        return {**super().describe(), "seed": self.seed}
+
+
 # -- IFEval ----------------------------------------------------------------------------------------------
 
 
@@ -397,7 +433,7 @@ class WinRate(Task):
 
 
 TASKS: dict[str, type[Task]] = {
-    t.name: t for t in (GSM8K, IFEval, MultipleChoice, HumanEval, World, Needle, WinRate)
+    t.name: t for t in (GSM8K, Arithmetic, IFEval, MultipleChoice, HumanEval, World, Needle, WinRate)
 }
 
 
@@ -407,6 +443,6 @@ def make_task(
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
     cls = TASKS[name]
-    if cls in (World, Needle):
-        return cls(**({"limit": limit} if cls is World and limit else {}), **kw)
-    return cls(path, limit, shots, **kw) if cls is not GSM8K else cls(path, limit, shots)
+    if cls in (World, Needle, Arithmetic):
+        return cls(**({"limit": limit} if cls is not Needle and limit else {}), **kw)
+    return cls(path, limit, shots, **kw)
