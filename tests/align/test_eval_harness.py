@@ -97,7 +97,10 @@ def test_an_interrupted_run_recomputes_nothing_already_done(model_dir, tmp_path,
 def test_paired_comparison_counts_and_intervals() -> None:
     def run(correct, rewards):
         return {
-            "items": {str(i): {"correct": c, "reward": r} for i, (c, r) in enumerate(zip(correct, rewards))}
+            "items": {
+                str(i): {"correct": c, "reward": r}
+                for i, (c, r) in enumerate(zip(correct, rewards, strict=True))
+            }
         }
 
     a = run([1, 0, 0, 0, 1, 0, 0, 0, 1, 0], [0.0] * 10)
