@@ -200,6 +200,9 @@ def stage_line(stage: str, summary: dict[str, Any] | None) -> str:
         early = summary.get("stopped_early") or []
         note = f"; cut short in training: {', '.join(early)}" if early else ""
         return f"{len(summary['reports'])} policies evaluated{note}"
+    if stage == "eval" and "runs" in summary:
+        tasks = ", ".join(summary["runs"][0]["tasks"])
+        return f"{len(summary['runs'])} checkpoints scored on {tasks} (table.md)"
     return "no training steps"
 
 

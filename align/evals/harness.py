@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from glmwb.align.evals.tasks import TASKS, Item, Needle, Task, make_task, read_jsonl
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.ranges import NonNegInt, PositiveInt
-from glmwb.pretrain.settings import RunConfig
+from glmwb.pretrain.settings import RunConfig, WorldConfig
 
 PREDICTION_FIELDS = ("prediction", "response", "output", "completion", "answer")
 
@@ -444,6 +444,8 @@ class BenchRecipe:
     batch_size: PositiveInt = 8
     max_new_tokens: NonNegInt = 0  # 0: each task's own
     reward_model: str | None = None  # adds a reward per item (and RM win rates); the winrate task needs it
+    world: WorldConfig = field(default_factory=WorldConfig)  # the world task's world (the training recipes')
+    world_split: Literal["heldout", "test", "dev"] = "test"  # test: held-out instances PPO never samples
     baseline: str | None = None  # compared with the others; null: the first
     skip_missing: bool = False  # leave out checkpoints whose folder does not exist
 
@@ -457,10 +459,14 @@ class BenchRecipe:
             raise ValueError(f"baseline: {self.baseline!r} is not one of {names}")
 
 
-def build_tasks(refs: Sequence[TaskRef], seed: int = 0) -> list[Task]:
+def build_tasks(refs: Sequence[TaskRef], seed: int = 0, world: WorldConfig | None = None,
+                world_split: str = "test") -> list[Task]:  # fmt: skip
     out = []
     for r in refs:
         kw: dict[str, Any] = {"seed": seed} if r.name in ("world", "needle", "arithmetic") else {}
+        if r.name == "world":
+            world = world or WorldConfig()
+            kw |= {"split": world_split, "world_seed": world.seed, "num_entities": world.num_entities}
         out.append(make_task(r.name, r.data, r.limit or None, r.shots, **kw))
     return out
 
@@ -468,7 +474,7 @@ def build_tasks(refs: Sequence[TaskRef], seed: int = 0) -> list[Task]:
 def run_bench(recipe: BenchRecipe, progress: bool = True) -> dict[str, Any]:
     out = Path(recipe.run.dir)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = build_tasks(recipe.tasks, recipe.run.seed)
+    tasks = build_tasks(recipe.tasks, recipe.run.seed, recipe.world, recipe.world_split)
     runs, missing = [], []
     for c in recipe.checkpoints:
         if c.path is not None and not (Path(c.path) / "config.json").is_file():

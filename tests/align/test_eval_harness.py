@@ -160,3 +160,19 @@ def test_needle_plot_and_side_by_side_table(model_dir, tmp_path) -> None:
     summary = harness.save_bench(tmp_path, runs, "a")
     assert (tmp_path / "needle.png").stat().st_size > 0 and len(summary["plots"]) == 2
     assert summary["comparisons"]["b"]["needle"]["bootstrap"]["mean_delta"] == 0.0  # same model, same answers
+
+
+def test_the_eval_stage_runs_from_its_recipe(model_dir, tmp_path) -> None:
+    from pathlib import Path
+
+    from glmwb.recipes.cli import load_recipe, run_stage, stage_line
+
+    recipe_path = Path(__file__).resolve().parents[2] / "recipes" / "eval.yaml"
+    recipe = load_recipe(recipe_path, [f"run.dir={tmp_path}", "max_new_tokens=8",
+        "tasks=[{name: world, limit: 4}, {name: arithmetic, limit: 3}]",
+        f"checkpoints=[{{name: a, path: '{model_dir}'}}, {{name: b, path: '{model_dir}'}}]"])  # fmt: skip
+    summary = run_stage(recipe)
+    assert [r["name"] for r in summary["runs"]] == ["a", "b"]
+    assert summary["runs"][0]["tasks"]["world"]["provenance"]["split"] == "test"
+    assert stage_line("eval", summary) == "2 checkpoints scored on world, arithmetic (table.md)"
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "items.jsonl").is_file()
