@@ -277,8 +277,9 @@ def paired_bootstrap(diffs: Sequence[float], iters: int = 2000, seed: int = 0) -
             "p": p, "n": n}  # fmt: skip
 
 
-def compare_items(a: dict[str, Any], b: dict[str, Any], metric: str = "correct") -> dict[str, Any]:
-    """How run ``b`` fares against ``a`` on one task's common items: per-item differences of ``metric``,
+def compare_items(a: dict[str, Any], b: dict[str, Any], metric: str | None = None) -> dict[str, Any]:
+    """How run ``b`` fares against ``a`` on one task's common items: per-item differences of ``metric``
+    (``correct``, or ``reward`` for a task that has none),
     McNemar's exact test when it is 0/1, the paired bootstrap, and the reward model's win rate of b over a
     (a tie counts half) when both carry rewards."""
     from glmwb.align.evaluate import mcnemar_p
@@ -286,6 +287,7 @@ def compare_items(a: dict[str, Any], b: dict[str, Any], metric: str = "correct")
     ids = [i for i in a["items"] if i in b["items"]]
     if not ids:
         raise ConfigError("compare: the two runs share no items")
+    metric = metric or ("correct" if "correct" in a["items"][ids[0]] else "reward")
     xs = [a["items"][i][metric] for i in ids]
     ys = [b["items"][i][metric] for i in ids]
     diffs = [y - x for x, y in zip(xs, ys, strict=True)]

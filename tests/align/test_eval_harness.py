@@ -176,3 +176,36 @@ def test_the_eval_stage_runs_from_its_recipe(model_dir, tmp_path) -> None:
     assert summary["runs"][0]["tasks"]["world"]["provenance"]["split"] == "test"
     assert stage_line("eval", summary) == "2 checkpoints scored on world, arithmetic (table.md)"
     assert (tmp_path / "results.json").is_file() and (tmp_path / "items.jsonl").is_file()
+
+
+def test_reward_model_win_rate_over_two_prediction_files(tiny_tokenizer, tmp_path) -> None:
+    from glmwb.rewards.model import RewardModel
+    from glmwb.rewards.scoring import RewardScorer
+
+    torch.manual_seed(0)
+    rm = RewardModel(GLM(TINY.with_(pad_token_id=tiny_tokenizer.pad_token_id)), heads=["reward"])
+    folder = rm.save(tmp_path / "rm", tokenizer=tiny_tokenizer)
+    prompts = ["How is the weather?", "Write a poem.", "What is 2 + 2?", "Name a colour.", "Say hello."]
+    answers_a = ["It is sunny.", "Roses are red.", "4", "Blue.", "Hello!"]
+    answers_b = ["The weather in Beijing is sunny and warm.", "The sea.", "It is 4.", "Red", "你好"]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    for name, answers in (("a", answers_a), ("b", answers_b)):
+        (tmp_path / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"id": str(i), "prediction": t}) + "\n" for i, t in enumerate(answers))
+        )
+    out = tmp_path / "out"
+    assert main(["eval", "--task", "winrate", "--data", f"winrate={data}", "--reward-model", str(folder),
+                 "--predictions", f"a={tmp_path / 'a.jsonl'}", "--predictions", f"b={tmp_path / 'b.jsonl'}",
+                 "--out", str(out)]) == 0  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    scorer = RewardScorer.from_pretrained(folder)
+    msgs = [[{"role": "user", "content": p}] for p in prompts]
+    ra, rb = scorer.score(msgs, answers_a), scorer.score(msgs, answers_b)
+    expected = sum((y > x) + 0.5 * (y == x) for x, y in zip(ra, rb, strict=True)) / len(prompts)
+    assert results["comparisons"]["b"]["winrate"]["reward_win_rate"] == pytest.approx(expected)
+    mean_b = results["runs"][1]["tasks"]["winrate"]["scores"]["reward"]
+    assert mean_b == pytest.approx(sum(rb) / len(rb), abs=1e-5)
+    # without a reward model the task refuses in one line
+    assert main(["eval", "--task", "winrate", "--data", f"winrate={data}", "--predictions", str(tmp_path / "a.jsonl"),
+                 "--out", str(tmp_path / "o2")]) == 2  # fmt: skip
