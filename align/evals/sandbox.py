@@ -73,7 +73,7 @@ class Limits:
     cpu_seconds: int = 5
     memory_bytes: int = 1 << 30  # address space
     file_bytes: int = 1 << 20  # the largest file the program may write
-    processes: int = 16  # more processes than the user already has
+    processes: int = 16  # more processes (and threads) than the user already has
 
 
 @dataclass(frozen=True)
@@ -133,19 +133,21 @@ def isolation() -> str:
     return "none"
 
 
-def _user_processes(uid: int) -> int:
+def _user_tasks(uid: int) -> int:
+    """Processes and threads of ``uid`` now: RLIMIT_NPROC counts threads too."""
     n = 0
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                n += entry.stat().st_uid == uid
+                if entry.stat().st_uid == uid:
+                    n += len(os.listdir(entry / "task"))
             except OSError:
                 pass
     return n
 
 
 def _limit(limits: Limits, uid: int):
-    nproc = _user_processes(uid) + limits.processes
+    nproc = _user_tasks(uid) + limits.processes
 
     def apply() -> None:  # in the child, between fork and exec
         os.setsid()
