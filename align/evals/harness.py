@@ -53,7 +53,7 @@ def versions() -> dict[str, str]:
 class Generator:
     """Greedy answers from a transformers causal-LM folder through its own chat template."""
 
-    def __init__(self, folder: str | Path, batch_size: int = 8) -> None:
+    def __init__(self, folder: str | Path, batch_size: int = 8, device: str | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -66,7 +66,8 @@ class Generator:
         self.tok.padding_side = "left"
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(self.device).eval()
         eos = self.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if self.tok.eos_token_id is not None and self.tok.eos_token_id not in eos:
@@ -80,7 +81,9 @@ class Generator:
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         import torch
 
-        enc = self.tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = self.tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(
+            self.device
+        )
         with torch.no_grad():
             out = self.model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.eos,
@@ -92,7 +95,8 @@ class Generator:
     def describe(self, max_new_tokens: int) -> dict[str, Any]:
         return {"chat_template_sha256": self.template_sha256, "eos_token_ids": self.eos,
                 "generation": {"decoding": "greedy", "max_new_tokens": max_new_tokens,
-                               "batch_size": self.batch_size}}  # fmt: skip
+                               "batch_size": self.batch_size, "dtype": "float32", "device": self.device,
+                               "engine": "transformers generate"}}  # fmt: skip
 
 
 class ItemCache:
