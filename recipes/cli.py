@@ -311,8 +311,8 @@ def _named(text: str) -> tuple[str, str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from glmwb.align.evals.harness import BenchRecipe, CheckpointRef, TaskRef, run_bench
-    from glmwb.pretrain.settings import RunConfig
+    """`glmwb eval`: the options become an `eval` stage recipe, built (and range-checked) by the loader."""
+    from glmwb.align.evals.harness import BenchRecipe, run_bench
 
     if not args.model and not args.predictions:
         raise RecipeError("eval: give --model DIR (a causal-LM folder) or --predictions FILE.jsonl")
@@ -321,19 +321,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise RecipeError(f"--data names task(s) not in --task: {', '.join(unknown)}")
-    try:
-        tasks = tuple(TaskRef(n, data.get(n), args.limit, args.shots) for n in names)
-        checkpoints = tuple(CheckpointRef(n, path=p) for n, p in map(_named, args.model)) + tuple(
-            CheckpointRef(n, predictions=p) for n, p in map(_named, args.predictions)
-        )
-        recipe = BenchRecipe(run=RunConfig(dir=args.out, seed=args.seed), checkpoints=checkpoints, tasks=tasks,
-                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                             reward_model=args.reward_model, baseline=args.baseline)  # fmt: skip
-    except ValueError as e:
-        raise RecipeError(f"eval: {e}") from None
-    summary = run_bench(recipe)
+    spec = {
+        "stage": "eval", "run": {"dir": args.out, "seed": args.seed},
+        "tasks": [{"name": n, "data": data.get(n), "limit": args.limit, "shots": args.shots} for n in names],
+        "checkpoints": [{"name": n, "path": p} for n, p in map(_named, args.model)]
+        + [{"name": n, "predictions": p} for n, p in map(_named, args.predictions)],
+        "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+        "reward_model": args.reward_model, "baseline": args.baseline,
+    }  # fmt: skip
+    recipe = build(BenchRecipe, spec, source="glmwb eval")
+    run_bench(recipe)
     print(f"results → {Path(args.out) / 'results.json'}, table → {Path(args.out) / 'table.md'}")
-    return 0 if summary else 1
+    return 0
 
 
 def cmd_serve_rewards(args: argparse.Namespace) -> int:

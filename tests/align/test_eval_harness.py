@@ -209,3 +209,28 @@ def test_reward_model_win_rate_over_two_prediction_files(tiny_tokenizer, tmp_pat
     # without a reward model the task refuses in one line
     assert main(["eval", "--task", "winrate", "--data", f"winrate={data}", "--predictions", str(tmp_path / "a.jsonl"),
                  "--out", str(tmp_path / "o2")]) == 2  # fmt: skip
+
+
+def test_cli_refuses_out_of_range_options_by_name(tmp_path, capsys) -> None:
+    assert (
+        main(
+            [
+                "eval",
+                "--task",
+                "arithmetic",
+                "--limit",
+                "-1",
+                "--predictions",
+                "x.jsonl",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(["eval", "--task", "arithmetic", "--batch-size", "0", "--model", "m", "--out", str(tmp_path)])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "limit" in err and "batch_size" in err
