@@ -221,3 +221,13 @@ def test_multiple_choice_reads_the_first_option_letter(tmp_path) -> None:
     assert [it.ref["gold"] for it in items] == ["B", "A"]
     rows = task.score(items, {"0": "B. 4", "1": "答案是 B"})
     assert [rows["0"]["correct"], rows["1"]["correct"]] == [1.0, 0.0]
+
+
+@needs_data
+def test_gsm8k_shots_are_earlier_turns_and_ifeval_ids_are_its_keys() -> None:
+    items = GSM8K(DATA / "eval_gsm8k" / "test.jsonl", limit=3, shots=2).load()
+    roles = [m["role"] for m in items[0].messages]
+    assert roles == ["user", "assistant", "user", "assistant", "user"]
+    assert items[0].messages[1]["content"].rstrip().split("#### ")[-1].isdigit()  # a solved training problem
+    ifeval = IFEval(DATA / "eval_ifeval" / "input_data.jsonl").load()
+    assert len(ifeval) == 541 and len({it.id for it in ifeval}) == 541
