@@ -6,8 +6,9 @@ Layers, strongest first; ``isolation()`` says which this machine gives, and ever
   and a new PID namespace whose init is killed with the run (``--kill-child``), so nothing the program
   forks outlives it. As root, ``unshare`` needs nothing else; as another user it first enters a user
   namespace (``--map-root-user``), which most kernels allow unprivileged.
-- **another user**: run as root, the program drops to ``nobody`` (``setpriv``), so it cannot write to any
-  file it does not own; its throwaway folder is the one place it may write.
+- **another user**: run as root, the program drops to ``nobody`` (``setpriv`` after ``unshare``, or
+  ``setuid`` where there are no namespaces), so it cannot write to any file it does not own; its throwaway
+  folder is the one place it may write.
 - **resource limits** (``setrlimit`` in the child before exec): CPU seconds, address space, size of any file
   written, number of processes; plus a wall-clock limit after which the whole process group is killed.
 - **an audit hook** (``sys.addaudithook``, installed before the program runs): refuses opening a file for
@@ -106,7 +107,7 @@ def interpreter() -> str:
 
 
 def _wrapper(mode: str) -> list[str]:
-    if mode == "none":
+    if mode in ("none", "nobody"):
         return []
     base = ["unshare", "--net", "--pid", "--fork", "--kill-child"]
     if mode == "userns":
@@ -116,12 +117,12 @@ def _wrapper(mode: str) -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def isolation() -> str:
-    """ "root-netns" (namespaces + nobody), "userns" (namespaces in a user namespace) or "none" (limits and
-    the audit hook only): the strongest that works here, found by trying."""
-    modes = (["root-netns"] if os.geteuid() == 0 and shutil.which("setpriv") else []) + ["userns"]
-    for mode in modes:
-        if not shutil.which("unshare"):
-            break
+    """The strongest mode that works here, found by trying: "root-netns" (namespaces, then ``nobody``),
+    "userns" (namespaces inside a user namespace), "nobody" (root without namespaces: ``nobody`` and the
+    limits), or "none" (the limits and the audit hook only)."""
+    root = os.geteuid() == 0
+    modes = (["root-netns"] if root and shutil.which("setpriv") else []) + ["userns"]
+    for mode in modes if shutil.which("unshare") else []:
         try:
             done = subprocess.run(
                 [*_wrapper(mode), interpreter(), "-I", "-S", "-c", "pass"], capture_output=True, timeout=10
@@ -130,7 +131,8 @@ def isolation() -> str:
             continue
         if done.returncode == 0:
             return mode
-    return "none"
+    # as root, never run a program as root: without namespaces it still drops to nobody
+    return "nobody" if root and _world_executable(Path(interpreter())) else "none"
 
 
 def _user_tasks(uid: int) -> int:
@@ -146,7 +148,7 @@ def _user_tasks(uid: int) -> int:
     return n
 
 
-def _limit(limits: Limits, uid: int):
+def _limit(limits: Limits, uid: int, drop_to_nobody: bool = False):
     nproc = _user_tasks(uid) + limits.processes
 
     def apply() -> None:  # in the child, between fork and exec
@@ -157,6 +159,10 @@ def _limit(limits: Limits, uid: int):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         if uid != 0 or os.geteuid() != 0:  # root ignores RLIMIT_NPROC; nobody's count is set here
             resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+        if drop_to_nobody:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
 
     return apply
 
@@ -165,15 +171,16 @@ def run_python(program: str, limits: Limits | None = None, mode: str | None = No
     """Run ``program`` (Python source) sandboxed; "passed" when it exits 0 within the limits."""
     limits = limits or Limits()
     mode = mode or isolation()
-    uid = NOBODY if mode == "root-netns" else os.geteuid()
+    as_nobody = mode in ("root-netns", "nobody")
+    uid = NOBODY if as_nobody else os.geteuid()
     with tempfile.TemporaryDirectory(prefix="glmwb-sandbox-") as folder:
         (Path(folder) / "main.py").write_text(program, encoding="utf-8")
-        if mode == "root-netns":
+        if as_nobody:
             os.chown(folder, NOBODY, NOBODY)
         cmd = [*_wrapper(mode), interpreter(), "-I", "-S", "-c", _PRELUDE]
         proc = subprocess.Popen(
             cmd, cwd=folder, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            preexec_fn=_limit(limits, uid), env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            preexec_fn=_limit(limits, uid, drop_to_nobody=mode == "nobody"), env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
         )  # fmt: skip
         try:
             _, err = proc.communicate(timeout=limits.timeout)
@@ -190,13 +197,37 @@ def run_python(program: str, limits: Limits | None = None, mode: str | None = No
     return SandboxResult("failed", lines[-1][:300] if lines else f"exit {proc.returncode}")
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    """SIGKILL the run's process group (everything it started that stayed in the session) and reap."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+def _kill(proc: subprocess.Popen, grace: float = 2.0) -> None:
+    """SIGKILL the run's process group (everything it started that stayed in the session) until the group is
+    empty or ``grace`` seconds have passed (a fork bomb's copies fork between two signals), and reap."""
+    import time
+
+    deadline = time.monotonic() + grace
+    while True:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            break
+        if proc.poll() is not None and time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+        if proc.poll() is not None and not _group_alive(proc.pid):
+            break
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process other than a zombie is still in the process group ``pgid``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False

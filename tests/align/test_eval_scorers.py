@@ -231,3 +231,22 @@ def test_gsm8k_shots_are_earlier_turns_and_ifeval_ids_are_its_keys() -> None:
     assert items[0].messages[1]["content"].rstrip().split("#### ")[-1].isdigit()  # a solved training problem
     ifeval = IFEval(DATA / "eval_ifeval" / "input_data.jsonl").load()
     assert len(ifeval) == 541 and len({it.id for it in ifeval}) == 541
+
+
+@pytest.mark.parametrize("mode", ["nobody", "none"])
+def test_the_fallback_modes_still_refuse_and_kill(mode, tmp_path) -> None:
+    """Where unshare is refused: root still drops to nobody; any user keeps the limits and the audit hook."""
+    if mode == "nobody" and os.geteuid() != 0:
+        pytest.skip("the nobody mode is root's")
+    target = tmp_path / "outside.txt"
+    assert sandbox.run_python(f"open({str(target)!r}, 'w').write('x')\n", mode=mode).status == "failed"
+    assert not target.exists()
+    assert (
+        sandbox.run_python("while True:\n    pass\n", sandbox.Limits(timeout=1.0), mode=mode).status
+        == "timeout"
+    )
+    assert (
+        sandbox.run_python("import socket\nsocket.create_connection(('1.1.1.1', 80), 2)\n", mode=mode).status
+        == "failed"
+    )
+    assert sandbox.run_python("assert 1 + 1 == 2\n", mode=mode).passed
