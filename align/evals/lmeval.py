@@ -40,10 +40,14 @@ _ABBREVIATIONS = (
 ).split()
 
 
-def engine_version() -> str:
-    from importlib.metadata import version
+def require_lmeval() -> None:
+    """One line instead of a traceback when the ``eval`` extra is not installed."""
+    from importlib.util import find_spec
 
-    return f"lm-eval {version('lm-eval')}"
+    if find_spec("lm_eval") is None:
+        from glmwb.pretrain.errors import ConfigError
+
+        raise ConfigError("this task is scored by lm-eval, which is not installed: pip install -e '.[eval]'")
 
 
 @functools.lru_cache(maxsize=1)
@@ -99,6 +103,7 @@ def score_with_lmeval(
     """Score ``predictions`` ({item id: text}) of the documents ``docs`` (each with the field ``glmwb_id``)
     with the lm-eval task ``config`` (a task config dict without its dataset). Returns (lm-eval's aggregate
     results, {item id: {"metric,filter": value}})."""
+    require_lmeval()
     from lm_eval.api.task import ConfigurableTask
     from lm_eval.evaluator import evaluate
 
@@ -174,6 +179,7 @@ GSM8K = {
 
 
 def ifeval_config() -> dict[str, Any]:
+    require_lmeval()
     offline_nltk()
     from lm_eval.tasks.ifeval import utils
 
