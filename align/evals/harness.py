@@ -31,6 +31,8 @@ from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.ranges import NonNegInt, PositiveInt
 from glmwb.pretrain.settings import RunConfig, WorldConfig
 
+# tokens that end an assistant turn in the common chat templates (GLM, ChatML, Llama 3, Phi)
+TURN_ENDS = ("<|user|>", "<|observation|>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>")
 PREDICTION_FIELDS = ("prediction", "response", "output", "completion", "answer")
 
 
@@ -70,8 +72,11 @@ class Generator:
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(self.device).eval()
         eos = self.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if self.tok.eos_token_id is not None and self.tok.eos_token_id not in eos:
-            eos.append(self.tok.eos_token_id)
+        # and the tokenizer's own end-of-turn tokens (GLM's turn ends where the next role token starts)
+        vocab = self.tok.get_vocab()
+        for token in [self.tok.eos_token, *TURN_ENDS]:
+            if token in vocab and vocab[token] not in eos and token in self.tok.all_special_tokens:
+                eos.append(vocab[token])
         self.eos, self.batch_size = eos, batch_size
         self.template_sha256 = hashlib.sha256(self.tok.chat_template.encode()).hexdigest()
 
