@@ -327,7 +327,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "checkpoints": [{"name": n, "path": p} for n, p in map(_named, args.model)]
         + [{"name": n, "predictions": p} for n, p in map(_named, args.predictions)],
         "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-        "reward_model": args.reward_model, "baseline": args.baseline,
+        "reward_model": args.reward_model, "baseline": args.baseline, "num_threads": args.threads,
     }  # fmt: skip
     recipe = build(BenchRecipe, spec, source="glmwb eval")
     run_bench(recipe)
@@ -404,6 +404,7 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--reward-model", default=None, help="a reward folder: a reward per answer, RM win rates")
     e.add_argument("--baseline", default=None, help="the checkpoint the others are compared with")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sample", help="chat with a trained model folder", description="Generate answers.")
