@@ -164,7 +164,14 @@ def _answers_from_model(gen: Generator, task: Task, items: list[Item], cache: It
 def _score(task: Task, items: list[Item], answers: dict[str, str], keys: dict[str, str], cache: ItemCache,
            scorer=None) -> dict[str, dict[str, float]]:  # fmt: skip
     """Per-item results, cached ones read back; the rest scored (and rewarded, with a reward model)."""
-    rkeys = {it.id: _sha(f"{keys[it.id]}\n{answers[it.id]}\n{scorer is not None}") for it in items}
+    # a result depends on the answer, the item's reference (gold, tests, kwargs), and the reward model
+    reward_id = getattr(scorer, "glmwb_source", repr(scorer)) if scorer is not None else ""
+    rkeys = {
+        it.id: _sha(
+            f"{keys[it.id]}\n{answers[it.id]}\n{json.dumps(it.ref, sort_keys=True, default=str)}\n{reward_id}"
+        )
+        for it in items
+    }
     rows = {it.id: r for it in items if (r := cache.result(it.id, rkeys[it.id])) is not None}
     todo = [it for it in items if it.id not in rows]
     if todo:
@@ -197,7 +204,9 @@ def _reward_scorer(path: str | None):
         raise ConfigError(f"reward model: no reward folder at {path}")
     from glmwb.rewards.scoring import RewardScorer
 
-    return RewardScorer.from_pretrained(path)
+    scorer = RewardScorer.from_pretrained(path)
+    scorer.glmwb_source = str(Path(path).resolve())  # the results cache's key names the reward model
+    return scorer
 
 
 def evaluate_model(name: str, folder: str | Path, tasks: Sequence[Task], out: Path, batch_size: int = 8,

@@ -234,3 +234,20 @@ def test_cli_refuses_out_of_range_options_by_name(tmp_path, capsys) -> None:
     )
     err = capsys.readouterr().err
     assert "limit" in err and "batch_size" in err
+
+
+def test_cached_results_are_keyed_by_the_items_reference_too(tmp_path, monkeypatch) -> None:
+    scored = []
+    real = Arithmetic.score
+    monkeypatch.setattr(
+        Arithmetic, "score", lambda self, items, p: scored.append(len(items)) or real(self, items, p)
+    )
+    path = tmp_path / "p.jsonl"
+    first = Arithmetic(limit=4, seed=0).load()
+    path.write_text("".join(json.dumps({"id": it.id, "prediction": it.ref["answer"]}) + "\n" for it in first))
+    a = evaluate_predictions("x", path, [Arithmetic(limit=4, seed=0)], tmp_path)
+    evaluate_predictions("x", path, [Arithmetic(limit=4, seed=0)], tmp_path)
+    assert scored == [4] and a["tasks"]["arithmetic"]["scores"]["correct"] == 1.0
+    # the same ids and answers against other gold numbers: scored again, not read from the cache
+    b = evaluate_predictions("x", path, [Arithmetic(limit=4, seed=1)], tmp_path)
+    assert scored == [4, 4] and b["tasks"]["arithmetic"]["scores"]["correct"] < 1.0
