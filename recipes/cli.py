@@ -3,6 +3,7 @@
     glmwb run RECIPE.yaml [section.key=value ...]     run a stage (or a pipeline of stages)
     glmwb validate RECIPE.yaml [section.key=value ...] check a recipe and print it resolved
     glmwb world --out DIR                             write the embedded world's corpus and prompts
+    glmwb eval --task gsm8k,... (--model [NAME=]DIR | --predictions [NAME=]FILE) ...   benchmark scores
     glmwb sample MODEL_DIR "prompt" ...               chat with a trained GLM folder
     glmwb serve-rewards REWARD_DIR [--port 8008]       serve a reward model over HTTP (FastAPI)
     glmwb annotate --db URL [--host --port]           serve the annotator page and vote API
@@ -204,6 +205,9 @@ def stage_line(stage: str, summary: dict[str, Any] | None) -> str:
     if stage == "arena" and "battles" in summary:
         rows = summary.get("leaderboard", {}).get("rows") or [{}]
         return f"{summary['battles']} battles among {len(summary.get('policies', []))} policies; first: {rows[0].get('model')}"
+    if stage == "eval" and "runs" in summary:
+        tasks = ", ".join(summary["runs"][0]["tasks"])
+        return f"{len(summary['runs'])} checkpoints scored on {tasks} (table.md)"
     return "no training steps"
 
 
@@ -306,6 +310,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _named(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    return (name, path) if sep else (Path(text.rstrip("/")).name or text, text)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`glmwb eval`: the options become an `eval` stage recipe, built (and range-checked) by the loader."""
+    from glmwb.align.evals.harness import BenchRecipe, run_bench
+
+    if not args.model and not args.predictions:
+        raise RecipeError("eval: give --model DIR (a causal-LM folder) or --predictions FILE.jsonl")
+    data = dict(_named(d) for d in args.data)
+    names = [t.strip() for t in args.task.split(",") if t.strip()]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise RecipeError(f"--data names task(s) not in --task: {', '.join(unknown)}")
+    spec = {
+        "stage": "eval", "run": {"dir": args.out, "seed": args.seed},
+        "tasks": [{"name": n, "data": data.get(n), "limit": args.limit, "shots": args.shots} for n in names],
+        "checkpoints": [{"name": n, "path": p} for n, p in map(_named, args.model)]
+        + [{"name": n, "predictions": p} for n, p in map(_named, args.predictions)],
+        "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+        "reward_model": args.reward_model, "baseline": args.baseline, "num_threads": args.threads,
+    }  # fmt: skip
+    recipe = build(BenchRecipe, spec, source="glmwb eval")
+    run_bench(recipe)
+    print(f"results → {Path(args.out) / 'results.json'}, table → {Path(args.out) / 'table.md'}")
+    return 0
+
+
 def cmd_serve_rewards(args: argparse.Namespace) -> int:
     from glmwb.rewards.server import serve
 
@@ -354,6 +388,29 @@ def make_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", required=True)
     w.add_argument("--seed", type=int, default=0)
     w.set_defaults(func=cmd_world)
+
+    e = sub.add_parser(
+        "eval",
+        help="benchmark scores of model folders or of prediction files (GSM8K, IFEval, HumanEval, ...)",
+        description="Score checkpoints on benchmark tasks (docs/evaluation.md); several are compared "
+        "with the first (paired tests).",
+    )
+    e.add_argument("--task", required=True, help="comma-separated: gsm8k, arithmetic, ifeval, mc, humaneval, "
+                   "world, needle, winrate")  # fmt: skip
+    e.add_argument("--model", action="append", default=[], metavar="[NAME=]DIR", help="a causal-LM folder")
+    e.add_argument("--predictions", action="append", default=[], metavar="[NAME=]FILE",
+                   help="JSONL {id, prediction[, task]} made elsewhere")  # fmt: skip
+    e.add_argument("--data", action="append", default=[], metavar="TASK=PATH", help="a task's data file")
+    e.add_argument("--limit", type=int, default=0, help="the first N items of each task (0: all)")
+    e.add_argument("--shots", type=int, default=0, help="solved examples as earlier turns (GSM8K)")
+    e.add_argument("--out", default="runs/eval", help="the output folder (and the per-item cache)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-new-tokens", type=int, default=0, help="0: each task's own")
+    e.add_argument("--reward-model", default=None, help="a reward folder: a reward per answer, RM win rates")
+    e.add_argument("--baseline", default=None, help="the checkpoint the others are compared with")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sample", help="chat with a trained model folder", description="Generate answers.")
     s.add_argument("model", help="a Hugging Face GLM folder (ours or transformers')")

@@ -53,6 +53,7 @@ LAZY_STAGES: dict[str, str] = {
     "ppo": "glmwb.align.ppo.run:PPORecipe",
     "grpo": "glmwb.align.grpo:GRPORecipe",
     "align_eval": "glmwb.align.evaluate:EvalRecipe",
+    "eval": "glmwb.align.evals.harness:BenchRecipe",
     "preferences": "glmwb.annotation.collect:PreferencesRecipe",
     "arena": "glmwb.annotation.arena_round:ArenaRecipe",
 }
@@ -67,6 +68,7 @@ RUNNERS: dict[str, str] = {
     "ppo": "glmwb.align.ppo.run:run_ppo",
     "grpo": "glmwb.align.grpo:run_grpo",
     "align_eval": "glmwb.align.evaluate:run_eval",
+    "eval": "glmwb.align.evals.harness:run_bench",
     "preferences": "glmwb.annotation.collect:run_preferences",
     "arena": "glmwb.annotation.arena_round:run_arena",
 }

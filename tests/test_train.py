@@ -168,6 +168,8 @@ def test_quickstart_pipeline_end_to_end(tmp_path, capsys):
             "arena.battles.n=40",
             "arena.battles.refit_every=20",
             "arena.leaderboard.bootstrap=50",
+            "benchmarks.max_new_tokens=8",
+            "benchmarks.tasks=[{name: world, limit: 8}, {name: arithmetic, limit: 4}]",
         ]
     )
     assert code == 0
