@@ -835,7 +835,7 @@ def _components(des: _Design) -> list[set[str]]:
             i = parent[i]
         return i
 
-    for a, b in des.pair[des.count > 0]:
+    for a, b in np.unique(des.pair[des.count > 0], axis=0):  # distinct pairs: at most m^2 of them
         parent[find(a)] = find(b)
     groups: dict[int, set[str]] = {}
     for i, name in enumerate(des.models):
