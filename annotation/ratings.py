@@ -835,7 +835,7 @@ def _components(des: _Design) -> list[set[str]]:
             i = parent[i]
         return i
 
-    for a, b in des.pair[des.count > 0]:
+    for a, b in np.unique(des.pair[des.count > 0], axis=0):  # distinct pairs: at most m^2 of them
         parent[find(a)] = find(b)
     groups: dict[int, set[str]] = {}
     for i, name in enumerate(des.models):
@@ -921,8 +921,9 @@ def fit_bt(
     ``bootstrap``: resampling rounds (0: robust intervals only). ``weighted``: use the battles'
     inverse-probability weights. ``category``: fit one category's battles only. ``prior``: precision of a
     weak Gaussian prior on every parameter on the logit scale (keeps an unbeaten model's rating, or a
-    position term that explains every vote, finite; 0.01 is a standard deviation of 10 logits). ``workers``:
-    threads for the bootstrap (default: the cores this process may use; the result does not depend on it)."""
+    position term that explains every vote, finite; 0.01 is a standard deviation of 10 logits).
+    ``workers``: threads for the bootstrap (default: the cores this process may use, at most 8); the result
+    does not depend on it."""
     import time
 
     t0 = time.perf_counter()
@@ -941,7 +942,7 @@ def fit_bt(
         raise RatingsError(f"anchor model {anchor!r} has no battles")
     q, H = _fit_core(des, prior)
     cov_model, cov_robust = _scores_cov(des, q, H)
-    boot = _bootstrap(des, q, bootstrap, prior, seed, workers or _cores()) if bootstrap else None
+    boot = _bootstrap(des, q, bootstrap, prior, seed, workers or min(_cores(), 8)) if bootstrap else None
     settings = dict(ties=ties, bothbad=bothbad, style_control=style_control, position_bias=position_bias,
                     confidence=confidence, weighted=weighted, anchor=anchor, anchor_rating=anchor_rating,
                     scale=scale, prior=prior, category=category)  # fmt: skip
