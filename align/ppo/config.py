@@ -230,7 +230,7 @@ class PPOTrainConfig:
     minibatch_size: PositiveInt = 32  # responses per optimizer step
     # responses per forward / backward (gradients accumulate to the minibatch)
     microbatch_size: PositiveInt = 32
-    epochs: PositiveFloat = 2  # passes over each step's rollouts
+    epochs: PositiveInt = 2  # passes over each step's rollouts
     max_minutes: PositiveFloat | None = None
     log_every: PositiveInt = 1
     sample_every: NonNegInt = 10  # the sample table (per-token KL) every N steps; 0 = never
