@@ -1,7 +1,7 @@
 """The pretraining loop: AdamW, warm-up + cosine, gradient accumulation, clipping, bf16 autocast on
 CUDA, held-out evaluation, resumable checkpoints, a progress bar with tokens/s, metrics and a plot.
 
-Single-device code; parallelism (DeepSpeed) wraps it from outside in a later stage.
+Single-device: the loop talks to the strategy every trainer shares (pretrain/strategy.py), as SingleDevice.
 The run folder (pretrain/run_folder.py) holds:
     metrics.jsonl                one JSON line per logged step / evaluation
     loss.png                     training and held-out loss curves, the learning rate
@@ -43,6 +43,7 @@ from glmwb.pretrain.run_folder import (
     set_rng_state,
     truncate_metrics,
 )
+from glmwb.pretrain.strategy import SingleDevice
 
 if TYPE_CHECKING:
     from glmwb.pretrain.model import GLM
@@ -158,7 +159,16 @@ def _resume(run_dir: Path, model, optimizer, batches, device, log) -> tuple[int,
     return step, state.get("tokens_seen", 0)
 
 
-def _train_step(model, fwd, optimizer, micro: list[dict], optim_cfg: OptimConfig, device, amp_dtype):
+def _train_step(
+    model,
+    fwd,
+    optimizer,
+    micro: list[dict],
+    optim_cfg: OptimConfig,
+    device,
+    amp_dtype,
+    strategy: SingleDevice,
+):
     """One optimizer step over the micro-batches ``micro``; returns (loss, grad norm before clipping)."""
     # Normalise by the target tokens of the whole step, not per micro-batch, so that
     # grad_accum x batch_size is the same optimisation whatever the split (1x8 == 8x1).
@@ -171,16 +181,9 @@ def _train_step(model, fwd, optimizer, micro: list[dict], optim_cfg: OptimConfig
                 batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"], return_logits=False
             )
         share = int((batch["labels"][:, 1:] != -100).sum()) / max(1, step_tokens)
-        (out.loss * share).backward()
+        strategy.backward(out.loss * share, model)
         loss_sum += float(out.loss.detach()) * share
-    grad_norm = (
-        float(torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip))
-        if optim_cfg.grad_clip > 0
-        else float("nan")
-    )
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm
+    return loss_sum, strategy.step(model, optimizer, optim_cfg.grad_clip)
 
 
 def train(
@@ -210,6 +213,7 @@ def train(
     model.to(device)
     model.gradient_checkpointing = train_cfg.gradient_checkpointing
     optimizer = make_optimizer(model, optim_cfg, device)
+    strategy = SingleDevice()  # one device: the data loader is not sharded over ranks
     batches = BatchIterator(train_data, train_cfg.batch_size, seed=seed)
     metrics = MetricsLog(run_dir / METRICS)
     step, tokens_seen = 0, 0
@@ -244,7 +248,9 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [next(data_iter) for _ in range(train_cfg.grad_accum)]
-        loss_sum, grad_norm = _train_step(model, fwd, optimizer, micro, optim_cfg, device, amp_dtype)
+        loss_sum, grad_norm = _train_step(
+            model, fwd, optimizer, micro, optim_cfg, device, amp_dtype, strategy
+        )
         step += 1
         tokens_seen += tokens_per_step
         window_tokens += tokens_per_step

@@ -572,7 +572,8 @@ def train_reward_model(
                 loss = loss + loss_cfg.centering * share * centering_loss(
                     chosen.flatten(), rejected.flatten()
                 )
-            strategy.backward(loss, model)
+            # this rank's share of the step's global mean; the strategy averages gradients over ranks
+            strategy.backward(loss * strategy.world_size, model)
             loss_sum += float(loss.detach())
         loss_sum = float(strategy.all_reduce(torch.tensor(loss_sum)))
         grad_norm = strategy.step(model, optimizer, optim_cfg.grad_clip)

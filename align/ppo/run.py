@@ -128,7 +128,6 @@ def rollout_prompts(world, pc, seed: int = 0) -> list:
 
 def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
     from glmwb.align.evaluate import compare, evaluate_policy, format_models, format_table, significance_line
-    from glmwb.align.ppo.distributed import make_strategy
     from glmwb.align.ppo.models import merged_glm
     from glmwb.align.ppo.rollout import PromptCycle, build_reward, world_items
     from glmwb.align.ppo.trainer import PPOTrainer
@@ -141,6 +140,7 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
         write_model_record,
         write_summary,
     )
+    from glmwb.pretrain.strategy import make_strategy
     from glmwb.pretrain.tokenizer import turn_terminator_ids
     from glmwb.pretrain.train import autocast_dtype, resolve_device, seed_everything
     from glmwb.pretrain.world import make_world
