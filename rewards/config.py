@@ -50,25 +50,9 @@ class VerifierConfig:
     features: tuple[str, ...] = (
         "opening_contradiction", "body_contradiction", "body_contradiction_sum", "body_confident_misses"
     )  # fmt: skip
-    # feature weights that also read the answer's representation: W + U·h_T (U zero at the start), so the value
-    # check can count for more where the answer's form (filler, another language) dilutes it; a list of
-    # feature names gates only those (the rest keep fixed weights)
-    gate: bool | tuple[str, ...] = False
 
     def __post_init__(self) -> None:
         check_verifier_features(self.features)
-        if isinstance(self.gate, (list, tuple)):
-            object.__setattr__(self, "gate", tuple(self.gate))
-            bad = [n for n in self.gate if n not in self.features]
-            if bad or not self.gate:
-                raise ValueError(
-                    f"model.verifier.gate {list(self.gate)}: {bad or 'empty'} not among model.verifier.features "
-                    f"{list(self.features)}; give true, false or some of those names"
-                )
-        elif not isinstance(self.gate, bool):
-            raise ValueError(
-                f"model.verifier.gate must be true, false or a list of feature names, got {self.gate!r}"
-            )
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,14 @@ from glmwb.rewards.config import RewardRecipe
 
 def split_value_first(recipe: RewardRecipe, records: list) -> tuple[list, list]:
     """``train.value_first``: the records whose ``attributes[name]`` is 0 (equal on it: the form pairs) and
-    the others (the value pairs). Refuses a recipe without a single head and ungated likelihood features, and
+    the others (the value pairs). Refuses a recipe without a single head and the likelihood features, and
     records without that attribute, naming the first rows."""
     name = recipe.train.value_first
     v = recipe.model.verifier
-    if not v.enabled or v.gate or len(recipe.model.heads) != 1:
+    if not v.enabled or len(recipe.model.heads) != 1:
         raise ConfigError(
-            f"train.value_first={name!r} needs model.verifier.enabled: true, model.verifier.gate: false and one "
-            f"head (model.heads: [reward]); got enabled {v.enabled}, gate {v.gate}, heads {list(recipe.model.heads)} "
+            f"train.value_first={name!r} needs model.verifier.enabled: true and one head (model.heads: [reward]); "
+            f"got enabled {v.enabled}, heads {list(recipe.model.heads)} "
             "(or set train.value_first: null for one joint fit)"
         )
     missing = [i + 1 for i, r in enumerate(records) if r.attributes.get(name) not in (-1, 0, 1)]
@@ -94,7 +94,7 @@ def attach_verifier(model, recipe: RewardRecipe, tok) -> None:
         raise ConfigError(
             f"model.verifier.lm = {folder}: vocabulary {verifier.lm.config.vocab_size} < the tokenizer's {len(tok)}"
         )
-    model.attach_verifier(verifier, gate=v.gate)
+    model.attach_verifier(verifier)
 
 
 def run_reward(recipe: RewardRecipe) -> dict[str, Any]:

@@ -381,8 +381,7 @@ def save_reward_folder(model: RewardModel, folder: str | Path, tokenizer=None) -
     merged = RewardModel(plain, model.heads, model.info)
     merged.score.weight = model.score.weight
     if model.verifier is not None:
-        gate = False if model.verifier_gate is None else model.verifier_gate.weight.detach()
-        merged.attach_verifier(model.verifier, model.verifier_weight.detach(), gate)
+        merged.attach_verifier(model.verifier, model.verifier_weight.detach())
     return merged.save(folder, tokenizer)
 
 
@@ -441,8 +440,8 @@ def train_reward_model(
     (``fit_value_first``)."""
     if not train_pairs:
         raise ValueError("no training pairs (all dropped? see the data stats)")
-    if value_pairs is not None and (model.verifier is None or model.verifier_gate is not None):
-        raise ValueError("train.value_first needs the likelihood features (model.verifier) without the gate")
+    if value_pairs is not None and model.verifier is None:
+        raise ValueError("train.value_first needs the likelihood features (model.verifier)")
     if value_pairs is not None:
         model.verifier_weight.data.zero_()
         model.verifier_weight.requires_grad_(False)
@@ -689,8 +688,6 @@ def _resume(
         core.score.load_state_dict(loaded.score.state_dict())
         if core.verifier is not None:
             core.verifier_weight.data.copy_(loaded.verifier_weight.data)
-            if core.verifier_gate is not None:
-                core.verifier_gate.weight.data.copy_(loaded.verifier_gate.weight.data)
     tie.raw.data.copy_(state["tie_raw"])
     optimizer.load_state_dict(state["optimizer"])
     sampler.load_state_dict(state["sampler"])

@@ -192,76 +192,21 @@ def test_bad_verifier_settings_are_named(tiny_tokenizer, tmp_path) -> None:
     assert model.verifier is not None and model.verifier_weight.shape == (1, 4)
 
 
-def test_gated_feature_weights_start_neutral_train_and_round_trip(tiny_tokenizer, tmp_path) -> None:
-    """``model.verifier.gate``: weights W + U·h_T. U starts at zero (the reward is that of W alone), moves in
-    training, is the same padded and packed, and survives the folder round trip (verifier/gate.safetensors)."""
-    from glmwb.pretrain.optim import OptimConfig
-    from glmwb.rewards.train import train_reward_model
+def test_a_folder_with_gated_feature_weights_is_refused_by_name(tiny_tokenizer, tmp_path) -> None:
+    """Feature weights are plain (W · φ): a folder whose reward_config.json says ``verifier_gate: true`` is
+    refused with one line naming the folder; ``verifier_gate: false`` reads as the plain weights it is."""
+    import json
 
     tok = tiny_tokenizer
-    pad = reward_pad_id(tok)
-    seqs = [encode_response(tok, p, a) for p, a in zip(PROMPTS, ANSWERS, strict=True)]
-    model = RewardModel(tiny_glm(tok), heads=["reward", "correctness"]).attach_verifier(_verifier(tok))
-    with torch.no_grad():
-        model.verifier_weight.copy_(torch.randn(2, len(ALL)))
-    ungated = model(**padded_batch(seqs, pad)).detach()
-    model.attach_verifier(model.verifier, model.verifier_weight.detach(), gate=True)
-    assert model.verifier_gate.weight.shape == (2 * len(ALL), model.config.hidden_size)
-    assert torch.allclose(model(**padded_batch(seqs, pad)), ungated, atol=1e-6)
-    with torch.no_grad():
-        model.verifier_gate.weight.normal_(std=0.1)
-    padded = model(**padded_batch(seqs, pad))
-    assert not torch.allclose(padded, ungated, atol=1e-3)
-    assert torch.allclose(model(**packed_batch(seqs, pad, row_tokens=256)), padded, atol=1e-5)
+    model = RewardModel(tiny_glm(tok)).attach_verifier(_verifier(tok))
     folder = model.save(tmp_path / "rm", tok)
-    assert (folder / "verifier" / "gate.safetensors").is_file()
-    loaded = RewardModel.from_pretrained(folder)
-    assert loaded.info.verifier_gate
-    assert torch.allclose(score_sequences(loaded, seqs, pad), padded.detach(), atol=1e-5)
-    assert not any(k.startswith("verifier") for k in loaded.hf_state_dict())
-    with pytest.raises(ValueError, match="verifier gate has shape"):
-        model.attach_verifier(model.verifier, gate=torch.zeros(3, 5))
-    # the preference loss trains U
-    fresh = RewardModel(tiny_glm(tok)).attach_verifier(_verifier(tok, names=("length",)), gate=True)
-    train, _ = encode_pairs(tok, _shorter_wins(tok, planted_records(64, seed=0)), 96)
-    train_reward_model(
-        fresh, tok, train, [], RewardLossConfig(tie_model="drop"),
-        OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.0),
-        RewardTrainConfig(batch_size=8, max_steps=3, eval_every=1000, log_every=10),
-        tmp_path / "run", pad, log=lambda s: None,
-    )  # fmt: skip
-    assert fresh.verifier_gate.weight.abs().max() > 1e-3
-
-
-def test_gate_on_named_features_moves_only_their_weights(tiny_tokenizer, tmp_path) -> None:
-    """``model.verifier.gate: [names]``: training moves only those features' rows of U (the others stay exactly
-    zero, so the saved folder reproduces the reward without a mask); unknown names are refused."""
-    from glmwb.pretrain.optim import OptimConfig
-    from glmwb.rewards.train import train_reward_model
-
-    tok = tiny_tokenizer
-    names = ("length", "logp_sum")
-    model = RewardModel(tiny_glm(tok)).attach_verifier(_verifier(tok, names=names), gate=["length"])
-    train, _ = encode_pairs(tok, _shorter_wins(tok, planted_records(64, seed=0)), 96)
-    train_reward_model(
-        model, tok, train, [], RewardLossConfig(tie_model="drop"),
-        OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1),
-        RewardTrainConfig(batch_size=8, max_steps=3, eval_every=1000, log_every=10),
-        tmp_path / "run", reward_pad_id(tok), log=lambda s: None,
-    )  # fmt: skip
-    u = model.verifier_gate.weight.detach()
-    assert u[0].abs().max() > 1e-3  # length: gated, trained
-    assert u[1].abs().max() == 0.0  # logp_sum: fixed weight only
-    seqs = [encode_response(tok, p, a) for p, a in zip(PROMPTS, ANSWERS, strict=True)]
-    pad = reward_pad_id(tok)
-    expected = score_sequences(model, seqs, pad)
-    loaded = RewardModel.from_pretrained(model.save(tmp_path / "rm", tok))
-    assert loaded.verifier_gate_mask is None
-    assert torch.allclose(score_sequences(loaded, seqs, pad), expected, atol=1e-5)
-    with pytest.raises(ValueError, match=r"\['contradiction'\] not among"):
-        model.attach_verifier(model.verifier, gate=["contradiction"])
-    with pytest.raises(ValueError, match="model.verifier.gate"):
-        VerifierConfig(features=names, gate=("contradiction",))
+    config = json.loads((folder / "reward_config.json").read_text())
+    assert "verifier_gate" not in config
+    (folder / "reward_config.json").write_text(json.dumps({**config, "verifier_gate": False}))
+    assert RewardModel.from_pretrained(folder).verifier_weight.shape == (1, len(ALL))
+    (folder / "reward_config.json").write_text(json.dumps({**config, "verifier_gate": True}))
+    with pytest.raises(ValueError, match=f"{folder}: its feature weights are gated"):
+        RewardModel.from_pretrained(folder)
 
 
 def test_value_first_fits_the_value_weights_after_the_head(tiny_tokenizer, tmp_path) -> None:
