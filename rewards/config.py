@@ -13,18 +13,20 @@ from glmwb.pretrain.ranges import Fraction, NonNegFloat, NonNegInt, PositiveFloa
 from glmwb.pretrain.settings import LoRAConfig, RunConfig
 
 # rewards/verifier.py: statistics of a frozen LM's per-token predictions over the judged answer, each
-# divided by its scale so that all are O(1) for the optimiser (name -> scale)
+# divided by its scale, the unit it is counted in, so that all are O(1) for the optimiser and one learning
+# rate (train.verifier_lr) suits every weight (name -> scale; tests/rewards/test_verifier.py checks each unit).
+# A saved folder's feature weights W are in these units: changing a scale changes what every saved W means.
 VERIFIER_FEATURES: dict[str, float] = {
-    "contradiction": 5.0,
-    "contradiction_sum": 10.0,
-    "confident_misses": 2.0,
-    "logp_sum": 20.0,
-    "logp_min": 10.0,
-    "length": 32.0,
-    "opening_contradiction": 5.0,
-    "body_contradiction": 5.0,
-    "body_contradiction_sum": 10.0,
-    "body_confident_misses": 2.0,
+    "contradiction": 5.0,  # nats: one token against a sure belief (m ~ 1) at p = e^-5 is 1
+    "contradiction_sum": 10.0,  # nats: two such tokens sum to 1
+    "confident_misses": 2.0,  # two tokens off a first choice held at m > 0.5
+    "logp_sum": 20.0,  # nats: 32 tokens at p = e^-0.625 each sum to -1
+    "logp_min": 10.0,  # nats: the least likely token at p = e^-10 is -1
+    "length": 32.0,  # tokens: a 32-token answer is 1
+    "opening_contradiction": 5.0,  # as contradiction, over the opening
+    "body_contradiction": 5.0,  # as contradiction, over the body
+    "body_contradiction_sum": 10.0,  # as contradiction_sum, over the body
+    "body_confident_misses": 2.0,  # as confident_misses, over the body
 }
 
 

@@ -278,6 +278,18 @@ def prefit_verifier(
             "weight": W.detach().tolist()}  # fmt: skip
 
 
+def best_value_scale(
+    head_gap: Tensor, value_gap: Tensor, strict: Tensor, scales: Sequence[float]
+) -> tuple[float, dict[float, float]]:
+    """``train.value_scales``: the k whose reward head + k · value ranks the most strict pairs right, and each
+    k's accuracy. head_gap, value_gap (N,): the chosen-minus-rejected rewards of the head and of the fitted
+    feature weights; strict (N,) bool: the pairs that count (not ties). Equal accuracies: the k nearest 1
+    (the fit's own weights)."""
+    accuracy = {float(k): float(((head_gap + k * value_gap)[strict] > 0).double().mean()) for k in scales}
+    best = max(accuracy, key=lambda k: (accuracy[k], -abs(k - 1.0)))
+    return best, accuracy
+
+
 def fit_value_first(
     model: RewardModel,
     value_pairs: Sequence[EncodedPair],
@@ -309,8 +321,7 @@ def fit_value_first(
     value_c, value_r = (phi[: len(pairs)].double() @ W.T), (phi[len(pairs) :].double() @ W.T)  # (N, K)
     value_gap, head_gap = (value_c - value_r)[:, 0], (head_c - head_r)[:, 0].double()  # (N,)
     strict = torch.tensor([p.labels[0] == 1 and not p.tie for p in pairs])
-    accuracy = {float(k): float(((head_gap + k * value_gap)[strict] > 0).double().mean()) for k in scales}
-    best = max(accuracy, key=lambda k: (accuracy[k], -abs(k - 1.0)))  # ties: the scale nearest the fit's own
+    best, accuracy = best_value_scale(head_gap, value_gap, strict, scales)
     # then one temperature for the whole reward, with the tie parameter, by the training loss: it changes no
     # ranking, but gives the ties and the calibration back what the scale took (a reward k times too steep is
     # overconfident; with the tie parameter fixed, the temperature alone would flatten the strict pairs too)
