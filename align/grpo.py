@@ -525,8 +525,6 @@ def _json_safe(x: Any) -> Any:
 
 
 def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
-    from glmwb.align.evaluate import format_models
-
     t = recipe.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -604,32 +602,42 @@ def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
     )
 
     if recipe.eval.heldout_prompts > 0 and (recipe.data.source == "world" or held_rows):
-        folders = {"before": recipe.model.init_from} if recipe.eval.before else {}
-        folders[recipe.trainer] = str(final)
-        if recipe.data.source == "world":
-            ev = evaluate_world(recipe, folders)
-        else:
-            ev = evaluate_files(recipe, folders, held_rows, reward_funcs)
-        eval_dir = run_dir / "eval"
-        eval_dir.mkdir(exist_ok=True)
-        (eval_dir / "table.md").write_text(ev["table"] + "\n", encoding="utf-8")
-        with (eval_dir / "answers.jsonl").open("w", encoding="utf-8") as f:
-            for name, r in ev["reports"].items():
-                for a in r["answers"]:
-                    f.write(json.dumps({"policy": name, **a}, ensure_ascii=False) + "\n")
-        print(f"\n{ev['prompts']}, greedy answers:\n{ev['table']}\n\n{format_models(folders)}")
-        summary["eval"] = {
-            "prompts": ev["prompts"],
-            "reports": {n: {k: v for k, v in r.items() if k != "answers"} for n, r in ev["reports"].items()},
-            "comparisons": ev["comparisons"],
-            "table": ev["table"],
-        }
+        summary["eval"] = _evaluate_held_out(recipe, final, held_rows, reward_funcs, run_dir)
     write_summary(run_dir, summary, budget, default=_json_safe)
     print(
         f"policy -> {final} ({budget.line()}); curves -> {run_dir / 'rewards.png'}; "
         f"summary -> {run_dir / 'summary.json'}"
     )
     return summary
+
+
+def _evaluate_held_out(
+    recipe: GRPORecipe, final: Path, held_rows, reward_funcs, run_dir: Path
+) -> dict[str, Any]:
+    """Greedy answers of the start policy and final/ on held-out prompts: eval/table.md, eval/answers.jsonl,
+    the table on the console; returns the summary's ``eval`` section."""
+    from glmwb.align.evaluate import format_models
+
+    folders = {"before": recipe.model.init_from} if recipe.eval.before else {}
+    folders[recipe.trainer] = str(final)
+    if recipe.data.source == "world":
+        ev = evaluate_world(recipe, folders)
+    else:
+        ev = evaluate_files(recipe, folders, held_rows, reward_funcs)
+    eval_dir = run_dir / "eval"
+    eval_dir.mkdir(exist_ok=True)
+    (eval_dir / "table.md").write_text(ev["table"] + "\n", encoding="utf-8")
+    with (eval_dir / "answers.jsonl").open("w", encoding="utf-8") as f:
+        for name, r in ev["reports"].items():
+            for a in r["answers"]:
+                f.write(json.dumps({"policy": name, **a}, ensure_ascii=False) + "\n")
+    print(f"\n{ev['prompts']}, greedy answers:\n{ev['table']}\n\n{format_models(folders)}")
+    return {
+        "prompts": ev["prompts"],
+        "reports": {n: {k: v for k, v in r.items() if k != "answers"} for n, r in ev["reports"].items()},
+        "comparisons": ev["comparisons"],
+        "table": ev["table"],
+    }
 
 
 __all__ = [

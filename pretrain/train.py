@@ -1,7 +1,7 @@
 """The pretraining loop: AdamW, warm-up + cosine, gradient accumulation, clipping, bf16 autocast on
 CUDA, held-out evaluation, resumable checkpoints, a progress bar with tokens/s, metrics and a plot.
 
-Single-device code; parallelism (DeepSpeed) wraps it from outside in a later stage.
+Single-device: the loop talks to the strategy every trainer shares (pretrain/strategy.py), as SingleDevice.
 The run folder (pretrain/run_folder.py) holds:
     metrics.jsonl                one JSON line per logged step / evaluation
     loss.png                     training and held-out loss curves, the learning rate
@@ -43,6 +43,7 @@ from glmwb.pretrain.run_folder import (
     set_rng_state,
     truncate_metrics,
 )
+from glmwb.pretrain.strategy import SingleDevice
 
 if TYPE_CHECKING:
     from glmwb.pretrain.model import GLM
@@ -158,7 +159,16 @@ def _resume(run_dir: Path, model, optimizer, batches, device, log) -> tuple[int,
     return step, state.get("tokens_seen", 0)
 
 
-def _train_step(model, fwd, optimizer, micro: list[dict], optim_cfg: OptimConfig, device, amp_dtype):
+def _train_step(
+    model,
+    fwd,
+    optimizer,
+    micro: list[dict],
+    optim_cfg: OptimConfig,
+    device,
+    amp_dtype,
+    strategy: SingleDevice,
+):
     """One optimizer step over the micro-batches ``micro``; returns (loss, grad norm before clipping)."""
     # Normalise by the target tokens of the whole step, not per micro-batch, so that
     # grad_accum x batch_size is the same optimisation whatever the split (1x8 == 8x1).
@@ -171,16 +181,50 @@ def _train_step(model, fwd, optimizer, micro: list[dict], optim_cfg: OptimConfig
                 batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"], return_logits=False
             )
         share = int((batch["labels"][:, 1:] != -100).sum()) / max(1, step_tokens)
-        (out.loss * share).backward()
+        strategy.backward(out.loss * share, model)
         loss_sum += float(out.loss.detach()) * share
-    grad_norm = (
-        float(torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip))
-        if optim_cfg.grad_clip > 0
-        else float("nan")
+    return loss_sum, strategy.step(model, optimizer, optim_cfg.grad_clip)
+
+
+def _setup(model: GLM, optim_cfg: OptimConfig, train_cfg: TrainConfig, seed: int):
+    """Device, autocast dtype, threads, seed, the model on its device, and its optimizer."""
+    device = resolve_device(train_cfg.device)
+    amp_dtype = autocast_dtype(train_cfg.dtype, device)
+    if train_cfg.num_threads:
+        torch.set_num_threads(train_cfg.num_threads)
+    seed_everything(seed)
+    model.to(device)
+    model.gradient_checkpointing = train_cfg.gradient_checkpointing
+    return device, amp_dtype, make_optimizer(model, optim_cfg, device)
+
+
+def _heldout_before(loss0: float, metrics: MetricsLog, unigram_baseline: float | None, log) -> float:
+    metrics.write({"kind": "eval", "step": 0, "heldout_loss": loss0})
+    if unigram_baseline is not None:
+        metrics.write({"kind": "baseline", "step": 0, "unigram_baseline": unigram_baseline})
+    log(f"held-out loss before training: {loss0:.4f}")
+    return loss0
+
+
+def _checkpoint(
+    run_dir: Path, step: int, model, tokenizer, optimizer, batches, tokens_seen: int, keep: int
+) -> None:
+    """A Hugging Face folder plus what resume needs (optimizer, RNG, data position, tokens seen)."""
+    from glmwb.pretrain.hf import save_pretrained
+
+    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(),
+             "data": batches.state_dict(), "tokens_seen": tokens_seen}  # fmt: skip
+    save_checkpoint(
+        run_dir, step, lambda folder: save_pretrained(model, folder, tokenizer=tokenizer), state, keep
     )
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm
+
+
+def _plot_loss(model: GLM, run_dir: Path, metrics_path: Path, budget: Budget) -> None:
+    cfg, n_params = model.config, sum(p.numel() for p in model.parameters())
+    what = f"GLM, {n_params / 1e6:.2f}M parameters ({cfg.num_layers} layers, hidden {cfg.hidden_size})"
+    plot_curves(
+        metrics_path, run_dir / "loss.png", LOSS_PANELS, run_title("pretraining", run_dir, what, budget)
+    )
 
 
 def train(
@@ -198,18 +242,11 @@ def train(
     """Train `model` on packed `train_data`; returns a summary (losses before / after, tokens/s, the budget
     record, ...)."""
     from glmwb.pretrain.data import BatchIterator
-    from glmwb.pretrain.hf import save_pretrained
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(train_cfg.device)
-    amp_dtype = autocast_dtype(train_cfg.dtype, device)
-    if train_cfg.num_threads:
-        torch.set_num_threads(train_cfg.num_threads)
-    seed_everything(seed)
-    model.to(device)
-    model.gradient_checkpointing = train_cfg.gradient_checkpointing
-    optimizer = make_optimizer(model, optim_cfg, device)
+    device, amp_dtype, optimizer = _setup(model, optim_cfg, train_cfg, seed)
+    strategy = SingleDevice()  # one device: the data loader is not sharded over ranks
     batches = BatchIterator(train_data, train_cfg.batch_size, seed=seed)
     metrics = MetricsLog(run_dir / METRICS)
     step, tokens_seen = 0, 0
@@ -225,12 +262,7 @@ def train(
 
     summary: dict[str, Any] = {"start_step": step}
     if step == 0:
-        loss0 = heldout_loss()
-        summary["heldout_loss_before"] = loss0
-        metrics.write({"kind": "eval", "step": 0, "heldout_loss": loss0})
-        if unigram_baseline is not None:
-            metrics.write({"kind": "baseline", "step": 0, "unigram_baseline": unigram_baseline})
-        log(f"held-out loss before training: {loss0:.4f}")
+        summary["heldout_loss_before"] = _heldout_before(heldout_loss(), metrics, unigram_baseline, log)
 
     model.train()
     tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum * train_data.seq_len
@@ -244,7 +276,9 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [next(data_iter) for _ in range(train_cfg.grad_accum)]
-        loss_sum, grad_norm = _train_step(model, fwd, optimizer, micro, optim_cfg, device, amp_dtype)
+        loss_sum, grad_norm = _train_step(
+            model, fwd, optimizer, micro, optim_cfg, device, amp_dtype, strategy
+        )
         step += 1
         tokens_seen += tokens_per_step
         window_tokens += tokens_per_step
@@ -265,10 +299,9 @@ def train(
             bar.write(f"step {step}: held-out loss {held:.4f}")
             summary["heldout_loss_after"] = held
         if step % train_cfg.save_every == 0 or last:
-            state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(),
-                     "data": batches.state_dict(), "tokens_seen": tokens_seen}  # fmt: skip
-            save_checkpoint(run_dir, step, lambda folder: save_pretrained(model, folder, tokenizer=tokenizer),
-                            state, train_cfg.keep_checkpoints)  # fmt: skip
+            _checkpoint(
+                run_dir, step, model, tokenizer, optimizer, batches, tokens_seen, train_cfg.keep_checkpoints
+            )
         if out_of_time and step < train_cfg.max_steps:
             stopped_early = True
             bar.write(f"{limit.reason} at step {step} of {train_cfg.max_steps}; checkpoint saved")
@@ -278,10 +311,7 @@ def train(
     budget = Budget(
         "pretrain", train_cfg.max_steps, step, stopped_early, limit.reason if stopped_early else None
     )
-    cfg, n_params = model.config, sum(p.numel() for p in model.parameters())
-    what = f"GLM, {n_params / 1e6:.2f}M parameters ({cfg.num_layers} layers, hidden {cfg.hidden_size})"
-    title = run_title("pretraining", run_dir, what, budget)
-    plot_curves(metrics.path, run_dir / "loss.png", LOSS_PANELS, title)
+    _plot_loss(model, run_dir, metrics.path, budget)
     summary.update(
         steps=step,
         tokens_seen=tokens_seen,

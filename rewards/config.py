@@ -13,18 +13,20 @@ from glmwb.pretrain.ranges import Fraction, NonNegFloat, NonNegInt, PositiveFloa
 from glmwb.pretrain.settings import LoRAConfig, RunConfig
 
 # rewards/verifier.py: statistics of a frozen LM's per-token predictions over the judged answer, each
-# divided by its scale so that all are O(1) for the optimiser (name -> scale)
+# divided by its scale, the unit it is counted in, so that all are O(1) for the optimiser and one learning
+# rate (train.verifier_lr) suits every weight (name -> scale; tests/rewards/test_verifier.py checks each unit).
+# A saved folder's feature weights W are in these units: changing a scale changes what every saved W means.
 VERIFIER_FEATURES: dict[str, float] = {
-    "contradiction": 5.0,
-    "contradiction_sum": 10.0,
-    "confident_misses": 2.0,
-    "logp_sum": 20.0,
-    "logp_min": 10.0,
-    "length": 32.0,
-    "opening_contradiction": 5.0,
-    "body_contradiction": 5.0,
-    "body_contradiction_sum": 10.0,
-    "body_confident_misses": 2.0,
+    "contradiction": 5.0,  # nats: one token against a sure belief (m ~ 1) at p = e^-5 is 1
+    "contradiction_sum": 10.0,  # nats: two such tokens sum to 1
+    "confident_misses": 2.0,  # two tokens off a first choice held at m > 0.5
+    "logp_sum": 20.0,  # nats: 32 tokens at p = e^-0.625 each sum to -1
+    "logp_min": 10.0,  # nats: the least likely token at p = e^-10 is -1
+    "length": 32.0,  # tokens: a 32-token answer is 1
+    "opening_contradiction": 5.0,  # as contradiction, over the opening
+    "body_contradiction": 5.0,  # as contradiction, over the body
+    "body_contradiction_sum": 10.0,  # as contradiction_sum, over the body
+    "body_confident_misses": 2.0,  # as confident_misses, over the body
 }
 
 
@@ -50,25 +52,9 @@ class VerifierConfig:
     features: tuple[str, ...] = (
         "opening_contradiction", "body_contradiction", "body_contradiction_sum", "body_confident_misses"
     )  # fmt: skip
-    # feature weights that also read the answer's representation: W + U·h_T (U zero at the start), so the value
-    # check can count for more where the answer's form (filler, another language) dilutes it; a list of
-    # feature names gates only those (the rest keep fixed weights)
-    gate: bool | tuple[str, ...] = False
 
     def __post_init__(self) -> None:
         check_verifier_features(self.features)
-        if isinstance(self.gate, (list, tuple)):
-            object.__setattr__(self, "gate", tuple(self.gate))
-            bad = [n for n in self.gate if n not in self.features]
-            if bad or not self.gate:
-                raise ValueError(
-                    f"model.verifier.gate {list(self.gate)}: {bad or 'empty'} not among model.verifier.features "
-                    f"{list(self.features)}; give true, false or some of those names"
-                )
-        elif not isinstance(self.gate, bool):
-            raise ValueError(
-                f"model.verifier.gate must be true, false or a list of feature names, got {self.gate!r}"
-            )
 
 
 @dataclass(frozen=True)

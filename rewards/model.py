@@ -40,7 +40,6 @@ from glmwb.pretrain.model import GLM
 
 PAD_TOKEN = "<eop>"  # never rendered by the GLM-4 template, and escaped when it occurs in text
 REWARD_CONFIG = "reward_config.json"
-GATE_FILE = "gate.safetensors"  # in verifier/: the gate U of ``model.verifier.gate``
 
 
 @dataclass
@@ -61,7 +60,6 @@ class RewardInfo:
     verifier_features: list[str] = field(default_factory=list)
     verifier_weight: list[list[float]] = field(default_factory=list)
     verifier_assistant_id: int | None = None
-    verifier_gate: bool = False  # weights W + U·h_T, U (heads·F x D) in verifier/gate.safetensors
 
 
 class RewardModel(nn.Module):
@@ -92,19 +90,10 @@ class RewardModel(nn.Module):
         self.info = info or RewardInfo(heads=self.heads)
         self.verifier = None
         self.verifier_weight = None
-        self.verifier_gate = None
-        # (K·F,): which feature weights the gate may move; a buffer so it follows .to(), not saved
-        self.register_buffer("verifier_gate_mask", None, persistent=False)
 
-    def attach_verifier(
-        self, verifier: Any, weight: Tensor | None = None, gate: bool | Tensor | Sequence[str] = False
-    ) -> RewardModel:
+    def attach_verifier(self, verifier: Any, weight: Tensor | None = None) -> RewardModel:
         """Add a frozen ``rewards.verifier.LikelihoodVerifier``; its weights start at zero (the reward is
-        unchanged until training moves them) unless ``weight`` (heads x F) is given. ``gate``: the weights
-        also depend on the answer's representation, W + U·h_T (a learned U, zero at the start unless given
-        as a (heads·F, D) tensor), so the value check can count for more or less by the answer's form.
-        A list of feature names gates only those: the other rows of U are held at zero (their output is
-        masked, so they get no gradient), and a saved U needs no mask to reproduce the reward."""
+        unchanged until training moves them) unless ``weight`` (heads x F) is given."""
         k, f = len(self.heads), len(verifier.names)
         w = torch.zeros(k, f) if weight is None else torch.as_tensor(weight, dtype=torch.float32)
         if tuple(w.shape) != (k, f):
@@ -114,26 +103,6 @@ class RewardModel(nn.Module):
         dtype = self.score.weight.dtype
         self.verifier = verifier.to(device=self.score.weight.device, dtype=dtype)
         self.verifier_weight = nn.Parameter(w.to(self.score.weight.device, dtype))
-        self.verifier_gate = None
-        self.verifier_gate_mask = None
-        if isinstance(gate, (list, tuple)):
-            bad = [n for n in gate if n not in verifier.names]
-            if bad or not gate:
-                raise ValueError(
-                    f"verifier gate features {list(gate)}: {bad or 'none'} not among {verifier.names}"
-                )
-            keep = torch.tensor([float(n in gate) for n in verifier.names])
-            self.verifier_gate_mask = keep.repeat(k).to(self.score.weight.device)  # (K·F,)
-            gate = True
-        if gate is not False:
-            u = torch.zeros(k * f, self.config.hidden_size) if gate is True else torch.as_tensor(gate)
-            if tuple(u.shape) != (k * f, self.config.hidden_size):
-                raise ValueError(
-                    f"verifier gate has shape {tuple(u.shape)}, expected (heads x features, hidden size) = "
-                    f"{(k * f, self.config.hidden_size)}"
-                )
-            self.verifier_gate = nn.Linear(self.config.hidden_size, k * f, bias=False)
-            self.verifier_gate.weight = nn.Parameter(u.to(self.score.weight.device, dtype))
         return self
 
     @property
@@ -171,12 +140,6 @@ class RewardModel(nn.Module):
         if self.verifier is not None:
             phi = self.verifier(input_ids, score_index, attention_mask, doc_ids, position_ids)  # (N, F)
             rewards = rewards + phi.float() @ self.verifier_weight.float().T
-            if self.verifier_gate is not None:  # + (U·h_T) · φ, per head
-                u = self.verifier_gate(h_last).float()
-                if self.verifier_gate_mask is not None:
-                    u = u * self.verifier_gate_mask
-                u = u.view(len(h_last), len(self.heads), -1)  # (N, K, F)
-                rewards = rewards + (u * phi.float()[:, None, :]).sum(-1)
         return (rewards, h) if return_hidden else rewards
 
     # -- folders ---------------------------------------------------------------------------------------------
@@ -217,15 +180,6 @@ class RewardModel(nn.Module):
             self.info.verifier_features = list(self.verifier.names)
             self.info.verifier_weight = self.verifier_weight.detach().float().cpu().tolist()
             self.info.verifier_assistant_id = self.verifier.assistant_id
-            self.info.verifier_gate = self.verifier_gate is not None
-            if self.verifier_gate is not None:
-                from glmwb.rewards.verifier import VERIFIER_DIR
-
-                save_file(
-                    {"weight": _owning_copy(self.verifier_gate.weight.detach())},
-                    str(folder / VERIFIER_DIR / GATE_FILE),
-                    metadata={"format": "pt"},
-                )
         (folder / REWARD_CONFIG).write_text(json.dumps(asdict(self.info), indent=2, ensure_ascii=False))
         return folder
 
@@ -277,7 +231,13 @@ class RewardModel(nn.Module):
         backbone.load_state_dict(sd, assign=True)
         info = RewardInfo()
         if (folder / REWARD_CONFIG).is_file():
-            info = RewardInfo(**json.loads((folder / REWARD_CONFIG).read_text()))
+            saved = json.loads((folder / REWARD_CONFIG).read_text())
+            if saved.pop("verifier_gate", False):
+                raise ValueError(
+                    f"{folder}: its feature weights are gated (verifier/gate.safetensors), which this reward "
+                    "model does not read; retrain it with the recipe's plain feature weights"
+                )
+            info = RewardInfo(**saved)
         if head_weight is not None:
             saved_heads = [
                 raw.get("id2label", {}).get(str(i), f"head_{i}") for i in range(head_weight.shape[0])
@@ -295,12 +255,7 @@ class RewardModel(nn.Module):
             verifier = LikelihoodVerifier.from_pretrained(
                 folder / VERIFIER_DIR, info.verifier_assistant_id, info.verifier_features, dtype
             )
-            gate: bool | Tensor = False
-            if info.verifier_gate:
-                from safetensors.torch import load_file
-
-                gate = load_file(str(folder / VERIFIER_DIR / GATE_FILE))["weight"].to(dtype)
-            model.attach_verifier(verifier, info.verifier_weight, gate)
+            model.attach_verifier(verifier, info.verifier_weight)
         return model.to(device) if device is not None else model
 
 

@@ -278,6 +278,18 @@ def prefit_verifier(
             "weight": W.detach().tolist()}  # fmt: skip
 
 
+def best_value_scale(
+    head_gap: Tensor, value_gap: Tensor, strict: Tensor, scales: Sequence[float]
+) -> tuple[float, dict[float, float]]:
+    """``train.value_scales``: the k whose reward head + k · value ranks the most strict pairs right, and each
+    k's accuracy. head_gap, value_gap (N,): the chosen-minus-rejected rewards of the head and of the fitted
+    feature weights; strict (N,) bool: the pairs that count (not ties). Equal accuracies: the k nearest 1
+    (the fit's own weights)."""
+    accuracy = {float(k): float(((head_gap + k * value_gap)[strict] > 0).double().mean()) for k in scales}
+    best = max(accuracy, key=lambda k: (accuracy[k], -abs(k - 1.0)))
+    return best, accuracy
+
+
 def fit_value_first(
     model: RewardModel,
     value_pairs: Sequence[EncodedPair],
@@ -309,8 +321,7 @@ def fit_value_first(
     value_c, value_r = (phi[: len(pairs)].double() @ W.T), (phi[len(pairs) :].double() @ W.T)  # (N, K)
     value_gap, head_gap = (value_c - value_r)[:, 0], (head_c - head_r)[:, 0].double()  # (N,)
     strict = torch.tensor([p.labels[0] == 1 and not p.tie for p in pairs])
-    accuracy = {float(k): float(((head_gap + k * value_gap)[strict] > 0).double().mean()) for k in scales}
-    best = max(accuracy, key=lambda k: (accuracy[k], -abs(k - 1.0)))  # ties: the scale nearest the fit's own
+    best, accuracy = best_value_scale(head_gap, value_gap, strict, scales)
     # then one temperature for the whole reward, with the tie parameter, by the training loss: it changes no
     # ranking, but gives the ties and the calibration back what the scale took (a reward k times too steep is
     # overconfident; with the tie parameter fixed, the temperature alone would flatten the strict pairs too)
@@ -381,8 +392,7 @@ def save_reward_folder(model: RewardModel, folder: str | Path, tokenizer=None) -
     merged = RewardModel(plain, model.heads, model.info)
     merged.score.weight = model.score.weight
     if model.verifier is not None:
-        gate = False if model.verifier_gate is None else model.verifier_gate.weight.detach()
-        merged.attach_verifier(model.verifier, model.verifier_weight.detach(), gate)
+        merged.attach_verifier(model.verifier, model.verifier_weight.detach())
     return merged.save(folder, tokenizer)
 
 
@@ -439,31 +449,117 @@ def train_reward_model(
     ``value_pairs`` (``train.value_first``): the likelihood-feature weights stay at 0 while the backbone and
     head learn from ``train_pairs`` (pairs of equally right answers), and are fitted on these pairs after
     (``fit_value_first``)."""
+    strategy = strategy or SingleDevice()
+    _check_inputs(model, train_pairs, value_pairs, strategy)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    r = _build(model, loss_cfg, optim_cfg, train_cfg, strategy, seed)
+    r.tokenizer, r.train_pairs, r.eval_pairs, r.value_pairs = tokenizer, train_pairs, eval_pairs, value_pairs
+    r.run_dir, r.pad_id, r.seed, r.lora, r.log = run_dir, pad_id, seed, lora, log
+
+    r.max_steps = train_cfg.max_steps
+    if train_cfg.epochs is not None:
+        r.max_steps = math.ceil(train_cfg.epochs * len(train_pairs) / r.pairs_per_step)
+    r.sampler = PairSampler(len(train_pairs), train_cfg.batch_size, seed)
+    r.metrics = run_folder.MetricsLog(run_dir / run_folder.METRICS, enabled=strategy.is_main)
+    step = _resume(run_dir, train_cfg.resume, strategy, r.core, r.tie, r.optimizer, r.sampler, r.device, log)
+    if step == 0:
+        r.metrics.reset()
+    summary: dict[str, Any] = {"start_step": step, "max_steps": r.max_steps, "train_pairs": len(train_pairs)}
+    if step == 0:
+        _before_training(r, summary)
+    limit = run_folder.TimeLimit(train_cfg.max_minutes)
+    step, stopped_early = _train_loop(r, step, limit, summary)
+    elapsed = time.time() - limit.started
+    budget = Budget("reward", r.max_steps, step, stopped_early, limit.reason if stopped_early else None)
+    if value_pairs is not None:
+        _value_fit(r, step, summary)
+    _finish(r, budget)
+    summary.update(
+        steps=step,
+        seconds=elapsed,
+        pairs_per_s=(step - summary["start_step"]) * r.pairs_per_step / max(1e-9, elapsed),
+        stopped_early=stopped_early,
+        device=str(r.device),
+        tie_params=r.core.info.tie_params,
+        budget=budget.to_dict(),
+    )
+    return summary
+
+
+class _Run:
+    """What the steps of ``train_reward_model`` share: the prepared model and optimizer, the strategy, the
+    configs and the data (plain attributes, set by ``_build`` and the entry point)."""
+
+    model: nn.Module  # what the strategy prepared (a DeepSpeed engine, or the model itself)
+    core: RewardModel  # the model inside it
+    tie: TieParameter
+    optimizer: Any
+    strategy: SingleDevice
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    loss_cfg: RewardLossConfig
+    optim_cfg: OptimConfig
+    train_cfg: RewardTrainConfig
+    micro_per_step: int
+    pairs_per_step: int
+    max_steps: int
+    sampler: PairSampler
+    metrics: run_folder.MetricsLog
+    tokenizer: Any
+    train_pairs: Sequence[EncodedPair]
+    eval_pairs: Sequence[EncodedPair]
+    value_pairs: Sequence[EncodedPair] | None
+    run_dir: Path
+    pad_id: int
+    seed: int
+    lora: bool
+    log: Callable[[str], None]
+
+    def evaluate(self) -> dict[str, Any]:
+        amp = self.amp_dtype
+        with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+            m, _, _ = evaluate_pairs(
+                self.core, self.eval_pairs, self.pad_id, self.loss_cfg.tie_model, self.tie().tolist()
+            )
+        return m
+
+
+def _check_inputs(model: RewardModel, train_pairs, value_pairs, strategy: SingleDevice) -> None:
     if not train_pairs:
         raise ValueError("no training pairs (all dropped? see the data stats)")
-    if value_pairs is not None and (model.verifier is None or model.verifier_gate is not None):
-        raise ValueError("train.value_first needs the likelihood features (model.verifier) without the gate")
+    if value_pairs is not None and model.verifier is None:
+        raise ValueError("train.value_first needs the likelihood features (model.verifier)")
     if value_pairs is not None:
         model.verifier_weight.data.zero_()
         model.verifier_weight.requires_grad_(False)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    strategy = strategy or SingleDevice()
     if value_pairs is not None and strategy.world_size > 1:
         raise ValueError(
             "train.value_first runs in one process (its fit after training scores every training pair on one "
             "rank); launch without torch.distributed, or set train.value_first: null"
         )
-    device = resolve_device(train_cfg.device)
-    amp_dtype = autocast_dtype(train_cfg.dtype, device)
+
+
+def _build(
+    model: RewardModel,
+    loss_cfg: RewardLossConfig,
+    optim_cfg: OptimConfig,
+    train_cfg: RewardTrainConfig,
+    strategy: SingleDevice,
+    seed: int,
+) -> _Run:
+    """Device, seed, the tie parameter (a submodule of the model), the optimizer with its own learning rates
+    for the tie parameter, the feature weights and the head, and the strategy's prepared model."""
+    r = _Run()
+    r.device = device = resolve_device(train_cfg.device)
+    r.amp_dtype = autocast_dtype(train_cfg.dtype, device)
     if train_cfg.num_threads:
         torch.set_num_threads(train_cfg.num_threads)
     seed_everything(seed)
     model.to(device)
     model.gradient_checkpointing = train_cfg.gradient_checkpointing
-    K = len(model.heads)
-    tie = TieParameter(loss_cfg.tie_model, loss_cfg.tie_param, K, loss_cfg.learn_tie_param).to(device)
-    model.tie = tie  # a submodule, so the optimizer, strategy and checkpoints see it
+    tie = TieParameter(loss_cfg.tie_model, loss_cfg.tie_param, len(model.heads), loss_cfg.learn_tie_param)
+    model.tie = tie = tie.to(device)  # a submodule, so the optimizer, strategy and checkpoints see it
     optimizer = make_optimizer(model, optim_cfg, device)
     if tie.raw.requires_grad:
         own_lr_group(optimizer, tie.raw, loss_cfg.tie_param_lr / optim_cfg.lr)
@@ -475,192 +571,172 @@ def train_reward_model(
         for p in model.score.parameters():
             if p.requires_grad:
                 own_lr_group(optimizer, p, train_cfg.head_lr / optim_cfg.lr)
-    model, optimizer = strategy.prepare(model, optimizer)
-    core: RewardModel = strategy.unwrap(model)
+    r.model, r.optimizer = strategy.prepare(model, optimizer)
+    r.core, r.tie, r.strategy = strategy.unwrap(r.model), tie, strategy
+    r.loss_cfg, r.optim_cfg, r.train_cfg = loss_cfg, optim_cfg, train_cfg
+    r.micro_per_step = train_cfg.grad_accum * strategy.world_size
+    r.pairs_per_step = train_cfg.batch_size * r.micro_per_step
+    return r
 
-    micro_per_step = train_cfg.grad_accum * strategy.world_size
-    pairs_per_step = train_cfg.batch_size * micro_per_step
-    max_steps = train_cfg.max_steps
-    if train_cfg.epochs is not None:
-        max_steps = math.ceil(train_cfg.epochs * len(train_pairs) / pairs_per_step)
-    sampler = PairSampler(len(train_pairs), train_cfg.batch_size, seed)
-    metrics = run_folder.MetricsLog(run_dir / run_folder.METRICS, enabled=strategy.is_main)
-    step = _resume(run_dir, train_cfg.resume, strategy, core, tie, optimizer, sampler, device, log)
-    if step == 0:
-        metrics.reset()
 
-    def run_eval() -> dict[str, Any]:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            m, _, _ = evaluate_pairs(core, eval_pairs, pad_id, loss_cfg.tie_model, tie().tolist())
-        return m
-
-    summary: dict[str, Any] = {"start_step": step, "max_steps": max_steps, "train_pairs": len(train_pairs)}
-    if (
-        step == 0
-        and core.verifier is not None
-        and train_cfg.verifier_prefit_pairs > 0
-        and value_pairs is None
-    ):
-        take = np.random.default_rng(seed).permutation(len(train_pairs))[: train_cfg.verifier_prefit_pairs]
+def _before_training(r: _Run, summary: dict[str, Any]) -> None:
+    """At step 0: the feature weights' prefit (joint fit only) and the held-out evaluation before training."""
+    core, train_pairs = r.core, r.train_pairs
+    if core.verifier is not None and r.train_cfg.verifier_prefit_pairs > 0 and r.value_pairs is None:
+        take = np.random.default_rng(r.seed).permutation(len(train_pairs))[
+            : r.train_cfg.verifier_prefit_pairs
+        ]
         summary["verifier_prefit"] = fit = prefit_verifier(
-            core, [train_pairs[i] for i in sorted(take)], pad_id, loss_cfg, tie
+            core, [train_pairs[i] for i in sorted(take)], r.pad_id, r.loss_cfg, r.tie
         )
         names = ", ".join(f"{n} {w:+.3f}" for n, w in zip(core.verifier.names, fit["weight"][0], strict=True))
-        log(
+        r.log(
             f"verifier weights fitted on {fit['pairs']} train pairs (loss {fit['loss_before']:.3f} -> "
             f"{fit['loss_after']:.3f}, accuracy {fit['train_accuracy']:.3f}): {names}"
         )
-    if step == 0 and eval_pairs:
-        summary["eval_before"] = m0 = run_eval()
-        metrics.write({"kind": "eval", "step": 0, **m0})
-        log(
+    if r.eval_pairs:
+        summary["eval_before"] = m0 = r.evaluate()
+        r.metrics.write({"kind": "eval", "step": 0, **m0})
+        r.log(
             f"held-out before training: accuracy {m0.get('accuracy', float('nan')):.3f}, loss {m0['loss']:.3f}"
         )
 
-    model.train()
-    limit = run_folder.TimeLimit(train_cfg.max_minutes)
+
+def _train_loop(r: _Run, step: int, limit: run_folder.TimeLimit, summary: dict[str, Any]) -> tuple[int, bool]:
+    """Optimizer steps from ``step`` to ``max_steps`` (or the time limit): log, evaluate, checkpoint.
+    Returns the last step and whether the time limit stopped the run early."""
+    r.model.train()
     window_t, window_pairs = time.time(), 0
-    bar = tqdm(
-        total=max_steps,
-        initial=step,
-        desc="reward",
-        unit="step",
-        dynamic_ncols=True,
-        disable=not strategy.is_main,
-    )
+    bar = tqdm(total=r.max_steps, initial=step, desc="reward", unit="step", dynamic_ncols=True,
+               disable=not r.strategy.is_main)  # fmt: skip
     stopped_early = False
-    while step < max_steps:
-        lr = lr_at(step, optim_cfg, max_steps)
-        for group in optimizer.param_groups:
+    while step < r.max_steps:
+        lr = lr_at(step, r.optim_cfg, r.max_steps)
+        for group in r.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         # every rank draws the same micro-batches and takes its own share of them
-        micro = [[train_pairs[i] for i in sampler.next()] for _ in range(micro_per_step)]
-        step_tensors = [pair_tensors(m, device) for m in micro]
-        # the whole step's normalisers (per head: the weight of the labels it learns from), so that each
-        # micro-batch contributes its share and 1 x 8 == 8 x 1
-        head_weight = sum(
-            (t["weight"][:, None] * label_mask(t["labels"], loss_cfg.tie_model)).sum(0) for t in step_tensors
-        )
-        step_pairs = float(sum(len(m) for m in micro))
-        loss_sum = 0.0
-        for mine in range(strategy.rank, micro_per_step, strategy.world_size):
-            pairs, t = micro[mine], step_tensors[mine]
-            weight = t["weight"] if loss_cfg.weights != "none" else torch.ones_like(t["weight"])
-            margin = t["margin"] * loss_cfg.margin_scale if loss_cfg.use_margin else None
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                chosen, rejected, lm_loss = pair_rewards(
-                    model,
-                    pairs,
-                    pad_id,
-                    train_cfg.packing,
-                    train_cfg.pack_tokens,
-                    device,
-                    loss_cfg.lm_coef > 0,
-                )
-            norm = (
-                head_weight
-                if loss_cfg.weights != "none"
-                else sum(label_mask(s["labels"], loss_cfg.tie_model).sum(0) for s in step_tensors).float()
-            )
-            loss, _ = multi_head_loss(
-                chosen, rejected, t["labels"], loss_cfg.tie_model, tie(), margin, weight, norm
-            )
-            share = len(pairs) / step_pairs
-            if lm_loss is not None:
-                loss = loss + loss_cfg.lm_coef * share * lm_loss
-            if loss_cfg.centering > 0:
-                loss = loss + loss_cfg.centering * share * centering_loss(
-                    chosen.flatten(), rejected.flatten()
-                )
-            strategy.backward(loss, model)
-            loss_sum += float(loss.detach())
-        loss_sum = float(strategy.all_reduce(torch.tensor(loss_sum)))
-        grad_norm = strategy.step(model, optimizer, optim_cfg.grad_clip)
+        micro = [[r.train_pairs[i] for i in r.sampler.next()] for _ in range(r.micro_per_step)]
+        loss_sum = _step_backward(r, micro)
+        grad_norm = r.strategy.step(r.model, r.optimizer, r.optim_cfg.grad_clip)
         step += 1
-        window_pairs += pairs_per_step
+        window_pairs += r.pairs_per_step
         bar.update(1)
-        if step % train_cfg.log_every == 0 or step == max_steps:
+        if step % r.train_cfg.log_every == 0 or step == r.max_steps:
             now = time.time()
             pps = window_pairs / max(1e-9, now - window_t)
             window_t, window_pairs = now, 0
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}", pairs_s=f"{pps:.1f}")
-            row = {
-                "kind": "train",
-                "step": step,
-                "loss": loss_sum,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "pairs_per_s": pps,
-            }
-            row["tie_param"] = tie().tolist()
-            metrics.write(row)
+            r.metrics.write({"kind": "train", "step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                             "pairs_per_s": pps, "tie_param": r.tie().tolist()})  # fmt: skip
         out_of_time = limit.reached()
-        if strategy.world_size > 1:  # every rank must stop at the same step
-            out_of_time = bool(strategy.all_reduce(torch.tensor(float(out_of_time))) > 0)
-        last = step == max_steps or out_of_time
-        if eval_pairs and (
-            (train_cfg.eval_every and step % train_cfg.eval_every == 0) or (last and value_pairs is None)
-        ):  # 0: at the end (with value_pairs, after the value fit instead)
-            m = run_eval()
-            metrics.write({"kind": "eval", "step": step, **m})
+        if r.strategy.world_size > 1:  # every rank must stop at the same step
+            out_of_time = bool(r.strategy.all_reduce(torch.tensor(float(out_of_time))) > 0)
+        last = step == r.max_steps or out_of_time
+        every = r.train_cfg.eval_every
+        if r.eval_pairs and ((every and step % every == 0) or (last and r.value_pairs is None)):
+            # eval_every 0: at the end (with value_pairs, after the value fit instead)
+            summary["eval_after"] = m = r.evaluate()
+            r.metrics.write({"kind": "eval", "step": step, **m})
             bar.write(
                 f"step {step}: held-out accuracy {m.get('accuracy', float('nan')):.3f}, loss {m['loss']:.3f}"
             )
-            summary["eval_after"] = m
-        if (train_cfg.save_every and step % train_cfg.save_every == 0) or last:
-            core.info.tie_model, core.info.tie_params = loss_cfg.tie_model, tie().tolist()
-            with strategy.gathered(model):  # collective under ZeRO-3: every rank enters, the main one writes
-                if strategy.is_main:
-                    state = {
-                        "step": step,
-                        "optimizer": optimizer.state_dict(),
-                        "rng": rng_state(),
-                        "sampler": sampler.state_dict(),
-                        "tie_raw": tie.raw.detach().cpu(),
-                    }
-                    save_checkpoint(run_dir, core, tokenizer, state, train_cfg.keep_checkpoints, lora)
-        if out_of_time and step < max_steps:
+        if (r.train_cfg.save_every and step % r.train_cfg.save_every == 0) or last:
+            _checkpoint(r, step)
+        if out_of_time and step < r.max_steps:
             stopped_early = True
-            bar.write(f"{limit.reason} at step {step} of {max_steps}; checkpoint saved")
+            bar.write(f"{limit.reason} at step {step} of {r.max_steps}; checkpoint saved")
             break
     bar.close()
-    elapsed = time.time() - limit.started
-    budget = Budget("reward", max_steps, step, stopped_early, limit.reason if stopped_early else None)
-    if value_pairs is not None:
-        summary["value_first"] = fit = fit_value_first(
-            core, value_pairs, train_pairs, pad_id, loss_cfg, tie, train_cfg.value_scales
+    return step, stopped_early
+
+
+def _step_backward(r: _Run, micro: list[list[EncodedPair]]) -> float:
+    """The backward passes of one optimizer step: this rank's share of the micro-batches ``micro``, each
+    normalised by the whole step's weight so that 1 x 8 == 8 x 1; returns the step's loss (all ranks)."""
+    loss_cfg, strategy, device = r.loss_cfg, r.strategy, r.device
+    step_tensors = [pair_tensors(m, device) for m in micro]
+    # the whole step's normalisers (per head: the weight of the labels it learns from), so that each
+    # micro-batch contributes its share and 1 x 8 == 8 x 1
+    head_weight = sum(
+        (t["weight"][:, None] * label_mask(t["labels"], loss_cfg.tie_model)).sum(0) for t in step_tensors
+    )
+    step_pairs = float(sum(len(m) for m in micro))
+    loss_sum = 0.0
+    for mine in range(strategy.rank, r.micro_per_step, strategy.world_size):
+        pairs, t = micro[mine], step_tensors[mine]
+        weight = t["weight"] if loss_cfg.weights != "none" else torch.ones_like(t["weight"])
+        margin = t["margin"] * loss_cfg.margin_scale if loss_cfg.use_margin else None
+        with torch.autocast(device.type, dtype=r.amp_dtype, enabled=r.amp_dtype is not None):
+            chosen, rejected, lm_loss = pair_rewards(
+                r.model, pairs, r.pad_id, r.train_cfg.packing, r.train_cfg.pack_tokens, device,
+                loss_cfg.lm_coef > 0,
+            )  # fmt: skip
+        norm = (
+            head_weight
+            if loss_cfg.weights != "none"
+            else sum(label_mask(s["labels"], loss_cfg.tie_model).sum(0) for s in step_tensors).float()
         )
-        by_scale = ", ".join(f"x{k:g} {a:.3f}" for k, a in fit["train_accuracy_by_scale"].items())
-        log(
-            f"value weights fitted on {fit['value_pairs']} pairs after the head's {fit['form_pairs']} "
-            f"(loss {fit['fit']['loss_before']:.3f} -> {fit['fit']['loss_after']:.3f}); training accuracy by "
-            f"scale {by_scale}: x{fit['scale']:g}; then the whole reward x{fit['temperature']:.2f} and the tie parameter {fit['tie_params'][0]:.2f} (training loss "
-            f"{fit['loss_before_temperature']:.3f} -> {fit['loss_after_temperature']:.3f}, no ranking changed)"
+        loss, _ = multi_head_loss(
+            chosen, rejected, t["labels"], loss_cfg.tie_model, r.tie(), margin, weight, norm
         )
-        if eval_pairs:
-            summary["eval_after"] = m = run_eval()
-            metrics.write({"kind": "eval", "step": step, "after": "value_first", **m})
-            log(
-                f"held-out after the value fit: accuracy {m.get('accuracy', float('nan')):.3f}, loss {m['loss']:.3f}"
-            )
-    if strategy.is_main:
+        share = len(pairs) / step_pairs
+        if lm_loss is not None:
+            loss = loss + loss_cfg.lm_coef * share * lm_loss
+        if loss_cfg.centering > 0:
+            loss = loss + loss_cfg.centering * share * centering_loss(chosen.flatten(), rejected.flatten())
+        # this rank's share of the step's global mean; the strategy averages gradients over ranks
+        strategy.backward(loss * strategy.world_size, r.model)
+        loss_sum += float(loss.detach())
+    return float(strategy.all_reduce(torch.tensor(loss_sum)))
+
+
+def _checkpoint(r: _Run, step: int) -> None:
+    r.core.info.tie_model, r.core.info.tie_params = r.loss_cfg.tie_model, r.tie().tolist()
+    with r.strategy.gathered(r.model):  # collective under ZeRO-3: every rank enters, the main one writes
+        if r.strategy.is_main:
+            state = {
+                "step": step,
+                "optimizer": r.optimizer.state_dict(),
+                "rng": rng_state(),
+                "sampler": r.sampler.state_dict(),
+                "tie_raw": r.tie.raw.detach().cpu(),
+            }
+            save_checkpoint(r.run_dir, r.core, r.tokenizer, state, r.train_cfg.keep_checkpoints, r.lora)
+
+
+def _value_fit(r: _Run, step: int, summary: dict[str, Any]) -> None:
+    """``train.value_first``, after the last step: the feature weights on the value pairs, their scale, the
+    temperature; then the held-out evaluation."""
+    summary["value_first"] = fit = fit_value_first(
+        r.core, r.value_pairs, r.train_pairs, r.pad_id, r.loss_cfg, r.tie, r.train_cfg.value_scales
+    )
+    by_scale = ", ".join(f"x{k:g} {a:.3f}" for k, a in fit["train_accuracy_by_scale"].items())
+    r.log(
+        f"value weights fitted on {fit['value_pairs']} pairs after the head's {fit['form_pairs']} "
+        f"(loss {fit['fit']['loss_before']:.3f} -> {fit['fit']['loss_after']:.3f}); training accuracy by "
+        f"scale {by_scale}: x{fit['scale']:g}; then the whole reward x{fit['temperature']:.2f} and the tie parameter {fit['tie_params'][0]:.2f} (training loss "
+        f"{fit['loss_before_temperature']:.3f} -> {fit['loss_after_temperature']:.3f}, no ranking changed)"
+    )
+    if r.eval_pairs:
+        summary["eval_after"] = m = r.evaluate()
+        r.metrics.write({"kind": "eval", "step": step, "after": "value_first", **m})
+        r.log(
+            f"held-out after the value fit: accuracy {m.get('accuracy', float('nan')):.3f}, loss {m['loss']:.3f}"
+        )
+
+
+def _finish(r: _Run, budget: Budget) -> None:
+    """The training curves, the reward statistics over the training responses, the tie parameters in the
+    model's info; the tie submodule leaves the model."""
+    core = r.core
+    if r.strategy.is_main:
         n_params = sum(p.numel() for p in core.backbone.parameters())
         what = f"GLM backbone of {n_params / 1e6:.2f}M parameters, heads {list(core.heads)}"
-        title = run_folder.run_title("reward model", run_dir, what, budget)
-        plot_training(metrics.path, run_dir / "training.png", title)
-    reward_statistics(core, list(train_pairs) + list(value_pairs or []), pad_id, seed)
-    core.info.tie_model, core.info.tie_params = loss_cfg.tie_model, tie().tolist()
+        title = run_folder.run_title("reward model", r.run_dir, what, budget)
+        plot_training(r.metrics.path, r.run_dir / "training.png", title)
+    reward_statistics(core, list(r.train_pairs) + list(r.value_pairs or []), r.pad_id, r.seed)
+    core.info.tie_model, core.info.tie_params = r.loss_cfg.tie_model, r.tie().tolist()
     del core.tie
-    summary.update(
-        steps=step,
-        seconds=elapsed,
-        pairs_per_s=(step - summary["start_step"]) * pairs_per_step / max(1e-9, elapsed),
-        stopped_early=stopped_early,
-        device=str(device),
-        tie_params=core.info.tie_params,
-        budget=budget.to_dict(),
-    )
-    return summary
 
 
 def _resume(
@@ -688,8 +764,6 @@ def _resume(
         core.score.load_state_dict(loaded.score.state_dict())
         if core.verifier is not None:
             core.verifier_weight.data.copy_(loaded.verifier_weight.data)
-            if core.verifier_gate is not None:
-                core.verifier_gate.weight.data.copy_(loaded.verifier_gate.weight.data)
     tie.raw.data.copy_(state["tie_raw"])
     optimizer.load_state_dict(state["optimizer"])
     sampler.load_state_dict(state["sampler"])

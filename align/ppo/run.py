@@ -127,25 +127,92 @@ def rollout_prompts(world, pc, seed: int = 0) -> list:
 
 
 def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
-    from glmwb.align.evaluate import compare, evaluate_policy, format_models, format_table, significance_line
-    from glmwb.align.ppo.distributed import make_strategy
-    from glmwb.align.ppo.models import merged_glm
-    from glmwb.align.ppo.rollout import PromptCycle, build_reward, world_items
-    from glmwb.align.ppo.trainer import PPOTrainer
-    from glmwb.pretrain.hf import save_pretrained
-    from glmwb.pretrain.run_folder import (
-        METRICS,
-        rng_state,
-        run_title,
-        save_checkpoint,
-        write_model_record,
-        write_summary,
-    )
-    from glmwb.pretrain.tokenizer import turn_terminator_ids
-    from glmwb.pretrain.train import autocast_dtype, resolve_device, seed_everything
-    from glmwb.pretrain.world import make_world
+    from glmwb.align.ppo.rollout import PromptCycle
+    from glmwb.pretrain.run_folder import METRICS
 
-    run_dir, t = Path(recipe.run.dir), recipe.train
+    s = _setup(recipe)
+    critic = _build(s)
+    t, run_dir = recipe.train, s.run_dir
+    cycle = PromptCycle(s.items, recipe.run.seed)
+    resumed = _resume(run_dir, t, s.strategy, s.trainer, cycle, s.print)
+    if resumed is not None:
+        before, seen_before = resumed.get("before"), resumed.get("seen_before")
+    else:
+        for stale in (METRICS, "samples.jsonl", "samples.txt"):
+            if s.strategy.is_main:
+                (run_dir / stale).unlink(missing_ok=True)
+        before = s.evaluate(samples=recipe.eval.samples) if recipe.eval.before and s.heldout else None
+        seen_before = s.evaluate(s.seen) if s.seen else None
+        if before:
+            s.trainer.write_metrics({"step": 0, **_eval_row(before)})
+    if before:
+        s.print(
+            f"held-out before PPO: accuracy {before['accuracy']:.3f}, score {before['score']:.3f} (n={before['n']})"
+        )
+    on_step = _checkpointer(s, cycle, {"before": before, "seen_before": seen_before})
+    periodic_eval = (lambda: _eval_row(s.evaluate())) if s.heldout else None
+    last = s.trainer.train(cycle, t.steps, t.max_minutes, periodic_eval, t.eval_every, on_step)
+    after = s.evaluate(samples=recipe.eval.samples) if recipe.eval.after and s.heldout else None
+    seen_after = s.evaluate(s.seen) if s.seen else None
+    budget = s.trainer.budget()
+    if after:
+        s.trainer.write_metrics({"step": s.trainer.step_count, **_eval_row(after)})
+    final = _save(s, critic, budget)
+    if not s.strategy.is_main:
+        return {}
+    summary: dict[str, Any] = {"steps": s.trainer.step_count, "final": str(final), "parameters": s.counts,
+                               "last_step": last, "minutes": last.get("time/elapsed_min"),
+                               "stopped_early": budget.stopped_early}  # fmt: skip
+    _report(s, final, summary, before, after, seen_before, seen_after)
+    from glmwb.pretrain.run_folder import write_summary
+
+    write_summary(run_dir, summary, budget, default=_plain)
+    s.print(
+        f"policy → {final} ({budget.line()}); metrics → {run_dir / METRICS}; "
+        f"curves → {run_dir / 'training.png'}"
+    )
+    return summary
+
+
+class _Session:
+    """What the steps of ``run_ppo`` share (plain attributes, set by ``_setup`` and ``_build``)."""
+
+    recipe: PPORecipe
+    run_dir: Path
+    strategy: Any
+    print: Any
+    device: torch.device
+    tok: Any
+    world: Any
+    items: list
+    heldout: list
+    seen: list
+    trainer: Any
+    counts: dict[str, float]
+    eval_scorer: Any
+
+    def evaluate(self, prompts: list | None = None, samples: int = 0) -> dict[str, Any]:
+        """Held-out (or ``prompts``) accuracy of the current policy, on the main rank ({} on the others)."""
+        from glmwb.align.evaluate import evaluate_policy
+
+        e = self.recipe.eval
+        prompts = self.heldout if prompts is None else prompts
+        with self.strategy.generation_context(self.trainer.actor) as a:
+            if not self.strategy.is_main:
+                return {}
+            return evaluate_policy(
+                a.glm, self.tok, self.world, prompts, self.eval_scorer, e.max_new_tokens, samples=samples,
+                sample_temperature=e.sample_temperature, seed=self.recipe.run.seed,
+            )  # fmt: skip
+
+
+def _setup(recipe: PPORecipe) -> _Session:
+    """Folders checked, threads, the strategy (one rank talks), the device, the seed."""
+    from glmwb.pretrain.strategy import make_strategy
+    from glmwb.pretrain.train import resolve_device, seed_everything
+
+    s = _Session()
+    s.recipe, s.run_dir, t = recipe, Path(recipe.run.dir), recipe.train
     _need_folder(
         recipe.policy.init_from, "policy.init_from", "policy folder (run SFT first, or point at a GLM folder)"
     )
@@ -153,75 +220,74 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
         _need_folder(recipe.reward.rm, "reward.rm", "reward-model folder")
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    strategy = make_strategy(t.strategy, t.zero_stage, recipe.optim.grad_clip)
-    strategy.setup()
-    print = builtins.print if strategy.is_main else (lambda *a, **k: None)  # noqa: A001 (one rank talks)
-    device = torch.device(f"cuda:{torch.cuda.current_device()}") if t.strategy == "deepspeed" and torch.cuda.is_available() else resolve_device(t.device)  # fmt: skip
+    s.strategy = make_strategy(t.strategy, t.zero_stage, recipe.optim.grad_clip)
+    s.strategy.setup()
+    s.print = builtins.print if s.strategy.is_main else (lambda *a, **k: None)  # one rank talks
+    s.device = torch.device(f"cuda:{torch.cuda.current_device()}") if t.strategy == "deepspeed" and torch.cuda.is_available() else resolve_device(t.device)  # fmt: skip
     seed_everything(recipe.run.seed)
+    return s
 
-    actor, critic, reference, tok, counts = build_models(recipe, device)
+
+def _build(s: _Session):
+    """Actor, critic, reference, reward, the world's rollout and held-out prompts, and the trainer; returns the
+    separate critic (None with a shared backbone)."""
+    from glmwb.align.ppo.rollout import build_reward, world_items
+    from glmwb.align.ppo.trainer import PPOTrainer
+    from glmwb.pretrain.tokenizer import turn_terminator_ids
+    from glmwb.pretrain.train import autocast_dtype
+    from glmwb.pretrain.world import make_world
+
+    recipe, device, t, print = s.recipe, s.device, s.recipe.train, s.print  # noqa: A001
+    actor, critic, reference, s.tok, s.counts = build_models(recipe, device)
     print(f"ppo: actor {'LoRA ' if recipe.policy.lora.enabled else ''}from {recipe.policy.init_from}; critic "
           f"{recipe.critic.backbone} ({recipe.critic.init_from}); reference {reference.mode}; "
-          f"{counts['resident_M']:.2f}M parameters resident, {counts['trainable_M']:.2f}M trainable")  # fmt: skip
+          f"{s.counts['resident_M']:.2f}M parameters resident, {s.counts['trainable_M']:.2f}M trainable")  # fmt: skip
     reward_fn, scorer = build_reward(recipe.reward, device=str(device))
     pc = recipe.prompts
-    world = make_world(seed=pc.world.seed, num_entities=pc.world.num_entities)
-    train_prompts = rollout_prompts(world, pc, seed=recipe.run.seed)
-    heldout = [q for q in world.prompts(pc.world.heldout_split, pc.heldout_prompts, seed=recipe.run.seed)
-               if not pc.world.families or q.family in pc.world.families] if pc.heldout_prompts else []  # fmt: skip
-    items, dropped = world_items(tok, train_prompts, pc.max_prompt_tokens)
-    if not items:
+    s.world = make_world(seed=pc.world.seed, num_entities=pc.world.num_entities)
+    train_prompts = rollout_prompts(s.world, pc, seed=recipe.run.seed)
+    s.heldout = [q for q in s.world.prompts(pc.world.heldout_split, pc.heldout_prompts, seed=recipe.run.seed)
+                 if not pc.world.families or q.family in pc.world.families] if pc.heldout_prompts else []  # fmt: skip
+    s.items, dropped = world_items(s.tok, train_prompts, pc.max_prompt_tokens)
+    if not s.items:
         raise ConfigError(
             f"prompts: no training prompt fits prompts.max_prompt_tokens={pc.max_prompt_tokens}"
         )
     print(
-        f"prompts: {len(items)} train (dropped {dropped} over {pc.max_prompt_tokens} tokens), {len(heldout)} held-out"
+        f"prompts: {len(s.items)} train (dropped {dropped} over {pc.max_prompt_tokens} tokens), {len(s.heldout)} held-out"
     )
-
     kernel = (
         t.logprob_kernel if t.logprob_kernel != "auto" else ("triton" if device.type == "cuda" else "torch")
     )
-    trainer = PPOTrainer(
-        actor, critic, reference, tok, reward_fn, recipe.ppo, recipe.kl, recipe.generation, t, recipe.optim,
-        critic_lr=recipe.critic.lr, critic_warmup_steps=recipe.critic.warmup_steps, stop_ids=turn_terminator_ids(tok),
-        strategy=strategy, device=device, amp_dtype=autocast_dtype(t.dtype, device), seed=recipe.run.seed,
-        run_dir=run_dir, log=print, logprob_kernel=kernel,
+    s.trainer = PPOTrainer(
+        actor, critic, reference, s.tok, reward_fn, recipe.ppo, recipe.kl, recipe.generation, t, recipe.optim,
+        critic_lr=recipe.critic.lr, critic_warmup_steps=recipe.critic.warmup_steps, stop_ids=turn_terminator_ids(s.tok),
+        strategy=s.strategy, device=device, amp_dtype=autocast_dtype(t.dtype, device), seed=recipe.run.seed,
+        run_dir=s.run_dir, log=print, logprob_kernel=kernel,
     )  # fmt: skip
+    s.eval_scorer = scorer if recipe.eval.rm_scores else None
+    s.seen = [it.world_prompt for it in s.items[: recipe.eval.rollout_prompts]]
+    return critic
 
-    eval_scorer = scorer if recipe.eval.rm_scores else None
 
-    seen = [it.world_prompt for it in items[: recipe.eval.rollout_prompts]]
+def _eval_row(report: dict[str, Any] | None) -> dict[str, float]:
+    keys = ("accuracy", "score", "right_language", "mean_chars", "reward_mean")
+    return {f"eval/{k}": report[k] for k in keys if report and k in report}
 
-    def evaluate(prompts: list | None = None, samples: int = 0) -> dict[str, Any]:
-        prompts = heldout if prompts is None else prompts
-        with strategy.generation_context(trainer.actor) as a:
-            if not strategy.is_main:
-                return {}
-            return evaluate_policy(
-                a.glm, tok, world, prompts, eval_scorer, recipe.eval.max_new_tokens, samples=samples,
-                sample_temperature=recipe.eval.sample_temperature, seed=recipe.run.seed,
-            )  # fmt: skip
 
-    def eval_row(report: dict[str, Any] | None) -> dict[str, float]:
-        keys = ("accuracy", "score", "right_language", "mean_chars", "reward_mean")
-        return {f"eval/{k}": report[k] for k in keys if report and k in report}
+def _write_policy(s: _Session, folder: Path) -> Path:
+    from glmwb.align.ppo.models import merged_glm
+    from glmwb.pretrain.hf import save_pretrained
 
-    cycle = PromptCycle(items, recipe.run.seed)
-    resumed = _resume(run_dir, t, strategy, trainer, cycle, print)
-    if resumed is not None:
-        before, seen_before = resumed.get("before"), resumed.get("seen_before")
-    else:
-        for stale in (METRICS, "samples.jsonl", "samples.txt"):
-            if strategy.is_main:
-                (run_dir / stale).unlink(missing_ok=True)
-        before = evaluate(samples=recipe.eval.samples) if recipe.eval.before and heldout else None
-        seen_before = evaluate(seen) if seen else None
-        if before:
-            trainer.write_metrics({"step": 0, **eval_row(before)})
-    if before:
-        print(
-            f"held-out before PPO: accuracy {before['accuracy']:.3f}, score {before['score']:.3f} (n={before['n']})"
-        )
+    return save_pretrained(merged_glm(s.trainer.actor_module.glm), folder, s.tok)
+
+
+def _checkpointer(s: _Session, cycle, start_evals: dict[str, Any]):
+    """The trainer's ``on_step``: every ``train.save_every`` steps a policy folder, and on one rank the state
+    that resume needs (DeepSpeed runs keep the policy folder only)."""
+    from glmwb.pretrain.run_folder import rng_state, save_checkpoint
+
+    t, strategy, trainer = s.recipe.train, s.strategy, s.trainer
 
     def on_step(step: int) -> None:
         if not (t.save_every and step % t.save_every == 0):
@@ -229,50 +295,51 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
         state = None
         if strategy.world_size == 1:  # what resume needs; DeepSpeed runs keep the policy folder only
             state = {"trainer": trainer.state_dict(), "prompts": cycle.state_dict(), "rng": rng_state(),
-                     "before": before, "seen_before": seen_before}  # fmt: skip
+                     **start_evals}  # fmt: skip
         with strategy.gathered(trainer.actor):
             if strategy.is_main:
-                save_checkpoint(run_dir, step, write_policy, state, t.keep_checkpoints, digits=5)
+                save_checkpoint(
+                    s.run_dir, step, lambda f: _write_policy(s, f), state, t.keep_checkpoints, digits=5
+                )
 
-    def write_policy(folder: Path) -> None:
-        save_pretrained(merged_glm(trainer.actor_module.glm), folder, tok)
+    return on_step
 
-    periodic_eval = (lambda: eval_row(evaluate())) if heldout else None
-    last = trainer.train(cycle, t.steps, t.max_minutes, periodic_eval, t.eval_every, on_step)
-    after = evaluate(samples=recipe.eval.samples) if recipe.eval.after and heldout else None
-    seen_after = evaluate(seen) if seen else None
-    budget = trainer.budget()
-    if after:
-        trainer.write_metrics({"step": trainer.step_count, **eval_row(after)})
+
+def _save(s: _Session, critic, budget) -> Path | None:
+    """The curves, final/ (the policy, LoRA merged) and critic/ (collective under ZeRO-3); the main rank
+    returns final/ with its run record."""
+    from glmwb.pretrain.run_folder import METRICS, run_title, write_model_record
+
+    recipe, strategy, trainer, run_dir = s.recipe, s.strategy, s.trainer, s.run_dir
     if strategy.is_main:
         from glmwb.align.ppo.plots import plot_training
 
         what = f"policy from {recipe.policy.init_from}, {recipe.reward.kind} reward"
         plot_training(run_dir / METRICS, run_dir / "training.png", run_title("PPO", run_dir, what, budget))
-
     with strategy.gathered(trainer.actor):
-        final = (
-            save_pretrained(merged_glm(trainer.actor_module.glm), run_dir / "final", tok)
-            if strategy.is_main
-            else None
-        )
+        final = _write_policy(s, run_dir / "final") if strategy.is_main else None
     if critic is not None:
         with strategy.gathered(trainer.critic):
             if strategy.is_main:
-                strategy.unwrap(trainer.critic).save(run_dir / "critic", tok)
-    if not strategy.is_main:
-        return {}
-    write_model_record(final, budget, run_dir, recipe.policy.init_from)
-    summary: dict[str, Any] = {"steps": trainer.step_count, "final": str(final), "parameters": counts,
-                               "last_step": last, "minutes": last.get("time/elapsed_min"),
-                               "stopped_early": budget.stopped_early}  # fmt: skip
+                strategy.unwrap(trainer.critic).save(run_dir / "critic", s.tok)
+    if strategy.is_main:
+        write_model_record(final, budget, run_dir, recipe.policy.init_from)
+    return final
+
+
+def _report(s: _Session, final: Path, summary, before, after, seen_before, seen_after) -> None:
+    """Before / after tables (held-out, and the rollout prompts PPO trained on) on the console, in eval/ and
+    in the summary."""
+    from glmwb.align.evaluate import compare, format_models, format_table, significance_line
+
+    run_dir = s.run_dir
     if before and after:
         reports = {"before": before, "after": after}
         comparison = compare(before, after)
         table = format_table(reports, {"after": comparison})
-        models = format_models({"before": recipe.policy.init_from, "after": final})
-        print(f"\nheld-out world prompts (n={after['n']}), before vs after PPO:\n{table}\n\n{models}")
-        print(significance_line(comparison))
+        models = format_models({"before": s.recipe.policy.init_from, "after": final})
+        s.print(f"\nheld-out world prompts (n={after['n']}), before vs after PPO:\n{table}\n\n{models}")
+        s.print(significance_line(comparison))
         (run_dir / "eval").mkdir(exist_ok=True)
         (run_dir / "eval" / "table.md").write_text(
             f"{table}\n\n{significance_line(comparison)}\n\n{models}\n"
@@ -284,18 +351,12 @@ def run_ppo(recipe: PPORecipe) -> dict[str, Any]:
         table = format_table(
             {"before": seen_before, "after": seen_after}, {"after": compare(seen_before, seen_after)}
         )
-        print(
+        s.print(
             f"\nrollout (train-split) prompts PPO trained on (n={seen_after['n']}), before vs after:\n{table}"
         )
         (run_dir / "eval").mkdir(parents=True, exist_ok=True)
         (run_dir / "eval" / "rollout_prompts.md").write_text(table + "\n")
         summary["eval_rollout_prompts"] = {"before": _brief(seen_before), "after": _brief(seen_after)}
-    write_summary(run_dir, summary, budget, default=_plain)
-    print(
-        f"policy → {final} ({budget.line()}); metrics → {run_dir / METRICS}; "
-        f"curves → {run_dir / 'training.png'}"
-    )
-    return summary
 
 
 def _resume(run_dir: Path, t, strategy, trainer, cycle, log) -> dict[str, Any] | None:

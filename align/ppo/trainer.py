@@ -22,10 +22,10 @@ from torch import Tensor
 
 from glmwb.align.ppo import core
 from glmwb.align.ppo.config import GenerationConfig, KLConfig, PPOConfig, PPOTrainConfig
-from glmwb.align.ppo.distributed import Single
 from glmwb.align.ppo.models import Actor, Critic, Reference
 from glmwb.align.ppo.rollout import PromptItem, RewardFunction, Samples, decode_responses, sample_batched
 from glmwb.pretrain.run_folder import METRICS, Budget, MetricsLog, TimeLimit
+from glmwb.pretrain.strategy import SingleDevice
 
 # ----------------------------------------------------------------------------------------------------------
 # A step's experience
@@ -96,7 +96,7 @@ class PPOTrainer:
         critic_lr: float | None = None,
         critic_warmup_steps: int = 0,
         stop_ids: Sequence[int] = (),
-        strategy: Single | None = None,
+        strategy: SingleDevice | None = None,
         device: torch.device | str = "cpu",
         amp_dtype: torch.dtype | None = None,
         seed: int = 0,
@@ -112,7 +112,7 @@ class PPOTrainer:
             raise ValueError("PPOTrainer: ppo.score_norm 'group' needs train.samples_per_prompt >= 2")
         if critic is not None and actor.value_head is not None:
             raise ValueError("PPOTrainer: a separate critic and a shared value head at once; pick one")
-        self.strategy = strategy or Single()
+        self.strategy = strategy or SingleDevice()
         self.tokenizer, self.reward_fn = tokenizer, reward_fn
         self.ppo, self.kl_cfg, self.gen, self.cfg, self.optim_cfg = ppo, kl, generation, train, optim
         self.device = torch.device(device)

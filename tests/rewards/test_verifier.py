@@ -70,6 +70,40 @@ def test_features_against_hand_computed_values() -> None:
     assert unsure[ALL.index("confident_misses")] == 0
 
 
+def test_each_feature_scale_is_the_unit_its_comment_names() -> None:
+    """VERIFIER_FEATURES divides each feature by its unit: built answers that hold exactly one unit of each
+    read 1 (or -1 for the log-likelihoods). LM rows are log-probabilities over 3 tokens; a sure row has
+    m = 1 (log m = 0)."""
+    from glmwb.rewards.config import VERIFIER_FEATURES
+
+    def features(rows, targets, names):
+        return dict(
+            zip(names, token_features(torch.tensor(rows), torch.tensor(targets), names).tolist(), strict=True)
+        )
+
+    sure = [0.0, -5.0, -5.0]  # sure of token 0; tokens 1 and 2 at p = e^-5
+    plain = [0.0, -40.0, -40.0]  # sure of token 0, and token 0 is written: no regret
+    # one contradicted sure belief of 5 nats in the body (after the 2-token opening), then two of them
+    one = features([plain, plain, sure, plain], [0, 0, 1, 0], ("contradiction", "body_contradiction"))
+    assert one == pytest.approx({"contradiction": 1.0, "body_contradiction": 1.0})
+    two = features([plain, plain, sure, sure], [0, 0, 1, 2], ("contradiction_sum", "body_contradiction_sum"))
+    assert two == pytest.approx({"contradiction_sum": 1.0, "body_contradiction_sum": 1.0})
+    opening = features([sure, plain, plain], [1, 0, 0], ("opening_contradiction", "body_contradiction"))
+    assert opening == pytest.approx({"opening_contradiction": 1.0, "body_contradiction": 0.0})
+    # two confident misses (m = 0.6 > 0.5, another token written) in the body
+    miss = [math.log(0.6), math.log(0.3), math.log(0.1)]
+    misses = features([plain, plain, miss, miss], [0, 0, 1, 1], ("confident_misses", "body_confident_misses"))
+    assert misses == pytest.approx({"confident_misses": 1.0, "body_confident_misses": 1.0})
+    # 32 tokens at log p = -0.625, one of them at -10: the sum (-20 - 9.375) and min in their units
+    flat = [[-0.625, -1.0, -1.0]] * 31 + [[-0.625, -10.0, -1.0]]
+    lik = features(flat, [0] * 31 + [1], ("logp_sum", "logp_min", "length"))
+    assert lik == pytest.approx({"logp_sum": (-0.625 * 31 - 10.0) / 20.0, "logp_min": -1.0, "length": 1.0})
+    lik = features([[-0.625, -1.0, -1.0]] * 32, [0] * 32, ("logp_sum", "length"))
+    assert lik == pytest.approx({"logp_sum": -1.0, "length": 1.0})
+    assert set(VERIFIER_FEATURES) == {*ALL, "opening_contradiction", "body_contradiction",
+                                      "body_contradiction_sum", "body_confident_misses"}  # fmt: skip
+
+
 def test_padded_packed_and_reward_folder_round_trip(tiny_tokenizer, tmp_path) -> None:
     tok = tiny_tokenizer
     pad = reward_pad_id(tok)
@@ -192,76 +226,21 @@ def test_bad_verifier_settings_are_named(tiny_tokenizer, tmp_path) -> None:
     assert model.verifier is not None and model.verifier_weight.shape == (1, 4)
 
 
-def test_gated_feature_weights_start_neutral_train_and_round_trip(tiny_tokenizer, tmp_path) -> None:
-    """``model.verifier.gate``: weights W + U·h_T. U starts at zero (the reward is that of W alone), moves in
-    training, is the same padded and packed, and survives the folder round trip (verifier/gate.safetensors)."""
-    from glmwb.pretrain.optim import OptimConfig
-    from glmwb.rewards.train import train_reward_model
+def test_a_folder_with_gated_feature_weights_is_refused_by_name(tiny_tokenizer, tmp_path) -> None:
+    """Feature weights are plain (W · φ): a folder whose reward_config.json says ``verifier_gate: true`` is
+    refused with one line naming the folder; ``verifier_gate: false`` reads as the plain weights it is."""
+    import json
 
     tok = tiny_tokenizer
-    pad = reward_pad_id(tok)
-    seqs = [encode_response(tok, p, a) for p, a in zip(PROMPTS, ANSWERS, strict=True)]
-    model = RewardModel(tiny_glm(tok), heads=["reward", "correctness"]).attach_verifier(_verifier(tok))
-    with torch.no_grad():
-        model.verifier_weight.copy_(torch.randn(2, len(ALL)))
-    ungated = model(**padded_batch(seqs, pad)).detach()
-    model.attach_verifier(model.verifier, model.verifier_weight.detach(), gate=True)
-    assert model.verifier_gate.weight.shape == (2 * len(ALL), model.config.hidden_size)
-    assert torch.allclose(model(**padded_batch(seqs, pad)), ungated, atol=1e-6)
-    with torch.no_grad():
-        model.verifier_gate.weight.normal_(std=0.1)
-    padded = model(**padded_batch(seqs, pad))
-    assert not torch.allclose(padded, ungated, atol=1e-3)
-    assert torch.allclose(model(**packed_batch(seqs, pad, row_tokens=256)), padded, atol=1e-5)
+    model = RewardModel(tiny_glm(tok)).attach_verifier(_verifier(tok))
     folder = model.save(tmp_path / "rm", tok)
-    assert (folder / "verifier" / "gate.safetensors").is_file()
-    loaded = RewardModel.from_pretrained(folder)
-    assert loaded.info.verifier_gate
-    assert torch.allclose(score_sequences(loaded, seqs, pad), padded.detach(), atol=1e-5)
-    assert not any(k.startswith("verifier") for k in loaded.hf_state_dict())
-    with pytest.raises(ValueError, match="verifier gate has shape"):
-        model.attach_verifier(model.verifier, gate=torch.zeros(3, 5))
-    # the preference loss trains U
-    fresh = RewardModel(tiny_glm(tok)).attach_verifier(_verifier(tok, names=("length",)), gate=True)
-    train, _ = encode_pairs(tok, _shorter_wins(tok, planted_records(64, seed=0)), 96)
-    train_reward_model(
-        fresh, tok, train, [], RewardLossConfig(tie_model="drop"),
-        OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.0),
-        RewardTrainConfig(batch_size=8, max_steps=3, eval_every=1000, log_every=10),
-        tmp_path / "run", pad, log=lambda s: None,
-    )  # fmt: skip
-    assert fresh.verifier_gate.weight.abs().max() > 1e-3
-
-
-def test_gate_on_named_features_moves_only_their_weights(tiny_tokenizer, tmp_path) -> None:
-    """``model.verifier.gate: [names]``: training moves only those features' rows of U (the others stay exactly
-    zero, so the saved folder reproduces the reward without a mask); unknown names are refused."""
-    from glmwb.pretrain.optim import OptimConfig
-    from glmwb.rewards.train import train_reward_model
-
-    tok = tiny_tokenizer
-    names = ("length", "logp_sum")
-    model = RewardModel(tiny_glm(tok)).attach_verifier(_verifier(tok, names=names), gate=["length"])
-    train, _ = encode_pairs(tok, _shorter_wins(tok, planted_records(64, seed=0)), 96)
-    train_reward_model(
-        model, tok, train, [], RewardLossConfig(tie_model="drop"),
-        OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1),
-        RewardTrainConfig(batch_size=8, max_steps=3, eval_every=1000, log_every=10),
-        tmp_path / "run", reward_pad_id(tok), log=lambda s: None,
-    )  # fmt: skip
-    u = model.verifier_gate.weight.detach()
-    assert u[0].abs().max() > 1e-3  # length: gated, trained
-    assert u[1].abs().max() == 0.0  # logp_sum: fixed weight only
-    seqs = [encode_response(tok, p, a) for p, a in zip(PROMPTS, ANSWERS, strict=True)]
-    pad = reward_pad_id(tok)
-    expected = score_sequences(model, seqs, pad)
-    loaded = RewardModel.from_pretrained(model.save(tmp_path / "rm", tok))
-    assert loaded.verifier_gate_mask is None
-    assert torch.allclose(score_sequences(loaded, seqs, pad), expected, atol=1e-5)
-    with pytest.raises(ValueError, match=r"\['contradiction'\] not among"):
-        model.attach_verifier(model.verifier, gate=["contradiction"])
-    with pytest.raises(ValueError, match="model.verifier.gate"):
-        VerifierConfig(features=names, gate=("contradiction",))
+    config = json.loads((folder / "reward_config.json").read_text())
+    assert "verifier_gate" not in config
+    (folder / "reward_config.json").write_text(json.dumps({**config, "verifier_gate": False}))
+    assert RewardModel.from_pretrained(folder).verifier_weight.shape == (1, len(ALL))
+    (folder / "reward_config.json").write_text(json.dumps({**config, "verifier_gate": True}))
+    with pytest.raises(ValueError, match=f"{folder}: its feature weights are gated"):
+        RewardModel.from_pretrained(folder)
 
 
 def test_value_first_fits_the_value_weights_after_the_head(tiny_tokenizer, tmp_path) -> None:
@@ -301,6 +280,24 @@ def test_value_first_fits_the_value_weights_after_the_head(tiny_tokenizer, tmp_p
     assert summary["eval_after"]["accuracy"] > 0.9, summary["eval_after"]
     with pytest.raises(ValueError, match="value_scales must be positive"):
         RewardTrainConfig(value_scales=(1.0, 0.0))
+
+
+def test_value_scale_is_the_one_that_ranks_the_most_strict_pairs_right() -> None:
+    """train.value_scales on gaps where the answer is known: the head prefers the wrong answer on two strict
+    pairs by 1, the fitted value weights prefer the right one by 0.6. x1 gets them wrong (1/3 right), x2 and
+    x3 get all three right and x2, nearer the fit's own weights, is chosen; a tie pair does not count."""
+    from glmwb.rewards.train import best_value_scale
+
+    head_gap = torch.tensor([-1.0, -1.0, 2.0, 5.0], dtype=torch.float64)
+    value_gap = torch.tensor([0.6, 0.6, -0.1, -3.0], dtype=torch.float64)
+    strict = torch.tensor([True, True, True, False])  # the last pair is a tie: no say in the choice
+    best, accuracy = best_value_scale(head_gap, value_gap, strict, (1, 2, 3))
+    assert accuracy == pytest.approx({1.0: 1 / 3, 2.0: 1.0, 3.0: 1.0})
+    assert best == 2.0
+    assert best_value_scale(head_gap, value_gap, strict, (0.5, 1))[0] == 1.0  # both 1/3: the fit's own
+    assert (
+        best_value_scale(head_gap, value_gap, strict, (1, 5))[0] == 5.0
+    )  # 5: -1 + 3 > 0 on both, 2 - 0.5 > 0
 
 
 def test_value_first_refuses_what_it_cannot_split(tiny_tokenizer, tmp_path) -> None:
