@@ -126,25 +126,8 @@ def _battle_item(prompt, a, b, arena: dict[str, Any], batch: str):
     )
 
 
-def run_arena(recipe: ArenaRecipe) -> dict[str, Any]:
-    import numpy as np
-
-    from glmwb.annotation.export import export_records, write_records
-    from glmwb.annotation.ratings import (
-        adjacent_separations,
-        battles_from_store,
-        fit_bt,
-        next_pair,
-        online_elo,
-        plot_leaderboard,
-        rank_fragility,
-        ratings_json,
-    )
-    from glmwb.annotation.store import NewResponse, Store
-    from glmwb.annotation.tasks import SamplingConfig, load_prompts, sample_responses, simulate_votes
-
-    out = Path(recipe.run.dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _present_policies(recipe: ArenaRecipe) -> list[ArenaPolicy]:
+    """The policies whose model folder exists (a missing one is an error unless ``skip_missing``)."""
     policies = []
     for p in recipe.policies:
         if (Path(p.path) / "config.json").is_file():
@@ -155,12 +138,16 @@ def run_arena(recipe: ArenaRecipe) -> dict[str, Any]:
             print(f"arena: {p.name} left out (no model folder at {p.path})")
     if len(policies) < 2:
         raise ConfigError(f"arena: needs at least two policies, has {[p.name for p in policies]}")
-    names = [p.name for p in policies]
-    pr = recipe.prompts
-    parts = pr.source.split(":")
-    prompts = load_prompts(f"world:{parts[1] if len(parts) > 1 and parts[1] else 'test'}:{pr.n}", pr.n,
-                           seed=pr.world_seed)  # fmt: skip
-    answers_file = out / "answers.jsonl"
+    return policies
+
+
+def _policy_answers(
+    recipe: ArenaRecipe, policies: list[ArenaPolicy], prompts: list, answers_file: Path
+) -> dict:
+    """Each policy's sampled answers per prompt uid; a rerun reads the ones already in ``answers_file``."""
+    from glmwb.annotation.store import NewResponse
+    from glmwb.annotation.tasks import SamplingConfig, sample_responses
+
     answers: dict[str, dict[str, list[NewResponse]]] = {}
     if answers_file.is_file():  # a rerun: the same answers
         for line in answers_file.read_text(encoding="utf-8").splitlines():
@@ -188,8 +175,17 @@ def run_arena(recipe: ArenaRecipe) -> dict[str, Any]:
                     f.write(json.dumps({"policy": p.name, "prompt_uid": uid, "text": r.text, "checkpoint": r.checkpoint,
                                         "sampling": r.sampling, "chat_template_sha256": r.chat_template_sha256},
                                        ensure_ascii=False) + "\n")  # fmt: skip
+    return answers
 
-    store = Store(recipe.store or out / "store.db")
+
+def _judge_battles(store, recipe: ArenaRecipe, names: list[str], prompts: list, answers: dict) -> None:
+    """Battles up to ``battles.n`` in rounds of ``refit_every``: each round's pairs are drawn (actively, from a
+    fit of the votes so far, or uniformly), stored as items and judged by the simulated evaluators."""
+    import numpy as np
+
+    from glmwb.annotation.ratings import battles_from_store, fit_bt, next_pair
+    from glmwb.annotation.tasks import simulate_votes
+
     b = recipe.battles
     evaluators = [f"evaluator-{i}" for i in range(b.evaluators)]
     for name in evaluators:
@@ -197,60 +193,92 @@ def run_arena(recipe: ArenaRecipe) -> dict[str, Any]:
             store.create_annotator(name, os.urandom(16).hex(), role="annotator")
     rng = np.random.default_rng(recipe.run.seed)
     pick = random.Random(f"arena|{recipe.run.seed}")
-    lb_settings = dict(ties=recipe.leaderboard.ties, bothbad=recipe.leaderboard.bothbad)
+    done = len([i for i in store.items().values() if i.batch == recipe.batch])
+    if done:
+        print(f"arena: {done} battles of batch {recipe.batch!r} already in the store")
+        rng = np.random.default_rng([recipe.run.seed, done])
+    while done < b.n:
+        lb = None
+        if b.selection == "active":
+            battles = battles_from_store(store, arena_only=True)
+            if len({x.model_a for x in battles} | {x.model_b for x in battles}) >= 2:
+                try:
+                    lb = fit_bt(
+                        battles, bootstrap=0, ties=recipe.leaderboard.ties, bothbad=recipe.leaderboard.bothbad
+                    )
+                except ConfigError:
+                    lb = None  # e.g. the models met in disconnected groups so far: uniform until they meet
+        items = []
+        for _ in range(min(b.refit_every, b.n - done)):
+            choice = next_pair(lb, names, rng, explore=b.explore if b.selection == "active" else 1.0)
+            prompt = prompts[pick.randrange(len(prompts))]
+            a = pick.choice(answers[choice.model_a][prompt.uid])
+            c = pick.choice(answers[choice.model_b][prompt.uid])
+            arena = {"mode": "anonymous", "counted": True, "pair_prob": choice.prob, "weight": choice.weight,
+                     "category": prompt.meta["world_prompt"].get("family"), "selection": b.selection,
+                     "lang": prompt.meta["world_prompt"].get("lang")}  # fmt: skip
+            items.append(_battle_item(prompt, a, c, arena, recipe.batch))
+        store.add_items(items, seed=recipe.run.seed * 1_000_003 + done)
+        cast, share = 0, -(-len(items) // len(evaluators))  # each evaluator judges its share in turn
+        for i, name in enumerate(evaluators):
+            cast += simulate_votes(store, [name], noise=b.noise, seed=recipe.run.seed * 100 + i, limit=share)
+        done += len(items)
+        print(f"arena: {done} of {b.n} battles, {cast} votes this round", flush=True)
+
+
+def _final_leaderboard(store, recipe: ArenaRecipe, out: Path) -> tuple:
+    """The leaderboard of every counted battle (printed, saved as text / JSON / plot) and the votes exported
+    as preference pairs; returns (battles, leaderboard, plot, rows, preferences file)."""
+    from glmwb.annotation.export import export_records, write_records
+    from glmwb.annotation.ratings import (
+        adjacent_separations,
+        battles_from_store,
+        fit_bt,
+        plot_leaderboard,
+        rank_fragility,
+        ratings_json,
+    )
+
+    battles = battles_from_store(store, arena_only=True)
+    lcfg = recipe.leaderboard
+    lb = fit_bt(battles, bootstrap=lcfg.bootstrap, style_control=lcfg.style_control, seed=recipe.run.seed,
+                ties=lcfg.ties, bothbad=lcfg.bothbad)  # fmt: skip
+    if lcfg.fragility:
+        rank_fragility(battles, lb)
+    table = lb.table()
+    seps = [x for x in adjacent_separations(lb) if x.votes]
+    if seps:
+        table += "\n\nbattles still needed to separate neighbours (at the estimated gap):\n" + "\n".join(
+            f"  {x.model_a} vs {x.model_b}: gap {x.gap:+.0f}, about {x.votes} more" for x in seps
+        )
+    print("\n" + table + "\n")
+    (out / "leaderboard.txt").write_text(table + "\n", encoding="utf-8")
+    ratings_json(lb, out / "leaderboard.json")
+    plot = plot_leaderboard(lb, battles, out / "leaderboard.png")
+    result = export_records(store, mode="all", ties="keep", both_bad="tie")
+    rows = [r for r in result.rows if r["provenance"]["batch"] == recipe.batch]
+    prefs = write_records(rows, out / "preferences.jsonl")
+    return battles, lb, plot, rows, prefs
+
+
+def run_arena(recipe: ArenaRecipe) -> dict[str, Any]:
+    from glmwb.annotation.ratings import online_elo
+    from glmwb.annotation.store import Store
+    from glmwb.annotation.tasks import load_prompts
+
+    out = Path(recipe.run.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    policies = _present_policies(recipe)
+    names = [p.name for p in policies]
+    pr = recipe.prompts
+    parts = pr.source.split(":")
+    prompts = load_prompts(f"world:{parts[1] if len(parts) > 1 and parts[1] else 'test'}:{pr.n}", pr.n,
+                           seed=pr.world_seed)  # fmt: skip
+    answers = _policy_answers(recipe, policies, prompts, out / "answers.jsonl")
+    store = Store(recipe.store or out / "store.db")
     try:
-        done = len([i for i in store.items().values() if i.batch == recipe.batch])
-        if done:
-            print(f"arena: {done} battles of batch {recipe.batch!r} already in the store")
-            rng = np.random.default_rng([recipe.run.seed, done])
-        while done < b.n:
-            lb = None
-            if b.selection == "active":
-                battles = battles_from_store(store, arena_only=True)
-                if len({x.model_a for x in battles} | {x.model_b for x in battles}) >= 2:
-                    try:
-                        lb = fit_bt(battles, bootstrap=0, **lb_settings)
-                    except ConfigError:
-                        lb = (
-                            None  # e.g. the models met in disconnected groups so far: uniform until they meet
-                        )
-            items = []
-            for _ in range(min(b.refit_every, b.n - done)):
-                choice = next_pair(lb, names, rng, explore=b.explore if b.selection == "active" else 1.0)
-                prompt = prompts[pick.randrange(len(prompts))]
-                a = pick.choice(answers[choice.model_a][prompt.uid])
-                c = pick.choice(answers[choice.model_b][prompt.uid])
-                arena = {"mode": "anonymous", "counted": True, "pair_prob": choice.prob, "weight": choice.weight,
-                         "category": prompt.meta["world_prompt"].get("family"), "selection": b.selection,
-                         "lang": prompt.meta["world_prompt"].get("lang")}  # fmt: skip
-                items.append(_battle_item(prompt, a, c, arena, recipe.batch))
-            store.add_items(items, seed=recipe.run.seed * 1_000_003 + done)
-            cast, share = 0, -(-len(items) // len(evaluators))  # each evaluator judges its share in turn
-            for i, name in enumerate(evaluators):
-                cast += simulate_votes(
-                    store, [name], noise=b.noise, seed=recipe.run.seed * 100 + i, limit=share
-                )
-            done += len(items)
-            print(f"arena: {done} of {b.n} battles, {cast} votes this round", flush=True)
-        battles = battles_from_store(store, arena_only=True)
-        lcfg = recipe.leaderboard
-        lb = fit_bt(battles, bootstrap=lcfg.bootstrap, style_control=lcfg.style_control, seed=recipe.run.seed,
-                    **lb_settings)  # fmt: skip
-        if lcfg.fragility:
-            rank_fragility(battles, lb)
-        table = lb.table()
-        seps = [x for x in adjacent_separations(lb) if x.votes]
-        if seps:
-            table += "\n\nbattles still needed to separate neighbours (at the estimated gap):\n" + "\n".join(
-                f"  {x.model_a} vs {x.model_b}: gap {x.gap:+.0f}, about {x.votes} more" for x in seps
-            )
-        print("\n" + table + "\n")
-        (out / "leaderboard.txt").write_text(table + "\n", encoding="utf-8")
-        ratings_json(lb, out / "leaderboard.json")
-        plot = plot_leaderboard(lb, battles, out / "leaderboard.png")
-        result = export_records(store, mode="all", ties="keep", both_bad="tie")
-        rows = [r for r in result.rows if r["provenance"]["batch"] == recipe.batch]
-        prefs = write_records(rows, out / "preferences.jsonl")
+        _judge_battles(store, recipe, names, prompts, answers)
+        battles, lb, plot, rows, prefs = _final_leaderboard(store, recipe, out)
     finally:
         store.close()
     summary = {
