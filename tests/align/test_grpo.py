@@ -150,7 +150,7 @@ def test_recipe_mistakes_are_clear_errors(tmp_path, policy_folder) -> None:
         ("trainer=rloo", "algo.loss_type=grpo"): r"algo.loss_type: not used by trainer 'rloo'",
         ("algo.normalize_advantages=true",): r"algo.normalize_advantages: not used by trainer 'grpo'",
         ("algo.loss_type=ppo",): r"algo.loss_type must be one of grpo, dr_grpo",
-        ("generation.num_generations=1",): r"num_generations must be >= 2",
+        ("generation.num_generations=1",): r"num_generations must be an integer >= 2",
         ("train.micro_batch=5",): r"micro_batch \(5\) must divide prompts_per_step x num_generations \(32\)",
         ("rewards=[{name: world_corect}]",): r"unknown reward 'world_corect'",
         ("rewards=[{name: rm}]",): r"reward 'rm' needs folder",

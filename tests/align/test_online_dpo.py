@@ -82,5 +82,5 @@ def test_best_worst_pairs_follow_the_scores():
 def test_recipe_mistakes(tmp_path, policy_folder):
     with pytest.raises(ConfigError, match="needs label.reward_model"):
         recipe(tmp_path, policy_folder, label={"source": "rm"})
-    with pytest.raises(ConfigError, match="rounds.k must be >= 2"):
+    with pytest.raises(ConfigError, match="rounds.k must be an integer >= 2"):
         recipe(tmp_path, policy_folder, rounds={"k": 1}, label={"source": "world"})

@@ -230,15 +230,15 @@ def test_reward_recipe_end_to_end(tiny_tokenizer, tmp_path, capsys) -> None:
 def test_a_reward_run_cut_short_by_the_clock_says_so(tiny_tokenizer, tmp_path, capsys) -> None:
     code = _run_tiny_reward_recipe(
         tiny_tokenizer, tmp_path, "data.world.train_prompts=32", "data.world.heldout_prompts=24", "train.max_steps=5",
-        "train.batch_size=4", "train.max_minutes=0", "eval.ensemble=0",
+        "train.batch_size=4", "train.max_minutes=0.0001", "eval.ensemble=0",
     )  # fmt: skip
     assert code == 0
     out = capsys.readouterr().out
-    assert "note: training stopped early at step 1 of 5 (train.max_minutes=0 reached)" in out
+    assert "note: training stopped early at step 1 of 5 (train.max_minutes=0.0001 reached)" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["stopped_early"] is True and summary["budget"]["steps_done"] == 1
     record = json.loads((tmp_path / "run" / "final" / "glmwb_run.json").read_text())
-    assert record["stopped_early"] and record["reason"] == "train.max_minutes=0 reached"
+    assert record["stopped_early"] and record["reason"] == "train.max_minutes=0.0001 reached"
 
 
 def test_auxiliary_lm_loss_keeps_a_frozen_lm_head_that_is_never_saved(
