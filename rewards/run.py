@@ -102,7 +102,7 @@ def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
     from glmwb.pretrain.run_folder import Budget, write_model_record, write_summary
     from glmwb.pretrain.strategy import make_strategy
     from glmwb.rewards.data import annotator_reliability, encode_pairs, reliability_weights
-    from glmwb.rewards.evaluate import evaluate_folder, format_summary
+    from glmwb.rewards.evaluate import evaluate_folder, format_summary, length_baseline_line
     from glmwb.rewards.model import reward_pad_id
     from glmwb.rewards.train import save_reward_folder, train_reward_model
 
@@ -205,6 +205,8 @@ def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
         report["pairwise"] | {"calibration": report["calibration"], "length": report["length"]}
     )
     print(f"held-out: {line}")
+    if report["pairwise"].get("accuracy") is not None and report["length_baseline"]["strict_pairs"]:
+        print(f"  length: {length_baseline_line(report['length_baseline'])}")
     if "world" in report and report["world"].get("pairs"):
         w = report["world"]
         target = recipe.eval.target_fraction_of_ceiling
@@ -241,7 +243,7 @@ def run_reward(recipe: RewardRecipe) -> dict[str, Any]:
 
     info_path = final / (ENSEMBLE_INFO if is_ensemble(final) else "reward_config.json")
     info = json.loads(info_path.read_text())
-    info["extra"]["eval"] = {k: report[k] for k in ("pairwise", "world") if k in report}
+    info["extra"]["eval"] = {k: report[k] for k in ("pairwise", "length_baseline", "world") if k in report}
     info_path.write_text(json.dumps(info, indent=2, ensure_ascii=False))
     print(f"reward model → {final} ({budget.line()}); evaluation → {run_dir / 'eval'}")
     return summary

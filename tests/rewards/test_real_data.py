@@ -46,3 +46,6 @@ def test_hh_rlhf_reward_model_beats_chance(tmp_path) -> None:
     assert summary["data"]["heldout"]["pairs"] > 2300
     # chance is 0.5 with a standard error of 0.0103 on 2,339 pairs: 0.53 is three of them above it
     assert pairwise["accuracy"] > 0.53, pairwise
+    # beside it, what length alone gets on the same pairs and the accuracy where length cannot help
+    length = summary["eval"]["length_baseline"]
+    assert length["longer_wins"] == pytest.approx(0.597, abs=0.002) and length["balanced"]["pairs"] == 190
