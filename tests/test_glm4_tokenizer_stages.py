@@ -64,7 +64,9 @@ def test_sft_trains_on_glm4_ids(glm4_folder, glm4_tokenizer, tmp_path):
     from glmwb.pretrain.tokenizer import load_glm_tokenizer
 
     tok = load_glm_tokenizer(glm4_folder)
-    enc = encode_conversation(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    enc = encode_conversation(
+        tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    )
     assert enc["input_ids"][:3] == [151331, 151333, 151336] and enc["input_ids"][-1] == 151329
     assert enc["assistant_masks"][-1] == 1  # the eos that ends the answer is trained
     code = run(

@@ -80,7 +80,9 @@ def test_length_baseline_and_length_balanced_accuracy_by_hand() -> None:
     # chars of chosen / rejected; pairs 0-1 differ by < 10 % (balanced), 2-4 do not; pair 5 is a tie
     chosen_len, rejected_len = [100, 50, 200, 30, 80, 10], [95, 52, 100, 60, 40, 99]
     chosen = torch.tensor([1.0, -1.0, 2.0, 0.0, 1.0, 0.0])
-    rejected = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 5.0])  # RM: right on 0 and 2, wrong on 1 and 3, tie on 4
+    rejected = torch.tensor(
+        [0.0, 0.0, 1.0, 1.0, 1.0, 5.0]
+    )  # RM: right on 0 and 2, wrong on 1 and 3, tie on 4
     tie = torch.tensor([False] * 5 + [True])
     b = length_baseline(chosen, rejected, chosen_len, rejected_len, tie)
     assert b["strict_pairs"] == 5 and b["unit"] == "characters"
@@ -91,7 +93,9 @@ def test_length_baseline_and_length_balanced_accuracy_by_hand() -> None:
     assert bal["se"] == pytest.approx(math.sqrt(0.25 / 2)) and bal["share"] == pytest.approx(2 / 5)
     line = length_baseline_line(b)
     assert line.startswith("longer answer wins 0.600 (the RM -0.100 over it)")
-    assert "length-balanced (answers within 10% in length, 2 pairs): RM 0.500 ± 0.354, longer wins 0.500" in line
+    assert (
+        "length-balanced (answers within 10% in length, 2 pairs): RM 0.500 ± 0.354, longer wins 0.500" in line
+    )
 
 
 def test_ensemble_disagreement() -> None:
