@@ -21,7 +21,8 @@ Files (``read_sft``; every error names the file, the 1-based row and the field):
     sharegpt   {conversations: [{from, value}], tools, system?}: human / gpt / function_call / observation
                (glaive function-calling chats); a function_call becomes an assistant tool call, an
                observation an ``observation`` turn, ``tools`` (a JSON string or list) the offered tools
-    messages   {messages: [{role, content, tool_calls?}], tools?} (TRL's conversational rows)
+    messages   {messages: [{role, content, tool_calls?}], tools?} (TRL's conversational rows), or GLM-4's own
+               form: tools in the first (system) message, {role: assistant, metadata: NAME, content: ARGS}
 
 Tokens:
     encode_conversation(tokenizer, conversation) -> {"input_ids", "assistant_masks"}
@@ -183,6 +184,24 @@ def check_messages(
             raise SFTDataError(f"{where}: {place}.role must be one of {', '.join(ROLES)}, got {role!r}")
         content = m.get("content")
         calls = m.get("tool_calls") or []
+        metadata = m.get(
+            "metadata"
+        )  # GLM-4's own form of a call: the tool name, the JSON arguments as content
+        if metadata is not None:
+            if (
+                role != "assistant"
+                or not isinstance(metadata, str)
+                or not metadata.strip()
+                or "\n" in metadata
+            ):
+                raise SFTDataError(
+                    f"{where}: {place}.metadata must be a one-line tool name on an assistant message "
+                    f"(GLM-4's form of a call), got {metadata!r:.60} on a {role!r} message"
+                )
+            if calls:
+                raise SFTDataError(f"{where}: {place} has both metadata and tool_calls; give a call one way")
+        if "tools" in m and not (role == "system" and i == 0):
+            raise SFTDataError(f"{where}: {place} has tools; they belong in the first (system) message")
         if role == "assistant" and calls:
             if not isinstance(calls, list):
                 raise SFTDataError(f"{where}: {place}.tool_calls must be a list")
@@ -197,9 +216,18 @@ def check_messages(
         if role == "system" and i > 0:
             raise SFTDataError(f"{where}: {place} is a system turn that is not the first message")
         if role in ("observation", "tool") and not (
-            out and (out[-1].get("tool_calls") or out[-1]["role"] in ("observation", "tool"))
+            out
+            and (
+                out[-1].get("tool_calls")
+                or out[-1].get("metadata")
+                or out[-1]["role"] in ("observation", "tool")
+            )
         ):
             raise SFTDataError(f"{where}: {place} is an observation that follows no tool call")
+        if metadata is not None and not content.strip():
+            raise SFTDataError(
+                f"{where}: {place} is a call of {metadata!r} with no arguments (content is empty)"
+            )
         if role == "assistant" and not content.strip() and not calls:
             raise SFTDataError(f"{where}: {place}.content is empty (an assistant turn with nothing to learn)")
         if role != "assistant" and role != "system" and not content.strip():
@@ -207,6 +235,8 @@ def check_messages(
         msg: dict[str, Any] = {"role": role, "content": content}
         if calls:
             msg["tool_calls"] = calls
+        if metadata is not None:
+            msg["metadata"] = metadata
         out.append(msg)
     if not any(m["role"] == "assistant" for m in out):
         raise SFTDataError(f"{where}: field {field_name!r} has no assistant turn (nothing to train on)")
@@ -337,9 +367,23 @@ def sharegpt_conversation(row: Any, where: str) -> Conversation:
 
 
 def messages_conversation(row: Any, where: str) -> Conversation:
-    """TRL / OpenAI conversational rows: {"messages": [...], "tools": [...]?}."""
+    """TRL / OpenAI conversational rows, ``{"messages": [...], "tools": [...]?}``, and GLM-4's own form: the tools
+    inside the first (system) message, a call as ``{"role": "assistant", "metadata": NAME, "content": ARGS}``,
+    results as role ``observation`` (both render the same tokens)."""
     row = _require(row, ("messages",), where)
-    return Conversation(check_messages(row["messages"], where), _tools(row.get("tools"), where), where)
+    messages = row["messages"]
+    tools = row.get("tools")
+    first = (
+        messages[0] if isinstance(messages, list) and messages and isinstance(messages[0], Mapping) else {}
+    )
+    if first.get("role") == "system" and first.get("tools") is not None:
+        if tools is not None:
+            raise SFTDataError(
+                f"{where}: tools are given both in field 'tools' and in messages[0]; give them once"
+            )
+        tools = first["tools"]
+        messages = [{k: v for k, v in first.items() if k != "tools"}, *messages[1:]]
+    return Conversation(check_messages(messages, where), _tools(tools, where), where)
 
 
 READERS = {

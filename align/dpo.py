@@ -15,8 +15,9 @@ Two engines (``engine:``):
 
 GLM has no end-of-turn token: an answer ends with ``<|endoftext|>``, which the policy must learn to emit.
 TRL renders a conversational ``prompt + chosen`` through the chat template, which writes nothing after the
-last answer, so TRL is handed a copy of the tokenizer whose template appends that terminator after a final
-assistant turn (``training_tokenizer``); the ids equal ``pretrain.tokenizer.encode_chat``'s (tested). Ties
+last answer (as GLM-4's official template), so every row asks the template to end a final assistant turn
+with the tokenizer's eos token (``chat_template_kwargs: {"end_final_turn": true}``, the same column the
+store's export writes); the ids equal ``pretrain.tokenizer.encode_chat``'s (tested). Ties
 ("tie" / "both bad") carry no preference direction and are dropped (counted in the summary).
 
 Evaluation before and after, on held-out data: the held-out pairs' log-prob margins and implicit-reward
@@ -122,6 +123,11 @@ class DPOTrainConfig:
     pack_tokens: PositiveInt = 512  # packed engine: row length (a CPU attends over whole rows: keep it short)
     gradient_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # trl engine: bfloat16 trains with bf16 autocast and, with LoRA, keeps the frozen base in bf16 (9B: 18.8 GB,
+    # not 37.6); auto is float32, the CPU default the suite's figures were measured with
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # trl engine: a DeepSpeed config (JSON file) for transformers' Trainer, e.g. recipes/deepspeed_zero2.json
+    deepspeed: str | None = None
     num_threads: PositiveInt | None = None
 
     def __post_init__(self) -> None:
@@ -209,14 +215,20 @@ def fits(tok, record, max_length: int) -> bool:
     return len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) <= max_length
 
 
+# What TRL passes to the chat template with every row: control tokens inside message text are escaped, and a
+# final assistant turn ends with the tokenizer's eos token, GLM's turn terminator, so TRL trains the model to
+# stop (pretrain/tokenizer.py, GLM4_CHAT_TEMPLATE). The store's export writes the same column.
+CHAT_TEMPLATE_KWARGS: dict[str, bool] = {"sanitize_control_tokens": True, "end_final_turn": True}
+
+
 def conversational_rows(records) -> list[dict[str, Any]]:
-    """TRL's conversational preference rows; ``chat_template_kwargs`` escapes control tokens inside text."""
+    """TRL's conversational preference rows, with ``CHAT_TEMPLATE_KWARGS``."""
     return [
         {
             "prompt": [dict(m) for m in r.prompt],
             "chosen": [{"role": "assistant", "content": r.chosen}],
             "rejected": [{"role": "assistant", "content": r.rejected}],
-            "chat_template_kwargs": {"sanitize_control_tokens": True},
+            "chat_template_kwargs": dict(CHAT_TEMPLATE_KWARGS),
         }
         for r in records
     ]
@@ -232,7 +244,7 @@ def unpaired_rows(records) -> list[dict[str, Any]]:
                     "prompt": [dict(m) for m in r.prompt],
                     "completion": [{"role": "assistant", "content": text}],
                     "label": label,
-                    "chat_template_kwargs": {"sanitize_control_tokens": True},
+                    "chat_template_kwargs": dict(CHAT_TEMPLATE_KWARGS),
                 }
             )
     return rows
@@ -255,24 +267,18 @@ def world_rated_rows(cfg: DPODataConfig, seed: int) -> list[dict[str, Any]]:
                 "prompt": [dict(m) for m in prompt.messages],
                 "completion": [{"role": "assistant", "content": answer.text}],
                 "label": bool(c.correct and c.right_language),
-                "chat_template_kwargs": {"sanitize_control_tokens": True},
+                "chat_template_kwargs": dict(CHAT_TEMPLATE_KWARGS),
             }
         )
     return rows
 
 
-# What the chat template is given after its own text when TRL renders prompt + answer: GLM's terminator
-# after a final assistant turn (the template itself renders nothing there; encode_chat appends it too).
-_TERMINATOR_SUFFIX = (
-    "{%- if not add_generation_prompt and messages and messages[-1].role == 'assistant' -%}"
-    "{{- '<|endoftext|>' -}}{%- endif -%}"
-)
-
-
 def training_tokenizer(tok):
-    """A copy of ``tok`` whose chat template ends a final assistant turn with ``<|endoftext|>``."""
-    train_tok = copy.deepcopy(tok)
-    train_tok.chat_template = tok.chat_template + _TERMINATOR_SUFFIX
+    """A copy of ``tok`` for TRL: this project's GLM-4 chat template (``glm_tokenizer``: any GLM-4 tokenizer,
+    THUDM's too) and left padding; the saved folders keep the tokenizer as it was."""
+    from glmwb.pretrain.tokenizer import glm_tokenizer
+
+    train_tok = glm_tokenizer(copy.deepcopy(tok))
     train_tok.padding_side = "left"
     return train_tok
 
@@ -313,10 +319,11 @@ def trl_config(recipe: DPORecipe, out_dir: Path, device: str):
         logging_steps=t.log_every,
         save_strategy="no",
         report_to="none",
-        bf16=False,  # fp32 on the CPU; autocast belongs to a CUDA recipe
+        bf16=t.dtype == "bfloat16",  # fp32 by default (the CPU); bf16 autocast on a GPU recipe
         fp16=False,
         use_cpu=device == "cpu",
         gradient_checkpointing=t.gradient_checkpointing,
+        deepspeed=t.deepspeed,
         seed=recipe.run.seed,
         beta=loss.beta,
         max_length=recipe.data.max_length,
@@ -353,7 +360,10 @@ def make_trl_trainer(recipe: DPORecipe, init_from: str, train_records, tok, out_
 
     device = _device(recipe.train)
     args = trl_config(recipe, out_dir, device)
-    model = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
+    lora_bf16 = recipe.train.dtype == "bfloat16" and recipe.model.lora.enabled
+    model = AutoModelForCausalLM.from_pretrained(
+        init_from, dtype=torch.bfloat16 if lora_bf16 else torch.float32
+    )
     if recipe.kernels is not None:
         from glmwb.kernels.apply import apply_kernels
 

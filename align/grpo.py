@@ -325,9 +325,9 @@ def drop_long_prompts(rows: list[dict], tok, max_tokens: int) -> tuple[list[dict
 
 def load_policy_model(folder: str, device: str = "cpu"):
     """(``GlmForCausalLM``, tokenizer) with generation stopping at GLM's turn terminators."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from glmwb.pretrain.tokenizer import turn_terminator_ids
+    from glmwb.pretrain.tokenizer import load_glm_tokenizer, turn_terminator_ids
 
     if not (Path(folder) / "config.json").is_file():
         raise ConfigError(
@@ -336,7 +336,7 @@ def load_policy_model(folder: str, device: str = "cpu"):
         )
     if not (Path(folder) / "tokenizer_config.json").is_file():
         raise ConfigError(f"model.init_from: {folder} has no tokenizer (tokenizer_config.json)")
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = load_glm_tokenizer(folder)
     tok.padding_side = "left"  # TRL generates from left-padded prompts
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
     stops = turn_terminator_ids(tok)

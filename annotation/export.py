@@ -20,20 +20,29 @@ preference format plus the shared record's columns (``annotation/records.py``)::
 - ``provenance``: the store item, prompt uid, batch, label, vote counts and agreement, vote uids,
   annotators and their strengths ("" for none), guideline versions, and per answer (chosen first) the
   generation id, model, checkpoint, sampling parameters (JSON text) and chat-template hash.
+  An imported item's provenance also holds the imported record's own id (``record_id``, e.g. an OASST pair id,
+  or ``helpful-base/test.jsonl.gz:12`` for an HH-RLHF row) and provenance (``record_provenance``).
+- ``chat_template_kwargs``: ``{"sanitize_control_tokens": true, "end_final_turn": true}``, which TRL's
+  trainers pass to the chat template with every row: control tokens inside text stay text, and the GLM-4
+  template ends the chosen / rejected answer with the eos token, so plain ``trl.DPOTrainer`` on this file
+  trains the turn terminator (with a tokenizer carrying this project's template: docs/annotation.md).
 - Gold items are left out unless ``include_gold`` (they are checks on annotators).
 - Arena battles (``annotation/arena.py``) export like any item, their bookkeeping (mode, counted, leaks,
   display order, times) in ``provenance.arena`` as JSON text; a battle of more than one turn is left out
   (its two answers continued different conversations) and counted as ``arena_multi_turn``.
 
 Every row passes ``records_from_dicts`` before it is written. Files: ``.jsonl``, ``.parquet``, or a folder
-(``datasets.Dataset.save_to_disk``); the reward trainer's reader (``rewards.data.read_preferences``) reads
-each of them as is.
+(``datasets.Dataset.save_to_disk``), each with every column; in the two Arrow formats ``attributes`` and
+``provenance`` are JSON text (free-form objects: Arrow needs one schema for all rows, and an empty object has
+none). The reward trainer's reader (``annotation.preference_data.read_preferences``) reads each of them as
+is, to the same records.
 
-Import (``import_preferences``): HH-RLHF transcripts, prompt / chosen / rejected rows (strings or chat
-messages; this module's own export too) and OASST-zh ranked pairs, read with ``rewards.data``'s readers;
-each pair becomes an item whose label is a vote by the external account ``import:<source>``. Imported
-items are closed (never assigned) unless ``open=True``, to have people label them again. Re-importing a
-file adds nothing twice (prompt uids are content hashes).
+Import (``import_preferences``): HH-RLHF transcripts (their text byte for byte), prompt / chosen / rejected
+rows (strings or chat messages; this module's own export too) and OASST-zh ranked pairs, read with
+``annotation.preference_data``'s readers; each pair becomes an item whose label is a vote by the external
+account ``import:<source>``. Imported items are closed (never assigned) unless ``open=True``, to have people
+label them again. A pair already in the store, or given twice in one file, is added once: the result names
+every such duplicate by id (``ImportResult.duplicates``).
 """
 
 from __future__ import annotations
@@ -52,6 +61,10 @@ from glmwb.annotation.schema import CHOICES
 from glmwb.annotation.store import ItemInfo, NewItem, NewResponse, Store, VoteRow
 
 SOURCE = "glmwb-annotation"
+# Passed by TRL to the chat template with each exported row (see the module docstring).
+CHAT_TEMPLATE_KWARGS: dict[str, bool] = {"sanitize_control_tokens": True, "end_final_turn": True}
+# Free-form object columns, JSON text in the Arrow formats (Parquet, datasets).
+JSON_COLUMNS = ("attributes", "provenance")
 
 
 @dataclass
@@ -137,8 +150,14 @@ def _row(
             "chat_template_sha256": [a.chat_template_sha256 or "" for a in answers],
             # an arena battle's bookkeeping (annotation/arena.py) as JSON text, "" for other items
             "arena": json.dumps(item.meta["arena"], sort_keys=True) if "arena" in item.meta else "",
+            **{
+                k: item.meta[k]
+                for k in ("record_id", "record_provenance")
+                if item.meta.get(k) not in (None, {})
+            },
         },
         "id": row_id,
+        "chat_template_kwargs": dict(CHAT_TEMPLATE_KWARGS),
     }
 
 
@@ -217,12 +236,20 @@ def export_records(
 
 
 def _arrow_ready(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    # Parquet cannot store a struct with no fields: drop dict columns that are empty in every row.
-    empty = [k for k in ("attributes",) if all(not r.get(k) for r in rows)]
-    return [{k: v for k, v in r.items() if k not in empty} for r in rows]
+    # Arrow infers one struct for a column from every row's keys, fills the keys a row lacks with nulls and
+    # cannot store a struct with no fields: the free-form objects go in as JSON text, so every row keeps
+    # exactly its own keys and an empty `attributes` is still a column.
+    return [
+        {
+            k: json.dumps(v, ensure_ascii=False, sort_keys=True) if k in JSON_COLUMNS else v
+            for k, v in r.items()
+        }
+        for r in rows
+    ]
 
 
 def to_dataset(rows: Sequence[Mapping[str, Any]]):
+    """A ``datasets.Dataset`` of export rows (``attributes`` / ``provenance`` as JSON text)."""
     import datasets
 
     return datasets.Dataset.from_list(_arrow_ready(rows))
@@ -253,8 +280,10 @@ def write_records(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
 @dataclass
 class ImportResult:
     items: int = 0
-    already_imported: int = 0
+    already_imported: int = 0  # pairs left out as duplicates (of an item in the store, or of an earlier row)
     skipped: list[str] = field(default_factory=list)  # invalid rows (messages name file, row and field)
+    # one line per duplicate pair, naming it by id: "ID: already in the store" or "ID: the same pair as ID2"
+    duplicates: list[str] = field(default_factory=list)
 
 
 def _pair_uid(source: str, record: PreferenceRecord) -> str:
@@ -280,12 +309,19 @@ def import_records(
         return f"import:{source}" + (f":{record.annotator}" if record.annotator else "")
 
     items = []
-    for record in records:
+    first: dict[str, str] = {}  # pair uid -> the id of the row that brought it in this import
+    for n, record in enumerate(records, 1):
         uid = _pair_uid(source, record)
+        name = record.id if record.id is not None else f"record {n}"
         if uid in known:
             result.already_imported += 1
+            earlier = first.get(uid)
+            result.duplicates.append(
+                f"{name}: the same pair as {earlier}" if earlier else f"{name}: already in the store ({uid})"
+            )
             continue
         known.add(uid)
+        first[uid] = name
         model = f"import:{source}"
         items.append(
             NewItem(
@@ -302,7 +338,7 @@ def import_records(
                         "margin": record.margin,
                         "record_id": record.id,
                         "annotator": record.annotator,
-                        "provenance": dict(record.provenance),
+                        "record_provenance": dict(record.provenance),
                     }.items()
                     if v not in (None, {})
                 },

@@ -251,7 +251,11 @@ _HUMAN, _ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
 
 def parse_hh_transcript(text: Any, where: str, field_name: str) -> list[dict[str, str]]:
-    """``"\\n\\nHuman: q\\n\\nAssistant: a ..."`` -> [{"role": "user", ...}, {"role": "assistant", ...}, ...]."""
+    """``"\\n\\nHuman: q\\n\\nAssistant: a ..."`` -> [{"role": "user", ...}, {"role": "assistant", ...}, ...].
+
+    Lossless: a turn's content is the text between its tag and the next one, byte for byte, less the one
+    space that follows ``Human:`` / ``Assistant:`` (part of the tag); spaces and newlines inside, before or
+    after the words are kept, so ``hh_transcript`` of the messages is the original text again."""
     if not isinstance(text, str):
         raise PreferenceDataError(
             f"{where}: field {field_name!r} must be a string, got {type(text).__name__}"
@@ -267,19 +271,31 @@ def parse_hh_transcript(text: Any, where: str, field_name: str) -> list[dict[str
         if not messages and text[:i].strip():
             raise PreferenceDataError(f"{where}: field {field_name!r} has text before the first turn")
         if messages:
-            messages[-1]["content"] = text[pos:i].strip()
+            messages[-1]["content"] = _turn_text(text[pos:i])
         messages.append({"role": "user" if tag == _HUMAN else "assistant", "content": ""})
         pos = i + len(tag)
     if not messages:
         raise PreferenceDataError(
             f"{where}: field {field_name!r} has no '\\n\\nHuman:' / '\\n\\nAssistant:' turns"
         )
-    messages[-1]["content"] = text[pos:].strip()
+    messages[-1]["content"] = _turn_text(text[pos:])
     return messages
 
 
+def _turn_text(raw: str) -> str:
+    return raw[1:] if raw.startswith(" ") else raw
+
+
+def hh_transcript(messages: Sequence[Mapping[str, Any]]) -> str:
+    """Chat messages (user / assistant) back to an HH-RLHF transcript: the inverse of ``parse_hh_transcript``."""
+    tags = {"user": _HUMAN, "assistant": _ASSISTANT}
+    return "".join(f"{tags[m['role']]} {m['content']}" for m in messages)
+
+
 def hh_rlhf_record(row: Any, where: str) -> PreferenceRecord:
-    """An HH-RLHF pair: the prompt is the turns both transcripts share up to the last user turn."""
+    """An HH-RLHF pair: the prompt is the turns both transcripts share up to the last user turn. The text
+    is kept byte for byte (``parse_hh_transcript``). A pair of the same answer twice is refused, as in every
+    other format (it states no preference)."""
     row = _require(row, ("chosen", "rejected"), where)
     chosen = parse_hh_transcript(row["chosen"], where, "chosen")
     rejected = parse_hh_transcript(row["rejected"], where, "rejected")
@@ -292,15 +308,17 @@ def hh_rlhf_record(row: Any, where: str) -> PreferenceRecord:
             f"{where}: fields 'chosen' and 'rejected' differ before their last assistant turn "
             "(not one prompt with two answers)"
         )
-    return PreferenceRecord.from_dict(
+    record = PreferenceRecord.from_dict(
         {
             "prompt": prompt,
             "chosen": chosen[-1]["content"],
             "rejected": rejected[-1]["content"],
             "provenance": {"source": "hh_rlhf"},
+            "id": row.get("id"),
         },
         where,
     )
+    return _distinct(record, where)  # helpful-base test has two pairs of one answer twice
 
 
 def oasst_zh_record(row: Any, where: str) -> PreferenceRecord:
@@ -319,7 +337,7 @@ def oasst_zh_record(row: Any, where: str) -> PreferenceRecord:
     messages.append({"role": "user", "content": row["prompt"]})
     ranks = row.get("chosen_rank"), row.get("rejected_rank")
     margin = float(ranks[1] - ranks[0]) if all(isinstance(r, int) for r in ranks) else None
-    return PreferenceRecord.from_dict(
+    record = PreferenceRecord.from_dict(
         {
             "prompt": messages,
             "chosen": row["chosen"],
@@ -330,6 +348,7 @@ def oasst_zh_record(row: Any, where: str) -> PreferenceRecord:
         },
         where,
     )
+    return _distinct(record, where)  # a ranked list can hold one reply twice
 
 
 FORMATS = {"preference": preference_record, "hh_rlhf": hh_rlhf_record, "oasst_zh": oasst_zh_record}
@@ -370,13 +389,19 @@ def read_preferences(
         raise ValueError(f"format must be 'auto' or one of {', '.join(FORMATS)}, got {format!r}")
     result = ReadResult([])
     reader = None if format == "auto" else FORMATS[format]
-    for where, row in rows:
+    # a file's rows without an id of their own (HH-RLHF has none) are named by file and row, e.g.
+    # "helpful-base/test.jsonl.gz:12", so that duplicates and skipped rows can be reported by id
+    prefix = f"{Path(source).parent.name}/{Path(source).name}" if isinstance(source, (str, Path)) else name
+    for n, (where, row) in enumerate(rows, 1):
         if reader is None and not isinstance(row, PreferenceDataError):
             reader = FORMATS[detect_format(row)]
         try:
             if isinstance(row, PreferenceDataError):
                 raise row
-            result.records.append(reader(row, where))
+            record = reader(row, where)
+            if record.id is None and reader is hh_rlhf_record:
+                record = replace(record, id=f"{prefix}:{n}")
+            result.records.append(record)
         except PreferenceDataError as e:
             if not skip_invalid:
                 raise

@@ -10,6 +10,7 @@ Pure Python, no heavy imports: every package may import it.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -76,7 +77,7 @@ class PreferenceRecord:
             raise PreferenceDataError(
                 f"{where}: field 'margin' must be a finite number or null, got {margin!r}"
             )
-        attributes = row.get("attributes") or {}
+        attributes = _json_object(row.get("attributes"), "attributes", where) or {}
         if isinstance(attributes, Mapping):
             # Arrow (Parquet, `datasets`) gives every row every attribute any row has, unrated ones as None.
             attributes = {k: v for k, v in attributes.items() if v is not None}
@@ -89,7 +90,7 @@ class PreferenceRecord:
             raise PreferenceDataError(
                 f"{where}: field 'annotator' must be a name (text) or null, got {annotator!r:.60}"
             )
-        provenance = row.get("provenance") or {}
+        provenance = _json_object(row.get("provenance"), "provenance", where) or {}
         if not isinstance(provenance, Mapping):
             raise PreferenceDataError(
                 f"{where}: field 'provenance' must be an object, got {type(provenance).__name__}"
@@ -111,6 +112,19 @@ class PreferenceRecord:
             provenance=dict(provenance),
             id=None if record_id is None else str(record_id),
         )
+
+
+def _json_object(value: Any, name: str, where: str) -> Any:
+    """``attributes`` / ``provenance`` as JSON text (how Parquet and ``datasets`` exports hold these free-form
+    objects: Arrow needs one schema for every row) -> the object; anything else as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value) if value.strip() else {}
+    except json.JSONDecodeError:
+        raise PreferenceDataError(
+            f"{where}: field {name!r} is text but not a JSON object: {value!r:.60}"
+        ) from None
 
 
 def _finite_number(x: Any) -> bool:
@@ -156,7 +170,8 @@ def validate_prompt(value: Any, where: str) -> tuple[dict[str, Any], ...]:
             calls_a_tool and m["content"] in ("", None)
         ):  # a tool call may carry its call outside content
             validate_text(m["content"], f"'prompt'[{i}].content", where)
-        out.append(dict(m))
+        # keys without a value are no part of a message (Arrow gives every message every key any message has)
+        out.append({k: v for k, v in m.items() if v is not None})
     if out[-1]["role"] == "assistant":
         raise PreferenceDataError(
             f"{where}: field 'prompt' ends with an assistant turn; the judged answers are the next assistant "

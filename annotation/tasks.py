@@ -142,16 +142,15 @@ def sample_responses(
 ) -> dict[str, list[NewResponse]]:
     """``config.k`` answers per prompt from the model folder; {prompt uid: answers}."""
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
 
     from glmwb.pretrain.generate import generate
     from glmwb.pretrain.hf import load_pretrained
-    from glmwb.pretrain.tokenizer import render_chat, turn_terminator_ids
+    from glmwb.pretrain.tokenizer import load_glm_tokenizer, render_chat, turn_terminator_ids
 
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no model folder at {str(model_dir)!r} (expected config.json there)")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_glm_tokenizer(folder)
     model = load_pretrained(folder)
     name = model_name or folder.resolve().name
     template_sha = chat_template_sha256(tokenizer)

@@ -137,15 +137,14 @@ def generate(
 
 def load_policy(folder: str | Path, device: str | None = None):
     """(our GLM in eval mode, its tokenizer) from a Hugging Face policy folder."""
-    from transformers import AutoTokenizer
-
     from glmwb.pretrain.hf import load_pretrained
+    from glmwb.pretrain.tokenizer import load_glm_tokenizer
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: not a model folder (no config.json)")
     model = load_pretrained(folder, device=device).eval()
-    return model, AutoTokenizer.from_pretrained(folder)
+    return model, load_glm_tokenizer(folder)
 
 
 @torch.no_grad()

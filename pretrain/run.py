@@ -106,14 +106,19 @@ def run_tokenizer(recipe: TokenizerRecipe) -> dict[str, Any]:
 
 
 def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
+    """A GLM-4 tokenizer folder (one trained here, or THUDM's glm-4-9b-chat-hf): ids are read from it and it
+    renders chats with this project's template (``pretrain.tokenizer.glm_tokenizer``)."""
+    from glmwb.pretrain.tokenizer import load_glm_tokenizer
 
     if not (Path(path) / "tokenizer_config.json").is_file():
         raise ConfigError(
             f"data.tokenizer: no tokenizer folder at {path!r} (expected tokenizer_config.json there); "
             "run the tokenizer stage first (glmwb run recipes/tokenizer.yaml) or point data.tokenizer at one"
         )
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return load_glm_tokenizer(path)
+    except ValueError as e:
+        raise ConfigError(f"data.tokenizer: {path}: {e}") from None
 
 
 def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:

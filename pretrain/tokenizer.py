@@ -1,32 +1,39 @@
-"""Byte-level BPE tokenizer with GLM-4's special tokens and chat template.
+"""Byte-level BPE tokenizer with GLM-4's special tokens and chat template; the GLM-4 facts every stage reads
+from whatever GLM tokenizer it is given.
 
 GLM-4 facts this file encodes (see DESIGN.md, "GLM facts the code must get right"):
 
-- Ten special tokens, ids 0..9 in a trained tokenizer, in GLM's order (``SPECIAL_TOKENS``).
-- The chat template writes ``[gMASK]<sop>`` once, then ``<|role|>\\n{content}`` per message with no
-  newline after the content. The tokenizer itself adds nothing (no post-processor), so encoding a
+- Ten special tokens in GLM's order (``SPECIAL_TOKENS``): ids 0..9 in a tokenizer trained here, 151329..151338
+  in THUDM's glm-4-9b-chat(-hf). Nothing here assumes either: ids are always looked up in the tokenizer
+  (``glm_special_ids``, ``turn_terminator_ids``), and ``glm_tokenizer`` checks that a tokenizer has them.
+- The chat template writes ``[gMASK]<sop>`` once, then ``<|role|>{metadata}\n{content}`` per message with
+  no newline after the content. The tokenizer itself adds nothing (no post-processor), so encoding a
   rendered conversation never doubles ``[gMASK]<sop>``.
 - There is no end-of-turn token. An assistant turn ends when the model emits the next role token it
-  stops on (``<|user|>``, ``<|observation|>``) or ``<|endoftext|>`` (``TURN_TERMINATORS``). The loss
-  mask (``encode_chat``), reward positions and generation stops must all use that terminator.
+  stops on (``<|user|>``, ``<|observation|>``) or the eos token ``<|endoftext|>`` (``TURN_TERMINATORS``). The
+  loss mask (``encode_chat``), reward positions and generation stops all use that terminator.
 
 Rendered format (one example, tools omitted)::
 
-    [gMASK]<sop><|system|>\\nYou are terse.<|user|>\\nHi<|assistant|>\\nHello!<|user|>\\n2+2?<|assistant|>
+    [gMASK]<sop><|system|>\nYou are terse.<|user|>\nHi<|assistant|>\nHello!<|user|>\n2+2?<|assistant|>
 
-- generation prompt: ``<|assistant|>``; the model then generates ``\\n{answer}`` and a terminator.
-- tool call: ``<|assistant|>{name}\\n{json arguments}`` (no newline after ``<|assistant|>``: the first
+- generation prompt: ``<|assistant|>``; the model then generates ``\n{answer}`` and a terminator.
+- tool call: ``<|assistant|>{name}\n{json arguments}`` (no newline after ``<|assistant|>``: the first
   line the model writes is the tool name, empty for a plain answer); text before a call and parallel
   calls are separate ``<|assistant|>`` segments of the same turn.
-- tool result (role ``tool`` or ``observation``): ``<|observation|>\\n{content}``.
-- tools (``tools=[...]``, OpenAI / ``transformers`` JSON schemas) are listed at the end of the first
-  system turn; a system turn is created for them when the conversation has none.
+- tool result (role ``tool`` or ``observation``): ``<|observation|>\n{content}``.
+- tools: a system turn of their own, exactly as GLM-4's official template writes it (GLM-4's preamble,
+  ``# 可用工具``, per tool ``## name``, its JSON and the instruction line), before the system prompt's own
+  ``<|system|>`` turn. Given either GLM-4's way (``tools`` in a system message, ``metadata`` = the tool
+  name of a call, role ``observation``) or OpenAI's (``tools=[...]``, ``tool_calls``, role ``tool``); the two
+  render the same tokens (``GLM4_CHAT_TEMPLATE``; docs/pretrain.md, "Chat template").
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -82,13 +89,44 @@ def pretokenize_pattern(cjk: str = "char") -> str:
     )
 
 
-# The GLM-4 chat template (our own text; same rendered format as THUDM's glm-4-9b-chat). Role tokens are
-# literals, never built from the role string, so `apply_chat_template(..., sanitize_control_tokens=True)`
-# can escape control tokens inside message text. `{% generation %}` marks what the model generates in an
-# assistant turn: everything after the opening `<|assistant|>` and the terminating role token that follows
-# (the final `<|endoftext|>` is not rendered; `encode_chat` appends it). Every tag strips the whitespace in
-# front of it, so all output comes from the `{{ }}` expressions.
-GLM4_CHAT_TEMPLATE = r"""
+# GLM-4's tool prompt, word for word as glm-4-9b-chat's official chat template writes it: a system turn of its
+# own that opens with this preamble, then "# 可用工具" and, per function tool, "## name", the function's JSON
+# (indent 4) and the instruction line. These strings are the prompt format the model was trained on.
+GLM4_TOOLS_PREAMBLE = (
+    "你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
+    "你的任务是针对用户的问题和要求提供适当的答复和支持。"
+)
+GLM4_TOOLS_HEADING = "# 可用工具"
+GLM4_TOOL_INSTRUCTION = "在调用上述函数时，请使用 Json 格式表示调用的参数。"
+
+# The GLM-4 chat template (our own text). For every conversation GLM-4's official template (glm-4-9b-chat,
+# glm-4-9b-chat-hf) accepts with function tools, it renders the same string, hence the same tokens
+# (tests/test_chat_template_official.py); it also takes the OpenAI / `transformers` form of the same
+# conversation and renders it identically, and refuses anything else with an error that names the message.
+#
+# - GLM-4's own form: tools inside a system message (`{"role": "system", "content": ..., "tools": [...]}`),
+#   a call as `{"role": "assistant", "metadata": NAME, "content": JSON_ARGUMENTS}`, a result as role
+#   `observation`. The tools are a system turn of their own (GLM-4's preamble, `# 可用工具`, per tool `## name`,
+#   its JSON and the instruction line), then the message's own content is a second `<|system|>` turn.
+# - OpenAI form: `tools=[...]` (rendered first, as if they were in a first system message), `tool_calls` on an
+#   assistant message (each one `<|assistant|>{name}\n{arguments}`, a JSON string as written, an object as
+#   JSON), role `tool` for a result (rendered as `<|observation|>`).
+# - A message with empty content renders nothing, as in the official template (an assistant message with
+#   tool_calls still renders its calls; a system message with tools still renders its tools).
+# - One newline, not two, before each `## name`: the official template's text has two, and the template engine
+#   `transformers` runs every chat template in (trim_blocks) drops the first, so that is what glm-4-9b-chat's
+#   own tokenizer renders everywhere.
+#
+# Role tokens are literals, never built from the role string, so `apply_chat_template(...,
+# sanitize_control_tokens=True)` can escape control tokens inside message text. `{% generation %}` marks what
+# the model generates in an assistant turn: everything after the opening `<|assistant|>`, and the role token
+# that ends the turn (the next `<|user|>` / `<|observation|>`). `end_final_turn=True` (a template variable, e.g.
+# in TRL's `chat_template_kwargs`) appends the tokenizer's eos token after a final assistant turn, inside
+# the generation block, so that a trainer that renders prompt + answer trains the turn's end; without it
+# nothing is rendered after the last answer, as in the official template. Every tag strips the whitespace
+# in front of it, so all output comes from the `{{ }}` expressions.
+GLM4_CHAT_TEMPLATE = (
+    r"""
 {%- macro render_text(content) -%}
     {%- if content is none or content is undefined -%}
     {%- elif content is string -%}
@@ -107,82 +145,144 @@ GLM4_CHAT_TEMPLATE = r"""
         {{- content | tojson -}}
     {%- endif -%}
 {%- endmacro -%}
-{%- macro render_tools(tools) -%}
-    {{- '# Available tools' -}}
+{%- macro render_tools(tools, where) -%}
+    {%- if tools is string or tools is mapping or tools is not iterable -%}
+        {{- raise_exception('GLM-4 chat template: ' ~ where ~ ': tools must be a list of tool schemas') -}}
+    {%- endif -%}
+    {{- '<|system|>\n__PREAMBLE__\n\n__HEADING__' -}}
     {%- for tool in tools -%}
+        {%- if tool is not mapping -%}
+            {{- raise_exception('GLM-4 chat template: ' ~ where ~ ': tool ' ~ loop.index0 ~ ' is not a schema object') -}}
+        {%- endif -%}
+        {%- if tool.type is defined and tool.type != 'function' -%}
+            {{- raise_exception('GLM-4 chat template: ' ~ where ~ ': tool ' ~ loop.index0 ~ ' has type ' ~ (tool.type | string) ~ "; only function tools are rendered (GLM-4's built-in python, simple_browser and cogview tools are not)") -}}
+        {%- endif -%}
         {%- set fn = tool.function if tool.function is defined else tool -%}
-        {{- '\n\n## ' + fn.name + '\n\n' + (fn | tojson(indent=4)) -}}
+        {%- if fn is not mapping or fn.name is not defined or fn.name is not string -%}
+            {{- raise_exception('GLM-4 chat template: ' ~ where ~ ': tool ' ~ loop.index0 ~ ' has no function name') -}}
+        {%- endif -%}
+        {{- '\n## ' + fn.name + '\n\n' + (fn | tojson(indent=4)) + '\n__INSTRUCTION__' -}}
     {%- endfor -%}
-    {{- '\n\nTo call a tool, write its name on the first line and its arguments as one JSON object on the next.' -}}
 {%- endmacro -%}
-{%- macro render_call(call) -%}
-    {%- set fn = call.function if call.function is defined else call -%}
+{%- macro render_call(call, where) -%}
+    {%- set fn = call.function if (call is mapping and call.function is defined) else call -%}
+    {%- if fn is not mapping or fn.name is not defined or fn.name is not string -%}
+        {{- raise_exception('GLM-4 chat template: ' ~ where ~ ': a tool call needs a function name') -}}
+    {%- endif -%}
     {{- fn.name + '\n' -}}
-    {%- if fn.arguments is string -%}
+    {%- if fn.arguments is not defined -%}
+        {{- '{}' -}}
+    {%- elif fn.arguments is string -%}
         {{- fn.arguments -}}
     {%- else -%}
         {{- fn.arguments | tojson -}}
     {%- endif -%}
 {%- endmacro -%}
+{%- set ns = namespace(prev='', tools_in_messages=false) -%}
+{%- for message in messages -%}
+    {%- if message is mapping and message.tools is defined -%}
+        {%- set ns.tools_in_messages = true -%}
+    {%- endif -%}
+{%- endfor -%}
 {{- '[gMASK]<sop>' -}}
-{%- if tools and not (messages and messages[0].role == 'system') -%}
-    {{- '<|system|>\n' + render_tools(tools) -}}
+{%- if tools -%}
+    {%- if ns.tools_in_messages -%}
+        {{- raise_exception('GLM-4 chat template: tools are given both as tools=[...] and inside a system message; give them one way') -}}
+    {%- endif -%}
+    {{- render_tools(tools, 'tools=[...]') -}}
+    {%- set ns.prev = 'system' -%}
 {%- endif -%}
 {%- for message in messages -%}
-    {%- set after_assistant = not loop.first and messages[loop.index0 - 1].role == 'assistant' -%}
-    {%- if message.role == 'system' -%}
+    {%- set where = 'message ' ~ loop.index0 -%}
+    {%- if message is not mapping or message.role is not defined -%}
+        {{- raise_exception('GLM-4 chat template: ' ~ where ~ ' has no role') -}}
+    {%- endif -%}
+    {%- set role = message.role -%}
+    {%- set where = where ~ ' (' ~ (role | string) ~ ')' -%}
+    {%- if role not in ['system', 'user', 'assistant', 'tool', 'observation'] -%}
+        {{- raise_exception('GLM-4 chat template: ' ~ where ~ ': unknown role; expected system, user, assistant, tool or observation') -}}
+    {%- endif -%}
+    {%- if message.tools is defined and role != 'system' -%}
+        {{- raise_exception('GLM-4 chat template: ' ~ where ~ ': tools belong in a system message (or tools=[...])') -}}
+    {%- endif -%}
+    {%- if message.tool_calls is defined and role != 'assistant' -%}
+        {{- raise_exception('GLM-4 chat template: ' ~ where ~ ': only an assistant message has tool_calls') -}}
+    {%- endif -%}
+    {%- if message.metadata is defined and message.metadata is not string -%}
+        {{- raise_exception('GLM-4 chat template: ' ~ where ~ ": metadata must be text (GLM-4's tool name of a call)") -}}
+    {%- endif -%}
+    {%- if message.metadata is defined and message.tool_calls is defined -%}
+        {{- raise_exception('GLM-4 chat template: ' ~ where ~ ": has both metadata and tool_calls; give a call one way (GLM-4's or OpenAI's)") -}}
+    {%- endif -%}
+    {%- set meta = message.metadata if message.metadata is defined else '' -%}
+    {%- set calls = message.tool_calls if message.tool_calls is defined else [] -%}
+    {%- if calls is string or calls is mapping or calls is not iterable -%}
+        {{- raise_exception('GLM-4 chat template: ' ~ where ~ ': tool_calls must be a list') -}}
+    {%- endif -%}
+    {%- set text = render_text(message.content) -%}
+    {%- set after_assistant = ns.prev == 'assistant' -%}
+    {%- if message.tools is defined -%}
         {%- if after_assistant -%}
-            {{- raise_exception('A system message cannot follow an assistant message: <|system|> does not end a GLM assistant turn.') -}}
+            {{- raise_exception('GLM-4 chat template: ' ~ where ~ ': a system message cannot follow an assistant message: <|system|> does not end a GLM assistant turn') -}}
         {%- endif -%}
-        {{- '<|system|>\n' + render_text(message.content) -}}
-        {%- if loop.first and tools -%}
-            {{- '\n\n' + render_tools(tools) -}}
-        {%- endif -%}
-    {%- elif message.role == 'user' -%}
-        {%- if after_assistant -%}
-            {%- generation -%}{{- '<|user|>' -}}{%- endgeneration -%}
-        {%- else -%}
-            {{- '<|user|>' -}}
-        {%- endif -%}
-        {{- '\n' + render_text(message.content) -}}
-    {%- elif message.role == 'tool' or message.role == 'observation' -%}
-        {%- if after_assistant -%}
-            {%- generation -%}{{- '<|observation|>' -}}{%- endgeneration -%}
-        {%- else -%}
-            {{- '<|observation|>' -}}
-        {%- endif -%}
-        {{- '\n' + render_text(message.content) -}}
-    {%- elif message.role == 'assistant' -%}
-        {%- if not after_assistant -%}
-            {{- '<|assistant|>' -}}
-        {%- endif -%}
-        {%- generation -%}
+        {{- render_tools(message.tools, where) -}}
+        {%- set ns.prev = 'system' -%}
+    {%- endif -%}
+    {%- if text or calls -%}
+        {%- if role == 'system' -%}
             {%- if after_assistant -%}
+                {{- raise_exception('GLM-4 chat template: ' ~ where ~ ': a system message cannot follow an assistant message: <|system|> does not end a GLM assistant turn') -}}
+            {%- endif -%}
+            {{- '<|system|>' + meta + '\n' + text -}}
+        {%- elif role == 'user' -%}
+            {%- if after_assistant -%}
+                {%- generation -%}{{- '<|user|>' -}}{%- endgeneration -%}
+            {%- else -%}
+                {{- '<|user|>' -}}
+            {%- endif -%}
+            {{- meta + '\n' + text -}}
+        {%- elif role == 'tool' or role == 'observation' -%}
+            {%- if after_assistant -%}
+                {%- generation -%}{{- '<|observation|>' -}}{%- endgeneration -%}
+            {%- else -%}
+                {{- '<|observation|>' -}}
+            {%- endif -%}
+            {{- meta + '\n' + text -}}
+        {%- else -%}
+            {%- if not after_assistant -%}
                 {{- '<|assistant|>' -}}
             {%- endif -%}
-            {%- set text = render_text(message.content) -%}
-            {%- if text or not message.tool_calls -%}
-                {{- '\n' + text -}}
-                {%- for call in message.tool_calls or [] -%}
-                    {{- '<|assistant|>' + render_call(call) -}}
-                {%- endfor -%}
-            {%- else -%}
-                {%- for call in message.tool_calls -%}
-                    {%- if not loop.first -%}
-                        {{- '<|assistant|>' -}}
-                    {%- endif -%}
-                    {{- render_call(call) -}}
-                {%- endfor -%}
-            {%- endif -%}
-        {%- endgeneration -%}
-    {%- else -%}
-        {{- raise_exception('Unknown role ' + message.role + ': expected system, user, assistant, tool or observation.') -}}
+            {%- generation -%}
+                {%- if after_assistant -%}
+                    {{- '<|assistant|>' -}}
+                {%- endif -%}
+                {%- if text -%}
+                    {{- meta + '\n' + text -}}
+                    {%- for call in calls -%}
+                        {{- '<|assistant|>' + render_call(call, where) -}}
+                    {%- endfor -%}
+                {%- else -%}
+                    {%- for call in calls -%}
+                        {%- if not loop.first -%}
+                            {{- '<|assistant|>' -}}
+                        {%- endif -%}
+                        {{- render_call(call, where) -}}
+                    {%- endfor -%}
+                {%- endif -%}
+            {%- endgeneration -%}
+        {%- endif -%}
+        {%- set ns.prev = role -%}
     {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
     {{- '<|assistant|>' -}}
+{%- elif end_final_turn and ns.prev == 'assistant' -%}
+    {%- generation -%}{{- eos_token -}}{%- endgeneration -%}
 {%- endif -%}
-"""
+""".replace("__PREAMBLE__", GLM4_TOOLS_PREAMBLE)
+    .replace("__HEADING__", GLM4_TOOLS_HEADING)
+    .replace("__INSTRUCTION__", GLM4_TOOL_INSTRUCTION)
+)
 
 
 _SPECIAL_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
@@ -281,12 +381,15 @@ def render_chat(
     )
 
 
-def turn_terminator_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Ids of the tokens that end an assistant turn: ``<|user|>``, ``<|observation|>``, ``<|endoftext|>``.
-
-    Use them as generation stops (``eos_token_id``), and as the reward position in reward models.
-    """
-    return [_token_id(tokenizer, t) for t in TURN_TERMINATORS]
+# The tokens GLM-4's chat format is written in: a tokenizer without any of them cannot render a GLM chat.
+CHAT_TOKENS: tuple[str, ...] = (
+    "[gMASK]",
+    "<sop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+)
 
 
 def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
@@ -294,6 +397,70 @@ def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
     if token_id is None or token_id == tokenizer.unk_token_id:
         raise ValueError(f"{token} is not in the tokenizer's vocabulary")
     return token_id
+
+
+def glm_special_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """The id of each GLM chat token and of the eos token (under its own name and under "eos"), read from the
+    tokenizer: 0..9 in a tokenizer trained here, 151329..151338 in glm-4-9b-chat-hf's."""
+    missing = [t for t in CHAT_TOKENS if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    if tokenizer.eos_token is None:
+        missing.append("an eos token")
+    if missing:
+        raise ValueError(
+            f"not a GLM-4 tokenizer: it has no {', '.join(missing)} (GLM-4's chat tokens are {', '.join(CHAT_TOKENS)})"
+        )
+    ids = {t: _token_id(tokenizer, t) for t in CHAT_TOKENS}
+    ids[tokenizer.eos_token] = ids["eos"] = _token_id(tokenizer, tokenizer.eos_token)
+    return ids
+
+
+def turn_terminator_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids of the tokens that end an assistant turn: ``<|user|>``, ``<|observation|>`` and the tokenizer's eos
+    token (``<|endoftext|>`` in GLM-4), looked up in the tokenizer.
+
+    Use them as generation stops (``eos_token_id``), and as the reward position in reward models.
+    """
+    ids = glm_special_ids(tokenizer)
+    return [ids["<|user|>"], ids["<|observation|>"], ids["eos"]]
+
+
+def glm_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Check that ``tokenizer`` is a GLM-4 tokenizer (its chat tokens and eos token; the error names what is
+    missing) and give it this project's chat template, in place, when it has another one.
+
+    Any Hugging Face GLM-4 tokenizer folder works this way: THUDM's glm-4-9b-chat-hf (special tokens at
+    151329..151338, GLM-4's official template) as well as the ones trained here. For every conversation the
+    official template renders, ours renders the same tokens (tests/test_chat_template_official.py); ours
+    also reads OpenAI-style tools and calls, marks the assistant's tokens for the loss mask and can end a
+    final turn with the terminator (``end_final_turn``). A tokenizer without a pad token gets its eos token.
+    """
+    glm_special_ids(tokenizer)
+    if tokenizer.chat_template != GLM4_CHAT_TEMPLATE:
+        tokenizer.chat_template = GLM4_CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_glm_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained(folder)`` made ready by ``glm_tokenizer``: any GLM-4 tokenizer folder (a
+    model folder of this project, or THUDM's glm-4-9b-chat-hf) with this project's chat template."""
+    from transformers import AutoTokenizer
+
+    return glm_tokenizer(AutoTokenizer.from_pretrained(folder))
+
+
+def renders_nothing(message: Mapping[str, Any]) -> bool:
+    """True for a message the template skips: empty content and nothing else to render (no tool calls, no
+    tools), as GLM-4's official template skips every message whose content is empty."""
+    if message.get("tool_calls") or message.get("tools") is not None:
+        return False
+    content = message.get("content")
+    if isinstance(content, (list, tuple)):
+        return not any(
+            (p if isinstance(p, str) else p.get("text") if isinstance(p, Mapping) else None) for p in content
+        )
+    return not content
 
 
 def encode_chat(
@@ -304,29 +471,32 @@ def encode_chat(
 ) -> dict[str, list[int]]:
     """Token ids of a conversation and the SFT loss mask over what the assistant generates.
 
-    ``input_ids`` is the rendered conversation, plus ``<|endoftext|>`` when it ends with an assistant
-    turn (GLM renders nothing after the last answer, but the model must learn to stop there).
+    ``input_ids`` is the rendered conversation, plus the eos token (``<|endoftext|>``) when it ends with an
+    assistant turn (GLM renders nothing after the last answer, but the model must learn to stop there).
     ``assistant_mask`` is 1 on every token the model generates in an assistant turn and 0 elsewhere:
 
     - 1: the ``\\n`` after ``<|assistant|>``, the content, a tool call's name / ``\\n`` / JSON, the
       ``<|assistant|>`` tokens *inside* a turn (between its text and its calls, or between consecutive
       assistant messages: the model writes those too, as they are not stops), and the turn's terminator
-      (the following ``<|user|>`` / ``<|observation|>``, or the appended ``<|endoftext|>``);
+      (the following ``<|user|>`` / ``<|observation|>``, or the appended eos token);
     - 0: ``[gMASK]<sop>``, system / user / observation text and its role token (unless that token is a
-      terminator), and the ``<|assistant|>`` that opens a turn (it is part of the generation prompt).
+      terminator), the tools turn, and the ``<|assistant|>`` that opens a turn (it is part of the generation
+      prompt).
 
-    With ``sanitize_control_tokens`` (default) a control token written *inside* a message or tool
-    (an answer quoting ``<|user|>``) is encoded as plain text, so it can neither end a turn early nor
-    shift the mask; without it, ``input_ids`` equal ``tokenizer(render_chat(...))`` (+ the final eos).
-    Built one message at a time by encoding growing prefixes of the conversation; every message starts
+    Messages with empty content render nothing (as in GLM-4's official template) and take no part. Every id
+    is read from the tokenizer. With ``sanitize_control_tokens`` (default) a control token written *inside* a
+    message or tool (an answer quoting ``<|user|>``) is encoded as plain text, so it can neither end a turn
+    early nor shift the mask; without it, ``input_ids`` equal ``tokenizer(render_chat(...))`` (+ the final
+    eos). Built one message at a time by encoding growing prefixes of the conversation; every message starts
     with a special token written by the template, so no BPE merge crosses a boundary, and the function
     checks that the ids of each prefix are a prefix of the ids of the next (it raises otherwise).
     """
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+    messages = [m for m in messages if not renders_nothing(m)]  # the template skips them too
     if not messages:
-        raise ValueError("encode_chat needs at least one message")
-    assistant_id = _token_id(tokenizer, "<|assistant|>")
-    eos_id = _token_id(tokenizer, EOS_TOKEN)
+        raise ValueError("encode_chat needs at least one message with content")
+    special = glm_special_ids(tokenizer)
+    assistant_id, eos_id = special["<|assistant|>"], special["eos"]
     terminators = set(turn_terminator_ids(tokenizer))
 
     def encode(prefix: list[dict[str, Any]]) -> list[int]:
@@ -382,17 +552,17 @@ def encode_chat(
 def encode_response(
     tokenizer, prompt: Sequence[Mapping[str, Any]], response: str, terminator: str | None = "<|endoftext|>"
 ) -> list[int]:
-    """Token ids of ``prompt + [assistant response]`` with the GLM-4 chat template, then ``<|endoftext|>``.
+    """Token ids of ``prompt + [assistant response]`` with the GLM-4 chat template, then the terminator.
 
     The same ids as ``pretrain.tokenizer.encode_chat(...)["input_ids"]`` (tested) in one template render
     instead of one per message; control tokens inside text are escaped, so the last token is the only
     terminator of the judged turn and the reward position is always ``len(ids) - 1``. ``terminator``: the
-    turn terminator appended (``<|endoftext|>``, or ``<|user|>``, which ends a turn a user follows up on),
-    or None to end at the answer's last token.
+    name of the turn terminator appended, its id read from the tokenizer (``<|endoftext|>``, GLM-4's eos, or
+    ``<|user|>``, which ends a turn a user follows up on), or None to end at the answer's last token.
     """
     messages = [*({k: v for k, v in m.items() if v is not None} for m in prompt)]
     messages.append({"role": "assistant", "content": response})
     ids = tokenizer.apply_chat_template(
         messages, tokenize=True, return_dict=False, sanitize_control_tokens=True
     )
-    return list(ids) + ([tokenizer.convert_tokens_to_ids(terminator)] if terminator else [])
+    return list(ids) + ([_token_id(tokenizer, terminator)] if terminator else [])

@@ -163,7 +163,17 @@ def cmd_import(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         skip_invalid=args.skip_invalid,
     )
-    print(f"imported {result.items} pairs ({result.already_imported} were there already)")
+    print(f"imported {result.items} pairs ({result.already_imported} duplicates left out)")
+    for line in result.duplicates[:5]:
+        print(f"  duplicate {line}")
+    if len(result.duplicates) > 5:
+        print(
+            f"  ... and {len(result.duplicates) - 5} more (all of them in the report with --duplicates-report)"
+        )
+    if result.duplicates and args.duplicates_report:
+        Path(args.duplicates_report).write_text(
+            "".join(f"{line}\n" for line in result.duplicates), encoding="utf-8"
+        )
     if result.skipped:
         report = Path(args.skipped_report or f"{Path(args.path).name}.skipped.txt")
         report.write_text("".join(f"{line}\n" for line in result.skipped), encoding="utf-8")
@@ -307,6 +317,7 @@ def _data_parsers(nsub: argparse._SubParsersAction) -> None:
     i.add_argument(
         "--skipped-report", help="with --skip-invalid: where the skipped rows go (default FILE.skipped.txt)"
     )
+    i.add_argument("--duplicates-report", help="write every duplicate pair left out (by id) to this file")
     i.set_defaults(func=cmd_import)
 
     e = nsub.add_parser("export", help="export votes as prompt / chosen / rejected records")

@@ -206,6 +206,66 @@ def length_correlation(
     }
 
 
+def length_baseline(
+    chosen: Tensor,
+    rejected: Tensor,
+    chosen_len: Sequence[int],
+    rejected_len: Sequence[int],
+    tie: Tensor,
+    within: float = 0.1,
+) -> dict[str, Any]:
+    """What length alone gets on the same held-out pairs, and the RM's accuracy where length cannot help.
+
+    Lengths are the two answers' lengths in characters (not tokens, so the figure does not depend on the
+    tokenizer). Over strict pairs:
+
+    - ``longer_wins``: the accuracy of the rule "the longer answer is the better one" (equal lengths 1/2), the
+      baseline a reward model has to beat: on HH-RLHF helpful the chosen answer is the longer one in ~60 % of
+      pairs, so an RM that only measures length scores that much;
+    - ``balanced``: the pairs whose lengths differ by less than ``within`` (10 %) of the longer answer, where
+      the rule is close to a coin: the RM's ``accuracy`` there (with its binomial standard error ``se``), and
+      the rule's own ``longer_wins`` on them. An RM that learnt something besides length is above 0.5 here.
+    """
+    d = _np(chosen) - _np(rejected)
+    lc, lr = _np(chosen_len), _np(rejected_len)
+    strict = ~_np(tie).astype(bool)
+
+    def acc(x: np.ndarray) -> float:
+        return float(((x > 0) + 0.5 * (x == 0)).mean()) if x.size else float("nan")
+
+    balanced = strict & (np.abs(lc - lr) < within * np.maximum(lc, lr))
+    n = int(balanced.sum())
+    rm = acc(d[balanced])
+    return {
+        "unit": "characters",
+        "strict_pairs": int(strict.sum()),
+        "longer_wins": acc((lc - lr)[strict]),
+        "rm_accuracy": acc(d[strict]),
+        "balanced": {
+            "within": within,
+            "pairs": n,
+            "share": n / max(1, int(strict.sum())),
+            "accuracy": rm,
+            "se": math.sqrt(rm * (1 - rm) / n) if n else float("nan"),
+            "longer_wins": acc((lc - lr)[balanced]),
+        },
+    }
+
+
+def length_baseline_line(b: Mapping[str, Any]) -> str:
+    """One line beside the RM's accuracy: the length-only baseline and the length-balanced accuracy."""
+    bal = b["balanced"]
+    line = f"longer answer wins {b['longer_wins']:.3f} (the RM {b['rm_accuracy'] - b['longer_wins']:+.3f} over it)"
+    if bal["pairs"]:
+        line += (
+            f"; length-balanced (answers within {bal['within']:.0%} in length, {bal['pairs']} pairs): "
+            f"RM {bal['accuracy']:.3f} ± {bal['se']:.3f}, longer wins {bal['longer_wins']:.3f}"
+        )
+    else:
+        line += "; no length-balanced pairs"
+    return line
+
+
 def ensemble_disagreement(
     member_chosen: Tensor, member_rejected: Tensor, tie: Tensor | None = None
 ) -> dict[str, float]:
@@ -417,6 +477,9 @@ def evaluate_folder(
     }
     report["length"] = length_correlation(
         chosen, rejected, [len(p.chosen_ids) for p in pairs], [len(p.rejected_ids) for p in pairs], tie
+    )
+    report["length_baseline"] = length_baseline(
+        chosen, rejected, [len(r.chosen) for r in records], [len(r.rejected) for r in records], tie
     )
     if records and records[0].provenance.get("source") == "world":
         report["world"] = world_agreement(records, chosen, rejected)

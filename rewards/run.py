@@ -253,7 +253,7 @@ def _ensemble_members(recipe: RewardRecipe, tok, data: _Pairs, final: Path, summ
 
 def _evaluate(recipe: RewardRecipe, final: Path, members, data: _Pairs, summary, budget, print) -> dict:  # noqa: A002
     """Held-out evaluation of final/ (and the members beside it) into eval/, and its lines on the console."""
-    from glmwb.rewards.evaluate import evaluate_folder, format_summary
+    from glmwb.rewards.evaluate import evaluate_folder, format_summary, length_baseline_line
 
     run_dir = Path(recipe.run.dir)
     report = evaluate_folder(
@@ -273,6 +273,8 @@ def _evaluate(recipe: RewardRecipe, final: Path, members, data: _Pairs, summary,
         report["pairwise"] | {"calibration": report["calibration"], "length": report["length"]}
     )
     print(f"held-out: {line}")
+    if report["pairwise"].get("accuracy") is not None and report["length_baseline"]["strict_pairs"]:
+        print(f"  length: {length_baseline_line(report['length_baseline'])}")
     if "world" in report and report["world"].get("pairs"):
         w = report["world"]
         target = recipe.eval.target_fraction_of_ceiling
@@ -312,7 +314,7 @@ def _write_records(recipe: RewardRecipe, final: Path, summary, budget, report) -
     write_model_record(final, budget, run_dir, recipe.model.init_from)
     info_path = final / (ENSEMBLE_INFO if is_ensemble(final) else "reward_config.json")
     info = json.loads(info_path.read_text())
-    info["extra"]["eval"] = {k: report[k] for k in ("pairwise", "world") if k in report}
+    info["extra"]["eval"] = {k: report[k] for k in ("pairwise", "length_baseline", "world") if k in report}
     info_path.write_text(json.dumps(info, indent=2, ensure_ascii=False))
 
 

@@ -85,14 +85,14 @@ class RewardScorer:
     def from_pretrained(
         cls, folder: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32, **kwargs: Any
     ) -> RewardScorer:
-        from transformers import AutoTokenizer
+        from glmwb.pretrain.tokenizer import load_glm_tokenizer
 
         folder = Path(folder)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_reward_model(
             folder, dtype=dtype, device=device
         )  # a RewardEnsemble for an ensemble folder
-        tok = AutoTokenizer.from_pretrained(folder)
+        tok = load_glm_tokenizer(folder)
         return cls(
             model,
             tok,

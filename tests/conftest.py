@@ -75,3 +75,20 @@ def tiny_tokenizer(tmp_path_factory):
         tiny_corpus(), vocab_size=800, show_progress=False, model_max_length=1024
     ).save_pretrained(folder)
     return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def glm4_tokenizer_folder(tmp_path_factory):
+    """A folder like THUDM's glm-4-9b-chat-hf tokenizer: GLM-4's special tokens at 151329..151342, GLM-4's
+    official chat template, eos = pad = <|endoftext|> (tests/glm4_fixture.py; built in about a second)."""
+    from tests.glm4_fixture import build_glm4_tokenizer
+
+    return build_glm4_tokenizer(tmp_path_factory.mktemp("glm4_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def glm4_tokenizer(glm4_tokenizer_folder):
+    """The glm-4-9b-chat-hf stand-in as loaded as is (its official template), with AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(glm4_tokenizer_folder)

@@ -41,8 +41,9 @@ from glmwb.pretrain.data import (
     tokenize,
     unigram_entropy,
 )
+from tests.shared_data import SHARED_DATA
 
-DATA = Path(__file__).parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 EN = DATA / "pretrain_en" / "pretrain_en.jsonl"
 ZH = DATA / "pretrain_zh" / "pretrain_zh.jsonl"
 

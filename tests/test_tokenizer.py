@@ -24,8 +24,12 @@ WEATHER_TOOL = {
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
     },
 }
+# GLM-4's tools turn for WEATHER_TOOL, as glm-4-9b-chat's official template renders it (golden text; the
+# official template itself is rendered against ours in tests/test_chat_template_official.py)
 WEATHER_TOOL_TEXT = (
-    "# Available tools\n\n## get_weather\n\n"
+    "你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
+    "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n"
+    "# 可用工具\n## get_weather\n\n"
     "{\n"
     '    "name": "get_weather",\n'
     '    "description": "Weather of a city",\n'
@@ -37,8 +41,8 @@ WEATHER_TOOL_TEXT = (
     "            }\n"
     "        }\n"
     "    }\n"
-    "}\n\n"
-    "To call a tool, write its name on the first line and its arguments as one JSON object on the next."
+    "}\n"
+    "在调用上述函数时，请使用 Json 格式表示调用的参数。"
 )
 MULTI_TURN = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -197,13 +201,16 @@ def test_render_tools_in_a_new_system_turn(tiny_tokenizer):
     assert bare == rendered
 
 
-def test_render_tools_appended_to_the_system_turn(tiny_tokenizer):
+def test_render_tools_before_the_system_turn(tiny_tokenizer):
+    # GLM-4: the tools are a system turn of their own, then the system prompt is a second <|system|> turn.
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}]
     rendered = render_chat(tiny_tokenizer, messages, tools=[WEATHER_TOOL], add_generation_prompt=True)
-    assert (
-        rendered == f"[gMASK]<sop><|system|>\nBe brief.\n\n{WEATHER_TOOL_TEXT}<|user|>\nWeather?<|assistant|>"
+    assert rendered == (
+        f"[gMASK]<sop><|system|>\n{WEATHER_TOOL_TEXT}<|system|>\nBe brief.<|user|>\nWeather?<|assistant|>"
     )
-    assert rendered.count("<|system|>") == 1
+    # GLM-4's own form (the tools inside the system message) renders the same
+    glm = [{"role": "system", "content": "Be brief.", "tools": [WEATHER_TOOL]}, messages[1]]
+    assert render_chat(tiny_tokenizer, glm, add_generation_prompt=True) == rendered
 
 
 def test_render_tool_call_and_observation(tiny_tokenizer):
@@ -239,7 +246,7 @@ def test_render_text_before_a_call_and_parallel_calls(tiny_tokenizer):
 
 
 def test_render_rejects_unknown_roles_and_system_after_assistant(tiny_tokenizer):
-    with pytest.raises(Exception, match="Unknown role"):
+    with pytest.raises(Exception, match=r"message 0 \(narrator\): unknown role"):
         render_chat(tiny_tokenizer, [{"role": "narrator", "content": "x"}])
     with pytest.raises(Exception, match="system message cannot follow"):
         render_chat(tiny_tokenizer, MULTI_TURN[:3] + [{"role": "system", "content": "x"}])

@@ -40,8 +40,6 @@ PHASES = ("generation", "scoring", "inference", "training", "step")
 
 
 def build(args: argparse.Namespace, layout: str, device: torch.device):
-    from transformers import AutoTokenizer
-
     from glmwb.align.ppo.config import GenerationConfig, KLConfig, PPOConfig, PPOTrainConfig, RewardSection
     from glmwb.align.ppo.models import Actor, Critic, Reference, ValueHead, apply_lora, parameter_count
     from glmwb.align.ppo.rollout import PromptCycle, build_reward, world_items
@@ -51,10 +49,10 @@ def build(args: argparse.Namespace, layout: str, device: torch.device):
     from glmwb.pretrain.model import GLM
     from glmwb.pretrain.optim import OptimConfig
     from glmwb.pretrain.settings import LoRAConfig
-    from glmwb.pretrain.tokenizer import turn_terminator_ids
+    from glmwb.pretrain.tokenizer import load_glm_tokenizer, turn_terminator_ids
     from glmwb.pretrain.world import make_world
 
-    tok = AutoTokenizer.from_pretrained(args.policy)
+    tok = load_glm_tokenizer(args.policy)
     if args.config:
         vocab = -(-len(tok) // 64) * 64
         glm = GLM(GLMConfig(vocab_size=vocab, pad_token_id=tok.pad_token_id, **SIZES[args.config]))

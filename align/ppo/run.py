@@ -78,13 +78,12 @@ def _need_folder(path: str | None, key: str, what: str) -> None:
 
 def build_models(recipe: PPORecipe, device: torch.device):
     """(actor, critic or None, reference, tokenizer, resident / trainable parameter counts)."""
-    from transformers import AutoTokenizer
-
     from glmwb.align.ppo.models import Actor, Critic, Reference, ValueHead, apply_lora, parameter_count
     from glmwb.pretrain.hf import load_pretrained
+    from glmwb.pretrain.tokenizer import load_glm_tokenizer
 
     p, c = recipe.policy, recipe.critic
-    tok = AutoTokenizer.from_pretrained(p.init_from)
+    tok = load_glm_tokenizer(p.init_from)
     glm = load_pretrained(p.init_from)
     glm.gradient_checkpointing = p.gradient_checkpointing
     if p.lora.enabled:

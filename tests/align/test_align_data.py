@@ -18,8 +18,9 @@ from glmwb.align.data import (
     world_sft_conversations,
 )
 from glmwb.pretrain.world import make_world
+from tests.shared_data import SHARED_DATA
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SHARED = SHARED_DATA
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real data folder {SHARED} is absent")
 
 WEATHER_TOOL = {
@@ -163,7 +164,10 @@ def test_mask_on_tool_calls_and_observations(tiny_tokenizer) -> None:
         "\n15 degrees.<|endoftext|>",
     ]
     text = tiny_tokenizer.decode(enc["input_ids"], skip_special_tokens=False)
-    assert text.startswith("[gMASK]<sop><|system|>\n# Available tools\n\n## get_weather")
+    assert text.startswith(
+        "[gMASK]<sop><|system|>\n你是一个名为 ChatGLM 的人工智能助手。"
+    )  # GLM-4's tools turn
+    assert "\n# 可用工具\n## get_weather\n" in text
     # the round trip: each generated turn (terminator dropped) parses back to the message it came from
     assistants = [m for m in conv.messages if m["role"] == "assistant"]
     for span, message in zip(masked_spans(tiny_tokenizer, enc), assistants, strict=True):
@@ -272,6 +276,37 @@ def test_messages_rows_and_text_then_parallel_calls(tmp_path) -> None:
     }
 
 
+def test_glm4_own_message_rows_encode_as_the_openai_form(tmp_path, tiny_tokenizer) -> None:
+    """GLM-4's form (tools in the system message, a call as metadata + JSON content, role observation) is read
+    as is, not dropped, and gives the same tokens and loss mask as the OpenAI form of the same chat."""
+    glm = {
+        "messages": [
+            {"role": "system", "content": "Be brief.", "tools": [WEATHER_TOOL]},
+            {"role": "user", "content": "Weather in A?"},
+            {"role": "assistant", "metadata": "get_weather", "content": '{"city": "A"}'},
+            {"role": "observation", "content": "sunny"},
+            {"role": "assistant", "content": "Sunny."},
+        ]
+    }
+    openai = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Weather in A?"},
+            {"role": "assistant", "content": None, "tool_calls": [call("get_weather", city="A")]},
+            {"role": "tool", "content": "sunny"},
+            {"role": "assistant", "content": "Sunny."},
+        ],
+        "tools": [WEATHER_TOOL],
+    }
+    a, b = read_sft(write_jsonl(tmp_path / "chats.jsonl", [glm, openai]), format="messages").conversations
+    assert a.messages[2] == {"role": "assistant", "content": '{"city": "A"}', "metadata": "get_weather"}
+    assert a.tools == b.tools and a.messages[0] == {"role": "system", "content": "Be brief."}
+    enc = encode_conversation(tiny_tokenizer, a)
+    assert enc == encode_conversation(tiny_tokenizer, b)
+    text = tiny_tokenizer.decode(enc["input_ids"])
+    assert '<|assistant|>get_weather\n{"city": "A"}<|observation|>\nsunny' in text and "# 可用工具" in text
+
+
 BAD_ROWS = [
     ({"instruction": "x", "input": ""}, "row 2: missing field 'output'"),
     ({"instruction": "x", "output": 5}, "row 2: field 'output' must be a string, got int"),
@@ -311,6 +346,18 @@ BAD_SHAREGPT = [
     (
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "system", "content": "s"}]},
         "messages[2] is a system turn that is not the first message",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "a", "metadata": "f"}]},
+        "messages[1].metadata must be a one-line tool name on an assistant message",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "metadata": "f"}]},
+        "messages[1] is a call of 'f' with no arguments",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "q", "tools": []}, {"role": "assistant", "content": "a"}]},
+        "messages[0] has tools; they belong in the first (system) message",
     ),
 ]  # fmt: skip
 

@@ -58,22 +58,26 @@ def trainable(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_training_tokenizer_gives_encode_chat_ids_with_the_terminator(tiny_tokenizer):
+@pytest.mark.parametrize("which", ["tiny", "glm4_official"])
+def test_trl_rows_give_encode_chat_ids_with_the_terminator(tiny_tokenizer, glm4_tokenizer, which):
+    """TRL's tokenisation of our rows (its own `_tokenize`, with the rows' chat_template_kwargs) ends the chosen
+    answer with the eos token, on a tokenizer trained here and on the glm-4-9b-chat-hf stand-in (ids 151329..,
+    GLM-4's official template, which training_tokenizer replaces by ours)."""
     from trl.data_utils import _tokenize
 
     from glmwb.pretrain.tokenizer import encode_chat
 
-    tok = training_tokenizer(tiny_tokenizer)
+    base = tiny_tokenizer if which == "tiny" else glm4_tokenizer
+    tok = training_tokenizer(base)
     row = conversational_rows(planted_records(1))[0]
     kwargs = row["chat_template_kwargs"]
+    assert kwargs == {"sanitize_control_tokens": True, "end_final_turn": True}
     prompt_ids = _tokenize(tok, row["prompt"], add_generation_prompt=True, **kwargs)["input_ids"]
     full_ids = _tokenize(tok, row["prompt"] + row["chosen"], **kwargs)["input_ids"]
-    want = encode_chat(tiny_tokenizer, row["prompt"] + row["chosen"])
-    assert full_ids == want["input_ids"] and full_ids[-1] == tiny_tokenizer.convert_tokens_to_ids(
-        "<|endoftext|>"
-    )
+    want = encode_chat(tok, row["prompt"] + row["chosen"])
+    assert full_ids == want["input_ids"] and full_ids[-1] == base.convert_tokens_to_ids("<|endoftext|>")
     assert full_ids[: len(prompt_ids)] == prompt_ids  # the completion is everything after the prompt
-    assert tiny_tokenizer.chat_template != tok.chat_template  # the saved tokenizer keeps its own template
+    assert base.chat_template != tok.chat_template or which == "tiny"  # the caller's tokenizer is untouched
 
 
 def test_ties_are_dropped_and_counted(tmp_path, policy_folder, planted_file):

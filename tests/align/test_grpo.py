@@ -30,10 +30,11 @@ from glmwb.pretrain.model import GLM
 from glmwb.pretrain.optim import OptimConfig
 from glmwb.pretrain.tokenizer import turn_terminator_ids
 from glmwb.recipes.cli import load_recipe, main
+from tests.shared_data import SHARED_DATA
 from tests.tiny import TINY, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
-GSM8K = ROOT.parent / "shared" / "data" / "eval_gsm8k" / "test.jsonl"
+GSM8K = SHARED_DATA / "eval_gsm8k" / "test.jsonl"
 
 
 @pytest.fixture(scope="module")

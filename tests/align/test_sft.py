@@ -33,7 +33,8 @@ def call(name: str, **arguments) -> dict:
     return {"type": "function", "function": {"name": name, "arguments": arguments}}
 
 
-# single-turn, multi-turn with a system turn, and a tool-call chat: lengths vary (packing has work to do)
+# single-turn, multi-turn with a system turn, and a tool-call chat: lengths vary (packing has work to do); the
+# tool chat is ~280 tokens with the tiny tokenizer (GLM-4's Chinese tools preamble is mostly bytes there)
 CHATS = [
     Conversation(
         [{"role": "user", "content": "What is 7 + 5?"}, {"role": "assistant", "content": "7 + 5 = 12."}]
@@ -89,7 +90,7 @@ def tiny_folder(tiny_tokenizer, tmp_path_factory):
 def recipe_for(folder, tmp_path, **sections) -> SFTRecipe:
     base = SFTRecipe(
         run=RunConfig(dir=str(tmp_path / "run"), seed=0),
-        data=SFTDataConfig(n_train=16, n_eval=0, max_length=256, packing=False),
+        data=SFTDataConfig(n_train=16, n_eval=0, max_length=512, packing=False),
         model=SFTModelConfig(init_from=str(folder), lora=LoRAConfig(enabled=False)),
         optim=OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.0),
         train=SFTTrainConfig(batch_size=8, max_steps=4, log_every=1),
@@ -98,7 +99,7 @@ def recipe_for(folder, tmp_path, **sections) -> SFTRecipe:
 
 
 def dataset(tok, chats=CHATS, repeat: int = 1):
-    ds, stats = encode_dataset(tok, list(chats) * repeat, max_length=256, name="test")
+    ds, stats = encode_dataset(tok, list(chats) * repeat, max_length=512, name="test")
     return ds
 
 
@@ -112,7 +113,7 @@ def test_trl_labels_are_exactly_the_assistant_tokens_and_terminators(
     tok = tiny_tokenizer
     for packing in (False, True):
         recipe = recipe_for(
-            tiny_folder, tmp_path, data=SFTDataConfig(n_train=16, n_eval=0, max_length=256, packing=packing)
+            tiny_folder, tmp_path, data=SFTDataConfig(n_train=16, n_eval=0, max_length=512, packing=packing)
         )
         trainer = build_trainer(recipe, tok, dataset(tok))
         expected = {}
@@ -155,7 +156,7 @@ def test_packed_losses_equal_unpacked_losses(tiny_folder, tiny_tokenizer, tmp_pa
     losses, batches = {}, {}
     for packing in (False, True):
         recipe = recipe_for(
-            tiny_folder, tmp_path, data=SFTDataConfig(n_train=16, n_eval=0, max_length=256, packing=packing)
+            tiny_folder, tmp_path, data=SFTDataConfig(n_train=16, n_eval=0, max_length=512, packing=packing)
         )
         trainer = build_trainer(recipe, tok, dataset(tok))
         trainer.model.eval()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-from pathlib import Path
 
 import pytest
 
@@ -13,8 +12,9 @@ from glmwb.annotation.export import export_records, import_preferences, write_re
 from glmwb.annotation.records import records_from_dicts
 from glmwb.annotation.store import NewItem, NewResponse
 from tests.annotation.conftest import make_items
+from tests.shared_data import SHARED_DATA
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+SHARED = SHARED_DATA
 
 
 def vote(store, who, choice, ratings=None, strength=None):

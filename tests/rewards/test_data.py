@@ -20,8 +20,9 @@ from glmwb.rewards.data import (
     reliability_weights,
     truncate,
 )
+from tests.shared_data import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = SHARED_DATA
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not beside the checkout")
 
 

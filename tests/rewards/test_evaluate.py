@@ -12,6 +12,8 @@ from glmwb.annotation.records import PreferenceRecord
 from glmwb.rewards.evaluate import (
     calibration,
     ensemble_disagreement,
+    length_baseline,
+    length_baseline_line,
     length_correlation,
     pairwise_metrics,
     plot_distributions,
@@ -72,6 +74,28 @@ def test_length_correlation_flags_a_length_loving_rm() -> None:
     m = length_correlation(chosen, rejected, lengths_c, lengths_r, torch.zeros(4, dtype=torch.bool))
     assert m["pearson"] == pytest.approx(1.0) and m["spearman"] == pytest.approx(1.0)
     assert m["gap_spearman"] == pytest.approx(1.0) and m["longer_wins"] == pytest.approx(3 / 4)
+
+
+def test_length_baseline_and_length_balanced_accuracy_by_hand() -> None:
+    # chars of chosen / rejected; pairs 0-1 differ by < 10 % (balanced), 2-4 do not; pair 5 is a tie
+    chosen_len, rejected_len = [100, 50, 200, 30, 80, 10], [95, 52, 100, 60, 40, 99]
+    chosen = torch.tensor([1.0, -1.0, 2.0, 0.0, 1.0, 0.0])
+    rejected = torch.tensor(
+        [0.0, 0.0, 1.0, 1.0, 1.0, 5.0]
+    )  # RM: right on 0 and 2, wrong on 1 and 3, tie on 4
+    tie = torch.tensor([False] * 5 + [True])
+    b = length_baseline(chosen, rejected, chosen_len, rejected_len, tie)
+    assert b["strict_pairs"] == 5 and b["unit"] == "characters"
+    assert b["longer_wins"] == pytest.approx(3 / 5)  # the chosen one is longer in pairs 0, 2, 4
+    assert b["rm_accuracy"] == pytest.approx(2.5 / 5)
+    bal = b["balanced"]
+    assert (bal["pairs"], bal["accuracy"], bal["longer_wins"]) == (2, 0.5, 0.5)
+    assert bal["se"] == pytest.approx(math.sqrt(0.25 / 2)) and bal["share"] == pytest.approx(2 / 5)
+    line = length_baseline_line(b)
+    assert line.startswith("longer answer wins 0.600 (the RM -0.100 over it)")
+    assert (
+        "length-balanced (answers within 10% in length, 2 pairs): RM 0.500 ± 0.354, longer wins 0.500" in line
+    )
 
 
 def test_ensemble_disagreement() -> None:

@@ -4,7 +4,6 @@ length, and their weighted combination with a reward model."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -18,8 +17,9 @@ from glmwb.rewards.rules import (
     gsm8k_gold,
     length_penalty,
 )
+from tests.shared_data import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = SHARED_DATA
 
 
 def test_world_rules_follow_the_checker() -> None:

@@ -213,7 +213,10 @@ def test_reward_recipe_end_to_end(tiny_tokenizer, tmp_path, capsys) -> None:
     assert code == 0
     out = capsys.readouterr().out
     assert "agreement ceiling" in out and "of ceiling" in out and "training stopped at step" not in out
+    assert "\n  length: longer answer wins " in out  # under the held-out accuracy
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    lb = summary["eval"]["length_baseline"]
+    assert lb["strict_pairs"] > 0 and 0 <= lb["longer_wins"] <= 1 and lb["balanced"]["within"] == 0.1
     world = summary["eval"]["world"]
     assert world["pairs"] > 0 and 0.9 < world["ceiling"] < 1 and "meets_target" in world
     assert summary["eval"]["ensemble"]["members"] == 2
