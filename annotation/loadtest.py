@@ -9,11 +9,15 @@ vote id and ``next: true`` (the answer carries the next task), and with probabil
 *same* POST again, as a client does when it did not
 see the answer (the server must answer "duplicate" and store nothing new). A vote is *acknowledged* when
 the server answered 200 / 201. Only for loopback servers that you started yourself.
+
+``login_flood`` measures what a flood of wrong sign-ins does to everyone else: ``attackers`` threads send
+wrong passwords as fast as the server answers while one signed-in annotator times a light request.
 """
 
 from __future__ import annotations
 
 import random
+import statistics
 import threading
 import time
 import uuid
@@ -55,8 +59,15 @@ class LoadResult:
         )
 
 
-def sign_in(client: httpx.Client, username: str, password: str) -> str:
-    r = client.post("/api/v1/login", json={"username": username, "password": password})
+def sign_in(client: httpx.Client, username: str, password: str, tries: int = 5) -> str:
+    """A bearer token; a 503 (too many sign-ins being checked) is retried after its Retry-After."""
+    for _ in range(tries - 1):
+        r = client.post("/api/v1/login", json={"username": username, "password": password})
+        if r.status_code != 503:
+            break
+        time.sleep(float(r.headers.get("retry-after", "1")))
+    else:
+        r = client.post("/api/v1/login", json={"username": username, "password": password})
     r.raise_for_status()
     return r.json()["token"]
 
@@ -165,3 +176,101 @@ def resubmit(base_url: str, attempts: Sequence[Attempt], timeout_s: float = 30.0
             )
             codes[r.status_code] += 1
     return codes
+
+
+@dataclass
+class FloodResult:
+    latencies_s: list[float] = field(default_factory=list)  # the signed-in annotator's requests, in order
+    login_codes: Counter = field(default_factory=Counter)  # what the wrong sign-ins were answered
+    seconds: float = 0.0
+
+    def quantile(self, q: float) -> float:
+        xs = sorted(self.latencies_s)
+        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+    def summary(self) -> str:
+        median = statistics.median(self.latencies_s) if self.latencies_s else float("nan")
+        return (
+            f"{len(self.latencies_s)} requests of the signed-in annotator in {self.seconds:.1f} s: median "
+            f"{median * 1000:.1f} ms, p95 {self.quantile(0.95) * 1000:.1f} ms, max "
+            f"{max(self.latencies_s, default=float('nan')) * 1000:.1f} ms; wrong sign-ins answered "
+            f"{dict(sorted(self.login_codes.items()))}"
+        )
+
+
+def _flood(base_url: str, target: str, attackers: int, seconds: float, timeout_s: float) -> Counter:
+    """The attackers of ``login_flood`` (run in a process of their own: ``python -m
+    glmwb.annotation.loadtest flood ...``, so that their threads do not slow down the measuring client)."""
+    stop = time.monotonic() + seconds
+    lock = threading.Lock()
+    counts: Counter = Counter()
+
+    def attacker(i: int) -> None:
+        with httpx.Client(base_url=base_url, timeout=timeout_s) as c:
+            n = 0
+            while time.monotonic() < stop:
+                n += 1
+                body = {"username": target, "password": f"wrong-{i}-{n}"}
+                try:
+                    code = str(c.post("/api/v1/login", json=body).status_code)
+                except httpx.HTTPError as e:
+                    code = type(e).__name__
+                with lock:
+                    counts[code] += 1
+
+    threads = [threading.Thread(target=attacker, args=(i,), daemon=True) for i in range(attackers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=seconds + timeout_s)
+    return counts
+
+
+def login_flood(
+    base_url: str,
+    victim: tuple[str, str],
+    target: str,
+    attackers: int = 40,
+    seconds: float = 10.0,
+    path: str = "/api/v1/progress",
+    timeout_s: float = 60.0,
+) -> FloodResult:
+    """``attackers`` threads (in a child process) send wrong passwords for ``target`` (``POST
+    /api/v1/login``) for ``seconds``, while ``victim`` (signed in before the flood) sends ``GET path`` one
+    after another; returns the victim's latencies and the codes the flood got. ``attackers=0`` measures the
+    same requests without a flood."""
+    import json
+    import subprocess
+    import sys
+
+    result = FloodResult()
+    with httpx.Client(base_url=base_url, timeout=timeout_s) as client:
+        headers = {"Authorization": f"Bearer {sign_in(client, *victim)}"}
+        flood = None
+        if attackers:
+            warmup = min(1.0, seconds / 5)
+            args = [base_url, target, str(attackers), str(seconds + warmup), str(timeout_s)]
+            flood = subprocess.Popen(
+                [sys.executable, "-m", "glmwb.annotation.loadtest", "flood", *args], stdout=subprocess.PIPE
+            )
+            time.sleep(warmup + 0.5)  # let the flood build up
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            t0 = time.perf_counter()
+            client.get(path, headers=headers).raise_for_status()
+            result.latencies_s.append(time.perf_counter() - t0)
+            time.sleep(0.02)
+        result.seconds = time.perf_counter() - start
+        if flood is not None:
+            out, _ = flood.communicate(timeout=seconds + timeout_s)
+            result.login_codes = Counter(json.loads(out or b"{}"))
+    return result
+
+
+if __name__ == "__main__":  # the attackers' process of login_flood
+    import json
+    import sys
+
+    if sys.argv[1:2] == ["flood"]:
+        url, who, n, secs, timeout = sys.argv[2:7]
+        print(json.dumps(_flood(url, who, int(n), float(secs), float(timeout))))

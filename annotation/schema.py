@@ -1,6 +1,6 @@
 """The preference store's SQL schema (SQLAlchemy 2.x declarative models).
 
-    annotators ─┬─< sessions                       (API bearer tokens, stored as SHA-256 digests)
+    annotators ─┬─< sessions                       (API tokens and page sessions, SHA-256 digests)
                 ├─< assignments >── items ──< item_responses >── generations >── prompts
                 └─< votes >──────── assignments
 
@@ -93,7 +93,9 @@ class Annotator(Base):
 
 
 class Session(Base):
-    """A bearer token of the JSON API; only its SHA-256 is stored, so a database dump grants nothing."""
+    """A sign-in session: a bearer token of the JSON API or the annotator page's session cookie; only its
+    SHA-256 is stored, so a database dump grants nothing. Deleted by sign-out, a new password or disabling
+    the account; past ``expires_at`` it counts for nothing."""
 
     __tablename__ = "sessions"
 

@@ -5,14 +5,16 @@ on this app). ``/api/v1/...`` is JSON for scripts, load tests and other front en
 bearer token from ``POST /api/v1/login``:
 
   ==========================  ===================================================================
-  POST /api/v1/login          {username, password} -> {token, username, role}
+  POST /api/v1/login          {username, password} -> {token, username, role} (and a known-device
+                              cookie: see annotation/guard.py's LoginGate)
   POST /api/v1/logout         revoke the token
   GET  /api/v1/next           -> {task: {assignment_id, item_id, prompt, responses: [{letter, text}]}
                               | null}
   POST /api/v1/votes          {uid, assignment_id, choice, strength?, ratings?, rationale?, time_spent_s?,
                               guideline_version?, next?} -> 201 {vote_id, ..., duplicate: false}; the
-                              same uid again -> 200 {..., duplicate: true} (idempotent: retry freely);
-                              with next: true, also {next: task | null}
+                              same uid again -> 200 {..., duplicate: true} (idempotent: retry freely),
+                              or 409 once that vote was undone (a new vote needs a new uid); with
+                              next: true, also {next: task | null}
   POST /api/v1/skip           {assignment_id}
   POST /api/v1/undo           -> {undone: {...} | null}
   GET  /api/v1/progress       the caller's counts
@@ -22,44 +24,49 @@ bearer token from ``POST /api/v1/login``:
   ==========================  ===================================================================
 
 A vote's response is sent after its transaction committed: an acknowledged vote is on disk.
-Errors: 400 bad request, 401 no / bad token, 403 not an admin, 404 not yours or not there (the same answer
-for both: nobody learns what others have), 409 conflict (a vote exists; undo first), 429 too many failed
-sign-ins. Binds to 127.0.0.1 unless told otherwise.
+Errors: 400 bad request (also: a JSON body with NaN / Infinity, a lone surrogate or not UTF-8), 401 no / bad
+token, 403 not an admin, or a request another web page made (``annotation/guard.py``), 404 not yours or not
+there (the same answer for both: nobody learns what others have), 409 conflict (a vote exists; undo first;
+or the vote id was undone), 413 a body over its limit (4 KiB for sign-in, 256 KiB otherwise), 422 a field of
+the wrong type or out of range (ids are 1 .. 2^63 - 1), 429 too many failed sign-ins (``Retry-After``), 503
+too many sign-ins being checked at once. Binds to 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import defaultdict, deque
-from typing import Annotated
+import asyncio
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from glmwb.annotation.agreement import agreement_report
-from glmwb.annotation.store import AnnotatorInfo, Conflict, NotFound, Store, StoreError
+from glmwb.annotation.guard import (
+    GateBusy,
+    GuardPolicy,
+    LoginGate,
+    RequestGuard,
+    client_address,
+    install_error_handlers,
+    retry_after,
+)
+from glmwb.annotation.store import (
+    MAX_RATING_ATTRIBUTES,
+    MAX_RATIONALE,
+    AnnotatorInfo,
+    Conflict,
+    NotFound,
+    Store,
+    StoreError,
+)
 
-
-class LoginThrottle:
-    """At most ``max_failures`` failed sign-ins per username in ``window_s``; then refuse until they age out."""
-
-    def __init__(self, max_failures: int = 10, window_s: float = 300.0) -> None:
-        self.max_failures = max_failures
-        self.window_s = window_s
-        self._failures: dict[str, deque[float]] = defaultdict(deque)
-        self._lock = threading.Lock()
-
-    def blocked(self, username: str) -> bool:
-        with self._lock:
-            q = self._failures[username]
-            while q and q[0] < time.monotonic() - self.window_s:
-                q.popleft()
-            return len(q) >= self.max_failures
-
-    def failed(self, username: str) -> None:
-        with self._lock:
-            self._failures[username].append(time.monotonic())
+MAX_ID = 2**63 - 1  # ids are 64-bit signed integers in both databases
+LOGIN_BODY_LIMIT = 4 * 1024
+API_POLICY = GuardPolicy(body_limits=(("/api/v1/login", LOGIN_BODY_LIMIT),))
 
 
 class LoginIn(BaseModel):
@@ -67,20 +74,83 @@ class LoginIn(BaseModel):
     password: str = Field(max_length=1024)
 
 
+Rating = Annotated[StrictInt, Field(ge=1, le=5)]  # StrictInt: `true` and "5" are not ratings
+
+
 class VoteIn(BaseModel):
     uid: str = Field(min_length=8, max_length=64)
-    assignment_id: int
-    choice: str
-    ratings: dict[str, dict[str, int]] = Field(default_factory=dict)
-    strength: str | None = None  # a winner's: negligible / slight / clear / strong (better)
-    rationale: str = ""
-    time_spent_s: float | None = None
+    assignment_id: int = Field(ge=1, le=MAX_ID)
+    choice: str = Field(max_length=16)
+    ratings: dict[str, dict[str, Rating]] = Field(default_factory=dict, max_length=MAX_RATING_ATTRIBUTES)
+    strength: str | None = Field(
+        default=None, max_length=16
+    )  # a winner's: negligible / slight / clear / strong
+    rationale: str = Field(default="", max_length=MAX_RATIONALE)
+    time_spent_s: float | None = Field(default=None, ge=0, lt=10**7, allow_inf_nan=False)
     guideline_version: str = Field(default="", max_length=64)
     next: bool = False  # also answer with the caller's next task (saves a round trip)
 
 
 class AssignmentIn(BaseModel):
-    assignment_id: int
+    assignment_id: int = Field(ge=1, le=MAX_ID)
+
+
+def device_cookie_name(store: Store) -> str:
+    """The known-device cookie's name: one per store (two stores served on one host, whose cookies are
+    shared across ports, do not clash). Knowing it gains nothing: its value is an HMAC under a secret of the
+    server process."""
+    from sqlalchemy.engine import make_url
+
+    where = make_url(store.url).render_as_string(hide_password=True)
+    return "known-device-" + hashlib.sha256(where.encode()).hexdigest()[:16]
+
+
+async def sign_in(
+    store: Store, gate: LoginGate, username: str, password: str, request: Request, response: Response
+) -> AnnotatorInfo:
+    """The account for this username and password, through the gate: 429 while this (username, client),
+    this client or this username backs off (or this known device, when the request carries the cookie of
+    one), 503 while too many checks wait, 401 for a wrong pair. A success sets the known-device cookie."""
+    name = device_cookie_name(store)
+    device = gate.known_device(request.cookies.get(name), username)
+    client = client_address(request)
+    wait = gate.wait_s(username, client, device)
+    if wait > 0:
+        await asyncio.sleep(min(wait, gate.pause_s))
+        raise HTTPException(
+            429, f"too many failed sign-ins; try again in {math.ceil(wait)} s", headers=retry_after(wait)
+        )
+
+    def check() -> AnnotatorInfo | None | float:
+        # On the check's own thread, one check after another: asked again when its turn comes (the attempts
+        # queued behind a failure back off too), and the outcome is counted before the next check starts.
+        late = gate.wait_s(username, client, device)
+        if late > 0:
+            return late
+        who = store.authenticate(username, password)
+        if who is None:
+            gate.failed(username, client, device)
+        else:
+            gate.succeeded(username, client, device)
+        return who
+
+    try:
+        who = await gate.check(check)
+    except GateBusy:
+        raise HTTPException(
+            503, "too many sign-ins are being checked; try again in a moment", headers=retry_after(1)
+        ) from None
+    if isinstance(who, float):
+        await asyncio.sleep(min(who, gate.pause_s))
+        raise HTTPException(
+            429, f"too many failed sign-ins; try again in {math.ceil(who)} s", headers=retry_after(who)
+        )
+    if who is None:
+        raise HTTPException(401, "wrong username or password")
+    if device is None:
+        response.set_cookie(name, gate.device_cookie(username), max_age=90 * 86400, httponly=True,
+                            samesite="strict", secure=request.url.scheme == "https")  # fmt: skip
+    return who
 
 
 def _error(e: StoreError) -> HTTPException:
@@ -113,7 +183,7 @@ def current_admin(who: Caller) -> AnnotatorInfo:
 Admin = Annotated[AnnotatorInfo, Depends(current_admin)]
 
 
-def api_router(store: Store, throttle: LoginThrottle) -> APIRouter:
+def api_router(store: Store, gate: LoginGate) -> APIRouter:
     """The JSON API; include it in an app whose ``state.store`` is ``store``."""
     router = APIRouter(prefix="/api/v1")
 
@@ -122,14 +192,10 @@ def api_router(store: Store, throttle: LoginThrottle) -> APIRouter:
         return {"ok": True}
 
     @router.post("/login")
-    def login(body: LoginIn) -> dict:
-        if throttle.blocked(body.username):
-            raise HTTPException(429, "too many failed sign-ins; wait a few minutes")
-        who = store.authenticate(body.username, body.password)
-        if who is None:
-            throttle.failed(body.username)
-            raise HTTPException(401, "wrong username or password")
-        return {"token": store.create_session(who), "username": who.username, "role": who.role}
+    async def login(body: LoginIn, request: Request, response: Response) -> dict:
+        who = await sign_in(store, gate, body.username, body.password, request, response)
+        token = await anyio.to_thread.run_sync(store.create_session, who)
+        return {"token": token, "username": who.username, "role": who.role}
 
     @router.post("/logout")
     def logout(request: Request, who: Caller) -> dict:
@@ -191,9 +257,21 @@ def api_router(store: Store, throttle: LoginThrottle) -> APIRouter:
     return router
 
 
-def create_api_app(store: Store, throttle: LoginThrottle | None = None) -> FastAPI:
-    """A FastAPI app serving the JSON API on ``store`` (the annotator page is mounted on it by ui/app.py)."""
+def create_api_app(
+    store: Store,
+    gate: LoginGate | None = None,
+    policy: GuardPolicy | None = None,
+    inner: Sequence[tuple[type, dict[str, Any]]] = (),
+) -> FastAPI:
+    """A FastAPI app serving the JSON API on ``store`` (the annotator page is mounted on it by ui/app.py),
+    behind ``RequestGuard(policy)`` (default ``API_POLICY``), the outermost middleware; ``inner`` middleware
+    (class, keyword arguments) run after it, in the order given."""
     app = FastAPI(title="glm-workbench annotation", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store = store
-    app.include_router(api_router(store, throttle or LoginThrottle()))
+    app.state.gate = gate or LoginGate()
+    app.include_router(api_router(store, app.state.gate))
+    install_error_handlers(app)
+    for cls, kwargs in reversed(inner):
+        app.add_middleware(cls, **kwargs)
+    app.add_middleware(RequestGuard, policy=policy or API_POLICY)
     return app

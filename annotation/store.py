@@ -66,6 +66,10 @@ IT, IR, AS, VO = Item.__table__, ItemResponse.__table__, Assignment.__table__, V
 UID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{8,64}$")
 USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 MAX_RATIONALE = 10_000
+MAX_RATING_ATTRIBUTES = 32  # rated attributes in one vote
+MAX_PASSWORD = 1024  # characters (argon2 hashes any length; sign-in bodies are bounded)
+MAX_ID = 2**63 - 1  # row ids are 64-bit signed integers (SQLite INTEGER, PostgreSQL BIGINT)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 SESSION_TTL = timedelta(hours=12)
 
 
@@ -434,6 +438,8 @@ class Store:
             raise StoreError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         if role != "external" and (password is None or len(password) < 8):
             raise StoreError("a password needs at least 8 characters")
+        if password is not None:
+            _check_text("a password", password, MAX_PASSWORD)
         hashed = None if password is None else self._hasher.hash(password)
         try:
             with self._write() as s:
@@ -447,6 +453,7 @@ class Store:
     def set_password(self, username: str, password: str) -> None:
         if len(password) < 8:
             raise StoreError("a password needs at least 8 characters")
+        _check_text("a password", password, MAX_PASSWORD)
         with self._write() as s:
             a = s.scalar(select(Annotator).where(Annotator.username == username))
             if a is None:
@@ -469,6 +476,8 @@ class Store:
             return [AnnotatorInfo(a.id, a.username, a.role, a.active) for a in rows]
 
     def annotator(self, username: str) -> AnnotatorInfo | None:
+        if not _is_text(username, 64):
+            return None
         with self._read() as s:
             a = s.scalar(select(Annotator).where(Annotator.username == username))
             return None if a is None else AnnotatorInfo(a.id, a.username, a.role, a.active)
@@ -481,6 +490,8 @@ class Store:
         """The active account with this password, else None (an unknown name costs as much as a wrong one)."""
         from argon2.exceptions import InvalidHashError, VerificationError
 
+        if not _is_text(username, 64) or not _is_text(password, MAX_PASSWORD):
+            return None  # not a name or password anyone has (e.g. a lone surrogate): refused, not a crash
         with self._read() as s:
             a = s.scalar(select(Annotator).where(Annotator.username == username))
             stored = a.password_hash if a is not None and a.active and a.role != "external" else None
@@ -508,7 +519,7 @@ class Store:
         return token
 
     def annotator_for_token(self, token: str) -> AnnotatorInfo | None:
-        if not token:
+        if not token or not _is_text(token, 256):
             return None
         with self._read_conn() as conn:
             row = conn.execute(
@@ -519,6 +530,8 @@ class Store:
         return None if row is None else AnnotatorInfo(*row)
 
     def revoke_session(self, token: str) -> None:
+        if not _is_text(token, 256):
+            return
         with self._write() as s:
             s.execute(Session.__table__.delete().where(Session.token_sha256 == _sha256(token)))
 
@@ -705,6 +718,7 @@ class Store:
         return self._transact(work)
 
     def task(self, annotator: AnnotatorInfo, assignment_id: int) -> Task:
+        _check_id(annotator, assignment_id)
         with self._read_conn() as conn:
             row = conn.execute(
                 select(AS.c.item_id, AS.c.annotator_id).where(AS.c.id == assignment_id)
@@ -727,6 +741,7 @@ class Store:
         return Task(assignment_id, item_id, list(rows[0].messages), texts, _letters(len(texts)))
 
     def _own_assignment(self, conn: Connection, annotator: AnnotatorInfo, assignment_id: int):
+        _check_id(annotator, assignment_id)
         row = conn.execute(
             select(AS.c.id, AS.c.item_id, AS.c.annotator_id, AS.c.status).where(AS.c.id == assignment_id)
         ).first()
@@ -778,10 +793,15 @@ class Store:
             if choice in ("tie", "both_bad"):
                 raise StoreError(f"a strength goes with a winner (a letter), not with choice {choice!r}")
         rationale = rationale or ""
-        if len(rationale) > MAX_RATIONALE:
-            raise StoreError(f"the rationale is longer than {MAX_RATIONALE} characters")
-        if time_spent_s is not None and not (0 <= time_spent_s < 10**7):
-            raise StoreError(f"time_spent_s must be >= 0, got {time_spent_s}")
+        _check_text("the rationale", rationale, MAX_RATIONALE)
+        _check_text("guideline_version", guideline_version, 64)
+        if time_spent_s is not None and (
+            isinstance(time_spent_s, bool)
+            or not isinstance(time_spent_s, (int, float))
+            or not (0 <= time_spent_s < 10**7)  # also refuses NaN
+        ):
+            raise StoreError(f"time_spent_s must be a number of seconds >= 0, got {time_spent_s!r}")
+        _check_id(annotator, assignment_id)
 
         def work(conn: Connection) -> VoteReceipt:
             a = self._own_assignment(conn, annotator, assignment_id)
@@ -817,14 +837,21 @@ class Store:
         # A repeat of a stored vote (same uid), or a second vote on one assignment: the database said no.
         with self._read_conn() as conn:
             v = conn.execute(
-                select(VO.c.id, VO.c.annotator_id, VO.c.assignment_id, VO.c.item_id, VO.c.choice).where(
-                    VO.c.uid == uid
-                )
+                select(
+                    VO.c.id,
+                    VO.c.annotator_id,
+                    VO.c.assignment_id,
+                    VO.c.item_id,
+                    VO.c.choice,
+                    VO.c.retracted_at,
+                ).where(VO.c.uid == uid)
             ).first()
             active = conn.execute(
                 select(VO.c.uid).where(VO.c.assignment_id == assignment_id, VO.c.retracted_at.is_(None))
             ).scalar()
         if v is not None and v.annotator_id == annotator.id and v.assignment_id == assignment_id:
+            if v.retracted_at is not None:  # a resend after an undo: the undo came later and stands
+                raise Conflict(f"vote {uid} was undone; a new vote needs a new vote id (uid)")
             return VoteReceipt(v.id, uid, v.assignment_id, v.item_id, v.choice, created=False)
         if v is not None:
             raise Conflict(f"vote id {uid} is taken; make a new one for a new vote")
@@ -1021,10 +1048,12 @@ def _check_ratings(ratings: Mapping[str, Any], letters: Sequence[str]) -> dict[s
     """{attribute: {letter: 1..5}}: per-attribute Likert ratings of each answer (any subset)."""
     if not isinstance(ratings, Mapping):
         raise StoreError("ratings must map attribute -> {letter: 1..5}")
+    if len(ratings) > MAX_RATING_ATTRIBUTES:
+        raise StoreError(f"{len(ratings)} rated attributes; at most {MAX_RATING_ATTRIBUTES}")
     out: dict[str, dict[str, int]] = {}
     for attribute, per_letter in ratings.items():
-        if not isinstance(attribute, str) or not 0 < len(attribute) <= 64:
-            raise StoreError(f"rating attribute {attribute!r}: a name of 1-64 characters")
+        if not _is_text(attribute, 64) or not attribute or not attribute.isprintable():
+            raise StoreError(f"rating attribute {attribute!r}: a name of 1-64 printable characters")
         if not isinstance(per_letter, Mapping):
             raise StoreError(f"rating {attribute!r} must map answer letters to 1..5")
         clean = {}
@@ -1037,3 +1066,28 @@ def _check_ratings(ratings: Mapping[str, Any], letters: Sequence[str]) -> dict[s
         if clean:
             out[attribute] = clean
     return out
+
+
+def _is_text(value: Any, max_len: int) -> bool:
+    """A ``str`` of at most ``max_len`` characters that is Unicode (no lone surrogate)."""
+    return isinstance(value, str) and len(value) <= max_len and not _SURROGATE.search(value)
+
+
+def _check_text(what: str, value: Any, max_len: int) -> None:
+    if not isinstance(value, str):
+        raise StoreError(f"{what} must be text, got {type(value).__name__}")
+    if len(value) > max_len:
+        raise StoreError(f"{what} is longer than {max_len:,} characters")
+    m = _SURROGATE.search(value)
+    if m:
+        raise StoreError(f"{what} holds a lone surrogate (U+{ord(m.group()):04X}), which is not Unicode text")
+
+
+def _check_id(annotator: AnnotatorInfo, assignment_id: Any) -> None:
+    """An assignment id the database can hold; anything else is nobody's assignment (NotFound)."""
+    if (
+        isinstance(assignment_id, bool)
+        or not isinstance(assignment_id, int)
+        or not 1 <= assignment_id <= MAX_ID
+    ):
+        raise NotFound(f"no assignment {assignment_id!r} for {annotator.username}")

@@ -2,6 +2,7 @@
 
     glmwb annotate --db sqlite:///runs/annotation.db --host 127.0.0.1 --port 7860
     glmwb annotation create-user alice [--role admin]          (password: prompt, --password-env VAR, stdin)
+    glmwb annotation set-password alice                        (ends alice's sessions: page and API)
     glmwb annotation add-tasks --db DB --prompts world:train:200 --model runs/q/pretrain/final --k 4
     glmwb annotation add-tasks --db DB --responses answers.jsonl       (pre-generated answers)
     glmwb annotation add-tasks --db DB --world 200 --gold 20           (the embedded world's candidates)
@@ -22,6 +23,7 @@ import getpass
 import json
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 DEFAULT_DB = "sqlite:///runs/annotation.db"
@@ -68,6 +70,7 @@ def _password(args: argparse.Namespace) -> str:
 @_user_errors
 def cmd_annotate(args: argparse.Namespace) -> int:
     from glmwb.annotation.assign import AssignmentPolicy
+    from glmwb.pretrain.errors import ConfigError
     from glmwb.ui.annotator import DEFAULT_GUIDELINES, PageConfig
     from glmwb.ui.app import ServerSettings, serve
 
@@ -78,8 +81,16 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         attributes=tuple(a for a in args.attributes.split(",") if a),
         export_dir=Path(args.export_dir),
     )
+    if not args.session_hours > 0:
+        raise ConfigError(f"--session-hours must be > 0, got {args.session_hours}")
     store = _store(args, policy=AssignmentPolicy(gold_rate=args.gold_rate, seed=args.seed))
-    serve(store, args.host, args.port, ServerSettings(ui=not args.no_ui, page=page))
+    settings = ServerSettings(
+        ui=not args.no_ui,
+        page=page,
+        session_ttl=timedelta(hours=args.session_hours),
+        trusted_origins=tuple(args.origin or ()),
+    )
+    serve(store, args.host, args.port, settings)
     return 0
 
 
@@ -95,6 +106,14 @@ def cmd_create_user(args: argparse.Namespace) -> int:
     store = _store(args)
     who = store.create_annotator(args.username, _password(args), role=args.role)
     print(f"created {who.role} {who.username!r} (id {who.id})")
+    return 0
+
+
+@_user_errors
+def cmd_set_password(args: argparse.Namespace) -> int:
+    store = _store(args)
+    store.set_password(args.username, _password(args))
+    print(f"new password for {args.username!r}; their sessions (page and API) are ended")
     return 0
 
 
@@ -262,11 +281,18 @@ def _annotate_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--export-dir", default="runs/annotation_exports")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--no-ui", action="store_true", help="the JSON API only")
+    a.add_argument("--session-hours", type=float, default=12.0, help="a page session's life (hours)")
+    a.add_argument(
+        "--origin",
+        action="append",
+        help="an address the page is reached at besides its own, e.g. https://annotate.example behind a "
+        "proxy (repeatable; browsers' requests from any other origin are refused)",
+    )
     a.set_defaults(func=cmd_annotate)
 
 
 def _store_parsers(nsub: argparse._SubParsersAction) -> None:
-    """migrate, create-user, add-tasks."""
+    """migrate, create-user, set-password, add-tasks."""
     m = nsub.add_parser("migrate", help="create or upgrade the store's schema")
     _db(m)
     m.set_defaults(func=cmd_migrate)
@@ -278,6 +304,13 @@ def _store_parsers(nsub: argparse._SubParsersAction) -> None:
     u.add_argument("--password-env", help="read the password from this environment variable")
     u.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     u.set_defaults(func=cmd_create_user)
+
+    pw = nsub.add_parser("set-password", help="set an account's password (ends its sessions)")
+    _db(pw)
+    pw.add_argument("username")
+    pw.add_argument("--password-env", help="read the password from this environment variable")
+    pw.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    pw.set_defaults(func=cmd_set_password)
 
     t = nsub.add_parser("add-tasks", help="sample answers and add comparison items")
     _db(t)

@@ -79,10 +79,10 @@ def build_models(args: argparse.Namespace) -> dict:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from glmwb.annotation.server import LoginThrottle
     from glmwb.annotation.store import Store, StoreError
     from glmwb.pretrain.chat_sources import Sampling
     from glmwb.pretrain.errors import ConfigError
+    from glmwb.ui.app import served_settings
     from glmwb.ui.arena import Arena, ArenaConfig, create_arena_app
 
     if args.per_minute < 1 or args.per_day < 1:
@@ -94,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except StoreError as e:
         raise ConfigError(str(e)) from None
     config = ArenaConfig(sampling=sampling, per_minute=args.per_minute, per_day=args.per_day, seed=args.seed)
-    app = create_arena_app(store, Arena(store, models, config), LoginThrottle())
+    app = create_arena_app(store, Arena(store, models, config), served_settings(args.host))
     print(f"arena on http://{args.host}:{args.port}/ with {', '.join(sorted(models))}; store {store.url!r}")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0

@@ -8,6 +8,10 @@ it. Inputs are tokenised exactly as in training (``rewards.data.encode_response`
 ``<|endoftext|>``), sorted by length and scored in batches of at most ``max_batch`` sequences and
 ``batch_tokens`` padded tokens. Over ``max_length`` tokens: ``truncation="left"`` keeps ``[gMASK]<sop>`` and
 the newest tokens (the response stays whole when it fits), ``"error"`` raises ``ScoringError``.
+Before tokenizing, a text longer than ``keep_chars`` (``(max_length + 16)`` times the longest token's
+length in characters) is cut to its last ``keep_chars`` characters: it alone is over ``max_length`` tokens,
+so left truncation would drop everything before the cut anyway, and the cost (time and memory) of a
+request is bounded by the model's length, not by the text's.
 Bad input raises ``ScoringError`` naming the field ("responses[3]: empty response").
 """
 
@@ -58,6 +62,14 @@ def _messages(prompt: Any, where: str) -> list[dict[str, Any]]:
     return out
 
 
+def chars_per_token(tokenizer: Any) -> int:
+    """The most characters one token of ``tokenizer`` stands for (its longest vocabulary entry, special
+    tokens aside: text cannot produce them). For a byte-level BPE an entry's length is its bytes, at least
+    its characters."""
+    special = set(getattr(tokenizer, "all_special_tokens", ()))
+    return max((len(t) for t in tokenizer.get_vocab() if t not in special), default=1)
+
+
 class RewardScorer:
     def __init__(
         self,
@@ -78,6 +90,7 @@ class RewardScorer:
         self.truncation = truncation
         self.batch_tokens, self.max_batch = batch_tokens, max_batch
         self.pad_id = reward_pad_id(tokenizer)
+        self.keep_chars = (self.max_length + 16) * chars_per_token(tokenizer)
         self.name = name
         self._lock = threading.Lock()  # one forward at a time (the HTTP server calls from a thread pool)
 
@@ -119,6 +132,12 @@ class RewardScorer:
                 raise ScoringError(f"responses[{i}]", f"must be a string, got {type(response).__name__}")
             if not response.strip():
                 raise ScoringError(f"responses[{i}]", "empty response")
+            cut = False
+            if len(response) > self.keep_chars:
+                response, cut = self._cut(response, f"responses[{i}]"), True
+            for j, m in enumerate(messages):
+                if len(m["content"]) > self.keep_chars:
+                    m["content"], cut = self._cut(m["content"], f"prompts[{i}][{j}].content"), True
             full = encode_response(self.tokenizer, messages, response, self.model.info.terminator)
             try:
                 fitted = truncate(full, self.max_length, self.truncation, f"item {i}")
@@ -127,8 +146,14 @@ class RewardScorer:
                     f"responses[{i}]", f"{len(full)} tokens > max_length {self.max_length}"
                 ) from None
             ids.append(fitted)
-            truncated.append(len(fitted) < len(full))
+            truncated.append(cut or len(fitted) < len(full))
         return ids, truncated
+
+    def _cut(self, text: str, field: str) -> str:
+        """The last ``keep_chars`` characters of ``text`` (which alone is over ``max_length`` tokens)."""
+        if self.truncation == "error":
+            raise ScoringError(field, f"{len(text):,} characters: over max_length {self.max_length} tokens")
+        return text[-self.keep_chars :]
 
     def _rewards(self, prompts: Sequence[Any], responses: Sequence[Any]) -> tuple[torch.Tensor, list[bool]]:
         ids, truncated = self.encode(prompts, responses)

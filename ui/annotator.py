@@ -1,10 +1,11 @@
 """The annotator page: a Gradio Blocks app over a ``Store``.
 
-Sign-in is Gradio's own (``ui/app.py`` mounts this page with ``auth=`` checking the store's
-argon2 password hashes): until a browser has signed in, every Gradio route (page config, queue, API, files)
-answers 401, so an unauthenticated client can neither read an item nor submit a vote. Every handler then
-takes the annotator from ``request.username`` (set by Gradio from the session cookie, never from the
-client's payload) and the store refuses anything that is not that annotator's.
+Sign-in is the server's (``ui/app.py``: Gradio's sign-in form posts to its ``/login``, checked against
+the store's argon2 password hashes, and the session is a row of the store's ``sessions`` table): until a
+browser has signed in, every Gradio route (page config, queue, API, files) answers 401, so an
+unauthenticated client can neither read an item nor submit a vote. Every handler then takes the annotator
+from ``request.username`` (set by Gradio from the session cookie, never from the client's payload) and the
+store refuses anything that is not that annotator's.
 
 The page: guidelines; the prompt and two (up to four) answers side by side, rendered by ``ui.render``
 (Markdown with raw HTML off: a ``<script>`` in an answer is shown as text); A / B / tie / both bad;
@@ -12,7 +13,9 @@ optionally how much better the pick is (negligibly / slightly / clearly / much: 
 which the export turns into the record's margin); optional 1-5 ratings per answer and attribute; an optional
 rationale; skip; undo of the last vote; progress. Keyboard: 1 = A, 2 = B, 3 = tie, 4 = both bad, s = skip,
 u = undo (not while typing).
-Admins also get an Admin tab: progress per annotator, the agreement report, export, new accounts.
+Admins also get an Admin tab: progress per annotator, the agreement report, export, new accounts. An export is
+written to ``PageConfig.export_dir``, which Gradio never serves (it is in its blocked paths, not its allowed
+ones); the tab links to ``/admin/exports/NAME``, which ``ui/app.py`` serves to admins only.
 
 A vote's id is made when its item is shown (kept in the session's server-side state): a repeated click
 stores nothing twice. Time spent is measured on the server, from showing the item to the vote.
@@ -21,6 +24,7 @@ stores nothing twice. Time spent is measured on the server, from showing the ite
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -67,11 +71,14 @@ document.addEventListener("keydown", (event) => {
 """
 
 STRENGTH_WORDS = ("negligibly", "slightly", "clearly", "much")  # shown for annotation.records.STRENGTHS
+RATING_VALUES = ("1", "2", "3", "4", "5")
+EXPORT_NAME = re.compile(r"preferences-(majority|all)-\d{8}-\d{6}(-\d+)?\.(jsonl|parquet)")
 
 CSS = """
 .glmwb-turn { margin-bottom: 0.6em; }
 .glmwb-role { font-size: 0.75em; text-transform: uppercase; opacity: 0.6; }
-.glmwb-answer { min-height: 4em; overflow-wrap: anywhere; }
+.glmwb-answer { min-height: 4em; overflow-wrap: anywhere; unicode-bidi: isolate; }
+.glmwb-turn { unicode-bidi: isolate; }
 """
 
 
@@ -133,7 +140,6 @@ class AdminView:
     export_format: gr.Radio
     export_ties: gr.Radio
     export_button: gr.Button
-    export_file: gr.File
     export_status: gr.Markdown
     new_user: gr.Textbox
     new_password: gr.Textbox
@@ -155,7 +161,7 @@ def _answer_columns(attributes: tuple[str, ...]) -> tuple[dict, dict, dict]:
                 with gr.Accordion("Ratings (optional)", open=False):
                     for attribute in attributes:
                         ratings[letter, attribute] = gr.Radio(
-                            ["1", "2", "3", "4", "5"], label=attribute, value=None,
+                            list(RATING_VALUES), label=attribute, value=None,
                             elem_id=f"rate-{letter}-{attribute}",
                         )  # fmt: skip
     return columns, answers, ratings
@@ -200,8 +206,7 @@ def _admin_tab(tab: gr.Tab) -> AdminView:
         export_format = gr.Radio(["jsonl", "parquet"], value="jsonl", label="format")
         export_ties = gr.Radio(["keep", "drop"], value="keep", label="ties")
     export_button = gr.Button("Export preferences", elem_id="admin-export")
-    export_file = gr.File(label="export", interactive=False, elem_id="admin-export-file")
-    export_status = gr.Markdown(elem_id="admin-export-status")
+    export_status = gr.Markdown(elem_id="admin-export-status")  # with the link to the file (admins only)
     with gr.Accordion("New account", open=False):
         new_user = gr.Textbox(label="username")
         new_password = gr.Textbox(label="password (8+ characters)", type="password")
@@ -209,7 +214,7 @@ def _admin_tab(tab: gr.Tab) -> AdminView:
         create = gr.Button("Create account", elem_id="admin-create")
         create_status = gr.Markdown()
     return AdminView(tab, refresh, overview, agreement, export_mode, export_format, export_ties, export_button,
-                     export_file, export_status, new_user, new_password, new_role, create, create_status)  # fmt: skip
+                     export_status, new_user, new_password, new_role, create, create_status)  # fmt: skip
 
 
 class AnnotateHandlers:
@@ -268,7 +273,7 @@ class AnnotateHandlers:
             raise gr.Error(f"This item has no answer {choice}.")
         given: dict[str, dict[str, int]] = {}
         for (letter, attribute), radio in v.ratings.items():
-            if letter in current["letters"] and data.get(radio):
+            if letter in current["letters"] and data.get(radio) in RATING_VALUES:
                 given.setdefault(attribute, {})[letter] = int(data[radio])
         try:
             receipt = self.store.submit_vote(
@@ -359,13 +364,19 @@ class AdminHandlers:
 
     def export(self, mode: str, fmt: str, ties: str, request: gr.Request) -> dict:
         self.admin_only(request)
+        if mode not in ("majority", "all") or fmt not in ("jsonl", "parquet") or ties not in ("keep", "drop"):
+            raise gr.Error("Choose votes, format and ties from the lists.")
         result = export_records(self.store, mode=mode, ties=ties)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = write_records(result.rows, Path(self.config.export_dir) / f"preferences-{mode}-{stamp}.{fmt}")
+        folder, stamp = Path(self.config.export_dir), time.strftime("%Y%m%d-%H%M%S")
+        name, n = f"preferences-{mode}-{stamp}.{fmt}", 1
+        while (folder / name).exists():
+            n += 1
+            name = f"preferences-{mode}-{stamp}-{n}.{fmt}"
+        path = write_records(result.rows, folder / name)
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())) or "none"
         return {
-            self.v.export_file: str(path),
-            self.v.export_status: f"{len(result.rows)} rows from {result.items} items (left out: {skipped}).",
+            self.v.export_status: f"{len(result.rows)} rows from {result.items} items (left out: {skipped}). "
+            f"Download: [{path.name}](admin/exports/{path.name})",
         }
 
     def create(self, username: str, password: str, role: str, request: gr.Request) -> dict:
@@ -381,7 +392,7 @@ class AdminHandlers:
         v = self.v
         v.refresh.click(self.refresh, None, [v.overview, v.agreement], api_visibility="private")
         v.export_button.click(self.export, [v.export_mode, v.export_format, v.export_ties],
-                              [v.export_file, v.export_status], api_visibility="private")  # fmt: skip
+                              [v.export_status], api_visibility="private")  # fmt: skip
         v.create.click(self.create, [v.new_user, v.new_password, v.new_role], [v.create_status, v.new_password],
                        api_visibility="private")  # fmt: skip
 
@@ -411,10 +422,11 @@ def answer_text(task: Task, letter: str) -> str:
 
 
 def page_options(config: PageConfig) -> dict[str, Any]:
-    """Keyword arguments for ``gr.mount_gradio_app`` that the page needs."""
+    """Keyword arguments for ``gr.mount_gradio_app`` that the page needs. The export folder is blocked:
+    Gradio's file route never serves it (admins download through ``/admin/exports/``)."""
     return {
         "head": SHORTCUTS_JS,
         "css": CSS,
         "theme": gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"]),
-        "allowed_paths": [str(Path(config.export_dir).resolve())],
+        "blocked_paths": [str(Path(config.export_dir).resolve())],
     }

@@ -3,7 +3,7 @@
     glmwb arena serve --db sqlite:///runs/annotation.db --model sft=runs/sft/model --model dpo=runs/dpo/model \\
         --endpoint big=http://127.0.0.1:8000/v1#Qwen/Qwen2.5-7B-Instruct
 
-Sign-in is the annotator page's (``ui/app.py``: the same accounts, the same throttle of failed sign-ins,
+Sign-in is the annotator page's (``ui/app.py``: the same accounts, the same bounded sign-in checks,
 Gradio's cookie; every handler takes the user from ``request.username``). Tabs:
 
 - **Battle** (anonymous): two models drawn (by ``annotation.ratings.next_pair`` once the leaderboard has
@@ -604,17 +604,14 @@ def page_options() -> dict[str, Any]:
     }
 
 
-def create_arena_app(store: Store, arena: Arena, throttle=None):
+def create_arena_app(store: Store, arena: Arena, settings=None):
     """The JSON API of the store (sign-in, health) with the arena page mounted at ``/`` behind the
-    annotator page's sign-in (``ui/app.py``)."""
+    annotator page's sign-in and protections (``ui/app.py``; ``settings``: its ``ServerSettings``)."""
     import os
 
-    from glmwb.annotation.server import LoginThrottle, create_api_app
-    from glmwb.ui.app import mount_page
+    from glmwb.ui.app import ServerSettings, mount_page
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    throttle = throttle or LoginThrottle()
-    app = create_api_app(store, throttle)
     page = build_arena_page(arena)
     page.queue(default_concurrency_limit=32)
-    return mount_page(app, page, store, throttle, **page_options())
+    return mount_page(page, store, settings or ServerSettings(), **page_options())

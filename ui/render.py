@@ -6,6 +6,11 @@ raw HTML *off*, so every ``<`` of the input reaches the page as ``&lt;`` (shown 
 a tag); link targets go through markdown-it's validator (no ``javascript:`` / ``vbscript:`` / ``file:`` /
 ``data:`` URLs); images are off (no requests to addresses a model chose). Then ``$ { } `` ` are
 entity-encoded, so no client-side template engine (Gradio's HTML component is one) sees syntax in them.
+
+Bidirectional controls (embeddings, overrides, isolates, and the LRM / RLM / ALM marks) would let a text
+show something other than what it holds: ``"7 + 5 = \u202e21\u202c"`` displays as "7 + 5 = 12". Each is
+replaced, before parsing, by a visible marker naming it (``⟦U+202E RLO⟧``), so annotators see and judge the
+stored characters; the page also isolates each answer's direction (``unicode-bidi: isolate``).
 """
 
 from __future__ import annotations
@@ -22,18 +27,29 @@ _MD = (
     .disable("image")
 )
 _TEMPLATE_CHARS = str.maketrans({"$": "&#36;", "{": "&#123;", "}": "&#125;", "`": "&#96;"})
+BIDI_CONTROLS = {
+    "\u061c": "ALM", "\u200e": "LRM", "\u200f": "RLM",
+    "\u202a": "LRE", "\u202b": "RLE", "\u202c": "PDF", "\u202d": "LRO", "\u202e": "RLO",
+    "\u2066": "LRI", "\u2067": "RLI", "\u2068": "FSI", "\u2069": "PDI",
+}  # fmt: skip
+_BIDI_MARKERS = str.maketrans({c: f"\u27e6U+{ord(c):04X} {name}\u27e7" for c, name in BIDI_CONTROLS.items()})
+
+
+def show_controls(text: str) -> str:
+    """``text`` with every bidirectional control replaced by a visible marker (``⟦U+202E RLO⟧``)."""
+    return text.translate(_BIDI_MARKERS)
 
 
 def render_markdown(text: str) -> str:
     """Markdown -> HTML in which nothing from ``text`` can be markup or script."""
-    return _MD.render(text or "").translate(_TEMPLATE_CHARS)
+    return _MD.render(show_controls(text or "")).translate(_TEMPLATE_CHARS)
 
 
 def render_conversation(messages: Sequence[Mapping[str, Any]]) -> str:
     """Chat messages -> HTML, one block per turn with its role."""
     parts = []
     for m in messages:
-        role = html.escape(str(m.get("role", "?"))).translate(_TEMPLATE_CHARS)
+        role = html.escape(show_controls(str(m.get("role", "?")))).translate(_TEMPLATE_CHARS)
         body = render_markdown(str(m.get("content", "")))
         parts.append(f'<div class="glmwb-turn glmwb-{role}"><div class="glmwb-role">{role}</div>{body}</div>')
     return "\n".join(parts)

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from glmwb.annotation.assign import AssignmentPolicy
-from glmwb.annotation.server import LoginThrottle
+from glmwb.annotation.guard import LoginGate
 from glmwb.annotation.store import NewItem, NewResponse, Store
 from glmwb.ui.annotator import PageConfig
 from glmwb.ui.app import ServerSettings, create_app
@@ -61,7 +61,7 @@ def site(tmp_path_factory):
     )
     store.add_items([xss, four, *make_items(12, overlap=2)])
     settings = ServerSettings(
-        page=PageConfig(export_dir=tmp / "exports"), throttle=LoginThrottle(max_failures=3, window_s=60)
+        page=PageConfig(export_dir=tmp / "exports"), gate=LoginGate(free_per_user_client=3, base_delay_s=60)
     )
     server = ThreadServer(create_app(store, settings))
     yield store, server.base_url, tmp
@@ -158,7 +158,13 @@ def test_unauthenticated_clients_can_neither_read_nor_write(site):
         ("GET", "/gradio_api/openapi.json", {}),
         ("GET", "/gradio_api/queue/data?session_hash=anon", {}),
         ("GET", "/gradio_api/file=/etc/passwd", {}),
-        ("POST", "/gradio_api/upload", {"files": {"files": ("x.txt", b"x")}}),
+        ("POST", "/gradio_api/upload", {"files": {"files": ("x.txt", b"x")}}),  # 403: no uploads at all
+        ("POST", "/gradio_api/reset", {"json": {"event_id": "x"}}),  # routes Gradio leaves open
+        ("POST", "/gradio_api/cancel", {"json": {"session_hash": "anon", "fn_index": 0, "event_id": "x"}}),
+        ("POST", "/gradio_api/stream/x", {"json": {"data": []}}),
+        ("GET", "/gradio_api/token", {}),
+        ("GET", "/gradio_api/user", {}),
+        ("GET", "/gradio_api/startup-events", {}),
     ] + [
         ("POST", "/gradio_api/queue/join", {"json": {"data": [None] * 3, "fn_index": i, "session_hash": "anon"}})
         for i in fn_indices
@@ -166,7 +172,8 @@ def test_unauthenticated_clients_can_neither_read_nor_write(site):
         ("POST", f"/gradio_api/run/{name}", {"json": {"data": []}}) for name in ("vote", "predict", "on_load")
     ]:  # fmt: skip
         r = anonymous.request(method, path, **kwargs)
-        assert r.status_code == 401, (method, path, r.status_code, r.text[:200])
+        expected = 403 if path.startswith("/gradio_api/upload") else 401
+        assert r.status_code == expected, (method, path, r.status_code, r.text[:200])
         assert SECRET not in r.text
     page = anonymous.get("/")  # the page shell is the sign-in form, with no item in it
     assert page.status_code == 200 and SECRET not in page.text and "auth_required" in page.text
@@ -179,12 +186,11 @@ def test_failed_sign_ins_are_throttled(site):
         r = httpx.post(f"{base}/api/v1/login", json={"username": "carol", "password": "wrong-password"})
         assert r.status_code == 401
     r = httpx.post(f"{base}/api/v1/login", json={"username": "carol", "password": PASSWORDS["carol"]})
-    assert r.status_code == 429  # even the right password, until the failures age out
-    # the Gradio sign-in shares the throttle
-    assert (
-        httpx.post(f"{base}/login", data={"username": "carol", "password": PASSWORDS["carol"]}).status_code
-        == 400
-    )
+    assert r.status_code == 429  # even the right password, until the back-off ends (60 s here)
+    assert "try again in" in r.json()["detail"] and int(r.headers["retry-after"]) > 50
+    # the page's sign-in shares the gate (a 400: what Gradio's form shows as "incorrect credentials")
+    r = httpx.post(f"{base}/login", data={"username": "carol", "password": PASSWORDS["carol"]})
+    assert r.status_code == 400 and "too many failed sign-ins" in r.json()["detail"]
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -13,10 +13,11 @@ import time
 import httpx
 import pytest
 
-from glmwb.annotation.server import LoginThrottle
+from glmwb.annotation.guard import LoginGate
 from glmwb.annotation.store import Store
 from glmwb.pretrain.chat_server import openai_chat_app
 from glmwb.pretrain.chat_sources import BatchingGenerator, LocalChatModel, OpenAIChatModel, Sampling
+from glmwb.ui.app import ServerSettings
 from glmwb.ui.arena import Arena, ArenaConfig, ArenaModel, create_arena_app
 from tests.annotation.conftest import ThreadServer, cheap_hasher
 from tests.tiny import one_thread  # noqa: F401 (autouse)
@@ -44,7 +45,9 @@ def arena_site(tmp_path_factory, tiny_glm_folder):
     arena = Arena(
         store, {LOCAL: ArenaModel(local), REMOTE: ArenaModel(remote, aliases=("TinyRemote",))}, config
     )
-    server = ThreadServer(create_arena_app(store, arena, LoginThrottle(max_failures=3, window_s=60)))
+    server = ThreadServer(
+        create_arena_app(store, arena, ServerSettings(gate=LoginGate(free_per_user_client=3)))
+    )
     yield store, server.base_url, arena
     server.stop()
     endpoint.stop()

@@ -159,11 +159,46 @@ def test_bad_votes_are_refused(store):
         ({"ratings": {"helpfulness": {"A": 9}}}, "1..5"),
         ({"ratings": {"helpfulness": {"Z": 3}}}, "no answer"),
         ({"time_spent_s": -1.0}, "time_spent_s"),
+        ({"time_spent_s": float("nan")}, "time_spent_s"),
+        ({"time_spent_s": True}, "time_spent_s"),
+        ({"rationale": "why \ud800"}, "lone surrogate"),
+        ({"rationale": "x" * 10_001}, "longer than 10,000"),
+        ({"guideline_version": "v\udfff"}, "lone surrogate"),
+        ({"ratings": {"helpfulness": {"A": True}}}, "1..5"),
+        ({"ratings": {f"a{i}": {"A": 1} for i in range(33)}}, "at most 32"),
+        ({"ratings": {"\ud800": {"A": 1}}}, "printable"),
+        ({"ratings": {"tab\there": {"A": 1}}}, "printable"),
     ]:
         args = {"choice": "A", "uid": "valid-uid-1", **kwargs}
         with pytest.raises(StoreError, match=message):
             store.submit_vote(alice, task.assignment_id, args.pop("choice"), **args)
     assert store.counts()["votes"] == 0
+    for assignment_id in (2**63, -1, 0, True, "1"):  # ids the database cannot hold: nobody's assignment
+        with pytest.raises(NotFound):
+            store.submit_vote(alice, assignment_id, "A", uid="valid-uid-2")
+        with pytest.raises(NotFound):
+            store.skip(alice, assignment_id)
+    assert (
+        store.authenticate("\ud800", "password-1") is None and store.authenticate("alice", "\udc00") is None
+    )
+    assert store.annotator("\ud800") is None and store.annotator_for_token("\ud800") is None
+    with pytest.raises(StoreError, match="lone surrogate"):
+        store.set_password("alice", "password-\ud800")
+
+
+def test_a_vote_id_resent_after_its_undo_is_refused(store):
+    store.add_items(make_items(1))
+    alice = store.create_annotator("alice", "password-1")
+    task = store.next_task(alice)
+    store.submit_vote(alice, task.assignment_id, "A", uid="vote-then-undo")
+    store.undo_last_vote(alice)
+    with pytest.raises(Conflict, match="was undone"):
+        store.submit_vote(alice, task.assignment_id, "A", uid="vote-then-undo")
+    assert store.votes() == []  # the undo stands
+    again = store.submit_vote(alice, task.assignment_id, "B", uid="vote-after-undo")
+    with pytest.raises(Conflict, match="was undone"):  # also while another vote is active
+        store.submit_vote(alice, task.assignment_id, "A", uid="vote-then-undo")
+    assert [v.uid for v in store.votes()] == [again.uid]
 
 
 def test_undo_keeps_the_vote_and_gives_the_item_back(store):

@@ -165,7 +165,16 @@ def test_cli_end_to_end_on_the_world(tmp_path, capsys, monkeypatch):
     store = Store(db, password_hasher=cheap_hasher())
     assert store.authenticate("boss", "a-long-password").is_admin
     store.close()
+    store_session = Store(db, password_hasher=cheap_hasher())
+    token = store_session.create_session(store_session.annotator("boss"))
+    monkeypatch.setenv("NEW_PASSWORD", "another-long-password")
+    assert glmwb(["annotation", "set-password", "--db", db, "boss", "--password-env", "NEW_PASSWORD"]) == 0
+    assert store_session.annotator_for_token(token) is None  # the new password ended the session
+    assert store_session.authenticate("boss", "another-long-password").is_admin
+    store_session.close()
     # user mistakes: one line, exit code 2
+    assert glmwb(["annotation", "set-password", "--db", db, "nobody", "--password-env", "NEW_PASSWORD"]) == 2
+    assert "no user 'nobody'" in capsys.readouterr().err
     assert glmwb(["annotation", "create-user", "--db", db, "boss", "--password-env", "NEW_PASSWORD"]) == 2
     assert "exists already" in capsys.readouterr().err
     assert glmwb(["annotation", "add-tasks", "--db", db, "--prompts", "world"]) == 2

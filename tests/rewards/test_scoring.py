@@ -53,6 +53,10 @@ def test_scorer_max_length(reward_folder) -> None:
     scores, truncated = left.score_detailed([long_prompt, "hi"], ["ok", "ok"])
     assert truncated == [True, False] and all(map(torch.isfinite, torch.tensor(scores)))
     with pytest.raises(ScoringError, match=r"responses\[0\]: \d+ tokens > max_length 24"):
+        strict.score(["word " * 30], ["ok"])
+    # a text longer than max_length tokens can hold is refused (or cut, with "left") before tokenizing
+    assert len(long_prompt) > strict.keep_chars
+    with pytest.raises(ScoringError, match=r"prompts\[0\]\[0\]\.content: 500 characters: over max_length 24"):
         strict.score([long_prompt], ["ok"])
 
 
