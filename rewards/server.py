@@ -53,6 +53,33 @@ class _TooLarge(Exception):
         self.field, self.error = field, error
 
 
+def _check(req: Any, limits: ScoringLimits) -> tuple[list[Any], list[str]]:
+    """The request's prompts and responses, each within ``limits`` (else ``_TooLarge`` naming the field)."""
+    if len(req.prompts) > limits.max_batch:
+        raise _TooLarge(
+            "prompts", f"{len(req.prompts)} items > max_batch {limits.max_batch}; split the request"
+        )
+    if len(req.responses) > limits.max_batch:
+        raise _TooLarge("responses", f"{len(req.responses)} items > max_batch {limits.max_batch}")
+
+    def bounded(text: str, field: str) -> None:
+        if len(text) > limits.max_chars:
+            raise _TooLarge(field, f"{len(text):,} characters > max_chars {limits.max_chars:,}")
+
+    for i, p in enumerate(req.prompts):
+        if isinstance(p, str):
+            bounded(p, f"prompts[{i}]")
+            continue
+        if len(p) > limits.max_messages:
+            raise _TooLarge(f"prompts[{i}]", f"{len(p)} messages > max_messages {limits.max_messages}")
+        for j, m in enumerate(p):
+            bounded(m.content, f"prompts[{i}][{j}].content")
+    for i, r in enumerate(req.responses):
+        bounded(r, f"responses[{i}]")
+    prompts = [p if isinstance(p, str) else [m.model_dump() for m in p] for p in req.prompts]
+    return prompts, list(req.responses)
+
+
 def create_app(
     scorer: "RewardScorer",
     max_batch: int | None = None,
@@ -103,31 +130,6 @@ def create_app(
     async def _too_large(_request, exc: _TooLarge) -> JSONResponse:
         return JSONResponse(status_code=413, content={"detail": {"field": exc.field, "error": exc.error}})
 
-    def _check(req: ScoreRequest) -> tuple[list[Any], list[str]]:
-        if len(req.prompts) > limits.max_batch:
-            raise _TooLarge(
-                "prompts", f"{len(req.prompts)} items > max_batch {limits.max_batch}; split the request"
-            )
-        if len(req.responses) > limits.max_batch:
-            raise _TooLarge("responses", f"{len(req.responses)} items > max_batch {limits.max_batch}")
-
-        def bounded(text: str, field: str) -> None:
-            if len(text) > limits.max_chars:
-                raise _TooLarge(field, f"{len(text):,} characters > max_chars {limits.max_chars:,}")
-
-        for i, p in enumerate(req.prompts):
-            if isinstance(p, str):
-                bounded(p, f"prompts[{i}]")
-                continue
-            if len(p) > limits.max_messages:
-                raise _TooLarge(f"prompts[{i}]", f"{len(p)} messages > max_messages {limits.max_messages}")
-            for j, m in enumerate(p):
-                bounded(m.content, f"prompts[{i}][{j}].content")
-        for i, r in enumerate(req.responses):
-            bounded(r, f"responses[{i}]")
-        prompts = [p if isinstance(p, str) else [m.model_dump() for m in p] for p in req.prompts]
-        return prompts, list(req.responses)
-
     @app.get("/health")
     def health() -> dict[str, Any]:
         return {
@@ -143,14 +145,14 @@ def create_app(
 
     @app.post("/score", dependencies=[Depends(signed_in)])
     def score(req: ScoreRequest) -> dict[str, Any]:
-        prompts, responses = _check(req)
+        prompts, responses = _check(req, limits)
         scores, truncated = scorer.score_detailed(prompts, responses, head=req.head, normalize=req.normalize)
         head = scorer.heads[scorer.head_index(req.head)]
         return {"scores": scores, "head": head, "truncated": truncated, "model": scorer.name}
 
     @app.post("/score_heads", dependencies=[Depends(signed_in)])
     def score_heads(req: ScoreRequest) -> dict[str, Any]:
-        prompts, responses = _check(req)
+        prompts, responses = _check(req, limits)
         return {"scores": scorer.score_heads(prompts, responses), "heads": scorer.heads, "model": scorer.name}
 
     return app
