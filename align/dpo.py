@@ -95,7 +95,7 @@ class DPOLossConfig:
     type: Literal["sigmoid", "ipo", "robust", "cdpo", "hinge", "simpo"] = "sigmoid"
     beta: PositiveFloat = 0.1  # deviation from the reference (IPO's tau; SimPO's reward scale)
     # robust / cdpo: assumed label-flip rate, in [0, 0.5)
-    label_smoothing: Annotated[float, Range(0, 0.5)] = 0.0
+    label_smoothing: Annotated[float, Range(0, 0.5, hi_open=True)] = 0.0
     simpo_gamma: NonNegFloat = 0.5  # SimPO's target reward margin
     # + sft_weight x the chosen answers' mean token NLL (RPO, Pang et al. 2024; CPO's alpha for simpo): keeps
     # the chosen answers likely while the rejected ones are pushed down

@@ -403,7 +403,7 @@ def test_every_numeric_config_field_declares_its_range():
         (
             "dpo.yaml",
             "loss.label_smoothing=0.7",
-            r"loss.label_smoothing must be a finite number in \[0, 0.5\]",
+            r"loss.label_smoothing must be a finite number in \[0, 0.5\)",
         ),
         ("dpo.yaml", "loss.beta=0", "loss.beta must be a finite number > 0"),
         ("ppo.yaml", "generation.top_p=0", r"generation.top_p must be a finite number in \(0, 1\]"),

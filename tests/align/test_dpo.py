@@ -197,7 +197,7 @@ def test_kernels_are_applied_to_the_policy(tmp_path, policy_folder, planted_file
         ({"loss": {"type": "cdpo"}}, "no conservative-DPO loss"),
         ({"trainer": "kto", "engine": "packed"}, "engine 'trl' only"),
         ({"engine": "packed", "model": {"lora": {"enabled": True}}}, "for LoRA use engine 'trl'"),
-        ({"loss": {"label_smoothing": 0.6}}, "label_smoothing must be in"),
+        ({"loss": {"label_smoothing": 0.6}}, r"label_smoothing must be a finite number in \[0, 0.5\)"),
         ({"loss": {"type": "dpo"}}, "loss.type must be one of"),
         ({"train": {"bacth_size": 3}}, "did you mean 'batch_size'"),
     ],
