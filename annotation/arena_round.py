@@ -22,10 +22,11 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
+from glmwb.annotation.collect import CollectSamplingConfig
 from glmwb.pretrain.errors import ConfigError
-from glmwb.pretrain.ranges import Fraction, NonNegInt, PositiveFloat, PositiveInt, Range
+from glmwb.pretrain.ranges import Fraction, NonNegInt, PositiveInt
 from glmwb.pretrain.settings import RunConfig
 
 
@@ -49,16 +50,10 @@ class ArenaPromptsConfig:
 
 
 @dataclass(frozen=True)
-class ArenaSamplingConfig:
-    k: PositiveInt = 2  # answers per prompt and policy
-    temperature: PositiveFloat = 1.0
-    top_p: Annotated[float, Range(0, 1, lo_open=True)] = 1.0
-    max_new_tokens: PositiveInt = 48
-    batch_size: PositiveInt = 64
+class ArenaSamplingConfig(CollectSamplingConfig):
+    """The preferences stage's sampling, except that one answer per prompt and policy is enough here."""
 
-    def __post_init__(self) -> None:
-        if self.k < 1 or self.temperature <= 0:
-            raise ValueError("sampling.k must be >= 1 and sampling.temperature > 0")
+    k: PositiveInt = 2  # answers per prompt and policy
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,8 @@ class PageConfig:
         return self.guideline_version or hashlib.sha256(self.guidelines.encode()).hexdigest()[:12]
 
 
-def _who(store: Store, request: gr.Request) -> AnnotatorInfo:
+def signed_in(store: Store, request: gr.Request) -> AnnotatorInfo:
+    """The signed-in, active account of a Gradio request (every page of the workbench checks through this)."""
     username = getattr(request, "username", None)
     who = store.annotator(username) if username else None
     if who is None or not who.active or who.role == "external":
@@ -265,7 +266,7 @@ class AnnotateHandlers:
 
     def vote(self, choice: str, data: dict, request: gr.Request) -> dict:
         v = self.v
-        who = _who(self.store, request)
+        who = signed_in(self.store, request)
         current = data[v.state]
         if current is None:
             return self.next(who, "Nothing to vote on.")
@@ -298,7 +299,7 @@ class AnnotateHandlers:
         return vote
 
     def skip(self, current: dict | None, request: gr.Request) -> dict:
-        who = _who(self.store, request)
+        who = signed_in(self.store, request)
         message = ""
         if current is not None:
             try:
@@ -309,7 +310,7 @@ class AnnotateHandlers:
         return self.next(who, message)
 
     def undo(self, request: gr.Request) -> dict:
-        who = _who(self.store, request)
+        who = signed_in(self.store, request)
         undone = self.store.undo_last_vote(who)
         return self.next(
             who, "Nothing to undo." if undone is None else f"Undid your vote on item {undone.item_id}."
@@ -319,7 +320,7 @@ class AnnotateHandlers:
         v, outputs = self.v, self.v.task_outputs
 
         def on_load(request: gr.Request) -> dict:
-            who = _who(self.store, request)
+            who = signed_in(self.store, request)
             return {**self.next(who), admin_tab: gr.update(visible=who.is_admin)}
 
         page.load(on_load, None, [*outputs, admin_tab], api_visibility="private")
@@ -338,7 +339,7 @@ class AdminHandlers:
         self.store, self.config, self.v = store, config, view
 
     def admin_only(self, request: gr.Request) -> AnnotatorInfo:
-        who = _who(self.store, request)
+        who = signed_in(self.store, request)
         if not who.is_admin:
             raise gr.Error("Admins only.")
         return who

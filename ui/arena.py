@@ -43,6 +43,7 @@ import gradio as gr
 from glmwb.annotation.arena import ARENA_CHOICES, ArenaBattle, BattleSide, RateLimiter, draw_pair
 from glmwb.annotation.store import AnnotatorInfo, Store, StoreError, VoteReceipt
 from glmwb.pretrain.chat_sources import AnswerStream, ChatSource, Sampling, SourceError
+from glmwb.ui.annotator import signed_in
 from glmwb.ui.render import render_conversation, render_markdown
 
 LABELS = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both bad"}
@@ -356,14 +357,6 @@ def _merge(streams: Mapping[str, AnswerStream], timeout_s: float) -> Iterator[tu
 # ---------------------------------------------------------------------------------------------------------
 # The page.
 # ---------------------------------------------------------------------------------------------------------
-
-
-def signed_in(store: Store, request: gr.Request) -> AnnotatorInfo:
-    username = getattr(request, "username", None)
-    who = store.annotator(username) if username else None
-    if who is None or not who.active or who.role == "external":
-        raise gr.Error("Not signed in (or the account is disabled). Reload the page to sign in.")
-    return who
 
 
 @dataclass
