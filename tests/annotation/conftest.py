@@ -246,3 +246,37 @@ def tiny_glm_folder(tiny_tokenizer, tmp_path_factory):
     )
     folder = tmp_path_factory.mktemp("tiny_glm")
     return save_pretrained(GLM(cfg).eval(), folder, tokenizer=tiny_tokenizer)
+
+
+def bearer_login(base_url: str, username: str, password: str) -> dict[str, str]:
+    """Sign in through the JSON API; the Authorization header of the token it gives."""
+    import httpx
+
+    r = httpx.post(f"{base_url}/api/v1/login", json={"username": username, "password": password})
+    r.raise_for_status()
+    return {"Authorization": f"Bearer {r.json()['token']}"}
+
+
+def page_client(base_url: str, username: str, password: str):
+    """An HTTP client signed in to the page (its session cookie set by ``POST /login``)."""
+    import httpx
+
+    client = httpx.Client(base_url=base_url, timeout=30)
+    r = client.post("/login", data={"username": username, "password": password})
+    assert r.status_code == 200, r.text
+    return client
+
+
+def wait_text(page, selector: str, pattern: str, timeout_s: float = 30.0) -> str:
+    """Poll a browser page until ``selector``'s text matches ``pattern``; its text then."""
+    import re
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline:
+        text = page.locator(selector).inner_text()
+        if re.search(pattern, text):
+            return text
+        time.sleep(0.05)
+    raise AssertionError(f"{selector} never matched {pattern!r}; last text: {text!r}")

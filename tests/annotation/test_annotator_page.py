@@ -6,7 +6,6 @@ screenshots are kept under the test's tmp dir."""
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
@@ -18,7 +17,14 @@ from glmwb.annotation.guard import LoginGate
 from glmwb.annotation.store import NewItem, NewResponse, Store
 from glmwb.ui.annotator import PageConfig
 from glmwb.ui.app import ServerSettings, create_app
-from tests.annotation.conftest import ThreadServer, cheap_hasher, make_items
+from tests.annotation.conftest import (
+    ThreadServer,
+    bearer_login,
+    cheap_hasher,
+    make_items,
+    page_client,
+    wait_text,
+)
 
 XSS_A = '<script>window.__pwned = "script"</script>**bold** answer'
 XSS_B = (
@@ -70,16 +76,11 @@ def site(tmp_path_factory):
 
 
 def login(base_url: str, username: str) -> dict[str, str]:
-    r = httpx.post(f"{base_url}/api/v1/login", json={"username": username, "password": PASSWORDS[username]})
-    r.raise_for_status()
-    return {"Authorization": f"Bearer {r.json()['token']}"}
+    return bearer_login(base_url, username, PASSWORDS[username])
 
 
 def gradio_session(base_url: str, username: str) -> httpx.Client:
-    client = httpx.Client(base_url=base_url, timeout=30)
-    r = client.post("/login", data={"username": username, "password": PASSWORDS[username]})
-    assert r.status_code == 200, r.text
-    return client
+    return page_client(base_url, username, PASSWORDS[username])
 
 
 def test_api_vote_round_trip(site):
@@ -210,17 +211,6 @@ def sign_in(browser, base: str, username: str, shots: Path):
     page.locator("#answer-A").wait_for(timeout=30_000)
     wait_text(page, "#header", username)
     return context, page
-
-
-def wait_text(page, selector: str, pattern: str, timeout_s: float = 20.0) -> str:
-    deadline = time.monotonic() + timeout_s
-    text = ""
-    while time.monotonic() < deadline:
-        text = page.locator(selector).inner_text()
-        if re.search(pattern, text):
-            return text
-        time.sleep(0.1)
-    raise AssertionError(f"{selector} never matched {pattern!r}; last text: {text!r}")
 
 
 def shown(store: Store, username: str):

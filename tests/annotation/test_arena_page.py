@@ -7,7 +7,6 @@ two turns and a regeneration, and the rate limit. Also, over HTTP: a signed-out 
 
 from __future__ import annotations
 
-import re
 import time
 
 import httpx
@@ -19,7 +18,7 @@ from glmwb.pretrain.chat_server import openai_chat_app
 from glmwb.pretrain.chat_sources import BatchingGenerator, LocalChatModel, OpenAIChatModel, Sampling
 from glmwb.ui.app import ServerSettings
 from glmwb.ui.arena import Arena, ArenaConfig, ArenaModel, create_arena_app
-from tests.annotation.conftest import ThreadServer, cheap_hasher
+from tests.annotation.conftest import ThreadServer, cheap_hasher, wait_text
 from tests.tiny import one_thread  # noqa: F401 (autouse)
 
 PASSWORDS = {"alice": "alice-password", "bob": "bob-password", "carol": "carol-password"}
@@ -67,17 +66,6 @@ def sign_in(browser, base: str, username: str):
     page.locator("#anon-prompt").wait_for(timeout=30_000)
     wait_text(page, "#header", username)
     return context, page
-
-
-def wait_text(page, selector: str, pattern: str, timeout_s: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout_s
-    text = ""
-    while time.monotonic() < deadline:
-        text = page.locator(selector).inner_text()
-        if re.search(pattern, text):
-            return text
-        time.sleep(0.05)
-    raise AssertionError(f"{selector} never matched {pattern!r}; last text: {text!r}")
 
 
 def send(page, prefix: str, text: str) -> None:

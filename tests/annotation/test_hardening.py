@@ -30,7 +30,14 @@ from glmwb.annotation.schema import Session
 from glmwb.annotation.store import NewItem, NewResponse, Store
 from glmwb.ui.annotator import PageConfig
 from glmwb.ui.app import ServerSettings, create_app
-from tests.annotation.conftest import ThreadServer, cheap_hasher, free_port, make_items
+from tests.annotation.conftest import (
+    ThreadServer,
+    bearer_login,
+    cheap_hasher,
+    free_port,
+    make_items,
+    page_client,
+)
 
 PASSWORDS = {
     "root": "root-password",
@@ -69,16 +76,11 @@ def site(tmp_path_factory):
 
 
 def api_login(base: str, username: str) -> dict[str, str]:
-    r = httpx.post(f"{base}/api/v1/login", json={"username": username, "password": PASSWORDS[username]})
-    r.raise_for_status()
-    return {"Authorization": f"Bearer {r.json()['token']}"}
+    return bearer_login(base, username, PASSWORDS[username])
 
 
 def page_session(base: str, username: str) -> httpx.Client:
-    client = httpx.Client(base_url=base, timeout=30)
-    r = client.post("/login", data={"username": username, "password": PASSWORDS[username]})
-    assert r.status_code == 200, r.text
-    return client
+    return page_client(base, username, PASSWORDS[username])
 
 
 def raw(base: str, head: str, chunks: list[bytes] = (), read_timeout: float = 10.0) -> tuple[int, str]:
