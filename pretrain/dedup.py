@@ -50,7 +50,7 @@ class StreamingDedup:
         self._mult = _band_mult(cfg, self.rows)
         self._exact: set[bytes] = set()
         self._buckets: list[dict[int, list[int]]] = [{} for _ in range(self.bands)]
-        self._sigs = np.empty((1024, cfg.num_perm), dtype=np.uint32)  # kept documents' signatures
+        self._sigs = np.empty((64, cfg.num_perm), dtype=np.uint32)  # kept documents' signatures
         self.kept = 0
 
     def _band_keys(self, sigs: np.ndarray) -> list[list[int]]:

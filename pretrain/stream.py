@@ -302,6 +302,23 @@ def _timed(stats: dict[str, Any], stage: str, texts: list[str]) -> Callable[[], 
     return done
 
 
+def encode_docs(texts: list[str], tokenizer) -> list[np.ndarray]:
+    """``data.tokenize``'s ids (each text + <|endoftext|>), through the Rust tokenizer's batch encoding without
+    offsets (all cores; about twice as fast as the Python wrapper's call, same ids)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not texts:
+        return tokenize(texts, tokenizer)
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    sep = eot_id(tokenizer)
+    out = []
+    for enc in encode(texts, add_special_tokens=False):
+        arr = np.empty(len(enc.ids) + 1, dtype=np.int32)
+        arr[:-1] = enc.ids
+        arr[-1] = sep
+        out.append(arr)
+    return out
+
+
 def _select(texts, positions, keep):
     return [t for t, k in zip(texts, keep, strict=True) if k], [
         p for p, k in zip(positions, keep, strict=True) if k
@@ -343,7 +360,7 @@ def _process(batch, cfg, tokenizer, dedup, decon, report, stats, shards: _Shards
     texts, positions = _select(texts, positions, [v is None for v in verdicts])
     done()
     done = _timed(stats, "tokenize", texts)
-    ids = tokenize(texts, tokenizer)
+    ids = encode_docs(texts, tokenizer)
     done()
     for text, arr in zip(texts, ids, strict=True):
         split = "heldout" if split_value(text) < cfg.heldout_fraction else "train"
