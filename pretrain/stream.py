@@ -61,6 +61,7 @@ from glmwb.pretrain.decontam import DecontamConfig, Decontaminator, DecontamRepo
 from glmwb.pretrain.dedup import StreamingDedup
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.ranges import Fraction, NonNegInt, PositiveFloat, PositiveInt
+from glmwb.pretrain.settings import RunConfig
 
 STAGES = ("read", "clean", "filter", "decontaminate", "dedup", "tokenize", "write")
 SPLITS = ("train", "heldout")
@@ -518,3 +519,36 @@ def load_sharded(folder: str | Path, seq_len: int, tokenizer=None) -> tuple[Shar
                 f"seq_len={seq_len}; give more text, a larger heldout_fraction or a shorter seq_len"
             )
     return train, heldout
+
+
+# --------------------------------------------------------------------------------------------------
+# the `data` recipe stage
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataRecipe:
+    """`stage: data` — the streaming pipeline into run.dir, the folder a pretrain recipe's ``data.shards`` names."""
+
+    stage: Literal["data"] = "data"
+    run: RunConfig = field(default_factory=RunConfig)
+    tokenizer: str = "runs/tokenizer"  # a Hugging Face tokenizer folder
+    pipeline: PipelineConfig
+
+
+def run_data(recipe: DataRecipe) -> dict[str, Any]:
+    from glmwb.pretrain.run import load_tokenizer
+
+    tok = load_tokenizer(recipe.tokenizer)
+    out = Path(recipe.run.dir)
+    t0 = time.perf_counter()
+    stats = run_pipeline(recipe.pipeline, tok, out)
+    speeds = stage_mb_per_s(stats)
+    print(
+        f"data: {stats['docs_in']} documents in, {stats['docs']['train']} train / {stats['docs']['heldout']} "
+        f"held-out kept ({stats['tokens']['train']:,} / {stats['tokens']['heldout']:,} tokens); rejected "
+        f"{sum(stats['rejected'].values())}, contaminated {stats['contaminated']}, duplicates "
+        f"{stats['exact_duplicates']} exact + {stats['near_duplicates']} near; {time.perf_counter() - t0:.1f} s; "
+        f"MB/s per stage {speeds} → {out}"
+    )
+    return {"out": str(out), **{k: stats[k] for k in ("docs_in", "docs", "tokens", "contaminated")},
+            "mb_per_s": speeds}  # fmt: skip

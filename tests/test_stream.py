@@ -299,3 +299,19 @@ def test_decontamination_real_gsm8k_items(tmp_path, tok):
                   decontaminate=DecontamConfig(evals=(EvalSetConfig(str(path), field="question"),)))  # fmt: skip
     stats = run_pipeline(cfg, tok, tmp_path / "out", log=lambda s: None)
     assert stats["contaminated"] == 5 and stats["docs"]["train"] == 20
+
+
+def test_unigram_baseline_of_sharded_equals_packed(tmp_path, tok):
+    from glmwb.pretrain.data import unigram_entropy
+
+    src = write_jsonl(tmp_path / "c.jsonl", synthetic_docs(80, 40, 12))
+    run_pipeline(
+        cfg_for(src, heldout_fraction=0.2, shard_tokens=500), tok, tmp_path / "out", log=lambda s: None
+    )
+    train, held = load_sharded(tmp_path / "out", 16, tok)
+    packed_train = np.concatenate([train.document(i) for i in range(len(train.doc_lengths))])
+    ids, doc = held.rows(np.arange(len(held)))
+    from glmwb.pretrain.data import PackedDataset
+
+    ref = unigram_entropy(packed_train, PackedDataset(ids, doc), len(tok))
+    assert unigram_entropy(train, held, len(tok)) == pytest.approx(ref, rel=1e-12)
