@@ -315,3 +315,25 @@ def test_unigram_baseline_of_sharded_equals_packed(tmp_path, tok):
 
     ref = unigram_entropy(packed_train, PackedDataset(ids, doc), len(tok))
     assert unigram_entropy(train, held, len(tok)) == pytest.approx(ref, rel=1e-12)
+
+
+def test_data_stage_through_the_cli(tmp_path, tok, capsys):
+    from glmwb.recipes.cli import main
+
+    tok.save_pretrained(tmp_path / "tok")
+    src = write_jsonl(tmp_path / "c.jsonl", synthetic_docs(40, 40, 13))
+    recipe = tmp_path / "data.yaml"
+    recipe.write_text(
+        f"stage: data\nrun: {{dir: {tmp_path / 'out'}}}\ntokenizer: {tmp_path / 'tok'}\n"
+        f"pipeline:\n  sources:\n    - {{paths: [{src}], text_field: text}}\n  heldout_fraction: 0.1\n"
+    )
+    assert main(["run", str(recipe)]) == 0
+    assert "40 documents in" in capsys.readouterr().out
+    train, held = load_sharded(tmp_path / "out", 8, tok)
+    assert len(train.doc_lengths) + len(held.doc_lengths) == 40
+    assert main(["run", str(recipe)]) == 0 and "is complete" in capsys.readouterr().out
+    recipe.write_text(recipe.read_text().replace(str(src), str(tmp_path / "absent.jsonl")))
+    (tmp_path / "out" / "index.json").unlink()
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "no such file or folder" in err and "absent.jsonl" in err and "Traceback" not in err
