@@ -74,6 +74,41 @@ def pipeline_bench(data: Path, tmp: Path) -> dict:
             "shards": len(json.loads((tmp / "shards" / "index.json").read_text())["shards"])}  # fmt: skip
 
 
+_THREADS_CHILD = """
+import json, sys, time
+from glmwb.pretrain.stream import encode_docs
+from glmwb.pretrain.tokenizer import load_glm_tokenizer
+tok = load_glm_tokenizer(sys.argv[1])
+texts = json.load(open(sys.argv[2]))
+encode_docs(texts[:20], tok)
+t0 = time.perf_counter()
+encode_docs(texts, tok)
+print(time.perf_counter() - t0)
+"""
+
+
+def tokenize_threads(data: Path, tmp: Path, mb: float = 2.0) -> dict:
+    """Tokenization MB/s with the Rust thread pool capped at 1 thread and at every core, same text."""
+    import sys
+
+    from glmwb.pretrain.tokenizer import train_tokenizer
+
+    texts = first_mb(data / "pretrain_en" / "pretrain_en.jsonl", mb / 2)
+    texts += first_mb(data / "pretrain_zh" / "pretrain_zh.jsonl", mb / 2)
+    train_tokenizer(texts[:200], vocab_size=4096, show_progress=False).save_pretrained(tmp / "tok")
+    (tmp / "texts.json").write_text(json.dumps(texts))
+    size = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+    out = {"mb": round(size, 2)}
+    for threads in (1, os.cpu_count()):
+        env = {**os.environ, "RAYON_NUM_THREADS": str(threads)}
+        cmd = [sys.executable, "-c", _THREADS_CHILD, str(tmp / "tok"), str(tmp / "texts.json")]
+        seconds = float(
+            subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.split()[-1]
+        )
+        out[f"{threads}_threads_mb_per_s"] = round(size / seconds, 2)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/data")
@@ -87,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU"}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
+        result["tokenize_threads"] = tokenize_threads(data, Path(tmp))
+        print(json.dumps(result["tokenize_threads"]))
         result["pipeline"] = pipeline_bench(data, Path(tmp))
     print(json.dumps(result["pipeline"], indent=1, ensure_ascii=False))
     texts = first_mb(data / "pretrain_en" / "pretrain_en.jsonl", args.dedup_mb)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from glmwb.pretrain.data import _WORD
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.ranges import PositiveInt
@@ -67,10 +69,27 @@ def read_eval_items(cfg: EvalSetConfig) -> list[str]:
     return items
 
 
+def gram_hashes(w: list[str], n: int) -> np.ndarray:
+    """A 64-bit hash of every word n-gram of ``w`` (uint64, len(w) - n + 1 of them): each word hashed once, the
+    windows combined as a random linear combination mod 2^64 in numpy (13 vector passes, no Python loop)."""
+    if len(w) < n:
+        return np.empty(0, dtype=np.uint64)
+    ids = np.fromiter((hash(x) for x in w), dtype=np.int64, count=len(w)).view(np.uint64)
+    h = ids[: len(w) - n + 1] * _MULT[0]
+    for j in range(1, n):
+        h += ids[j : len(w) - n + 1 + j] * _MULT[j]
+    return h
+
+
+_MULT = np.random.default_rng(0xDEC0).integers(0, 2**64, size=64, dtype=np.uint64) | np.uint64(1)
+
+
 class Decontaminator:
     """The n-gram tables of the evaluation sets; ``match(text)`` names the first item a text overlaps."""
 
     def __init__(self, cfg: DecontamConfig):
+        if cfg.n > len(_MULT):
+            raise ValueError(f"decontaminate: n must be <= {len(_MULT)}, got {cfg.n}")
         self.cfg = cfg
         self.long: dict[int, tuple[str, int]] = {}  # hash of an n-gram -> (eval set, item)
         self.short: dict[int, list[tuple[tuple[str, ...], str, int]]] = {}  # hash of first min_n words
@@ -83,27 +102,35 @@ class Decontaminator:
             for i, text in enumerate(items):
                 w = words(text)
                 if len(w) >= cfg.n:
-                    for s in range(len(w) - cfg.n + 1):
-                        self.long.setdefault(hash(tuple(w[s : s + cfg.n])), (name, i))
+                    for h in gram_hashes(w, cfg.n).tolist():
+                        self.long.setdefault(h, (name, i))
                 elif len(w) >= cfg.min_n:
-                    self.short.setdefault(hash(tuple(w[: cfg.min_n])), []).append((tuple(w), name, i))
+                    h = int(gram_hashes(w[: cfg.min_n], cfg.min_n)[0])
+                    self.short.setdefault(h, []).append((tuple(w), name, i))
                 else:
                     self.skipped[name] += 1
+        self._long = np.sort(np.fromiter(self.long, dtype=np.uint64, count=len(self.long)))
+        self._short = np.sort(np.fromiter(self.short, dtype=np.uint64, count=len(self.short)))
+
+    @staticmethod
+    def _hits(grams: np.ndarray, table: np.ndarray) -> np.ndarray:
+        if not len(table) or not len(grams):
+            return np.empty(0, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(table, grams), len(table) - 1)
+        return np.flatnonzero(table[pos] == grams)
 
     def match(self, text: str) -> tuple[str, int] | None:
         """(eval set, item index) of an item ``text`` overlaps, or None."""
         w = words(text)
-        n, m = self.cfg.n, self.cfg.min_n
-        if self.long:
-            for s in range(len(w) - n + 1):
-                hit = self.long.get(hash(tuple(w[s : s + n])))
-                if hit is not None:
-                    return hit
-        if self.short:
-            for s in range(len(w) - m + 1):
-                for item, name, i in self.short.get(hash(tuple(w[s : s + m])), ()):
-                    if tuple(w[s : s + len(item)]) == item:
-                        return name, i
+        hits = self._hits(gram_hashes(w, self.cfg.n), self._long)
+        if len(hits):
+            return self.long[int(gram_hashes(w[hits[0] : hits[0] + self.cfg.n], self.cfg.n)[0])]
+        m = self.cfg.min_n
+        grams = gram_hashes(w, m)
+        for s in self._hits(grams, self._short).tolist():
+            for item, name, i in self.short[int(grams[s])]:
+                if tuple(w[s : s + len(item)]) == item:
+                    return name, i
         return None
 
 
