@@ -133,12 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     texts = first_mb(data / "pretrain_en" / "pretrain_en.jsonl", args.dedup_mb)
     texts += first_mb(data / "pretrain_zh" / "pretrain_zh.jsonl", args.dedup_mb)
     n = len(texts)
+    first, second = range(0, n, 20), range(10, n, 20)
     texts = (
         texts
         + plant_near_duplicates(texts)[n:]
         + plant_near_duplicates(texts, rate=0.02, offset=10, seed=1)[n:]
     )
-    result["dedup"] = compare_with_datasketch(texts, DedupConfig())
+    known = {(i, n + k) for k, i in enumerate(first)} | {
+        (i, n + len(first) + k) for k, i in enumerate(second)
+    }
+    result["dedup"] = compare_with_datasketch(texts, DedupConfig(), known)
     result["dedup"]["planted"] = len(texts) - n
     print(json.dumps(result["dedup"], indent=1))
     if args.json:
