@@ -337,3 +337,38 @@ def test_data_stage_through_the_cli(tmp_path, tok, capsys):
     assert main(["run", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "no such file or folder" in err and "absent.jsonl" in err and "Traceback" not in err
+
+
+_KILLED_CHILD = """
+import os, signal, sys
+from glmwb.pretrain.stream import PipelineConfig, SourceConfig, run_pipeline
+from glmwb.pretrain.tokenizer import load_glm_tokenizer
+
+cfg = PipelineConfig(sources=(SourceConfig(paths=(sys.argv[2],)),), filter=None, batch_bytes=3000,
+                     shard_tokens=1000, heldout_fraction=0.1)
+def on_shard(k):
+    if k == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # a real kill, right after shard 1 is listed
+run_pipeline(cfg, load_glm_tokenizer(sys.argv[1]), sys.argv[3], on_shard=on_shard, log=lambda s: None)
+"""
+
+
+def test_resume_after_sigkill_of_the_process(tmp_path, tok):
+    import subprocess
+    import sys
+
+    from glmwb.pretrain.tokenizer import load_glm_tokenizer
+
+    tok.save_pretrained(tmp_path / "tok")
+    tok = load_glm_tokenizer(tmp_path / "tok")
+    src = write_jsonl(tmp_path / "c.jsonl", synthetic_docs(100, 60, 14))
+    cfg = PipelineConfig(sources=(SourceConfig(paths=(str(src),)),), filter=None, batch_bytes=3000,
+                         shard_tokens=1000, heldout_fraction=0.1)  # fmt: skip
+    child = subprocess.run([sys.executable, "-c", _KILLED_CHILD, str(tmp_path / "tok"), str(src),
+                            str(tmp_path / "cut")], capture_output=True, text=True)  # fmt: skip
+    assert child.returncode == -9, child.stderr[-2000:]
+    assert [s["name"] for s in read_index(tmp_path / "cut")["shards"]] == ["shard_00000", "shard_00001"]
+    run_pipeline(cfg, tok, tmp_path / "cut", log=lambda s: None)
+    run_pipeline(cfg, tok, tmp_path / "full", log=lambda s: None)
+    full = _shard_bytes(tmp_path / "full")
+    assert _shard_bytes(tmp_path / "cut") == full and len(full) > 9
