@@ -27,6 +27,7 @@ from glmwb.pretrain.stream import (
     run_pipeline,
 )
 from tests.shared_data import SHARED_DATA
+from tests.tiny import TINY, one_thread  # noqa: F401 (one_thread: one torch thread in this module)
 
 _rng = np.random.default_rng(123)
 WORDS = sorted(
@@ -372,3 +373,37 @@ def test_resume_after_sigkill_of_the_process(tmp_path, tok):
     run_pipeline(cfg, tok, tmp_path / "full", log=lambda s: None)
     full = _shard_bytes(tmp_path / "full")
     assert _shard_bytes(tmp_path / "cut") == full and len(full) > 9
+
+
+def test_training_on_shards_equals_training_on_packed_rows(tmp_path, tiny_tokenizer):
+    """The loop takes ShardedTokens where it took PackedDataset: the same documents give the same weights."""
+    import torch
+
+    from glmwb.pretrain.data import PackedDataset
+    from glmwb.pretrain.model import GLM
+    from glmwb.pretrain.optim import OptimConfig
+    from glmwb.pretrain.train import TrainConfig, train
+    from glmwb.pretrain.world import make_world
+
+    texts = make_world(seed=0, num_entities=16).corpus(300, seed=0)
+    src = write_jsonl(tmp_path / "c.jsonl", texts)
+    cfg = cfg_for(src, heldout_fraction=0.1, shard_tokens=2000, dedup=DedupConfig(near=False))
+    run_pipeline(cfg, tiny_tokenizer, tmp_path / "shards", log=lambda s: None)
+    shards = load_sharded(tmp_path / "shards", 32, tiny_tokenizer)
+    packed = []
+    for data in shards:
+        ids, doc = data.rows(np.arange(len(data)))
+        packed.append(PackedDataset(ids.astype(np.int32), doc.astype(np.int32)))
+    models = []
+    for name, (tr, he) in (("shards", shards), ("packed", packed)):
+        torch.manual_seed(0)
+        model = GLM(TINY.with_(vocab_size=max(TINY.vocab_size, len(tiny_tokenizer))))
+        tcfg = TrainConfig(batch_size=4, max_steps=2, eval_every=1000, eval_batches=1, save_every=1000)
+        train(model, tiny_tokenizer, tr, he, OptimConfig(lr=3e-3, warmup_steps=1), tcfg, tmp_path / name,
+              log=lambda s: None)  # fmt: skip
+        models.append(model)
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(p, q)
+    torch.manual_seed(0)
+    init = GLM(TINY.with_(vocab_size=max(TINY.vocab_size, len(tiny_tokenizer))))
+    assert any(not torch.equal(p, q) for p, q in zip(models[0].parameters(), init.parameters(), strict=True))
