@@ -8,7 +8,8 @@ tokens written x bytes per token for write). The tokenizer is a byte-level BPE (
 a sample. The dedup comparison takes the first ``--dedup-mb`` MB of each language and plants near duplicates:
 a copy of every 20th document with 1 % of its characters replaced (shingle Jaccard about 0.9 with the
 original) and of every 20th from the 10th with 2 % replaced (about 0.82: near the 0.8 threshold, where the two
-implementations' different hash functions can disagree).
+implementations' different hash functions can disagree). The decontamination check plants 20 items of each
+evaluation set in the middle of real documents and counts what the stage flags, planted and untouched.
 """
 
 from __future__ import annotations
@@ -53,14 +54,19 @@ def first_mb(path: Path, mb: float) -> list[str]:
     return out
 
 
+def eval_sets(data: Path) -> tuple[EvalSetConfig, ...]:
+    return (EvalSetConfig(str(data / "eval_gsm8k" / "test.jsonl"), field="question", name="gsm8k"),
+            EvalSetConfig(str(data / "eval_humaneval" / "HumanEval.jsonl.gz"), name="humaneval"),
+            EvalSetConfig(str(data / "eval_ifeval" / "input_data.jsonl"), name="ifeval"))  # fmt: skip
+
+
 def pipeline_bench(data: Path, tmp: Path) -> dict:
     from glmwb.pretrain.tokenizer import train_tokenizer
 
+    evals = eval_sets(data)
+
     en, zh = data / "pretrain_en" / "pretrain_en.jsonl", data / "pretrain_zh" / "pretrain_zh.jsonl"
     tok = train_tokenizer(first_mb(en, 1) + first_mb(zh, 1), vocab_size=4096, show_progress=False)
-    evals = (EvalSetConfig(str(data / "eval_gsm8k" / "test.jsonl"), field="question", name="gsm8k"),
-             EvalSetConfig(str(data / "eval_humaneval" / "HumanEval.jsonl.gz"), name="humaneval"),
-             EvalSetConfig(str(data / "eval_ifeval" / "input_data.jsonl"), name="ifeval"))  # fmt: skip
     cfg = PipelineConfig(
         sources=(SourceConfig(paths=(str(en),), name="en"), SourceConfig(paths=(str(zh),), name="zh")),
         decontaminate=DecontamConfig(evals=evals), shard_tokens=2**21,
@@ -113,6 +119,37 @@ def tokenize_threads(data: Path, tmp: Path, mb: float = 2.0) -> dict:
     return out
 
 
+def decontam_check(data: Path, evals, per_set: int = 20) -> dict:
+    """The decontamination stage on the real corpus with ``per_set`` items of each evaluation set planted in the
+    middle of real documents: documents flagged among the planted and among the untouched ones."""
+    from glmwb.pretrain.decontam import Decontaminator, read_eval_items
+
+    t0 = time.perf_counter()
+    decon = Decontaminator(DecontamConfig(evals=evals))
+    out: dict = {"build_seconds": round(time.perf_counter() - t0, 2), "items": decon.items,
+                 "skipped_short_items": decon.skipped, "planted": {}, "removed_planted": {}}  # fmt: skip
+    docs = first_mb(data / "pretrain_en" / "pretrain_en.jsonl", 3) + first_mb(
+        data / "pretrain_zh" / "pretrain_zh.jsonl", 3
+    )
+    rng = np.random.default_rng(0)
+    for ev in evals:
+        items = read_eval_items(ev)
+        picks = rng.choice(len(items), size=per_set, replace=False)
+        hits = 0
+        for k, i in enumerate(picks):
+            doc = docs[(7 * k) % len(docs)]
+            mid = len(doc) // 2
+            hits += decon.match(doc[:mid] + "\n" + items[i] + "\n" + doc[mid:]) is not None
+        out["planted"][ev.name], out["removed_planted"][ev.name] = per_set, hits
+    t0 = time.perf_counter()
+    out["flagged_untouched"] = sum(decon.match(d) is not None for d in docs)
+    out["untouched_docs"], out["untouched_mb_per_s"] = (
+        len(docs),
+        round(sum(len(d.encode("utf-8")) for d in docs) / 1e6 / (time.perf_counter() - t0), 2),
+    )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/data")
@@ -130,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result["tokenize_threads"]))
         result["pipeline"] = pipeline_bench(data, Path(tmp))
     print(json.dumps(result["pipeline"], indent=1, ensure_ascii=False))
+    result["decontamination"] = decontam_check(data, eval_sets(data))
+    print(json.dumps(result["decontamination"]))
     texts = first_mb(data / "pretrain_en" / "pretrain_en.jsonl", args.dedup_mb)
     texts += first_mb(data / "pretrain_zh" / "pretrain_zh.jsonl", args.dedup_mb)
     n = len(texts)
