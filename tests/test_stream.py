@@ -269,7 +269,7 @@ def test_decontamination_removes_planted_benchmark_items(tmp_path, tok):
         3: docs[3] + " Janet has 16 ducks that lay eggs every single morning and she sells more",
         17: "Intro. DEF add(a, b): return A plus B; more text " + docs[17],
         30: docs[30] + " janet has 16 ducks that lay eggs every single morning",
-    }  # 11 words < 13: kept
+    }  # 10 words < 13: kept
     texts = [dirty.get(i, d) for i, d in enumerate(docs)]
     evals = (
         EvalSetConfig(str(gsm), field="question", name="gsm8k"),
