@@ -720,6 +720,9 @@ def _flat_tokens(data) -> np.ndarray:
 
 def _target_tokens(data) -> np.ndarray:
     """The tokens a model is scored on: packed rows' labels[:, 1:] that are not -100; else all tokens."""
+    if hasattr(data, "rows"):  # stream.ShardedTokens
+        tokens, doc_ids = data.rows(np.arange(len(data)))
+        return tokens[:, 1:][doc_ids[:, 1:] == doc_ids[:, :-1]]
     if isinstance(data, PackedDataset):
         tokens, doc_ids = np.asarray(data.tokens), np.asarray(data.doc_ids)
         return tokens[:, 1:][doc_ids[:, 1:] == doc_ids[:, :-1]]
@@ -739,14 +742,19 @@ def unigram_entropy(train, heldout=None, vocab_size: int | None = None) -> float
         heldout, vocab_size = None, int(heldout)
     if vocab_size is None:
         raise ValueError("unigram_entropy: vocab_size is required")
-    train_tokens = _flat_tokens(train)
     eval_tokens = _target_tokens(heldout if heldout is not None and len(heldout) else train)
     if len(eval_tokens) == 0:
         raise ValueError("unigram_entropy: no tokens to evaluate on")
-    if train_tokens.size and int(train_tokens.max()) >= vocab_size:
-        raise ValueError(f"unigram_entropy: token id {int(train_tokens.max())} >= vocab_size {vocab_size}")
-    counts = np.bincount(train_tokens, minlength=vocab_size).astype(np.float64)
-    log_p = np.log(counts + 1.0) - np.log(len(train_tokens) + vocab_size)
+    if hasattr(train, "token_counts"):  # stream.ShardedTokens: counted shard by shard
+        counts = train.token_counts(vocab_size).astype(np.float64)
+    else:
+        train_tokens = _flat_tokens(train)
+        if train_tokens.size and int(train_tokens.max()) >= vocab_size:
+            raise ValueError(
+                f"unigram_entropy: token id {int(train_tokens.max())} >= vocab_size {vocab_size}"
+            )
+        counts = np.bincount(train_tokens, minlength=vocab_size).astype(np.float64)
+    log_p = np.log(counts + 1.0) - np.log(counts.sum() + vocab_size)
     return float(-log_p[eval_tokens].mean())
 
 

@@ -137,7 +137,11 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
             f"set model.vocab_size >= {len(tok)} (a multiple of 64 is fastest)"
         )
     data_dir = Path(recipe.data.cache_dir or run_dir / "data")
-    if not (data_dir / "train" / "meta.json").is_file():
+    if recipe.data.shards:  # the streaming pipeline's output (glmwb run recipes/data.yaml)
+        from glmwb.pretrain.stream import load_sharded
+
+        train_data, heldout = load_sharded(recipe.data.shards, recipe.data.seq_len, tok)
+    elif not (data_dir / "train" / "meta.json").is_file():
         stats = build_dataset(
             corpus_texts(recipe.corpus),
             tok,
@@ -149,7 +153,8 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
             dedup_cfg=recipe.data.dedup,
         )
         print(f"data: {json.dumps(stats)}")
-    train_data, heldout = load_packed(data_dir / "train"), load_packed(data_dir / "heldout")
+    if not recipe.data.shards:
+        train_data, heldout = load_packed(data_dir / "train"), load_packed(data_dir / "heldout")
     baseline = unigram_entropy(train_data, heldout, len(tok))
 
     cfg = recipe.model.with_(pad_token_id=tok.pad_token_id, eos_token_ids=tuple(turn_terminator_ids(tok)))

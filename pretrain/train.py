@@ -59,6 +59,8 @@ class DataConfig:
     cache_dir: str | None = None  # where packed data goes; default <run.dir>/data
     filter: FilterConfig | None = field(default_factory=FilterConfig)  # null: keep every document
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    # a finished `stage: data` build (sharded token files); set, it replaces the in-memory pipeline above
+    shards: str | None = None
 
 
 @dataclass(frozen=True)

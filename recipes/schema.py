@@ -46,6 +46,7 @@ STAGES: dict[str, type] = {"pipeline": PipelineRecipe}
 LAZY_STAGES: dict[str, str] = {
     "tokenizer": "glmwb.pretrain.run:TokenizerRecipe",
     "pretrain": "glmwb.pretrain.run:PretrainRecipe",
+    "data": "glmwb.pretrain.stream:DataRecipe",
     "reward": "glmwb.rewards.config:RewardRecipe",
     "sft": "glmwb.align.sft:SFTRecipe",
     "dpo": "glmwb.align.dpo:DPORecipe",
@@ -61,6 +62,7 @@ LAZY_STAGES: dict[str, str] = {
 RUNNERS: dict[str, str] = {
     "tokenizer": "glmwb.pretrain.run:run_tokenizer",
     "pretrain": "glmwb.pretrain.run:run_pretrain",
+    "data": "glmwb.pretrain.stream:run_data",
     "reward": "glmwb.rewards.run:run_reward",
     "sft": "glmwb.align.sft:run_sft",
     "dpo": "glmwb.align.dpo:run_dpo",
