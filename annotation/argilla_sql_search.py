@@ -23,7 +23,8 @@ import math
 import re
 import sys
 from collections import Counter
-from typing import Any, Iterable, List, Optional, Union
+from collections.abc import Iterable
+from typing import Any
 from uuid import UUID
 
 from argilla_server.enums import MetadataPropertyType, SimilarityOrder, SortOrder
@@ -69,7 +70,7 @@ class Doc:
     """One record as the engine sees it (what Elasticsearch would hold in its index)."""
 
     id: UUID
-    external_id: Optional[str]
+    external_id: str | None
     status: str
     inserted_at: Any
     updated_at: Any
@@ -86,14 +87,20 @@ def _session():
     return AsyncSessionLocal()
 
 
-async def load_docs(dataset_id: UUID) -> List[Doc]:
+async def load_docs(dataset_id: UUID) -> list[Doc]:
     """All records of a dataset, in insertion order, with responses, suggestions and vectors."""
     async with _session() as db:
-        names = dict((await db.execute(select(Question.id, Question.name).where(Question.dataset_id == dataset_id))).all())
+        names = dict(
+            (
+                await db.execute(select(Question.id, Question.name).where(Question.dataset_id == dataset_id))
+            ).all()
+        )
         rows = await db.execute(
             select(Record)
             .where(Record.dataset_id == dataset_id)
-            .options(selectinload(Record.responses), selectinload(Record.suggestions), selectinload(Record.vectors))
+            .options(
+                selectinload(Record.responses), selectinload(Record.suggestions), selectinload(Record.vectors)
+            )
             .order_by(Record.inserted_at, Record.id)
         )
         return [_doc(record, names) for record in rows.scalars().all()]
@@ -155,7 +162,7 @@ def _terms_match(values: list, wanted: Iterable[str]) -> bool:
     return any(str(v) in wanted for v in values)
 
 
-def _range_match(values: list, ge: Optional[float], le: Optional[float]) -> bool:
+def _range_match(values: list, ge: float | None, le: float | None) -> bool:
     for v in values:
         try:
             x = float(v)
@@ -166,7 +173,7 @@ def _range_match(values: list, ge: Optional[float], le: Optional[float]) -> bool
     return False
 
 
-def _user_responses(doc: Doc, user: Optional[User]) -> list:
+def _user_responses(doc: Doc, user: User | None) -> list:
     if user is None:
         return doc.responses
     return [r for r in doc.responses if r["user_id"] == str(user.id)]
@@ -198,7 +205,7 @@ def _status_filter_match(doc: Doc, flt: TermsFilter) -> bool:
     return any(r["status"] in wanted for r in responses)
 
 
-def matches(doc: Doc, flt: Optional[Filter]) -> bool:
+def matches(doc: Doc, flt: Filter | None) -> bool:
     if flt is None:
         return True
     if isinstance(flt, AndFilter):
@@ -224,7 +231,7 @@ def _field_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def text_score(doc: Doc, query: Optional[Union[TextQuery, str]]) -> Optional[float]:
+def text_score(doc: Doc, query: TextQuery | str | None) -> float | None:
     """None when the record does not match; else how often the query's words occur (all must occur)."""
     if query is None:
         return 1.0
@@ -247,7 +254,7 @@ def _sort_key(doc: Doc, order: Order):
     return value
 
 
-def sort_docs(docs: list, sort: Optional[List[Order]]) -> list:
+def sort_docs(docs: list, sort: list[Order] | None) -> list:
     """Stable multi-key sort; a record without a value goes last in either direction (as in Elasticsearch)."""
     for order in reversed(sort or []):
         present = [d for d in docs if _sort_key(d, order) is not None]
@@ -257,8 +264,8 @@ def sort_docs(docs: list, sort: Optional[List[Order]]) -> list:
     return docs
 
 
-def _cosine(a: List[float], b: List[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b))
+def _cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=False))
     norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
     return dot / norm if norm else 0.0
 
@@ -331,12 +338,12 @@ class SQLSearchEngine(SearchEngine):
     async def search(
         self,
         dataset: Dataset,
-        query: Optional[Union[TextQuery, str]] = None,
-        filter: Optional[Filter] = None,
-        sort: Optional[List[Order]] = None,
+        query: TextQuery | str | None = None,
+        filter: Filter | None = None,
+        sort: list[Order] | None = None,
         offset: int = 0,
         limit: int = 100,
-        user_id: Optional[str] = None,
+        user_id: str | None = None,
     ) -> SearchResponses:
         if isinstance(query, TextQuery) and query.field and dataset.field_by_name(query.field) is None:
             raise Exception(f"Field {query.field} not found in dataset {dataset.id}")
@@ -349,7 +356,9 @@ class SQLSearchEngine(SearchEngine):
             scored.sort(key=lambda pair: -pair[1])
         scores = {d.id: s for d, s in scored}
         docs = sort_docs([d for d, _ in scored], sort)
-        items = [SearchResponseItem(record_id=d.id, score=scores[d.id]) for d in docs[offset : offset + limit]]
+        items = [
+            SearchResponseItem(record_id=d.id, score=scores[d.id]) for d in docs[offset : offset + limit]
+        ]
         return SearchResponses(items=items, total=len(docs))
 
     async def compute_metrics_for(self, metadata_property: MetadataProperty) -> MetadataMetrics:
@@ -359,20 +368,24 @@ class SQLSearchEngine(SearchEngine):
             counts = Counter(str(v) for v in values)
             terms = [TermsMetrics.TermCount(term=t, count=c) for t, c in counts.most_common()]
             return TermsMetrics(total=len(values), values=terms)
-        cls = IntegerMetadataMetrics if metadata_property.type == MetadataPropertyType.integer else FloatMetadataMetrics
+        cls = (
+            IntegerMetadataMetrics
+            if metadata_property.type == MetadataPropertyType.integer
+            else FloatMetadataMetrics
+        )
         return cls(min=min(values) if values else None, max=max(values) if values else None)
 
     async def similarity_search(
         self,
         dataset: Dataset,
         vector_settings: VectorSettings,
-        value: Optional[List[float]] = None,
-        record: Optional[Record] = None,
-        query: Optional[Union[TextQuery, str]] = None,
-        filter: Optional[Filter] = None,
+        value: list[float] | None = None,
+        record: Record | None = None,
+        query: TextQuery | str | None = None,
+        filter: Filter | None = None,
         max_results: int = 100,
         order: SimilarityOrder = SimilarityOrder.most_similar,
-        threshold: Optional[float] = None,
+        threshold: float | None = None,
     ) -> SearchResponses:
         if bool(value) == bool(record):
             raise ValueError("Must provide either vector value or record to compute the similarity search")
@@ -394,7 +407,7 @@ class SQLSearchEngine(SearchEngine):
         return SearchResponses(items=hits[:max_results], total=len(hits[:max_results]))
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """argilla-server's command line with this engine registered (``python argilla_sql_search.py start``)."""
     from argilla_server.cli import app
 
