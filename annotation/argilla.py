@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -95,7 +96,7 @@ def connect(api_url: str, api_key: str):
         raise ArgillaError(
             f"cannot reach the Argilla server at {api_url} ({type(e).__name__}); is it running?"
         ) from None
-    except rg._exceptions.UnauthorizedError:
+    except (rg._exceptions.UnauthorizedError, rg._exceptions.ArgillaCredentialsError):
         raise ArgillaError(
             f"the Argilla server at {api_url} refused the API key; use an owner or admin key"
         ) from None
@@ -191,27 +192,38 @@ def _record(item: ItemInfo, suggestion: RMSuggestion | None):
     )
 
 
+def _skip(item: ItemInfo, skipped: Counter) -> bool:
+    """Gold items (the page's quality checks) and items with more than two answers stay in the workbench."""
+    why = "gold" if item.gold_choice is not None else ("not_two_answers" if len(item.responses) != 2 else "")
+    if why:
+        skipped[why] += 1
+    return bool(why)
+
+
 def push(
     client,
     store: Store,
     name: str,
     workspace: str,
     *,
-    overlap: int = 3,
+    overlap: int | None = None,
     attributes: Sequence[str] = DEFAULT_ATTRIBUTES,
     guidelines: str = DEFAULT_GUIDELINES,
     suggestions: Mapping[int, RMSuggestion] | None = None,
     item_ids: Sequence[int] | None = None,
 ) -> PushResult:
-    """Create (or reuse, after checking its schema) the dataset and upsert the store's open two-answer items."""
+    """Create (or reuse, after checking its schema) the dataset and upsert the store's two-answer items.
+    ``overlap`` (the distribution's ``min_submitted``): default, the largest overlap of the items pushed."""
     import argilla as rg
 
     result = PushResult(dataset=name)
+    items = [item for item in store.items(item_ids).values() if not _skip(item, result.skipped)]
+    overlap = overlap or max((item.overlap for item in items), default=1)
     if client.workspaces(workspace) is None:
         raise ArgillaError(
             f"no Argilla workspace {workspace!r}; create it or pass --workspace with an existing one"
         )
-    dataset = client.datasets(name=name, workspace=workspace)
+    dataset = _find(client, name, workspace)
     if dataset is None:
         dataset = rg.Dataset(
             name=name, workspace=workspace, settings=settings(overlap, attributes, guidelines)
@@ -219,22 +231,21 @@ def push(
         dataset = dataset.create()
     else:
         check_schema(dataset, attributes)
-    records = []
-    for item in store.items(item_ids).values():
-        if item.gold_choice is not None:
-            result.skipped["gold"] += 1
-        elif len(item.responses) != 2:
-            result.skipped["not_two_answers"] += 1
-        else:
-            records.append(_record(item, (suggestions or {}).get(item.item_id)))
+    records = [_record(item, (suggestions or {}).get(item.item_id)) for item in items]
     if records:
         dataset.records.log(records)
     result.pushed = len(records)
     return result
 
 
+def _find(client, name: str, workspace: str):
+    with warnings.catch_warnings():  # the SDK warns when there is none; None says so here
+        warnings.simplefilter("ignore")
+        return client.datasets(name=name, workspace=workspace)
+
+
 def _dataset(client, name: str, workspace: str):
-    dataset = client.datasets(name=name, workspace=workspace)
+    dataset = _find(client, name, workspace)
     if dataset is None:
         raise ArgillaError(f"no Argilla dataset {name!r} in workspace {workspace!r}; push it first")
     check_schema(dataset)

@@ -184,6 +184,7 @@ class ItemInfo:
     gold_choice: str | None
     batch: str
     meta: dict[str, Any]
+    overlap: int = 3  # votes wanted (regular items)
 
 
 @dataclass
@@ -1102,6 +1103,7 @@ class Store:
                     gold_choice=item.gold_choice,
                     batch=item.batch,
                     meta=dict(item.meta or {}),
+                    overlap=item.overlap,
                 )
             return out
 
