@@ -24,6 +24,7 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -162,13 +163,31 @@ def _terms_match(values: list, wanted: Iterable[str]) -> bool:
     return any(str(v) in wanted for v in values)
 
 
-def _range_match(values: list, ge: float | None, le: float | None) -> bool:
-    for v in values:
+def _comparable(value: Any, bound: Any) -> tuple[Any, Any] | None:
+    """(value, bound) as two numbers, or two datetimes (record timestamps against ISO strings), or None."""
+    if isinstance(value, datetime):
         try:
-            x = float(v)
-        except (TypeError, ValueError):
-            continue
-        if (ge is None or x >= ge) and (le is None or x <= le):
+            b = (
+                bound
+                if isinstance(bound, datetime)
+                else datetime.fromisoformat(str(bound).replace("Z", "+00:00"))
+            )
+        except ValueError:
+            return None
+        if (value.tzinfo is None) != (b.tzinfo is None):
+            value, b = value.replace(tzinfo=None), b.replace(tzinfo=None)
+        return value, b
+    try:
+        return float(value), float(bound)
+    except (TypeError, ValueError):
+        return None
+
+
+def _range_match(values: list, ge: Any, le: Any) -> bool:
+    for v in values:
+        low = ge is None or ((pair := _comparable(v, ge)) is not None and pair[0] >= pair[1])
+        high = le is None or ((pair := _comparable(v, le)) is not None and pair[0] <= pair[1])
+        if low and high:
             return True
     return False
 
