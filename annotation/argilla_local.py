@@ -9,6 +9,7 @@ pip's configuration) with the versions in SERVER_REQUIREMENTS. Everything binds 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -156,6 +157,22 @@ def _create_owner(python: Path, env: dict[str, str], username: str, password: st
         raise LocalArgillaError(f"creating the Argilla owner {username!r} failed: {tail}")
 
 
+def _owner_secrets(home: Path, username: str, password: str | None, api_key: str | None) -> tuple[str, str]:
+    """The owner's password and API key: given, else the ones made for this data folder before (owner.json,
+    readable by its user only), else new ones, saved there, so a restart prints the key that still works."""
+    saved_file = home / "owner.json"
+    saved = json.loads(saved_file.read_text()) if saved_file.exists() else {}
+    if saved.get("username") != username:
+        saved = {}
+    password = password or saved.get("password") or secrets.token_urlsafe(12)
+    api_key = api_key or saved.get("api_key") or "glmwb." + secrets.token_urlsafe(24)
+    if not saved:
+        fd = os.open(saved_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"username": username, "password": password, "api_key": api_key}, f)
+    return password, api_key
+
+
 def start(
     home: Path,
     *,
@@ -168,13 +185,13 @@ def start(
     api_key: str | None = None,
     timeout: float = START_TIMEOUT_S,
 ) -> LocalArgilla:
-    """Start Redis and argilla-server (migrated, an owner with ``api_key`` in workspace "argilla")."""
+    """Start Redis and argilla-server (migrated, an owner with ``api_key`` in workspace "argilla"). The owner
+    is created on the first start of a data folder; later starts keep it (and its password and key)."""
     home = Path(home).resolve()
     home.mkdir(parents=True, exist_ok=True)
     python = ensure_venv(Path(venv))
     redis_port = redis_port or free_port()
-    password = password or secrets.token_urlsafe(12)
-    api_key = api_key or "glmwb." + secrets.token_urlsafe(24)
+    password, api_key = _owner_secrets(home, username, password, api_key)
     env = _env(home, database_url, redis_port)
     server = LocalArgilla(f"http://127.0.0.1:{port}", api_key, username, password, home)
     try:

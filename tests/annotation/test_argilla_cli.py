@@ -1,0 +1,80 @@
+"""`glmwb argilla ...`'s user errors: one line, exit code 2 (an unreachable server, a refused API key, no API
+key, a missing dataset, a dataset with another schema); and the local server's owner secrets."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from glmwb.annotation.argilla_local import _owner_secrets
+from glmwb.annotation.store import Store
+from glmwb.recipes.cli import main
+from tests.annotation.conftest import free_port, make_items
+
+
+@pytest.fixture
+def db(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    with Store(url) as s:
+        s.add_items(make_items(2, overlap=1))
+    return url
+
+
+def run(args, capsys) -> tuple[int, str]:
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+def test_unreachable_server_and_missing_key(db, capsys, monkeypatch):
+    monkeypatch.setenv("ARGILLA_API_KEY", "some.key.12345")
+    url = f"http://127.0.0.1:{free_port()}"
+    code, line = run(["argilla", "pull", "--db", db, "--url", url, "--dataset", "x"], capsys)
+    assert (
+        code == 2
+        and line == f"glmwb: error: cannot reach the Argilla server at {url} (ConnectError); is it running?"
+    )
+    monkeypatch.delenv("ARGILLA_API_KEY")
+    code, line = run(["argilla", "status", "--db", db, "--url", url, "--dataset", "x"], capsys)
+    assert code == 2 and "set the environment variable ARGILLA_API_KEY" in line
+
+
+def test_refused_key_missing_dataset_and_other_schema(local_argilla, db, capsys, monkeypatch):
+    import argilla as rg
+
+    from glmwb.annotation.argilla import connect
+
+    conn = ["--db", db, "--url", local_argilla.url]
+    monkeypatch.setenv("ARGILLA_API_KEY", "not.the.owner.key")
+    code, line = run(["argilla", "push", *conn, "--dataset", "x"], capsys)
+    assert code == 2 and "refused the API key" in line
+    monkeypatch.setenv("ARGILLA_API_KEY", local_argilla.api_key)
+    code, line = run(["argilla", "pull", *conn, "--dataset", "never-pushed"], capsys)
+    assert code == 2 and "no Argilla dataset 'never-pushed' in workspace 'argilla'; push it first" in line
+
+    client = connect(local_argilla.url, local_argilla.api_key)
+    other = f"other-{uuid.uuid4().hex[:6]}"
+    settings = rg.Settings(
+        fields=[rg.TextField(name="text")], questions=[rg.LabelQuestion(name="preference", labels=["A", "B"])]
+    )
+    rg.Dataset(name=other, workspace="argilla", settings=settings, client=client).create()
+    for command in ("push", "pull"):
+        code, line = run(["argilla", command, *conn, "--dataset", other], capsys)
+        assert code == 2, line
+        assert f"Argilla dataset {other!r} does not have the workbench's comparison schema" in line
+        assert "no field 'prompt'" in line and "labels A, B, tie, both_bad" in line
+    # The right schema is accepted, and pushing again updates the same records (no copies).
+    mine = f"mine-{uuid.uuid4().hex[:6]}"
+    assert main(["argilla", "push", *conn, "--dataset", mine]) == 0
+    assert main(["argilla", "push", *conn, "--dataset", mine]) == 0
+    assert len(list(client.datasets(name=mine, workspace="argilla").records)) == 2
+
+
+def test_owner_secrets_are_kept_per_data_folder(tmp_path):
+    first = _owner_secrets(tmp_path, "owner", None, None)
+    assert _owner_secrets(tmp_path, "owner", None, None) == first  # a restart: the same key still works
+    saved = tmp_path / "owner.json"
+    assert json.loads(saved.read_text())["api_key"] == first[1] and saved.stat().st_mode & 0o077 == 0
+    assert _owner_secrets(tmp_path, "owner", "given-password", "given.key.123")[1] == "given.key.123"
