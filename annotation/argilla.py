@@ -89,13 +89,16 @@ def connect(api_url: str, api_key: str):
         raise ArgillaError("the Argilla SDK is not installed: pip install 'glm-workbench[argilla]'") from None
     import httpx
 
-    try:
+    try:  # one quick probe first: the SDK retries a refused connection for several seconds
+        httpx.get(f"{api_url.rstrip('/')}/api/v1/version", timeout=10)
         client = rg.Argilla(api_url=api_url, api_key=api_key, timeout=TIMEOUT_S)
         client.me  # noqa: B018 (one request: the key is checked here, not at the first push)
-    except (httpx.ConnectError, httpx.TimeoutException, ConnectionError) as e:
+    except (httpx.TransportError, ConnectionError) as e:
         raise ArgillaError(
             f"cannot reach the Argilla server at {api_url} ({type(e).__name__}); is it running?"
         ) from None
+    except httpx.InvalidURL:
+        raise ArgillaError(f"--url {api_url!r} is not a URL; e.g. http://127.0.0.1:6900") from None
     except (rg._exceptions.UnauthorizedError, rg._exceptions.ArgillaCredentialsError):
         raise ArgillaError(
             f"the Argilla server at {api_url} refused the API key; use an owner or admin key"
