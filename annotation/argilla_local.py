@@ -206,6 +206,11 @@ def start(
             cmd = [str(python), str(ENGINE_SCRIPT), "start", "--host", "127.0.0.1", "--port", str(port)]
             server.processes.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT))
         _wait_http(f"{server.url}/api/v1/version", server.processes[-1], timeout, log)
+        # argilla-server's background jobs (a dataset's distribution changed after records exist, Hub
+        # import / export, webhooks) run in an rq worker; forked from this process, it has the engine too.
+        with open(home / "worker.log", "ab") as out:
+            cmd = [str(python), str(ENGINE_SCRIPT), "worker", "--num-workers", "1"]
+            server.processes.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT))
     except BaseException:
         server.stop()
         raise

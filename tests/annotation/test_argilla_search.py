@@ -146,3 +146,19 @@ def test_progress_and_metrics(ds):
     assert m["total"] == N and {v["term"]: v["count"] for v in m["values"]} == {
         k: models.count(k) for k in set(models)
     }
+
+
+def test_a_changed_distribution_is_applied_by_the_background_worker(ds):
+    """Last in this file (it changes the dataset): min_submitted 2 -> 1 is a job for argilla-server's rq
+    worker, which recomputes every record's status through the search engine."""
+    import time
+
+    url, did = ds["url"], ds["id"]
+    body = {"distribution": {"strategy": "overlap", "min_submitted": 1}}
+    r = httpx.patch(f"{url}/api/v1/datasets/{did}", json=body, headers=ds["owner"])
+    assert r.status_code == 200, r.text
+    record_status = {"entity": "record", "property": "status"}
+    deadline = time.monotonic() + 60
+    while sorted(search(ds, "owner", terms(record_status, "completed"))[0]) != [1, 2, 3]:
+        assert time.monotonic() < deadline, "the worker did not update the records' status"
+        time.sleep(0.5)
