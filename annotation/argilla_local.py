@@ -24,8 +24,10 @@ from pathlib import Path
 
 from glmwb.annotation.store import StoreError
 
-# argilla-server 2.8.0 with the click its typer 0.9 works with (click >= 8.2 breaks typer 0.9's options).
-SERVER_REQUIREMENTS = ("argilla-server==2.8.0", "click==8.1.8")
+# argilla-server 2.8.0 with the click its typer 0.9 works with (click >= 8.2 breaks typer 0.9's options) and
+# its PostgreSQL drivers (its `postgresql` extra asks for psycopg2 built from source; the binary wheel is the
+# same module).
+SERVER_REQUIREMENTS = ("argilla-server==2.8.0", "click==8.1.8", "asyncpg==0.30.0", "psycopg2-binary==2.9.13")
 ENGINE_SCRIPT = Path(__file__).with_name("argilla_sql_search.py")
 DEFAULT_VENV = Path(".venv-argilla-server")
 START_TIMEOUT_S = 120.0
@@ -43,7 +45,7 @@ def venv_ready(venv: Path) -> bool:
     py = _python(venv)
     if not py.exists():
         return False
-    probe = "import argilla_server, click; assert click.__version__.startswith('8.1')"
+    probe = "import argilla_server, asyncpg, click, psycopg2; assert click.__version__.startswith('8.1')"
     return subprocess.run([str(py), "-c", probe], capture_output=True).returncode == 0
 
 

@@ -78,3 +78,22 @@ def test_owner_secrets_are_kept_per_data_folder(tmp_path):
     saved = tmp_path / "owner.json"
     assert json.loads(saved.read_text())["api_key"] == first[1] and saved.stat().st_mode & 0o077 == 0
     assert _owner_secrets(tmp_path, "owner", "given-password", "given.key.123")[1] == "given.key.123"
+
+
+@pytest.mark.postgres
+@pytest.mark.slow  # a second argilla-server, migrated on PostgreSQL: about a minute on 2 busy cores
+def test_local_server_on_postgresql(pg_url, db, tmp_path):
+    from sqlalchemy.engine import make_url
+
+    from glmwb.annotation.argilla import connect, push, status
+    from glmwb.annotation.argilla_local import start
+
+    url = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    server = start(tmp_path / "home", port=free_port(), database_url=url, api_key="pg.owner.key.123")
+    try:
+        client = connect(server.url, server.api_key)
+        with Store(db) as store:
+            assert push(client, store, "on-pg", "argilla").pushed == 2
+            assert status(client, store, "on-pg", "argilla")["argilla"]["total"] == 2
+    finally:
+        server.stop()
