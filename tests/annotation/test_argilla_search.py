@@ -162,3 +162,35 @@ def test_a_changed_distribution_is_applied_by_the_background_worker(ds):
     while sorted(search(ds, "owner", terms(record_status, "completed"))[0]) != [1, 2, 3]:
         assert time.monotonic() < deadline, "the worker did not update the records' status"
         time.sleep(0.5)
+
+
+def test_similarity_search(local_argilla):
+    import argilla as rg
+
+    client = connect(local_argilla.url, local_argilla.api_key)
+    settings = rg.Settings(
+        fields=[rg.TextField(name="text")],
+        questions=[rg.LabelQuestion(name="label", labels=["x", "y"])],
+        vectors=[rg.VectorField(name="v", dimensions=2)],
+    )
+    name = f"vectors-{uuid.uuid4().hex[:8]}"
+    dataset = rg.Dataset(name=name, workspace="argilla", settings=settings, client=client).create()
+    vectors = {"east": [1.0, 0.0], "north-east": [1.0, 1.0], "north": [0.0, 1.0], "west": [-1.0, 0.1]}
+    dataset.records.log([rg.Record(id=k, fields={"text": k}, vectors={"v": v}) for k, v in vectors.items()])
+    url = f"{local_argilla.url}/api/v1/me/datasets/{dataset.id}/records/search"
+    owner = {"X-Argilla-Api-Key": local_argilla.api_key}
+
+    def ids(vector_query: dict) -> list[str]:
+        r = httpx.post(url, json={"query": {"vector": {"name": "v", **vector_query}}}, headers=owner)
+        assert r.status_code == 200, r.text
+        return [x["record"]["external_id"] for x in r.json()["items"]]
+
+    assert ids({"value": [1.0, 0.2]}) == [
+        "east",
+        "north-east",
+        "north",
+        "west",
+    ]  # by cosine, most similar first
+    assert ids({"value": [1.0, 0.2], "order": "least_similar"})[0] == "west"
+    by_id = {r.id: r._server_id for r in dataset.records}
+    assert ids({"record_id": str(by_id["north"])}) == ["north-east", "west", "east"]  # itself left out
