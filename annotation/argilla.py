@@ -15,7 +15,8 @@ A record's id is ``item-<item id>``, so pushing again updates records instead of
 reads the *submitted* responses; each Argilla user becomes the store's "external" annotator
 ``<username>@argilla``, and each response a vote keyed on (item, user, content): pulling again adds nothing,
 a changed response retracts the old vote (kept in the history) and stores the new one
-(``Store.record_external_vote``). Agreement and export then count these votes like the page's.
+(``Store.record_external_vote``); a response no longer submitted (discarded, made a draft, deleted) retracts
+the vote it gave. Agreement and export then count these votes like the page's.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class PullResult:
     created: int = 0
     updated: int = 0
     unchanged: int = 0
+    withdrawn: int = 0
     skipped: Counter = field(default_factory=Counter)
 
 
@@ -276,7 +278,10 @@ def pull(client, store: Store, name: str, workspace: str) -> PullResult:
     dataset = _dataset(client, name, workspace)
     usernames = {str(u.id): u.username for u in client.users}
     result = PullResult()
-    seen = {(v.annotator, v.item_id) for v in store.votes()}
+    version = f"argilla:{name}"
+    active = {(v.annotator, v.item_id) for v in store.votes() if v.guideline_version == version}
+    seen = {(v.annotator, v.item_id) for v in store.votes(include_retracted=True)}
+    submitted: set[tuple[str, int]] = set()
     for record in dataset.records(with_responses=True, with_suggestions=False):
         item_id = _item_id(record.id)
         if item_id is None:
@@ -292,11 +297,12 @@ def pull(client, store: Store, name: str, workspace: str) -> PullResult:
             result.submitted += 1
             choice, ratings, rationale = _vote(response.values or {})
             user = usernames.get(str(response.user_id), str(response.user_id))
+            submitted.add((user + USER_SUFFIX, item_id))
             content = json.dumps([item_id, user, choice, ratings, rationale], sort_keys=True)
             key = "argilla:" + hashlib.sha256(content.encode()).hexdigest()[:40]
             receipt = store.record_external_vote(
                 user + USER_SUFFIX, item_id, choice, key=key, ratings=ratings, rationale=rationale,
-                guideline_version=f"argilla:{name}",
+                guideline_version=version,
             )  # fmt: skip
             if not receipt.created:
                 result.unchanged += 1
@@ -304,6 +310,8 @@ def pull(client, store: Store, name: str, workspace: str) -> PullResult:
                 result.updated += 1
             else:
                 result.created += 1
+    for annotator, item_id in sorted(active - submitted):  # submitted before, withdrawn in Argilla since
+        result.withdrawn += store.retract_external_vote(annotator, item_id)
     return result
 
 

@@ -762,6 +762,23 @@ class Store:
 
         return self._transact(work)
 
+    def retract_external_vote(self, username: str, item_id: int) -> bool:
+        """Retract (keep, marked retracted) the active vote of the external account ``username`` on an item:
+        its judgement was withdrawn where it was made. False when there is none."""
+
+        def work(conn: Connection) -> bool:
+            annotator_id = conn.execute(
+                select(AN.c.id).where(AN.c.username == username, AN.c.role == "external")
+            ).scalar()
+            if annotator_id is None:
+                return False
+            active = (
+                (VO.c.annotator_id == annotator_id) & (VO.c.item_id == item_id) & VO.c.retracted_at.is_(None)
+            )
+            return conn.execute(update(VO).where(active).values(retracted_at=utcnow())).rowcount > 0
+
+        return self._transact(work)
+
     def prompt_uids(self) -> set[str]:
         with self._read() as s:
             return set(s.scalars(select(Prompt.uid)))

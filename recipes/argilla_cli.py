@@ -85,7 +85,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         r = pull(client, store, args.dataset, args.workspace)
     print(
         f"submitted responses: {r.submitted}; new votes {r.created}, changed {r.updated}, "
-        f"unchanged {r.unchanged}; skipped {dict(r.skipped) or 'none'}"
+        f"unchanged {r.unchanged}, withdrawn {r.withdrawn}; skipped {dict(r.skipped) or 'none'}"
     )
     return 0
 

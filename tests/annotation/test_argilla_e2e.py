@@ -160,12 +160,18 @@ def test_push_annotate_in_browser_and_sdk_pull_twice_export(
     assert "new votes 0, changed 1, unchanged 39" in capsys.readouterr().out
     assert len(store.votes()) == 2 * N and len(store.votes(include_retracted=True)) == 2 * N + 1
     assert len(export_records(store).rows) == len(agreed) + 1
+    # ... and discards another: its vote is withdrawn from the store (kept, retracted).
+    dropped = next(i for i, it in items.items() if it.prompt[0]["content"] == "What is 0+0?")
+    sdk_fix(dataset, sdk["id"], f"item-{dropped}", by_page[0], status="discarded")
+    assert main(["argilla", "pull", *conn]) == 0
+    assert "new votes 0, changed 0, unchanged 39, withdrawn 1" in capsys.readouterr().out
+    assert len(store.votes()) == 2 * N - 1 and len(store.votes(include_retracted=True)) == 2 * N + 1
     assert main(["argilla", "status", *conn]) == 0
-    assert '"store_votes_from_argilla": 40' in capsys.readouterr().out
+    assert '"store_votes_from_argilla": 39' in capsys.readouterr().out
     store.close()
 
 
-def sdk_fix(dataset, user_id: str, record_id: str, letter: str) -> None:
+def sdk_fix(dataset, user_id: str, record_id: str, letter: str, status: str = "submitted") -> None:
     """The SDK annotator's changed answer to one record (the owner's client logs it with the user's id)."""
     import argilla as rg
 
@@ -174,7 +180,7 @@ def sdk_fix(dataset, user_id: str, record_id: str, letter: str) -> None:
             kept = [r for r in record.responses if str(r.user_id) != user_id]
             fresh = rg.Record(id=record.id, fields=record.fields.to_dict(), responses=[
                 *[rg.Response(r.question_name, r.value, user_id=r.user_id, status=r.status) for r in kept],
-                rg.Response("preference", letter, user_id=user_id, status="submitted"),
+                rg.Response("preference", letter, user_id=user_id, status=status),
             ])  # fmt: skip
             dataset.records.log([fresh])
             return

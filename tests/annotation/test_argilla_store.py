@@ -34,6 +34,17 @@ def test_same_response_twice_adds_nothing_and_a_change_keeps_both_versions(items
     assert s.annotator("ann@argilla").role == "external"
 
 
+def test_a_withdrawn_judgement_is_retracted_and_kept(items_store):
+    s = items_store
+    s.record_external_vote("ann@argilla", 2, "B", key="argilla:w1xxxxxx")
+    assert s.retract_external_vote("ann@argilla", 2) is True
+    assert s.retract_external_vote("ann@argilla", 2) is False  # nothing active any more
+    assert s.retract_external_vote("nobody@argilla", 2) is False
+    assert [v.retracted for v in s.votes(include_retracted=True)] == [True] and s.votes() == []
+    again = s.record_external_vote("ann@argilla", 2, "B", key="argilla:w1xxxxxx")  # submitted again
+    assert again.created and again.uid == "argilla:w1xxxxxx.1"
+
+
 def test_external_votes_count_in_export_and_agreement(items_store):
     s = items_store
     letters = {i.item_id: [r.model for r in i.responses] for i in s.items().values()}
