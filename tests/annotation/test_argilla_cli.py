@@ -97,3 +97,42 @@ def test_local_server_on_postgresql(pg_url, db, tmp_path):
             assert status(client, store, "on-pg", "argilla")["argilla"]["total"] == 2
     finally:
         server.stop()
+
+
+@pytest.mark.slow  # a second argilla-server: about 40 s on 2 busy cores
+def test_glmwb_argilla_server_runs_until_terminated(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    port, key = free_port(), "cli.owner.key.12345"
+    env = {**os.environ, "ARGILLA_API_KEY": key}
+    cmd = [
+        sys.executable,
+        "-m",
+        "glmwb.recipes.cli",
+        "argilla-server",
+        "--home",
+        str(tmp_path),
+        "--port",
+        str(port),
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        while not any(line.startswith("API key:") for line in lines):
+            line = proc.stdout.readline()
+            assert line, f"glmwb argilla-server ended: {lines}"
+            lines.append(line)
+        assert f"export ARGILLA_API_KEY={key}" in lines[-1]
+        me = httpx.get(f"http://127.0.0.1:{port}/api/v1/me", headers={"X-Argilla-Api-Key": key})
+        assert me.status_code == 200 and me.json()["role"] == "owner"
+        assert json.loads((tmp_path / "owner.json").read_text())["api_key"] == key
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/api/v1/version", timeout=2)

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from glmwb.annotation.argilla import connect
+from glmwb.annotation.argilla import DEFAULT_GUIDELINES, connect
 from glmwb.annotation.export import export_records
 from glmwb.annotation.store import NewItem, NewResponse, Store
 from glmwb.recipes.cli import main
@@ -116,6 +116,13 @@ def test_push_annotate_in_browser_and_sdk_pull_twice_export(
     client = connect(local_argilla.url, local_argilla.api_key)
     dataset = client.datasets(name=name, workspace="argilla")
     assert dataset.settings.distribution.min_submitted == 2  # the store's overlap
+    assert dataset.settings.guidelines == DEFAULT_GUIDELINES
+    assert [q.name for q in dataset.settings.questions][:3] == [
+        "preference",
+        "correctness_a",
+        "correctness_b",
+    ]
+    assert {f.name for f in dataset.settings.fields} == {"prompt", "response_a", "response_b"}
     records = {r.id: r for r in dataset.records(with_suggestions=True)}
     assert len(records) == N
     store = Store(db)
