@@ -12,8 +12,8 @@ their responses and suggestions, then filters, scores and sorts them in Python w
 argilla-server's Elasticsearch engine (search_engine/commons.py): per-user response-status filters (pending =
 no response by that user), response/suggestion/metadata/record terms and range filters, text search over the
 fields (all words, case-insensitive; chat fields by message content), sorting with missing values last,
-dataset and per-user progress, metadata metrics and cosine similarity search. That is meant for one machine
-and datasets of up to some ten thousand records, the scale where a team runs Argilla next to the workbench.
+dataset and per-user progress, metadata metrics and cosine similarity search. Each query reads the whole
+dataset: meant for one machine and one team's datasets, not for a large deployment (use Elasticsearch there).
 """
 
 from __future__ import annotations

@@ -54,7 +54,10 @@ def _suggestions(args: argparse.Namespace, store) -> dict:
 def cmd_push(args: argparse.Namespace) -> int:
     from glmwb.annotation.argilla import DEFAULT_GUIDELINES, push
     from glmwb.annotation.store import Store
+    from glmwb.pretrain.errors import ConfigError
 
+    if args.overlap < 0:
+        raise ConfigError(f"--overlap must be >= 1 (or 0: the items' own overlap), got {args.overlap}")
     client = _client(args)
     guidelines = Path(args.guidelines).read_text() if args.guidelines else DEFAULT_GUIDELINES
     with Store(args.db) as store:
