@@ -42,10 +42,12 @@ def _python(venv: Path) -> Path:
 
 
 def venv_ready(venv: Path) -> bool:
+    """The environment has exactly SERVER_REQUIREMENTS (read from package metadata: no import, fast)."""
     py = _python(venv)
     if not py.exists():
         return False
-    probe = "import argilla_server, asyncpg, click, psycopg2; assert click.__version__.startswith('8.1')"
+    pins = dict(r.split("==") for r in SERVER_REQUIREMENTS)
+    probe = f"import importlib.metadata as m; assert all(m.version(k) == v for k, v in {pins!r}.items())"
     return subprocess.run([str(py), "-c", probe], capture_output=True).returncode == 0
 
 
@@ -149,14 +151,17 @@ def _run_cli(python: Path, env: dict[str, str], *args: str) -> subprocess.Comple
     return subprocess.run([str(python), str(ENGINE_SCRIPT), *args], env=env, capture_output=True, text=True)
 
 
-def _create_owner(python: Path, env: dict[str, str], username: str, password: str, api_key: str) -> None:
+def _prepare(python: Path, env: dict[str, str], username: str, password: str, api_key: str) -> None:
+    """Migrate the database and create the owner (kept when it exists), in one process."""
     done = _run_cli(
-        python, env, "database", "users", "create", "--first-name", username, "--username", username,
+        python, env, "prepare", "--first-name", username, "--username", username,
         "--password", password, "--role", "owner", "--api-key", api_key, "--workspace", "argilla",
     )  # fmt: skip
-    if done.returncode != 0 and "already exists" not in done.stdout + done.stderr:
+    if done.returncode != 0:
         tail = (done.stdout + done.stderr).strip().splitlines()[-1:]
-        raise LocalArgillaError(f"creating the Argilla owner {username!r} failed: {tail}")
+        raise LocalArgillaError(
+            f"migrating the Argilla database or creating its owner {username!r} failed: {tail}"
+        )
 
 
 def _owner_secrets(home: Path, username: str, password: str | None, api_key: str | None) -> tuple[str, str]:
@@ -198,11 +203,7 @@ def start(
     server = LocalArgilla(f"http://127.0.0.1:{port}", api_key, username, password, home)
     try:
         server.processes.append(_start_redis(home, redis_port))
-        migrated = _run_cli(python, env, "database", "migrate")
-        if migrated.returncode != 0:
-            tail = (migrated.stdout + migrated.stderr).strip().splitlines()[-1:]
-            raise LocalArgillaError(f"migrating the Argilla database failed: {tail}")
-        _create_owner(python, env, username, password, api_key)
+        _prepare(python, env, username, password, api_key)
         log = home / "server.log"
         with open(log, "ab") as out:
             cmd = [str(python), str(ENGINE_SCRIPT), "start", "--host", "127.0.0.1", "--port", str(port)]

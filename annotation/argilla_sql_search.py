@@ -427,10 +427,17 @@ class SQLSearchEngine(SearchEngine):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """argilla-server's command line with this engine registered (``python argilla_sql_search.py start``)."""
+    """argilla-server's command line with this engine registered (``python argilla_sql_search.py start``).
+    ``prepare USER-OPTIONS``: ``database migrate`` then ``database users create USER-OPTIONS`` (a user that
+    exists already is kept), in one process."""
     from argilla_server.cli import app
 
-    sys.argv = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
+    args = list(argv if argv is not None else sys.argv[1:])
+    if args[:1] == ["prepare"]:
+        app(["database", "migrate"], standalone_mode=False)
+        app(["database", "users", "create", *args[1:]], standalone_mode=False)
+        return
+    sys.argv = [sys.argv[0], *args]
     app()
 
 
