@@ -2,12 +2,12 @@
 # Each creates .venv on first use and installs from constraints.txt, the lock of exact versions that pass
 # (compiled by uv from pyproject.toml's ranges; `make lock` refreshes it). torch and triton are not in the
 # lock: a CPU machine gets TORCH_SPEC (the 2.13.0 CPU build), a CUDA machine pre-installs its own torch build
-# (or sets TORCH_SPEC) and then `make install EXTRAS=dev,postgres,gpu`.
+# (or sets TORCH_SPEC) and then `make install EXTRAS=dev,postgres,argilla,gpu`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0 triton==3.9.0
 LOCK := constraints.txt
-EXTRAS ?= dev,postgres
+EXTRAS ?= dev,postgres,argilla
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # Where `make lock` finds the CPU build of torch that the lock is resolved against (this image keeps it on
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml $(LOCK)
 
 install: $(STAMP)
 
-services:  # Chromium and PostgreSQL for the browser / PostgreSQL tests (.ci/services; GLMWB_SKIP_SERVICES=1 skips)
+services:  # Chromium, PostgreSQL, Redis, argilla-server's venv (.ci/services; GLMWB_SKIP_SERVICES=1 skips)
 	@.ci/services
 
 demo: install
@@ -59,7 +59,7 @@ lock:
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -m pip install -q "uv>=0.9"
 	echo "torch==$$(echo '$(TORCH_SPEC)' | sed -E 's/.*torch==([^ ]+).*/\1/')" > $(VENV)/torch-pin.txt
-	$(VENV)/bin/uv pip compile pyproject.toml --upgrade --quiet --extra dev --extra postgres \
+	$(VENV)/bin/uv pip compile pyproject.toml --upgrade --quiet --extra dev --extra postgres --extra argilla \
 	    --python $(PY) --python-platform x86_64-manylinux_2_28 $(TORCH_WHEELS) \
 	    --constraint $(VENV)/torch-pin.txt --no-emit-package torch --no-emit-package triton \
 	    --custom-compile-command "make lock" -o $(LOCK)

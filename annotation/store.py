@@ -184,6 +184,7 @@ class ItemInfo:
     gold_choice: str | None
     batch: str
     meta: dict[str, Any]
+    overlap: int = 3  # votes wanted (regular items)
 
 
 @dataclass
@@ -693,6 +694,91 @@ class Store:
             return VoteReceipt(v.id, uid, v.assignment_id, v.item_id, v.choice, created=False)
         raise Conflict(f"vote id {uid} or prompt {item.prompt_uid!r} is taken; make new ones")
 
+    def record_external_vote(
+        self,
+        username: str,
+        item_id: int,
+        choice: str,
+        *,
+        key: str,
+        ratings: Mapping[str, Mapping[str, int]] | None = None,
+        rationale: str = "",
+        guideline_version: str = "",
+    ) -> VoteReceipt:
+        """Store a judgement made outside the workbench (an Argilla response) by the "external" account
+        ``username`` (created on first use) on an existing item. ``key`` names the judgement's content (a
+        hash of it): when this person's active vote on the item has that key, nothing is written
+        (``created=False``), so importing the same responses again adds nothing. A different key is a
+        changed judgement: the active vote is retracted (kept: the history holds both) and the new one stored
+        with the uid ``<key>.<n>`` (n: this person's votes on the item before it)."""
+        if not isinstance(key, str) or not UID_PATTERN.match(key) or len(key) > 56:
+            raise StoreError("a judgement key is 8-56 characters of letters, digits and _ . : -")
+        if not USERNAME_PATTERN.match(username or ""):
+            raise StoreError(f"an annotator name is 1-64 letters, digits or _ . @ -, got {username!r}")
+        _check_text("the rationale", rationale or "", MAX_RATIONALE)
+
+        def work(conn: Connection) -> VoteReceipt:
+            n = conn.execute(select(func.count()).where(IR.c.item_id == item_id)).scalar_one()
+            if n == 0:
+                raise NotFound(f"item {item_id} is not in this store")
+            letters = _letters(n)
+            if choice not in (*letters, "tie", "both_bad"):
+                raise StoreError(f"item {item_id} has answers {', '.join(letters)}; got choice {choice!r}")
+            annotator_id = conn.execute(select(AN.c.id).where(AN.c.username == username)).scalar()
+            if annotator_id is None:
+                row = {"username": username, "password_hash": None, "role": "external"}
+                annotator_id = conn.execute(insert(AN).values(**row).returning(AN.c.id)).scalar_one()
+            where = (AS.c.item_id == item_id) & (AS.c.annotator_id == annotator_id)
+            assignment_id = conn.execute(select(AS.c.id).where(where)).scalar()
+            now = utcnow()
+            if assignment_id is None:
+                row = {"item_id": item_id, "annotator_id": annotator_id, "slot": None, "status": "done"}
+                assignment_id = conn.execute(insert(AS).values(**row).returning(AS.c.id)).scalar_one()
+            mine = conn.execute(
+                select(VO.c.id, VO.c.uid, VO.c.choice, VO.c.retracted_at).where(
+                    VO.c.assignment_id == assignment_id
+                )
+            ).all()
+            for v in mine:
+                if v.retracted_at is None and v.uid.rsplit(".", 1)[0] == key:
+                    return VoteReceipt(v.id, v.uid, assignment_id, item_id, v.choice, created=False)
+            active = (VO.c.assignment_id == assignment_id) & VO.c.retracted_at.is_(None)
+            conn.execute(update(VO).where(active).values(retracted_at=now))
+            uid = f"{key}.{len(mine)}"
+            vote = {
+                "uid": uid,
+                "assignment_id": assignment_id,
+                "item_id": item_id,
+                "annotator_id": annotator_id,
+                "choice": choice,
+                "ratings": _check_ratings(ratings or {}, letters),
+                "rationale": rationale or "",
+                "guideline_version": guideline_version,
+                "created_at": now,
+            }
+            vote_id = conn.execute(insert(VO).values(**vote).returning(VO.c.id)).scalar_one()
+            conn.execute(update(AS).where(AS.c.id == assignment_id).values(status="done", updated_at=now))
+            return VoteReceipt(vote_id, uid, assignment_id, item_id, choice, created=True)
+
+        return self._transact(work)
+
+    def retract_external_vote(self, username: str, item_id: int) -> bool:
+        """Retract (keep, marked retracted) the active vote of the external account ``username`` on an item:
+        its judgement was withdrawn where it was made. False when there is none."""
+
+        def work(conn: Connection) -> bool:
+            annotator_id = conn.execute(
+                select(AN.c.id).where(AN.c.username == username, AN.c.role == "external")
+            ).scalar()
+            if annotator_id is None:
+                return False
+            active = (
+                (VO.c.annotator_id == annotator_id) & (VO.c.item_id == item_id) & VO.c.retracted_at.is_(None)
+            )
+            return conn.execute(update(VO).where(active).values(retracted_at=utcnow())).rowcount > 0
+
+        return self._transact(work)
+
     def prompt_uids(self) -> set[str]:
         with self._read() as s:
             return set(s.scalars(select(Prompt.uid)))
@@ -1034,6 +1120,7 @@ class Store:
                     gold_choice=item.gold_choice,
                     batch=item.batch,
                     meta=dict(item.meta or {}),
+                    overlap=item.overlap,
                 )
             return out
 

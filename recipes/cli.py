@@ -10,6 +10,8 @@
     glmwb annotation COMMAND ...                      the preference store (see recipes/annotation_cli.py)
     glmwb arena serve --db URL --model NAME=DIR ...   the side-by-side comparison app (recipes/arena_serve_cli.py)
     glmwb arena leaderboard --db URL | --votes FILE   rate models from arena votes (recipes/arena_cli.py)
+    glmwb argilla push | pull | status --db URL ...   Argilla as the labeling front end (recipes/argilla_cli.py)
+    glmwb argilla-server [--home DIR --port N]        a local Argilla server, no Elasticsearch (docs/argilla.md)
 
 User mistakes (bad recipe, missing file, bad override) print one clear line and exit with code 2.
 """
@@ -427,6 +429,10 @@ def make_parser() -> argparse.ArgumentParser:
     from glmwb.recipes.arena_cli import register as register_arena
 
     register_arena(sub)  # glmwb arena leaderboard, ...
+
+    from glmwb.recipes.argilla_cli import register as register_argilla
+
+    register_argilla(sub)  # glmwb argilla push | pull | status, glmwb argilla-server
 
     from glmwb.rewards.server import add_arguments as reward_server_arguments
 

@@ -280,3 +280,48 @@ def wait_text(page, selector: str, pattern: str, timeout_s: float = 30.0) -> str
             return text
         time.sleep(0.05)
     raise AssertionError(f"{selector} never matched {pattern!r}; last text: {text!r}")
+
+
+# -- Argilla ---------------------------------------------------------------------------------------------------
+ARGILLA_KEY = "glmwb.test.owner.key"
+ARGILLA_PASSWORD = "owner-password-1"
+
+
+@pytest.fixture(scope="session")
+def local_argilla(tmp_path_factory):
+    """One local Argilla server for the session (annotation/argilla_local.py: argilla-server in its own venv,
+    SQLite, Redis, the workbench's SQL search engine); the venv is made on first use (.ci/services does)."""
+    from glmwb.annotation.argilla_local import start
+
+    home = tmp_path_factory.mktemp("argilla")
+    venv = REPO / ".venv-argilla-server"
+    server = start(home, port=free_port(), venv=venv, api_key=ARGILLA_KEY, password=ARGILLA_PASSWORD)
+    yield server
+    server.stop()
+
+
+def argilla_user(server, client, username: str, password: str, workspace: str = "argilla") -> dict[str, str]:
+    """An annotator in Argilla (created once), a member of ``workspace``: {"id", "api_key", "username"}."""
+    import warnings
+
+    import argilla as rg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "not found": then it is made
+        user = client.users(username)
+    if user is None:
+        user = rg.User(username=username, password=password, role="annotator", client=client).create()
+        client.workspaces(workspace).add_user(user)
+    owner = {"X-Argilla-Api-Key": server.api_key}
+    key = httpx.get(f"{server.url}/api/v1/users/{user.id}", headers=owner).json()["api_key"]  # not in the SDK
+    return {"id": str(user.id), "api_key": key, "username": username}
+
+
+def argilla_respond(url: str, api_key: str, record_id: str, values: dict, status: str = "submitted"):
+    """One user's response to one record through Argilla's REST API (what its web page sends)."""
+    body = {"values": {q: {"value": v} for q, v in values.items()}, "status": status}
+    r = httpx.post(
+        f"{url}/api/v1/records/{record_id}/responses", json=body, headers={"X-Argilla-Api-Key": api_key}
+    )
+    assert r.status_code == 201, r.text
+    return r.json()
