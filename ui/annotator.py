@@ -70,6 +70,13 @@ document.addEventListener("keydown", (event) => {
 </script>
 """
 
+# Latin first, then fonts that cover Chinese (and Japanese / Korean) on Linux (Noto / Source Han, WenQuanYi),
+# macOS (PingFang, Hiragino) and Windows (Microsoft YaHei): without one, Chinese text shows as empty boxes.
+FONT_STACK = (
+    "system-ui", "Noto Sans", "Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "PingFang SC",
+    "Hiragino Sans GB", "Microsoft YaHei", "WenQuanYi Micro Hei", "sans-serif",
+)  # fmt: skip
+MONO_STACK = ("ui-monospace", "DejaVu Sans Mono", "Noto Sans Mono CJK SC", "monospace")
 STRENGTH_WORDS = ("negligibly", "slightly", "clearly", "much")  # shown for annotation.records.STRENGTHS
 RATING_VALUES = ("1", "2", "3", "4", "5")
 EXPORT_NAME = re.compile(r"preferences-(majority|all)-\d{8}-\d{6}(-\d+)?\.(jsonl|parquet)")
@@ -428,6 +435,6 @@ def page_options(config: PageConfig) -> dict[str, Any]:
     return {
         "head": SHORTCUTS_JS,
         "css": CSS,
-        "theme": gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"]),
+        "theme": gr.themes.Default(font=list(FONT_STACK), font_mono=list(MONO_STACK)),
         "blocked_paths": [str(Path(config.export_dir).resolve())],
     }

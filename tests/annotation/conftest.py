@@ -280,3 +280,12 @@ def wait_text(page, selector: str, pattern: str, timeout_s: float = 30.0) -> str
             return text
         time.sleep(0.05)
     raise AssertionError(f"{selector} never matched {pattern!r}; last text: {text!r}")
+
+
+ARTIFACTS = REPO / "build" / "test-artifacts"  # gitignored (build/): screenshots kept after the run
+
+
+def artifact(name: str) -> Path:
+    """Where a browser test keeps a screenshot: ``build/test-artifacts/<name>.png`` (made if missing)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS / f"{name}.png"
