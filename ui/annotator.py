@@ -38,7 +38,7 @@ from glmwb.annotation.export import export_records, write_records
 from glmwb.annotation.records import STRENGTHS
 from glmwb.annotation.schema import LETTERS
 from glmwb.annotation.store import AnnotatorInfo, Store, StoreError, Task
-from glmwb.ui.render import render_conversation, render_markdown
+from glmwb.ui.render import render_markdown, render_prompt
 
 DEFAULT_GUIDELINES = """\
 ### How to judge
@@ -67,6 +67,21 @@ document.addEventListener("keydown", (event) => {
   const button = document.getElementById(ids[event.key.toLowerCase()] || "");
   if (button && !button.disabled && button.offsetParent !== null) { event.preventDefault(); button.click(); }
 });
+// The answer panels scroll inside themselves, linked: scrolling one scrolls the others to the same fraction.
+document.addEventListener("scroll", (event) => {
+  const src = event.target;
+  if (!(src instanceof Element) || !src.classList.contains("glmwb-scroll")) return;
+  if (src.dataset.glmwbFollowing) { delete src.dataset.glmwbFollowing; return; }
+  const range = src.scrollHeight - src.clientHeight;
+  const f = range > 0 ? src.scrollTop / range : 0;
+  for (const other of document.querySelectorAll(".glmwb-scroll")) {
+    const top = Math.round(f * (other.scrollHeight - other.clientHeight));
+    if (other !== src && other.offsetParent !== null && Math.abs(other.scrollTop - top) > 1) {
+      other.dataset.glmwbFollowing = "1";
+      other.scrollTop = top;
+    }
+  }
+}, true);
 </script>
 """
 
@@ -82,10 +97,21 @@ RATING_VALUES = ("1", "2", "3", "4", "5")
 EXPORT_NAME = re.compile(r"preferences-(majority|all)-\d{8}-\d{6}(-\d+)?\.(jsonl|parquet)")
 
 CSS = """
-.glmwb-turn { margin-bottom: 0.6em; }
-.glmwb-role { font-size: 0.75em; text-transform: uppercase; opacity: 0.6; }
+.glmwb-turn { margin-bottom: 0.6em; unicode-bidi: isolate; }
+.glmwb-role { font-size: 0.8em; font-weight: 600; opacity: 0.75; }
+.glmwb-prompt-label { font-size: 1.1em; font-weight: 700; margin-bottom: 0.4em; }
+.glmwb-prompt-body { max-height: 22vh; overflow-y: auto; border-left: 4px solid var(--color-accent);
+  padding-left: 0.8em; overflow-wrap: anywhere; }
+.glmwb-user { background: var(--background-fill-secondary); border-radius: 6px; padding: 0.3em 0.5em; }
 .glmwb-answer { min-height: 4em; overflow-wrap: anywhere; unicode-bidi: isolate; }
-.glmwb-turn { unicode-bidi: isolate; }
+.glmwb-scroll { max-height: 38vh; overflow-y: auto; overscroll-behavior: contain; }
+.glmwb-progress { display: flex; align-items: center; gap: 0.6em; }
+.glmwb-progress progress { flex: 1; height: 0.9em; accent-color: var(--color-accent); }
+#status { min-height: 2.4em; font-weight: 600; }
+#vote-row { position: fixed; bottom: 0; left: 0; right: 0; z-index: 5; padding: 0.5em 2em;
+  background: var(--background-fill-primary); border-top: 1px solid var(--border-color-primary);
+  box-shadow: 0 -2px 6px rgba(0, 0, 0, 0.08); }
+#skip-row { margin-bottom: 9em; }  /* room to scroll past the fixed vote row */
 """
 
 
@@ -116,12 +142,14 @@ class AnnotateView:
     """The Annotate tab's components (and the page's header and per-session state)."""
 
     state: gr.State  # {"assignment_id", "item_id", "letters", "uid", "shown_at"} or None
+    last: gr.State  # the winner vote just saved, {"item_id", "choice"}, which the strength scale amends
     header: gr.Markdown
+    progress: gr.HTML
     prompt: gr.HTML
     columns: dict[str, gr.Column]
     answers: dict[str, gr.HTML]
     ratings: dict[tuple[str, str], gr.Radio]  # (letter, attribute) -> 1-5
-    strength: gr.Radio
+    strength: gr.Radio  # shown after a winner was picked
     vote_buttons: dict[str, gr.Button]  # A..D, tie, both_bad
     rationale: gr.Textbox
     skip: gr.Button
@@ -131,8 +159,8 @@ class AnnotateView:
     @property
     def task_outputs(self) -> list:
         """Every component a new task updates."""
-        return [self.header, self.prompt, self.status, self.rationale, self.strength, self.state,
-                *self.answers.values(), *self.columns.values(), *self.vote_buttons.values(),
+        return [self.header, self.progress, self.prompt, self.status, self.rationale, self.strength, self.state,
+                self.last, *self.answers.values(), *self.columns.values(), *self.vote_buttons.values(),
                 *self.ratings.values()]  # fmt: skip
 
 
@@ -175,34 +203,44 @@ def _answer_columns(attributes: tuple[str, ...]) -> tuple[dict, dict, dict]:
     return columns, answers, ratings
 
 
+def _vote_row() -> tuple[dict[str, gr.Button], gr.Markdown, gr.Radio]:
+    """The vote buttons with, beside them, the confirmation of the last vote and (after a winner) the
+    optional "how much better" scale."""
+    with gr.Row(equal_height=False, elem_id="vote-row"):  # fixed at the bottom: on screen however long
+        with gr.Column(scale=3):
+            with gr.Row():
+                vote_buttons = {
+                    letter: gr.Button(
+                        f"{letter} is better" + (f"  [{i + 1}]" if i < 2 else ""),
+                        variant="primary",
+                        visible=i < 2,
+                        elem_id=f"vote-{letter}",
+                        min_width=100,
+                    )  # fmt: skip
+                    for i, letter in enumerate(LETTERS)
+                }
+                vote_buttons["tie"] = gr.Button("Tie  [3]", elem_id="vote-tie", min_width=80)
+                vote_buttons["both_bad"] = gr.Button("Both bad  [4]", elem_id="vote-both_bad", min_width=80)
+        with gr.Column(scale=2):
+            status = gr.Markdown(elem_id="status")
+            strength = gr.Radio(
+                list(zip(STRENGTH_WORDS, STRENGTHS, strict=True)), value=None, visible=False,
+                label="How much better? (optional)", elem_id="strength",
+            )  # fmt: skip
+    return vote_buttons, status, strength
+
+
 def _annotate_tab(state: gr.State, header: gr.Markdown, attributes: tuple[str, ...]) -> AnnotateView:
+    progress = gr.HTML(elem_id="progress")
     prompt = gr.HTML(elem_id="prompt")
     columns, answers, ratings = _answer_columns(attributes)
-    strength = gr.Radio(
-        list(zip(STRENGTH_WORDS, STRENGTHS, strict=True)),
-        value=None,
-        label="How much better is your pick? (optional; ignored for tie and both bad)",
-        elem_id="strength",
-    )
-    with gr.Row():
-        vote_buttons = {
-            letter: gr.Button(
-                f"{letter} is better" + (f"  [{i + 1}]" if i < 2 else ""),
-                variant="primary",
-                visible=i < 2,
-                elem_id=f"vote-{letter}",
-            )  # fmt: skip
-            for i, letter in enumerate(LETTERS)
-        }
-        vote_buttons["tie"] = gr.Button("Tie  [3]", elem_id="vote-tie")
-        vote_buttons["both_bad"] = gr.Button("Both bad  [4]", elem_id="vote-both_bad")
+    vote_buttons, status, strength = _vote_row()
     rationale = gr.Textbox(label="Rationale (optional)", lines=2, elem_id="rationale")
-    with gr.Row():
+    with gr.Row(elem_id="skip-row"):
         skip = gr.Button("Skip  [s]", size="sm", elem_id="skip")
         undo = gr.Button("Undo last vote  [u]", size="sm", elem_id="undo")
-    status = gr.Markdown(elem_id="status")
-    return AnnotateView(state, header, prompt, columns, answers, ratings, strength, vote_buttons, rationale,
-                        skip, undo, status)  # fmt: skip
+    return AnnotateView(state, gr.State(None), header, progress, prompt, columns, answers, ratings, strength,
+                        vote_buttons, rationale, skip, undo, status)  # fmt: skip
 
 
 def _admin_tab(tab: gr.Tab) -> AdminView:
@@ -225,28 +263,55 @@ def _admin_tab(tab: gr.Tab) -> AdminView:
                      export_status, new_user, new_password, new_role, create, create_status)  # fmt: skip
 
 
+def progress_html(p: dict[str, int]) -> str:
+    """A progress bar of this annotator's votes out of the items they have or could still get."""
+    done = p["votes"]
+    assigned = done + p["pending"] + p["skipped"] + p["available"]
+    return (
+        f'<div class="glmwb-progress"><progress value="{done}" max="{max(assigned, 1)}"></progress>'
+        f'<span id="progress-text"><b>{done} / {assigned}</b> done</span></div>'
+    )
+
+
+def choice_label(choice: str, strength: str | None = None) -> str:
+    """ "A is better", "A is clearly better", "a tie", "both bad"."""
+    if choice in LETTERS:
+        return (
+            f"{choice} is {STRENGTH_WORDS[STRENGTHS.index(strength)]} better"
+            if strength
+            else f"{choice} is better"
+        )
+    return {"tie": "a tie", "both_bad": "both bad"}.get(choice, choice)
+
+
 class AnnotateHandlers:
-    """What the Annotate tab does: show the signed-in annotator's next task, vote, skip, undo."""
+    """What the Annotate tab does: show the signed-in annotator's next task, vote, skip, undo, and the
+    strength of the vote just saved."""
 
     def __init__(self, store: Store, config: PageConfig, view: AnnotateView) -> None:
         self.store, self.config, self.v = store, config, view
 
-    def header_text(self, who: AnnotatorInfo) -> str:
-        p = self.store.progress(who)
+    def header_text(self, who: AnnotatorInfo, p: dict[str, int]) -> str:
         return (
             f"Signed in as **{who.username}** ({who.role}) · [sign out](logout) · "
             f"**{p['votes']}** votes · {p['available'] + p['pending']} to go"
             + (f" · {p['skipped']} skipped" if p["skipped"] else "")
         )
 
-    def show(self, who: AnnotatorInfo, task: Task | None, message: str = "") -> dict:
+    def show(
+        self, who: AnnotatorInfo, task: Task | None, message: str = "", last: dict | None = None
+    ) -> dict:
         v = self.v
         n = len(task.letters) if task else 2
+        p = self.store.progress(who)
+        scale = f"How much better is {last['choice']}? (optional)" if last else "How much better? (optional)"
         out: dict = {
-            v.header: self.header_text(who),
+            v.header: self.header_text(who, p),
+            v.progress: progress_html(p),
             v.status: message,
             v.rationale: gr.update(value=""),
-            v.strength: gr.update(value=None),
+            v.strength: gr.update(value=None, visible=last is not None, label=scale),
+            v.last: last,
             **{r: gr.update(value=None) for r in v.ratings.values()},
             **{v.columns[k]: gr.update(visible=i < n) for i, k in enumerate(LETTERS)},
             **{v.vote_buttons[k]: gr.update(visible=i < n) for i, k in enumerate(LETTERS)},
@@ -256,9 +321,10 @@ class AnnotateHandlers:
             out.update({v.answers[k]: "" for k in LETTERS})
             out[v.state] = None
             return out
-        out[v.prompt] = render_conversation(task.prompt)
+        out[v.prompt] = render_prompt(task.prompt)
         for i, k in enumerate(LETTERS):
-            out[v.answers[k]] = render_markdown(task.responses[i]) if i < n else ""
+            body = render_markdown(task.responses[i]) if i < n else ""
+            out[v.answers[k]] = f'<div class="glmwb-scroll" id="scroll-{k}">{body}</div>'
         out[v.state] = {
             "assignment_id": task.assignment_id,
             "item_id": task.item_id,
@@ -268,8 +334,8 @@ class AnnotateHandlers:
         }
         return out
 
-    def next(self, who: AnnotatorInfo, message: str = "") -> dict:
-        return self.show(who, self.store.next_task(who), message)
+    def next(self, who: AnnotatorInfo, message: str = "", last: dict | None = None) -> dict:
+        return self.show(who, self.store.next_task(who), message, last)
 
     def vote(self, choice: str, data: dict, request: gr.Request) -> dict:
         v = self.v
@@ -286,17 +352,27 @@ class AnnotateHandlers:
         try:
             receipt = self.store.submit_vote(
                 who, current["assignment_id"], choice, uid=current["uid"], ratings=given,
-                strength=data.get(v.strength) if choice in LETTERS else None,
                 rationale=(data.get(v.rationale) or "").strip(),
                 time_spent_s=round(time.monotonic() - current["shown_at"], 3),
                 guideline_version=self.config.version,
             )  # fmt: skip
         except StoreError as e:
             return self.next(who, f"Not saved: {e}")
-        label = {"tie": "a tie", "both_bad": "both bad"}.get(choice, f"{choice} is better")
-        if choice in LETTERS and data.get(v.strength):
-            label = f"{choice} is {STRENGTH_WORDS[STRENGTHS.index(data[v.strength])]} better"
-        return self.next(who, f"Saved: item {receipt.item_id}, {label}.")
+        last = {"item_id": receipt.item_id, "choice": choice} if choice in LETTERS else None
+        return self.next(who, f"Saved: item {receipt.item_id}, {choice_label(choice)}.", last)
+
+    def amend_strength(self, strength: str | None, last: dict | None, request: gr.Request) -> dict:
+        """The scale after a winner: the vote just saved becomes that vote with this strength (the store
+        keeps the one before in its history)."""
+        who = signed_in(self.store, request)
+        if last is None or strength not in STRENGTHS:
+            return {self.v.status: gr.update()}
+        try:
+            self.store.change_vote(who, last["item_id"], last["choice"], uid=f"ui-{uuid.uuid4().hex}",
+                                   strength=strength)  # fmt: skip
+        except StoreError as e:
+            return {self.v.status: f"Not saved: {e}"}
+        return {self.v.status: f"Saved: item {last['item_id']}, {choice_label(last['choice'], strength)}."}
 
     def _voter(self, choice: str):
         # a plain function per button: Gradio finds the gr.Request parameter by its annotation
@@ -331,9 +407,10 @@ class AnnotateHandlers:
             return {**self.next(who), admin_tab: gr.update(visible=who.is_admin)}
 
         page.load(on_load, None, [*outputs, admin_tab], api_visibility="private")
-        inputs = {v.state, v.rationale, v.strength, *v.ratings.values()}
+        inputs = {v.state, v.rationale, *v.ratings.values()}
         for choice, button in v.vote_buttons.items():
             button.click(self._voter(choice), inputs, outputs, api_visibility="private")
+        v.strength.input(self.amend_strength, [v.strength, v.last], [v.status], api_visibility="private")
         v.skip.click(self.skip, [v.state], outputs, api_visibility="private")
         v.undo.click(self.undo, None, outputs, api_visibility="private")
 

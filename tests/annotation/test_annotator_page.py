@@ -246,11 +246,13 @@ def test_two_annotators_vote_in_the_browser(site, browser, tmp_path):
     alice.get_by_text("Ratings (optional)").first.click()
     alice.locator("#rate-A-helpfulness").get_by_text("5").click()
     alice.locator("#rationale textarea").fill("A answers the question")
-    alice.locator("#strength").get_by_text("clearly").click()
     alice.locator("body").click(
         position={"x": 5, "y": 5}
     )  # leave the text box: shortcuts are off while typing
     alice.keyboard.press("1")
+    wait_text(alice, "#status", rf"Saved: item {first_a.item_id}, A is better")
+    # after the choice, "how much better" (optional) amends the vote just saved
+    alice.locator("#strength").get_by_text("clearly").click()
     wait_text(alice, "#status", rf"Saved: item {first_a.item_id}, A is clearly better")
     # bob: the mouse, "B is better"
     bob.locator("#vote-B").click()

@@ -6,6 +6,8 @@ Screenshots go to ``build/test-artifacts/`` (kept after the run, gitignored)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from glmwb.annotation.assign import AssignmentPolicy
@@ -89,4 +91,97 @@ def test_chinese_renders_as_glyphs(ux_site, browser):
     assert "Noto Sans CJK SC" in g["family"], g
     assert g["mouth"] > 0 and g["one"] < 0.4 * g["mouth"], g  # glyphs, not boxes
     page.locator("#prompt").screenshot(path=artifact("chinese_renders_as_glyphs"))
+    context.close()
+
+
+def box(page, selector: str) -> dict:
+    return page.locator(selector).bounding_box()
+
+
+def test_progress_bar_and_confirmation_next_to_the_buttons(ux_site, browser):
+    store, base, _ = ux_site
+    context, page = sign_in(browser, base, "u2")
+    p = store.progress(store.annotator("u2"))
+    assigned = p["votes"] + p["pending"] + p["skipped"] + p["available"]
+    assert assigned == 8  # every item of the site is in u2's reach
+    wait_text(page, "#progress", rf"0 / {assigned}")
+    item = store.next_task(store.annotator("u2")).item_id
+    wait_text(page, "#prompt", "一加一等于几")  # a long item: the buttons stay on screen all the same
+    button, viewport = box(page, "#vote-A"), page.viewport_size
+    assert button["y"] + button["height"] <= viewport["height"], (button, viewport)
+    page.locator("#vote-A").click()
+    wait_text(page, "#status", rf"Saved: item {item}, A is better")
+    wait_text(page, "#progress", rf"1 / {assigned} done")
+    assert page.locator("#progress progress").get_attribute("value") == "1"
+    status, button, viewport = box(page, "#status"), box(page, "#vote-A"), page.viewport_size
+    assert status["y"] + status["height"] <= viewport["height"], (status, viewport)  # not below the fold
+    assert abs(status["y"] - button["y"]) < 80 and status["x"] > button["x"], (status, button)  # beside them
+    page.screenshot(path=artifact("progress_bar_and_confirmation"))
+    context.close()
+
+
+SCROLL = """([a, b]) => {
+  const x = document.getElementById(a), y = document.getElementById(b);
+  return {top: y.scrollTop, range: y.scrollHeight - y.clientHeight, client: x.clientHeight, height: x.scrollHeight};
+}"""
+
+
+def test_prompt_turns_linked_scroll_and_a_2mb_answer(ux_site, browser):
+    store, base, _ = ux_site
+    context, page = sign_in(browser, base, "u3")
+    prompt = wait_text(page, "#prompt", "一加一等于几")
+    assert prompt.startswith("Prompt (4 messages)"), prompt[:80]
+    roles = page.locator("#prompt .glmwb-role").all_inner_texts()
+    assert roles == ["System", "User · turn 1", "Assistant · turn 1", "User · turn 2"], roles
+    # the answers scroll inside their panels, side by side; scrolling A scrolls B to the same place
+    a, b = box(page, "#scroll-A"), box(page, "#scroll-B")
+    assert abs(a["y"] - b["y"]) < 2 and b["x"] > a["x"] + a["width"] - 1
+    before = page.evaluate(SCROLL, ["scroll-A", "scroll-B"])
+    assert before["top"] == 0 and before["range"] > 1000 and before["client"] < 0.5 * 800
+    page.locator("#scroll-A").hover()
+    page.mouse.wheel(0, 1500)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        a_top = page.evaluate("document.getElementById('scroll-A').scrollTop")
+        now = page.evaluate(SCROLL, ["scroll-A", "scroll-B"])
+        if a_top > 0 and abs(now["top"] - a_top) <= 2:
+            break
+        time.sleep(0.05)
+    assert a_top > 0 and abs(now["top"] - a_top) <= 2, (a_top, now)  # same lengths: the same offset
+    page.screenshot(path=artifact("prompt_turns_linked_scroll"))
+    # next: an item with a 2 MB answer; the page stays about one screen tall
+    page.keyboard.press("3")
+    wait_text(page, "#prompt", "Say a lot", timeout_s=60)
+    huge = page.evaluate(SCROLL, ["scroll-A", "scroll-A"])
+    assert huge["height"] > 100_000 and huge["client"] < 0.5 * 800, huge  # all there, inside the panel
+    height = page.evaluate("document.documentElement.scrollHeight")
+    assert height < 2 * 800, height
+    page.screenshot(path=artifact("two_megabyte_answer"), full_page=True)
+    context.close()
+
+
+def test_how_much_better_comes_after_the_choice_and_keys_skip_it(ux_site, browser):
+    store, base, _ = ux_site
+    context, page = sign_in(browser, base, "u4")
+    assert not page.locator("#strength").is_visible()  # no scale before the choice
+    first = store.next_task(store.annotator("u4")).item_id
+    page.keyboard.press("1")
+    wait_text(page, "#status", rf"Saved: item {first}, A is better")
+    assert page.locator("#strength").is_visible()
+    assert "How much better is A" in page.locator("#strength").inner_text()
+    second = store.next_task(store.annotator("u4")).item_id
+    page.keyboard.press("2")  # the keyboard flow goes on: the scale is optional
+    wait_text(page, "#status", rf"Saved: item {second}, B is better", timeout_s=60)
+    mine = {v.item_id: v for v in store.votes(annotator="u4")}
+    assert {mine[first].strength, mine[second].strength} == {None}
+    page.locator("#strength").get_by_text("much", exact=True).click()
+    wait_text(page, "#status", rf"Saved: item {second}, B is much better")
+    page.screenshot(path=artifact("how_much_better_after_the_choice"))
+    active = [(v.item_id, v.choice, v.strength) for v in store.votes(annotator="u4")]
+    assert active == [(first, "A", None), (second, "B", "strong")]
+    history = [(v.item_id, v.choice, v.strength, v.retracted) for v in store.votes(True, annotator="u4")]
+    assert (second, "B", None, True) in history  # the vote before the amendment is kept
+    page.keyboard.press("3")
+    wait_text(page, "#status", r"a tie")
+    assert not page.locator("#strength").is_visible()  # no scale after a tie
     context.close()
