@@ -38,6 +38,7 @@ from glmwb.annotation.export import export_records, write_records
 from glmwb.annotation.records import STRENGTHS
 from glmwb.annotation.schema import LETTERS
 from glmwb.annotation.store import AnnotatorInfo, Store, StoreError, Task
+from glmwb.ui.history import HistoryHandlers, history_tab
 from glmwb.ui.render import render_markdown, render_prompt
 
 DEFAULT_GUIDELINES = """\
@@ -491,6 +492,8 @@ def build_annotator_page(store: Store, config: PageConfig | None = None) -> gr.B
         with gr.Tabs():
             with gr.Tab("Annotate", id="annotate"):
                 annotate = _annotate_tab(state, header, config.attributes)
+            with gr.Tab("My votes", id="history") as history_tab_:
+                history = history_tab(history_tab_)
             with gr.Tab("Guidelines", id="guidelines"):
                 gr.Markdown(config.guidelines)
                 gr.Markdown(f"*Guideline version {config.version}*")
@@ -498,6 +501,7 @@ def build_annotator_page(store: Store, config: PageConfig | None = None) -> gr.B
                 admin = _admin_tab(admin_tab)
         AnnotateHandlers(store, config, annotate).wire(page, admin_tab)
         AdminHandlers(store, config, admin).wire()
+        HistoryHandlers(store, history, signed_in).wire()
     return page
 
 

@@ -185,3 +185,33 @@ def test_how_much_better_comes_after_the_choice_and_keys_skip_it(ux_site, browse
     wait_text(page, "#status", r"a tie")
     assert not page.locator("#strength").is_visible()  # no scale after a tie
     context.close()
+
+
+def test_my_votes_and_changing_a_vote(ux_site, browser):
+    from glmwb.annotation.agreement import agreement_report
+    from glmwb.annotation.export import export_records
+
+    store, base, _ = ux_site
+    context, page = sign_in(browser, base, "u5")
+    item = store.next_task(store.annotator("u5")).item_id
+    page.keyboard.press("1")
+    wait_text(page, "#status", rf"Saved: item {item}, A is better")
+    (old,) = [v for v in store.votes(annotator="u5") if v.item_id == item]
+    page.get_by_role("tab", name="My votes").click()
+    table = wait_text(page, "#history-table", rf"{item}\s+请用中文解释为什么")
+    assert "A is better" in table
+    page.locator("#change-item input").click()
+    page.get_by_role("option", name=f"item {item}:").click()
+    page.locator("#change-choice").get_by_text("B is better", exact=True).click()
+    page.locator("#change-vote").click()
+    wait_text(page, "#change-status", rf"Changed: item {item}, now B is better")
+    row = wait_text(page, "#history-table", r"B is better")
+    assert "A is better" in row  # the earlier vote is listed
+    page.screenshot(path=artifact("my_votes_changed"), full_page=True)
+    (new,) = [v for v in store.votes(annotator="u5") if v.item_id == item]
+    assert new.choice == "B" and new.vote_id != old.vote_id
+    assert (old.vote_id, True) in [(v.vote_id, v.retracted) for v in store.votes(True, annotator="u5")]
+    ids = {r["id"] for r in export_records(store, mode="all").rows}
+    assert f"vote{new.vote_id}" in ids and f"vote{old.vote_id}" not in ids  # export uses the newest
+    assert agreement_report(store.votes(annotator="u5")).labels == {"B": 1}
+    context.close()
