@@ -1,0 +1,144 @@
+"""The Admin tab's item browser and disputes: item states (unit), and in headless Chromium an admin finds
+items by search and filters, opens one to see every vote and rationale, sees disputed items first and asks
+for one more vote with one click. Screenshots go to ``build/test-artifacts/``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+
+from glmwb.annotation.assign import AssignmentPolicy
+from glmwb.annotation.browse import find_items, item_state, item_states
+from glmwb.annotation.guard import LoginGate
+from glmwb.annotation.store import ItemInfo, NewItem, NewResponse, ResponseInfo, Store, VoteRow
+from glmwb.ui.annotator import PageConfig
+from glmwb.ui.app import ServerSettings, create_app
+from tests.annotation.conftest import ThreadServer, artifact, cheap_hasher, wait_text
+
+
+def _item(item_id: int, gold: str | None = None, overlap: int = 2, status: str = "open") -> ItemInfo:
+    responses = [ResponseInfo(k, k, f"answer {k}", f"model-{k}", None, {}, None) for k in "AB"]
+    return ItemInfo(item_id, f"p{item_id}", [{"role": "user", "content": f"q{item_id}"}], {}, "", responses,
+                    gold, "", {}, overlap, status)  # fmt: skip
+
+
+def _vote(item_id: int, who: str, choice: str, gold: str | None = None) -> VoteRow:
+    return VoteRow(
+        0, f"{who}-{item_id}", item_id, who, choice, {}, "", None, "", datetime(2026, 1, 1), False, gold
+    )
+
+
+def test_item_states_and_disputed_first():
+    items = {i: _item(i) for i in (1, 2, 3, 4)} | {5: _item(5, gold="A"), 6: _item(6, status="closed")}
+    votes = [_vote(1, "x", "A"), _vote(1, "y", "A"), _vote(2, "x", "A"), _vote(2, "y", "tie"), _vote(3, "x", "B"),
+             _vote(5, "x", "B", "A"), _vote(5, "y", "A", "A")]  # fmt: skip
+    states = item_states(items, votes)
+    assert {i: s.state for i, s in states.items()} == {
+        1: "complete",
+        2: "disputed",
+        3: "open",
+        4: "open",
+        5: "disputed",
+        6: "closed",
+    }
+    assert states[2].reason == "split: A 1, tie 1" and states[5].reason == "1 of 2 against gold A"
+    assert find_items(items, states) == [2, 5, 1, 3, 4, 6]  # disputed first
+    assert find_items(items, states, state="open", annotator="x") == [3]
+    assert find_items(items, states, gold="gold") == [5] and find_items(items, states, query="Q4") == [4]
+    assert item_state(_item(7), []).state == "open"
+
+
+PASSWORDS = {"x1": "x1-password", "x2": "x2-password", "x3": "x3-password", "root": "root-password"}
+
+
+@pytest.fixture(scope="module")
+def admin_site(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("admin")
+    store = Store(
+        f"sqlite:///{tmp / 'a.db'}", password_hasher=cheap_hasher(), policy=AssignmentPolicy(gold_rate=0)
+    )
+    people = {
+        n: store.create_annotator(n, p, role="admin" if n == "root" else "annotator")
+        for n, p in PASSWORDS.items()
+    }
+    split = NewItem("split", [{"role": "user", "content": "Which is faster?"}],
+                    [NewResponse("the alpha answer", "m-alpha"), NewResponse("the beta answer", "m-beta")],
+                    overlap=2, priority=3.0, shuffle=False)  # fmt: skip
+    agreed = NewItem("agreed", [{"role": "user", "content": "Name an animal"}],
+                     [NewResponse("a zebra", "m-gamma"), NewResponse("a rock", "m-gamma2")],
+                     overlap=2, priority=2.0, shuffle=False)  # fmt: skip
+    pending = NewItem(
+        "pending",
+        [{"role": "user", "content": "Anything"}],
+        [NewResponse("one", "m-gamma"), NewResponse("two", "m-gamma2")],
+        overlap=3,
+        priority=1.0,
+    )
+    ids = store.add_items([split, agreed, pending])
+    for who, choices in (("x1", ["A", "A", "tie"]), ("x2", ["B", "A"])):
+        for n, choice in enumerate(choices):
+            task = store.next_task(people[who])
+            store.submit_vote(people[who], task.assignment_id, choice, uid=f"{who}-vote-{n}",
+                              rationale=f"{who} thinks {choice} <b>bold</b>")  # fmt: skip
+    server = ThreadServer(
+        create_app(store, ServerSettings(page=PageConfig(export_dir=tmp / "e"), gate=LoginGate()))
+    )
+    yield store, server.base_url, dict(zip(("split", "agreed", "pending"), ids, strict=True))
+    server.stop()
+    store.close()
+
+
+def choose(page, selector: str, option: str) -> None:
+    page.locator(f"{selector} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def result_ids(page) -> list[int]:
+    page.wait_for_timeout(300)
+    text = page.locator("#items-results").inner_text()
+    return [int(line.split("\t")[0]) for line in text.splitlines() if line.split("\t")[0].strip().isdigit()]
+
+
+@pytest.mark.browser
+def test_admin_item_browser_and_disputes(admin_site, browser):
+    store, base, ids = admin_site
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.goto(base)
+    page.locator("input[type=text]").first.fill("root")
+    page.locator("input[type=password]").fill(PASSWORDS["root"])
+    page.keyboard.press("Enter")
+    page.get_by_role("tab", name="Admin").click()
+    page.locator("#admin-refresh").click()
+    wait_text(page, "#items-count", r"3 of 3 items match")
+    disputes = wait_text(page, "#admin-disputes", r"split: A 1, B 1")
+    assert "+ one more vote" in disputes and "Name an animal" not in disputes
+    assert result_ids(page)[0] == ids["split"]  # disputed first
+    choose(page, "#items-state", "complete")
+    page.locator("#items-search").click()
+    wait_text(page, "#items-count", r"\b1 of 3 items match")
+    assert result_ids(page) == [ids["agreed"]]
+    choose(page, "#items-state", "any")
+    page.locator("#items-query textarea, #items-query input").first.fill("ZEBRA")
+    page.locator("#items-search").click()
+    wait_text(page, "#items-count", r"\b1 of 3")
+    assert result_ids(page) == [ids["agreed"]]  # found in an answer
+    page.locator("#items-query textarea, #items-query input").first.fill("")
+    choose(page, "#items-model", "m-alpha")
+    choose(page, "#items-annotator", "x2")
+    page.locator("#items-search").click()
+    wait_text(page, "#items-count", r"\b1 of 3")
+    assert result_ids(page) == [ids["split"]]
+    # open it: every vote with its rationale (as text)
+    page.locator("#items-results span").filter(has_text="Which is faster?").click()
+    detail = wait_text(page, "#item-detail", r"x2 thinks B")
+    assert "x1 thinks A <b>bold</b>" in detail and "m-alpha" in detail and "split: A 1, B 1" in detail
+    page.screenshot(path=artifact("admin_item_browser"), full_page=True)
+    # one click: one more vote for the disputed item, and the next annotator without it gets it
+    page.locator("#admin-disputes span").filter(has_text="+ one more vote").click()
+    wait_text(page, "#admin-dispute-status", rf"Item {ids['split']} now wants 3 votes")
+    assert store.items([ids["split"]])[ids["split"]].overlap == 3
+    assert store.next_task(store.annotator("x3")).item_id == ids["split"]
+    page.screenshot(path=artifact("admin_disputes"), full_page=True)
+    context.close()
