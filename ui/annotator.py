@@ -38,6 +38,7 @@ from glmwb.annotation.export import export_records, write_records
 from glmwb.annotation.records import STRENGTHS
 from glmwb.annotation.schema import LETTERS
 from glmwb.annotation.store import AnnotatorInfo, Store, StoreError, Task
+from glmwb.ui.admin_import import ImportHandlers, ImportView, import_section
 from glmwb.ui.admin_items import ItemsHandlers, ItemsView, items_section
 from glmwb.ui.history import HistoryHandlers, history_tab
 from glmwb.ui.render import render_markdown, render_prompt
@@ -185,6 +186,7 @@ class AdminView:
     create: gr.Button
     create_status: gr.Markdown
     items: ItemsView
+    imports: ImportView
 
 
 def _answer_columns(attributes: tuple[str, ...]) -> tuple[dict, dict, dict]:
@@ -251,6 +253,7 @@ def _admin_tab(tab: gr.Tab) -> AdminView:
     overview = gr.Markdown(elem_id="admin-overview")
     agreement = gr.Markdown(elem_id="admin-agreement")
     items = items_section()
+    imports = import_section()
     gr.Markdown("### Export")
     with gr.Row():
         export_mode = gr.Radio(["majority", "all"], value="majority", label="votes")
@@ -265,7 +268,8 @@ def _admin_tab(tab: gr.Tab) -> AdminView:
         create = gr.Button("Create account", elem_id="admin-create")
         create_status = gr.Markdown()
     return AdminView(tab, refresh, overview, agreement, export_mode, export_format, export_ties, export_button,
-                     export_status, new_user, new_password, new_role, create, create_status, items)  # fmt: skip
+                     export_status, new_user, new_password, new_role, create, create_status, items,
+                     imports)  # fmt: skip
 
 
 def progress_html(p: dict[str, int]) -> str:
@@ -481,6 +485,7 @@ class AdminHandlers:
     def wire(self) -> None:
         v = self.v
         ItemsHandlers(self.store, v.items, self.admin_only).wire(v.refresh)
+        ImportHandlers(self.store, v.imports, self.admin_only).wire()
         v.refresh.click(self.refresh, None, [v.overview, v.agreement], api_visibility="private")
         v.export_button.click(self.export, [v.export_mode, v.export_format, v.export_ties],
                               [v.export_status], api_visibility="private")  # fmt: skip

@@ -142,3 +142,47 @@ def test_admin_item_browser_and_disputes(admin_site, browser):
     assert store.next_task(store.annotator("x3")).item_id == ids["split"]
     page.screenshot(path=artifact("admin_disputes"), full_page=True)
     context.close()
+
+
+@pytest.mark.browser
+def test_admin_imports_tasks_with_the_clis_validation(admin_site, browser, tmp_path, capsys):
+    import json
+
+    from glmwb.recipes.cli import main
+
+    store, base, _ = admin_site
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    rows = [{"prompt": f"imported question {i}", "responses": [f"yes {i}", {"text": f"no {i}", "model": "m-x"}]}
+            for i in range(3)]  # fmt: skip
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bad.write_text(
+        json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "only one", "responses": ["one"]}) + "\n"
+    )
+    assert main(["annotation", "add-tasks", "--db", str(tmp_path / "cli.db"), "--responses", str(bad)]) == 2
+    cli_error = capsys.readouterr().err.strip().removeprefix("glmwb: error: ")
+    assert "needs at least two responses" in cli_error
+    before = store.counts()["items"]
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.goto(base)
+    page.locator("input[type=text]").first.fill("root")
+    page.locator("input[type=password]").fill(PASSWORDS["root"])
+    page.keyboard.press("Enter")
+    page.get_by_role("tab", name="Admin").click()
+    page.get_by_text("Import tasks").click()
+    page.locator("#import-path textarea, #import-path input").first.fill(str(bad))
+    page.locator("#import-button").click()
+    shown = wait_text(page, "#import-status", r"Not imported")
+    assert shown.strip() == f"Not imported: {cli_error}"  # the CLI's error, word for word
+    assert store.counts()["items"] == before  # nothing written
+    page.locator("#import-path textarea, #import-path input").first.fill(str(good))
+    page.locator("#import-batch textarea, #import-batch input").first.fill("from-page")
+    page.locator("#import-button").click()
+    wait_text(page, "#import-status", rf"Added 3 items from {good}")
+    page.screenshot(path=artifact("admin_import"), full_page=True)
+    items = [i for i in store.items().values() if i.batch == "from-page"]
+    assert sorted(i.prompt[0]["content"] for i in items) == [f"imported question {i}" for i in range(3)]
+    assert {r.model for i in items for r in i.responses} == {"unknown", "m-x"} and {
+        i.overlap for i in items
+    } == {3}
+    context.close()
