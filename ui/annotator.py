@@ -33,13 +33,14 @@ from typing import Any
 
 import gradio as gr
 
-from glmwb.annotation.agreement import agreement_report
+from glmwb.annotation.agreement import agreement_curve, agreement_report, votes_over_time
 from glmwb.annotation.export import export_records, write_records
 from glmwb.annotation.records import STRENGTHS
 from glmwb.annotation.schema import LETTERS
 from glmwb.annotation.store import AnnotatorInfo, Store, StoreError, Task
 from glmwb.ui.admin_import import ImportHandlers, ImportView, import_section
 from glmwb.ui.admin_items import ItemsHandlers, ItemsView, items_section
+from glmwb.ui.charts import line_chart
 from glmwb.ui.history import HistoryHandlers, history_tab
 from glmwb.ui.render import render_markdown, render_prompt
 
@@ -187,6 +188,7 @@ class AdminView:
     create_status: gr.Markdown
     items: ItemsView
     imports: ImportView
+    charts: gr.HTML
 
 
 def _answer_columns(attributes: tuple[str, ...]) -> tuple[dict, dict, dict]:
@@ -252,6 +254,7 @@ def _admin_tab(tab: gr.Tab) -> AdminView:
     refresh = gr.Button("Refresh", elem_id="admin-refresh")
     overview = gr.Markdown(elem_id="admin-overview")
     agreement = gr.Markdown(elem_id="admin-agreement")
+    charts = gr.HTML(elem_id="admin-charts")
     items = items_section()
     imports = import_section()
     gr.Markdown("### Export")
@@ -269,7 +272,7 @@ def _admin_tab(tab: gr.Tab) -> AdminView:
         create_status = gr.Markdown()
     return AdminView(tab, refresh, overview, agreement, export_mode, export_format, export_ties, export_button,
                      export_status, new_user, new_password, new_role, create, create_status, items,
-                     imports)  # fmt: skip
+                     imports, charts)  # fmt: skip
 
 
 def progress_html(p: dict[str, int]) -> str:
@@ -424,6 +427,17 @@ class AnnotateHandlers:
         v.undo.click(self.undo, None, outputs, api_visibility="private")
 
 
+def admin_charts(votes: list) -> str:
+    """Votes over time per annotator, and agreement (alpha, percent agreement) as votes accrue."""
+    curve = agreement_curve(votes)
+    return line_chart(
+        votes_over_time(votes), "Votes over time", "time (UTC)", "votes", elem_id="chart-votes"
+    ) + line_chart(
+        {"Krippendorff's alpha": [(n, a) for n, a, _ in curve], "percent agreement": [(n, p) for n, _, p in curve]},
+        "Agreement as votes accrue", "votes so far", "agreement", y_range=(-1.0, 1.0), elem_id="chart-agreement",
+    )  # fmt: skip
+
+
 class AdminHandlers:
     """What the Admin tab does (every handler checks the caller is an admin): overview and agreement,
     export, new accounts."""
@@ -453,8 +467,9 @@ class AdminHandlers:
                 f"| {a['username']} | {a['role']} | {a['votes']} | {a['mean_time_s'] or ''} | "
                 f"{a['last_vote'] or ''} |"
             )
-        report = agreement_report(self.store.votes())
-        return {self.v.overview: "\n".join(lines), self.v.agreement: report.to_markdown()}
+        votes = self.store.votes()
+        return {self.v.overview: "\n".join(lines), self.v.agreement: agreement_report(votes).to_markdown(),
+                self.v.charts: admin_charts(votes)}  # fmt: skip
 
     def export(self, mode: str, fmt: str, ties: str, request: gr.Request) -> dict:
         self.admin_only(request)
@@ -486,7 +501,7 @@ class AdminHandlers:
         v = self.v
         ItemsHandlers(self.store, v.items, self.admin_only).wire(v.refresh)
         ImportHandlers(self.store, v.imports, self.admin_only).wire()
-        v.refresh.click(self.refresh, None, [v.overview, v.agreement], api_visibility="private")
+        v.refresh.click(self.refresh, None, [v.overview, v.agreement, v.charts], api_visibility="private")
         v.export_button.click(self.export, [v.export_mode, v.export_format, v.export_ties],
                               [v.export_status], api_visibility="private")  # fmt: skip
         v.create.click(self.create, [v.new_user, v.new_password, v.new_role], [v.create_status, v.new_password],

@@ -114,6 +114,18 @@ def test_admin_item_browser_and_disputes(admin_site, browser):
     wait_text(page, "#items-count", r"3 of 3 items match")
     disputes = wait_text(page, "#admin-disputes", r"split: A 1, B 1")
     assert "+ one more vote" in disputes and "Name an animal" not in disputes
+    # agreement with its reading and why a statistic is n/a; the charts
+    agreement = wait_text(page, "#admin-agreement", r"Landis")
+    assert "0.000\tslight" in agreement and "-0.333\tpoor (worse than chance)" in agreement, agreement
+    assert "n/a\tno two annotators have 5 items in common yet" in agreement
+    names = page.locator("#chart-votes polyline.glmwb-series").evaluate_all(
+        "ps => ps.map(p => p.dataset.name)"
+    )
+    assert names == ["x1", "x2"]
+    points = page.locator("#chart-votes polyline[data-name=x1]").get_attribute("points").split()
+    assert len(points) == 3  # x1's three votes
+    assert page.locator("#chart-agreement polyline.glmwb-series").count() == 2
+    page.locator("#admin-charts").screenshot(path=artifact("admin_agreement_charts"))
     assert result_ids(page)[0] == ids["split"]  # disputed first
     choose(page, "#items-state", "complete")
     page.locator("#items-search").click()
