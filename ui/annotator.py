@@ -7,13 +7,19 @@ unauthenticated client can neither read an item nor submit a vote. Every handler
 from ``request.username`` (set by Gradio from the session cookie, never from the client's payload) and the
 store refuses anything that is not that annotator's.
 
-The page: guidelines; the prompt and two (up to four) answers side by side, rendered by ``ui.render``
-(Markdown with raw HTML off: a ``<script>`` in an answer is shown as text); A / B / tie / both bad;
-optionally how much better the pick is (negligibly / slightly / clearly / much: the vote's ``strength``,
-which the export turns into the record's margin); optional 1-5 ratings per answer and attribute; an optional
-rationale; skip; undo of the last vote; progress. Keyboard: 1 = A, 2 = B, 3 = tie, 4 = both bad, s = skip,
-u = undo (not while typing).
-Admins also get an Admin tab: progress per annotator, the agreement report, export, new accounts. An export is
+The page: a progress bar (votes out of the items the annotator has or can still get); the prompt, headed
+"Prompt", each message with its role and turn; two (up to four) answers side by side in panels that scroll
+inside themselves, with linked scrolling, rendered by ``ui.render`` (Markdown with raw HTML off: a
+``<script>`` in an answer is shown as text); A / B / tie / both bad in a row fixed at the bottom of the
+window, with the confirmation of the last vote beside it and, after a winner, the optional "how much
+better" scale (negligibly / slightly / clearly / much: the vote's ``strength``, which the export turns into
+the record's margin), which amends the vote just saved; optional 1-5 ratings per answer and attribute; an
+optional rationale; skip; undo of the last vote. Keyboard: 1 = A, 2 = B, 3 = tie, 4 = both bad, s = skip,
+u = undo (not while typing); the keyboard flow passes the scale by. The font stack covers Chinese.
+"My votes" (``ui/history.py``) lists the annotator's votes and changes one while its item is open.
+Admins also get an Admin tab: progress per annotator, the agreement report with its reading and charts,
+disputed items and the item browser (``ui/admin_items.py``), task import (``ui/admin_import.py``), export,
+new accounts. An export is
 written to ``PageConfig.export_dir``, which Gradio never serves (it is in its blocked paths, not its allowed
 ones); the tab links to ``/admin/exports/NAME``, which ``ui/app.py`` serves to admins only.
 
@@ -51,11 +57,11 @@ DEFAULT_GUIDELINES = """\
 2. Pick the answer that is **better for the person who asked**: first *correct* (a wrong final answer loses
    to any right one), then *in the prompt's language*, then *concise and clear*.
 3. **Tie** when neither is better; **Both bad** when neither answers the question correctly.
-   Before clicking a winner you may say **how much better** it is: *negligibly*, *slightly* (e.g. only
+   After picking a winner you may say **how much better** it is: *negligibly*, *slightly* (e.g. only
    shorter), *clearly* (e.g. the right language), *much* (e.g. the only correct one).
 4. Ratings (1 = poor, 5 = excellent) and the rationale are optional, and help most when the choice was hard.
 5. Unsure, or the item is broken? **Skip** it: it comes back at the end of your queue.
-   A wrong click? **Undo** takes back your last vote.
+   A wrong click? **Undo** takes back your last vote; **My votes** changes a vote while its item is open.
 
 Keyboard: **1** A is better · **2** B is better · **3** tie · **4** both bad · **s** skip · **u** undo.
 """

@@ -11,7 +11,7 @@ import pytest
 from glmwb.annotation.assign import AssignmentPolicy
 from glmwb.annotation.browse import find_items, item_state, item_states
 from glmwb.annotation.guard import LoginGate
-from glmwb.annotation.store import ItemInfo, NewItem, NewResponse, ResponseInfo, Store, VoteRow
+from glmwb.annotation.store import ItemInfo, NewItem, NewResponse, ResponseInfo, Store, StoreError, VoteRow
 from glmwb.ui.annotator import PageConfig
 from glmwb.ui.app import ServerSettings, create_app
 from tests.annotation.conftest import ThreadServer, artifact, cheap_hasher, wait_text
@@ -198,3 +198,52 @@ def test_admin_imports_tasks_with_the_clis_validation(admin_site, browser, tmp_p
         i.overlap for i in items
     } == {3}
     context.close()
+
+
+def test_admin_handlers_refuse_annotators_and_the_store_refuses_what_is_not_allowed(sqlite_store, tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from glmwb.annotation.store import Conflict, NotFound
+    from glmwb.ui.admin_import import SOURCES, ImportHandlers
+    from glmwb.ui.admin_items import ItemsHandlers
+    from glmwb.ui.annotator import AdminHandlers
+    from tests.annotation.conftest import make_items
+
+    store = sqlite_store
+    alice, bob = (
+        store.create_annotator("alice", "alice-password"),
+        store.create_annotator("bob", "bob-password"),
+    )
+    store.create_annotator("root", "root-password", role="admin")
+    answers = tmp_path / "a.jsonl"
+    answers.write_text(json.dumps({"prompt": "q", "responses": ["x", "y"]}) + "\n")
+    admin_only = AdminHandlers(store, PageConfig(), None).admin_only
+    imports, items = ImportHandlers(store, None, admin_only), ItemsHandlers(store, None, admin_only)
+    as_alice, as_root = SimpleNamespace(username="alice"), SimpleNamespace(username="root")
+    with pytest.raises(gr.Error, match="Admins only"):
+        imports.run(SOURCES[0], str(answers), "", 2, 3, "", as_alice)
+    with pytest.raises(gr.Error, match="Admins only"):
+        items.search("", "any", "any", "any", "any", as_alice)
+    assert store.counts()["items"] == 0
+    assert imports.run(SOURCES[0], str(answers), "", 2, 3, "", as_root) == f"Added 1 items from {answers}."
+    # the store: a change only of one's own vote on an open item; more votes only for open regular items
+    task = store.next_task(alice)
+    store.submit_vote(alice, task.assignment_id, "A", uid="alice-vote-1")
+    with pytest.raises(NotFound):
+        store.change_vote(bob, task.item_id, "B", uid="bob-change-1")
+    with pytest.raises(StoreError, match="strength goes with a winner"):
+        store.change_vote(alice, task.item_id, "tie", uid="alice-change-0", strength="clear")
+    store.set_status([task.item_id], "closed")
+    with pytest.raises(Conflict, match="closed"):
+        store.change_vote(alice, task.item_id, "B", uid="alice-change-1")
+    with pytest.raises(Conflict, match="closed"):
+        store.add_votes_wanted(task.item_id)
+    (gold_id,) = store.add_items(make_items(1, prefix="g", gold_every=1))
+    with pytest.raises(Conflict, match="gold"):
+        store.add_votes_wanted(gold_id)
+    with pytest.raises(NotFound):
+        store.add_votes_wanted(10**6)
+    assert [v.choice for v in store.votes(include_retracted=True)] == ["A"]  # nothing changed
