@@ -461,7 +461,7 @@ class AdminHandlers:
         self.admin_only(request)
         o = self.store.overview()
         lines = [
-            f"**{o['votes']}** votes ({o['retracted_votes']} undone) · **{o['complete_items']}** of "
+            f"**{o['votes']}** votes ({o['retracted_votes']} undone or changed) · **{o['complete_items']}** of "
             f"{o['items'] - o['gold_items']} items complete · {o['gold_items']} gold items · "
             f"{o['votes_wanted']} votes wanted on open items",
             "",
