@@ -194,9 +194,10 @@ def sample_responses(
 
 
 def read_responses(path: str | Path) -> tuple[list[PromptSpec], dict[str, list[NewResponse]]]:
-    """Pre-generated answers from JSONL (see the module doc)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no responses file at {path}")
+    """Pre-generated answers from a JSONL (or JSON, parquet) file or a saved ``datasets`` folder (see the
+    module doc)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no responses file or datasets folder at {path}")
     prompts, responses = [], {}
     for where, row in iter_rows(path):
         spec = _prompt_from_row(row, where, Path(path).name)

@@ -293,7 +293,7 @@ def _store_parsers(nsub: argparse._SubParsersAction) -> None:
     _db(t)
     t.add_argument("--prompts", help="world[:split[:n]], a JSONL file or a datasets folder")
     t.add_argument("--model", action="append", help="an HF model folder to sample from (repeatable)")
-    t.add_argument("--responses", help="JSONL with pre-generated answers per prompt")
+    t.add_argument("--responses", help="JSONL file or datasets folder with pre-generated answers per prompt")
     t.add_argument("--world", type=int, help="N items from the embedded world's candidate answers")
     t.add_argument("--gold", type=int, default=0, help="with --world: this many gold items too")
     t.add_argument("--split", default="train", help="with --world: train or heldout")

@@ -247,3 +247,28 @@ def test_admin_handlers_refuse_annotators_and_the_store_refuses_what_is_not_allo
     with pytest.raises(NotFound):
         store.add_votes_wanted(10**6)
     assert [v.choice for v in store.votes(include_retracted=True)] == ["A"]  # nothing changed
+
+
+def test_import_from_a_datasets_folder(sqlite_store, tmp_path):
+    from types import SimpleNamespace
+
+    import datasets
+
+    from glmwb.ui.admin_import import SOURCES, ImportHandlers
+    from glmwb.ui.annotator import AdminHandlers
+
+    store = sqlite_store
+    store.create_annotator("root", "root-password", role="admin")
+    rows = [{"prompt": f"问题 {i}", "responses": [f"答案 {i}", f"回答 {i}"]} for i in range(2)]
+    folder = tmp_path / "answers"
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder))
+    imports = ImportHandlers(store, None, AdminHandlers(store, PageConfig(), None).admin_only)
+    assert imports.run(SOURCES[0], str(folder), "", 2, 2, "ds", SimpleNamespace(username="root")) == (
+        f"Added 2 items from {folder}."
+    )
+    items = store.items().values()
+    assert sorted(i.prompt[0]["content"] for i in items) == ["问题 0", "问题 1"] and {
+        i.overlap for i in items
+    } == {2}
+    missing = imports.run(SOURCES[0], str(tmp_path / "nope"), "", 2, 2, "", SimpleNamespace(username="root"))
+    assert missing == f"Not imported: no responses file or datasets folder at {tmp_path / 'nope'}"
