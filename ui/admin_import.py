@@ -38,8 +38,8 @@ class ImportView:
 def import_section() -> ImportView:
     with gr.Accordion("Import tasks", open=False, elem_id="import-accordion"):
         source = gr.Radio(list(SOURCES), value=SOURCES[0], label="source", elem_id="import-source")
-        path = gr.Textbox(label="file or folder on the server (answers JSONL; or prompts: JSONL, datasets folder, "
-                          "world:train:50)", elem_id="import-path")  # fmt: skip
+        path = gr.Textbox(label="file or folder on the server (answers: JSONL or datasets folder; prompts: "
+                          "JSONL, datasets folder, world:train:50)", elem_id="import-path")  # fmt: skip
         models = gr.Textbox(label="model folders, one per line (prompts + model folders only)", lines=2,
                             elem_id="import-models")  # fmt: skip
         with gr.Row():
