@@ -289,3 +289,11 @@ def artifact(name: str) -> Path:
     """Where a browser test keeps a screenshot: ``build/test-artifacts/<name>.png`` (made if missing)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS / f"{name}.png"
+
+
+@pytest.fixture
+def shots(request) -> Path:
+    """A browser test's screenshot folder: ``build/test-artifacts/<test name>/`` (kept after the run)."""
+    folder = ARTIFACTS / request.node.name.replace("/", "_")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
