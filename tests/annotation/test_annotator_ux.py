@@ -91,7 +91,30 @@ def test_chinese_renders_as_glyphs(ux_site, browser):
     assert "Noto Sans CJK SC" in g["family"], g
     assert g["mouth"] > 0 and g["one"] < 0.4 * g["mouth"], g  # glyphs, not boxes
     page.locator("#prompt").screenshot(path=artifact("chinese_renders_as_glyphs"))
+    # and on the page itself: the ink of 一 and 口 drawn in the prompt's font (boxes would have the same)
+    page.evaluate(ADD_GLYPHS, "#prompt")
+    one, mouth = ink(page.locator("#glyph-one").screenshot()), ink(page.locator("#glyph-mouth").screenshot())
+    assert mouth > 0 and one < 0.6 * mouth, (one, mouth)
     context.close()
+
+
+ADD_GLYPHS = """(sel) => {
+  for (const [id, ch] of [["glyph-one", "一"], ["glyph-mouth", "口"]]) {
+    const span = document.createElement("span");
+    Object.assign(span, {id, textContent: ch});
+    Object.assign(span.style, {fontSize: "48px", lineHeight: "1", display: "inline-block", padding: "4px"});
+    document.querySelector(sel).appendChild(span);
+  }
+}"""
+
+
+def ink(png: bytes) -> int:
+    """Dark pixels in a screenshot."""
+    import io
+
+    from PIL import Image
+
+    return sum(Image.open(io.BytesIO(png)).convert("L").histogram()[:128])
 
 
 def box(page, selector: str) -> dict:
