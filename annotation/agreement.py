@@ -13,7 +13,11 @@ Plain functions over labels, no database and no UI imports:
   n_c = sum_k o_ck, n = sum_c n_c: alpha = 1 - (n - 1) (n - sum_c o_cc) / (n^2 - sum_c n_c^2)
   (Krippendorff, "Computing Krippendorff's Alpha-Reliability", 2011).
 
-Undefined statistics (one category only, nothing pairable) are NaN, shown as "n/a".
+Undefined statistics (one category only, nothing pairable) are NaN, shown as "n/a" with the reason
+(``na_reason``). Kappa and alpha values carry Landis & Koch's (1977) reading (``reading``): below 0 poor
+(worse than chance), up to 0.20 slight, 0.40 fair, 0.60 moderate, 0.80 substantial, above almost perfect.
+For the admin's charts: ``votes_over_time`` (each annotator's running count) and ``agreement_curve``
+(alpha and percent agreement over the first n votes, as votes accrue).
 
 ``agreement_report(votes)`` puts them together for the admin view and ``glmwb annotation report``: it takes
 vote rows with ``item_id``, ``annotator``, ``choice`` and ``gold_choice`` attributes (``Store.votes()``).
@@ -26,6 +30,7 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 NAN = float("nan")
@@ -92,8 +97,19 @@ def label_table(units: Iterable[Sequence[Hashable]], categories: Sequence[Hashab
     return table
 
 
+KAPPA_BANDS = ((0.0, "poor (worse than chance)"), (0.20, "slight"), (0.40, "fair"), (0.60, "moderate"),
+               (0.80, "substantial"), (math.inf, "almost perfect"))  # fmt: skip
+
+
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def reading(x: float | None) -> str:
+    """The usual reading of a kappa or alpha value (Landis & Koch 1977); "" for an undefined one."""
+    if x is None or math.isnan(x):
+        return ""
+    return next(band for upper, band in KAPPA_BANDS if (x < upper if upper == 0.0 else x <= upper))
 
 
 @dataclass
@@ -109,6 +125,7 @@ class AgreementReport:
     cohen_kappa_mean: float  # mean over annotator pairs with at least `min_common` items in common
     cohen_pairs: list[dict[str, Any]] = field(default_factory=list)
     per_annotator: dict[str, dict[str, Any]] = field(default_factory=dict)
+    min_common: int = 5  # items two annotators share before their Cohen's kappa counts
 
     def to_dict(self) -> dict[str, Any]:
         def clean(x: Any) -> Any:
@@ -122,17 +139,43 @@ class AgreementReport:
 
         return clean(asdict(self))
 
+    def na_reason(self, statistic: str) -> str:
+        """Why a statistic of this report is undefined ("" when it is defined)."""
+        value = getattr(self, statistic)
+        if not math.isnan(value):
+            return ""
+        if self.votes == 0:
+            return "no votes yet"
+        if self.items_multi == 0:
+            return "no item has two votes yet"
+        if statistic == "cohen_kappa_mean":
+            if not self.cohen_pairs:
+                return f"no two annotators have {self.min_common} items in common yet"
+            return "every pair's votes use one label only"
+        return (
+            "every vote has the same label: agreement by chance is complete, so there is nothing to measure"
+        )
+
+    def _cell(self, statistic: str, chance_corrected: bool = True) -> str:
+        value = getattr(self, statistic)
+        if math.isnan(value):
+            return f"n/a | {self.na_reason(statistic)}"
+        return f"{_fmt(value)} | {reading(value) if chance_corrected else 'share of agreeing pairs'}"
+
     def to_markdown(self) -> str:
         lines = [
             f"**{self.votes}** votes by **{self.annotators}** annotators on **{self.items}** items "
             f"({self.items_multi} with two or more votes).",
             "",
-            "| statistic | value |",
-            "|---|---|",
-            f"| Krippendorff's alpha (nominal) | {_fmt(self.krippendorff_alpha)} |",
-            f"| Fleiss' kappa | {_fmt(self.fleiss_kappa)} |",
-            f"| Cohen's kappa, mean over pairs ({len(self.cohen_pairs)}) | {_fmt(self.cohen_kappa_mean)} |",
-            f"| pairwise percent agreement | {_fmt(self.percent_agreement)} |",
+            "| statistic | value | reading |",
+            "|---|---|---|",
+            f"| Krippendorff's alpha (nominal) | {self._cell('krippendorff_alpha')} |",
+            f"| Fleiss' kappa | {self._cell('fleiss_kappa')} |",
+            f"| Cohen's kappa, mean over pairs ({len(self.cohen_pairs)}) | {self._cell('cohen_kappa_mean')} |",
+            f"| pairwise percent agreement | {self._cell('percent_agreement', chance_corrected=False)} |",
+            "",
+            "Reading (Landis & Koch 1977): below 0 poor, to 0.20 slight, 0.40 fair, 0.60 moderate, 0.80 "
+            "substantial, above that almost perfect; 1 = complete agreement, 0 = what chance alone gives.",
             "",
             "labels: " + ", ".join(f"{k} {v}" for k, v in sorted(self.labels.items())),
             "",
@@ -208,6 +251,7 @@ def agreement_report(votes: Sequence[Any], min_common: int = 5) -> AgreementRepo
         cohen_kappa_mean=sum(finite) / len(finite) if finite else NAN,
         cohen_pairs=pairs,
         per_annotator=per_annotator,
+        min_common=min_common,
     )
 
 
@@ -215,3 +259,26 @@ def gold_accuracy(votes: Sequence[Any]) -> Mapping[str, float]:
     """Per annotator: the share of their votes on gold items that match the gold answer."""
     report = agreement_report(votes)
     return {n: r["gold_accuracy"] for n, r in report.per_annotator.items() if r["gold_votes"]}
+
+
+def votes_over_time(votes: Sequence[Any]) -> dict[str, list[tuple[datetime, int]]]:
+    """Each annotator's running count of votes at each of their votes' times (``created_at``)."""
+    out: dict[str, list[tuple[datetime, int]]] = defaultdict(list)
+    for v in sorted(votes, key=lambda v: (v.created_at, v.vote_id)):
+        out[v.annotator].append((v.created_at, len(out[v.annotator]) + 1))
+    return dict(out)
+
+
+def agreement_curve(votes: Sequence[Any], points: int = 30) -> list[tuple[int, float, float]]:
+    """(n, Krippendorff's alpha, percent agreement) over the first n votes in time order, at up to
+    ``points`` evenly spaced n; NaN where undefined (no item with two votes yet)."""
+    ordered = sorted(votes, key=lambda v: (v.created_at, v.vote_id))
+    if not ordered:
+        return []
+    step = max(1, math.ceil(len(ordered) / points))
+    ns = sorted({*range(step, len(ordered) + 1, step), len(ordered)})
+    out = []
+    for n in ns:
+        r = agreement_report(ordered[:n], min_common=10**9)  # pairs' kappas are not needed here
+        out.append((n, r.krippendorff_alpha, r.percent_agreement))
+    return out

@@ -185,6 +185,7 @@ class ItemInfo:
     batch: str
     meta: dict[str, Any]
     overlap: int = 3  # votes wanted (regular items)
+    status: str = "open"  # open / closed
 
 
 @dataclass
@@ -869,15 +870,7 @@ class Store:
         assignment) decide a repeat or a race, and the loser reads back what is stored."""
         if not isinstance(uid, str) or not UID_PATTERN.match(uid):
             raise StoreError("a vote id (uid) is 8-64 characters of letters, digits and _ . : -")
-        if choice not in CHOICES:
-            raise StoreError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
-        if strength is not None:
-            if strength not in STRENGTHS:
-                raise StoreError(
-                    f"strength must be one of {', '.join(STRENGTHS)} (or none), got {strength!r}"
-                )
-            if choice in ("tie", "both_bad"):
-                raise StoreError(f"a strength goes with a winner (a letter), not with choice {choice!r}")
+        _check_choice(choice, strength)
         rationale = rationale or ""
         _check_text("the rationale", rationale, MAX_RATIONALE)
         _check_text("guideline_version", guideline_version, 64)
@@ -966,6 +959,66 @@ class Store:
             return VoteReceipt(v.id, v.uid, v.assignment_id, v.item_id, v.choice, created=False)
 
         return self._transact(work)
+
+    def change_vote(
+        self, annotator: AnnotatorInfo, item_id: int, choice: str, *, uid: str, strength: str | None = None
+    ) -> VoteReceipt:
+        """Replace this annotator's vote on an open item by ``choice`` (and ``strength``), in one transaction:
+        the previous vote is kept, marked retracted (the history: ``votes(include_retracted=True)``), and the
+        new one carries its ratings, rationale, time and guideline version. Agreement and export read active
+        votes, so they use the newest. NotFound when they have no vote on the item; Conflict once it closed."""
+        _check_choice(choice, strength)
+        if not isinstance(uid, str) or not UID_PATTERN.match(uid):
+            raise StoreError("a vote id (uid) is 8-64 characters of letters, digits and _ . : -")
+        if isinstance(item_id, bool) or not isinstance(item_id, int) or not 1 <= item_id <= MAX_ID:
+            raise NotFound(f"no vote of {annotator.username} on item {item_id!r}")
+
+        def work(conn: Connection) -> VoteReceipt:
+            old = conn.execute(
+                select(VO, IT.c.status.label("item_status"))
+                .join(IT, IT.c.id == VO.c.item_id)
+                .where(
+                    VO.c.annotator_id == annotator.id, VO.c.item_id == item_id, VO.c.retracted_at.is_(None)
+                )
+            ).first()
+            if old is None:
+                raise NotFound(f"no vote of {annotator.username} on item {item_id}")
+            if old.item_status != "open":
+                raise Conflict(f"item {item_id} is closed; its votes can no longer change")
+            n = conn.execute(select(func.count()).where(IR.c.item_id == item_id)).scalar_one()
+            if choice not in (*_letters(n), "tie", "both_bad"):
+                raise StoreError(f"this item has answers {', '.join(_letters(n))}; got choice {choice!r}")
+            now = utcnow()
+            conn.execute(update(VO).where(VO.c.id == old.id).values(retracted_at=now))
+            vote_id = conn.execute(
+                insert(VO)
+                .values(uid=uid, assignment_id=old.assignment_id, item_id=item_id, annotator_id=annotator.id,
+                        choice=choice, ratings=old.ratings, strength=strength, rationale=old.rationale,
+                        time_spent_s=old.time_spent_s, guideline_version=old.guideline_version, created_at=now)
+                .returning(VO.c.id)
+            ).scalar_one()  # fmt: skip
+            return VoteReceipt(vote_id, uid, old.assignment_id, item_id, choice, created=True)
+
+        try:
+            return self._transact(work)
+        except IntegrityError:
+            raise Conflict(f"vote id {uid} is taken; make a new one for a new vote") from None
+
+    def add_votes_wanted(self, item_id: int, n: int = 1) -> int:
+        """Ask for ``n`` more votes on an open regular item (its overlap grows: the next annotator without it
+        gets it); the new overlap. For disputed items: one more annotator settles a split. Closed items are
+        never assigned, and gold items go to everyone in turn: both are refused (Conflict)."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 100:
+            raise StoreError(f"n must be an integer 1..100, got {n!r}")
+        with self._write() as s:
+            item = s.get(Item, item_id)
+            if item is None:
+                raise NotFound(f"no item {item_id}")
+            if item.status != "open" or item.gold_choice is not None:
+                raise Conflict(f"item {item_id} is {'closed' if item.status != 'open' else 'a gold item'}; "
+                               "only open regular items take more votes")  # fmt: skip
+            item.overlap += n
+            return item.overlap
 
     def release_stale(self, older_than: timedelta) -> int:
         """Free the slots of pending assignments nobody has touched for ``older_than`` (abandoned tabs), so
@@ -1061,7 +1114,9 @@ class Store:
                 ],
             }
 
-    def votes(self, include_retracted: bool = False) -> list[VoteRow]:
+    def votes(self, include_retracted: bool = False, annotator: str | None = None) -> list[VoteRow]:
+        """Active votes (with ``include_retracted``: also undone and changed ones, the history), oldest
+        first; ``annotator``: only that username's."""
         with self._read() as s:
             q = (
                 select(Vote, Annotator.username, Item.gold_choice)
@@ -1071,6 +1126,8 @@ class Store:
             )
             if not include_retracted:
                 q = q.where(Vote.retracted_at.is_(None))
+            if annotator is not None:
+                q = q.where(Annotator.username == annotator)
             return [
                 VoteRow(
                     vote_id=v.id,
@@ -1121,6 +1178,7 @@ class Store:
                     batch=item.batch,
                     meta=dict(item.meta or {}),
                     overlap=item.overlap,
+                    status=item.status,
                 )
             return out
 
@@ -1153,6 +1211,16 @@ def _check_ratings(ratings: Mapping[str, Any], letters: Sequence[str]) -> dict[s
         if clean:
             out[attribute] = clean
     return out
+
+
+def _check_choice(choice: Any, strength: Any) -> None:
+    if choice not in CHOICES:
+        raise StoreError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
+    if strength is not None:
+        if strength not in STRENGTHS:
+            raise StoreError(f"strength must be one of {', '.join(STRENGTHS)} (or none), got {strength!r}")
+        if choice in ("tie", "both_bad"):
+            raise StoreError(f"a strength goes with a winner (a letter), not with choice {choice!r}")
 
 
 def _is_text(value: Any, max_len: int) -> bool:

@@ -194,9 +194,10 @@ def sample_responses(
 
 
 def read_responses(path: str | Path) -> tuple[list[PromptSpec], dict[str, list[NewResponse]]]:
-    """Pre-generated answers from JSONL (see the module doc)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no responses file at {path}")
+    """Pre-generated answers from a JSONL (or JSON, parquet) file or a saved ``datasets`` folder (see the
+    module doc)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no responses file or datasets folder at {path}")
     prompts, responses = [], {}
     for where, row in iter_rows(path):
         spec = _prompt_from_row(row, where, Path(path).name)
@@ -267,6 +268,46 @@ def make_items(
                 )
             )
     return items
+
+
+def items_from_sources(
+    *,
+    prompts: str | None = None,
+    models: Sequence[str] = (),
+    responses: str | None = None,
+    world: int | None = None,
+    gold: int = 0,
+    split: str = "train",
+    limit: int | None = None,
+    sampling: SamplingConfig | None = None,
+    per_item: int = 2,
+    items_per_prompt: int = 1,
+    overlap: int = 3,
+    batch: str = "",
+    seed: int = 0,
+) -> list[NewItem]:
+    """Comparison items from exactly one source, as ``glmwb annotation add-tasks`` and the admin page's
+    import make them: ``responses`` (pre-generated answers, ``read_responses``), ``prompts`` with one or more
+    ``models`` to sample from, or ``world`` (N items of the embedded world, ``gold`` of them gold). A wrong
+    combination is a ``ConfigError``; a malformed file a ``PreferenceDataError`` naming the row and field."""
+    from glmwb.pretrain.errors import ConfigError
+
+    if sum(x is not None for x in (prompts, responses, world)) != 1:
+        raise ConfigError("give exactly one of --prompts (with --model), --responses FILE, --world N")
+    if world is not None:
+        return world_items(world, split, gold, overlap, seed, batch or "world")
+    if responses:
+        specs, answers = read_responses(responses)
+    else:
+        if not models:
+            raise ConfigError("--prompts needs --model DIR (one or more) to sample answers from")
+        specs = load_prompts(prompts, limit=limit, seed=seed)
+        answers = {p.uid: [] for p in specs}
+        for model in models:
+            for uid, sampled in sample_responses(specs, model, sampling or SamplingConfig(seed=seed)).items():
+                answers[uid].extend(sampled)
+    return make_items(specs, answers, per_item=per_item, items_per_prompt=items_per_prompt, overlap=overlap,
+                      batch=batch, seed=seed)  # fmt: skip
 
 
 def world_candidates(prompts: Sequence[PromptSpec], seed: int = 0) -> dict[str, list[NewResponse]]:

@@ -120,43 +120,20 @@ def cmd_set_password(args: argparse.Namespace) -> int:
 @_user_errors
 def cmd_add_tasks(args: argparse.Namespace) -> int:
     from glmwb.annotation import tasks
-    from glmwb.pretrain.errors import ConfigError
 
-    sources = sum(x is not None for x in (args.prompts, args.responses, args.world))
-    if sources != 1:
-        raise ConfigError("give exactly one of --prompts (with --model), --responses FILE, --world N")
-    if args.world is not None:
-        items = tasks.world_items(
-            args.world, args.split, args.gold, args.overlap, args.seed, args.batch or "world"
-        )
-    else:
-        if args.responses:
-            prompts, responses = tasks.read_responses(args.responses)
-        else:
-            if not args.model:
-                raise ConfigError("--prompts needs --model DIR (one or more) to sample answers from")
-            prompts = tasks.load_prompts(args.prompts, limit=args.limit, seed=args.seed)
-            config = tasks.SamplingConfig(
-                k=args.k,
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                batch_size=args.batch_size,
-                seed=args.seed,
-            )
-            responses: dict = {p.uid: [] for p in prompts}
-            for model in args.model:
-                for uid, answers in tasks.sample_responses(prompts, model, config).items():
-                    responses[uid].extend(answers)
-        items = tasks.make_items(
-            prompts,
-            responses,
-            per_item=args.per_item,
-            items_per_prompt=args.items_per_prompt,
-            overlap=args.overlap,
-            batch=args.batch,
-            seed=args.seed,
-        )
+    config = tasks.SamplingConfig(
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    items = tasks.items_from_sources(
+        prompts=args.prompts, models=tuple(args.model or ()), responses=args.responses, world=args.world,
+        gold=args.gold, split=args.split, limit=args.limit, sampling=config, per_item=args.per_item,
+        items_per_prompt=args.items_per_prompt, overlap=args.overlap, batch=args.batch, seed=args.seed,
+    )  # fmt: skip
     store = _store(args)
     ids = store.add_items(items, seed=args.seed)
     gold = sum(i.gold is not None for i in items)
@@ -316,7 +293,7 @@ def _store_parsers(nsub: argparse._SubParsersAction) -> None:
     _db(t)
     t.add_argument("--prompts", help="world[:split[:n]], a JSONL file or a datasets folder")
     t.add_argument("--model", action="append", help="an HF model folder to sample from (repeatable)")
-    t.add_argument("--responses", help="JSONL with pre-generated answers per prompt")
+    t.add_argument("--responses", help="JSONL file or datasets folder with pre-generated answers per prompt")
     t.add_argument("--world", type=int, help="N items from the embedded world's candidate answers")
     t.add_argument("--gold", type=int, default=0, help="with --world: this many gold items too")
     t.add_argument("--split", default="train", help="with --world: train or heldout")

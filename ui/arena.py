@@ -43,7 +43,7 @@ import gradio as gr
 from glmwb.annotation.arena import ARENA_CHOICES, ArenaBattle, BattleSide, RateLimiter, draw_pair
 from glmwb.annotation.store import AnnotatorInfo, Store, StoreError, VoteReceipt
 from glmwb.pretrain.chat_sources import AnswerStream, ChatSource, Sampling, SourceError
-from glmwb.ui.annotator import signed_in
+from glmwb.ui.annotator import FONT_STACK, MONO_STACK, signed_in
 from glmwb.ui.render import render_conversation, render_markdown
 
 LABELS = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both bad"}
@@ -593,7 +593,7 @@ def page_options() -> dict[str, Any]:
     return {
         "head": SHORTCUTS_JS,
         "css": CSS,
-        "theme": gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"]),
+        "theme": gr.themes.Default(font=list(FONT_STACK), font_mono=list(MONO_STACK)),  # covers Chinese
     }
 
 

@@ -53,3 +53,20 @@ def render_conversation(messages: Sequence[Mapping[str, Any]]) -> str:
         body = render_markdown(str(m.get("content", "")))
         parts.append(f'<div class="glmwb-turn glmwb-{role}"><div class="glmwb-role">{role}</div>{body}</div>')
     return "\n".join(parts)
+
+
+def render_prompt(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The prompt as the annotator page shows it: headed "Prompt", one block per message with its role and,
+    for a multi-turn prompt, its turn (a user message starts a turn): "User · turn 2"."""
+    parts, turn = [], 0
+    multi = sum(str(m.get("role")) == "user" for m in messages) > 1 or len(messages) > 2
+    for m in messages:
+        role = str(m.get("role", "?"))
+        turn += role == "user"
+        label = role.capitalize() + (f" · turn {max(turn, 1)}" if multi and role != "system" else "")
+        label = html.escape(show_controls(label)).translate(_TEMPLATE_CHARS)
+        css = html.escape(show_controls(role)).translate(_TEMPLATE_CHARS)
+        body = render_markdown(str(m.get("content", "")))
+        parts.append(f'<div class="glmwb-turn glmwb-{css}"><div class="glmwb-role">{label}</div>{body}</div>')
+    count = f" ({len(messages)} messages)" if multi else ""
+    return f'<div class="glmwb-prompt-label">Prompt{count}</div><div class="glmwb-prompt-body">{"".join(parts)}</div>'

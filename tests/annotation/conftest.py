@@ -325,3 +325,20 @@ def argilla_respond(url: str, api_key: str, record_id: str, values: dict, status
     )
     assert r.status_code == 201, r.text
     return r.json()
+
+
+ARTIFACTS = REPO / "build" / "test-artifacts"  # gitignored (build/): screenshots kept after the run
+
+
+def artifact(name: str) -> Path:
+    """Where a browser test keeps a screenshot: ``build/test-artifacts/<name>.png`` (made if missing)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS / f"{name}.png"
+
+
+@pytest.fixture
+def shots(request) -> Path:
+    """A browser test's screenshot folder: ``build/test-artifacts/<test name>/`` (kept after the run)."""
+    folder = ARTIFACTS / request.node.name.replace("/", "_")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

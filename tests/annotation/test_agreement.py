@@ -143,3 +143,42 @@ def test_report_on_known_votes():
     text = report.to_markdown()
     assert "Krippendorff" in text and "| ann |" in text
     assert report.to_dict()["per_annotator"]["cat"]["gold_accuracy"] is None  # NaN -> null in JSON
+
+
+def _v(vote_id: int, item_id: int, who: str, choice: str):
+    from datetime import datetime, timedelta
+    from types import SimpleNamespace
+
+    at = datetime(2026, 12, 1) + timedelta(minutes=vote_id)
+    return SimpleNamespace(vote_id=vote_id, item_id=item_id, annotator=who, choice=choice, gold_choice=None,
+                           created_at=at)  # fmt: skip
+
+
+def test_readings_and_why_a_statistic_is_not_available():
+    from glmwb.annotation.agreement import reading
+
+    assert [reading(x) for x in (-0.2, 0.1, 0.3, 0.5, 0.7, 0.9, float("nan"))] == [
+        "poor (worse than chance)", "slight", "fair", "moderate", "substantial", "almost perfect", ""
+    ]  # fmt: skip
+    assert "| n/a | no votes yet |" in agreement_report([]).to_markdown()
+    single = agreement_report([_v(1, 1, "x", "A"), _v(2, 2, "y", "B")])
+    assert single.na_reason("krippendorff_alpha") == "no item has two votes yet"
+    same = agreement_report([_v(1, 1, "x", "A"), _v(2, 1, "y", "A")])
+    assert same.percent_agreement == 1.0 and same.na_reason("krippendorff_alpha").startswith("every vote has")
+    assert same.na_reason("cohen_kappa_mean") == "no two annotators have 5 items in common yet"
+    assert same.na_reason("percent_agreement") == ""
+    split = agreement_report([_v(1, 1, "x", "A"), _v(2, 1, "y", "A"), _v(3, 2, "x", "A"), _v(4, 2, "y", "B")])
+    text = split.to_markdown()
+    assert f"| {split.fleiss_kappa:.3f} | {reading(split.fleiss_kappa)} |" in text
+
+
+def test_agreement_curve_and_votes_over_time():
+    from glmwb.annotation.agreement import agreement_curve, votes_over_time
+
+    votes = [_v(4, 2, "y", "B"), _v(1, 1, "x", "A"), _v(2, 1, "y", "A"), _v(3, 2, "x", "A")]  # any order
+    curve = agreement_curve(votes)
+    assert [n for n, _, _ in curve] == [1, 2, 3, 4]
+    assert math.isnan(curve[0][2]) and curve[1][2] == 1.0 and curve[2][2] == 1.0 and curve[3][2] == 0.5
+    assert curve[3][1] == pytest.approx(agreement_report(votes).krippendorff_alpha)
+    over = votes_over_time(votes)
+    assert [n for _, n in over["x"]] == [1, 2] and [t.minute for t, _ in over["y"]] == [2, 4]

@@ -2,7 +2,7 @@
 against every Gradio and API route, and (marked ``browser``) the annotator page in headless Chromium: two
 annotators sign in and vote by mouse and keyboard, undo and skip, model output with <script> / <img
 onerror> shows as text, and the admin tab. One server (uvicorn in a thread, on loopback) for the module;
-screenshots are kept under the test's tmp dir."""
+screenshots are kept under ``build/test-artifacts/<test name>/``."""
 
 from __future__ import annotations
 
@@ -223,10 +223,10 @@ def votes_of(store: Store, username: str) -> list[tuple[int, str]]:
 
 
 @pytest.mark.browser
-def test_two_annotators_vote_in_the_browser(site, browser, tmp_path):
+def test_two_annotators_vote_in_the_browser(site, browser, shots):
     store, base, _ = site
-    ctx_a, alice = sign_in(browser, base, "alice", tmp_path)
-    ctx_b, bob = sign_in(browser, base, "bob", tmp_path)
+    ctx_a, alice = sign_in(browser, base, "alice", shots)
+    ctx_b, bob = sign_in(browser, base, "bob", shots)
 
     # The first item for both is the one with script in its answers: shown as text, nothing runs.
     for page in (alice, bob):
@@ -237,7 +237,7 @@ def test_two_annotators_vote_in_the_browser(site, browser, tmp_path):
         assert page.locator("#answer-A a[href^='javascript'], #answer-B a[href^='javascript']").count() == 0
         assert page.evaluate("window.__pwned") is None
         assert SECRET in page.locator("#prompt").inner_text()
-    alice.screenshot(path=tmp_path / "alice-1-item.png", full_page=True)
+    alice.screenshot(path=shots / "alice-1-item.png", full_page=True)
     first_a, first_b = shown(store, "alice"), shown(store, "bob")
     assert first_a.item_id == first_b.item_id
     assert alice.locator("#answer-A").inner_text().strip().startswith(first_a.responses[0].split("**")[0][:8])
@@ -246,11 +246,13 @@ def test_two_annotators_vote_in_the_browser(site, browser, tmp_path):
     alice.get_by_text("Ratings (optional)").first.click()
     alice.locator("#rate-A-helpfulness").get_by_text("5").click()
     alice.locator("#rationale textarea").fill("A answers the question")
-    alice.locator("#strength").get_by_text("clearly").click()
     alice.locator("body").click(
         position={"x": 5, "y": 5}
     )  # leave the text box: shortcuts are off while typing
     alice.keyboard.press("1")
+    wait_text(alice, "#status", rf"Saved: item {first_a.item_id}, A is better")
+    # after the choice, "how much better" (optional) amends the vote just saved
+    alice.locator("#strength").get_by_text("clearly").click()
     wait_text(alice, "#status", rf"Saved: item {first_a.item_id}, A is clearly better")
     # bob: the mouse, "B is better"
     bob.locator("#vote-B").click()
@@ -280,8 +282,8 @@ def test_two_annotators_vote_in_the_browser(site, browser, tmp_path):
     wait_text(alice, "#status", rf"Skipped item {second_a.item_id}")
     assert shown(store, "alice").item_id != second_a.item_id
     assert "1 votes" in alice.locator("#header").inner_text()
-    alice.screenshot(path=tmp_path / "alice-2-after.png", full_page=True)
-    bob.screenshot(path=tmp_path / "bob-2-after.png", full_page=True)
+    alice.screenshot(path=shots / "alice-2-after.png", full_page=True)
+    bob.screenshot(path=shots / "bob-2-after.png", full_page=True)
     # annotators have no admin tab
     assert alice.get_by_role("tab", name="Admin").count() == 0
     ctx_a.close()
@@ -289,9 +291,9 @@ def test_two_annotators_vote_in_the_browser(site, browser, tmp_path):
 
 
 @pytest.mark.browser
-def test_admin_tab_progress_agreement_export(site, browser, tmp_path):
+def test_admin_tab_progress_agreement_export(site, browser, shots):
     store, base, tmp = site
-    context, page = sign_in(browser, base, "root", tmp_path)
+    context, page = sign_in(browser, base, "root", shots)
     page.get_by_role("tab", name="Admin").click()
     page.locator("#admin-refresh").click()
     wait_text(page, "#admin-overview", r"votes")
@@ -300,7 +302,7 @@ def test_admin_tab_progress_agreement_export(site, browser, tmp_path):
     wait_text(page, "#admin-agreement", "Krippendorff")
     page.locator("#admin-export").click()
     wait_text(page, "#admin-export-status", r"\d+ rows from \d+ items")
-    page.screenshot(path=tmp_path / "root-admin.png", full_page=True)
+    page.screenshot(path=shots / "root-admin.png", full_page=True)
     exported = list((tmp / "exports").glob("preferences-majority-*.jsonl"))
     assert len(exported) == 1
     from glmwb.annotation.preference_data import read_preferences
@@ -310,7 +312,7 @@ def test_admin_tab_progress_agreement_export(site, browser, tmp_path):
 
 
 @pytest.mark.browser
-def test_signed_out_browser_sees_only_the_sign_in_form(site, browser, tmp_path):
+def test_signed_out_browser_sees_only_the_sign_in_form(site, browser, shots):
     _, base, _ = site
     context = browser.new_context()
     page = context.new_page()
@@ -323,14 +325,14 @@ def test_signed_out_browser_sees_only_the_sign_in_form(site, browser, tmp_path):
     page.keyboard.press("Enter")
     time.sleep(1.5)
     assert page.locator("#answer-A").count() == 0 and SECRET not in page.content()
-    page.screenshot(path=tmp_path / "wrong-password.png", full_page=True)
+    page.screenshot(path=shots / "wrong-password.png", full_page=True)
     context.close()
 
 
 @pytest.mark.browser
-def test_an_item_with_four_answers(site, browser, tmp_path):
+def test_an_item_with_four_answers(site, browser, shots):
     store, base, _ = site
-    context, page = sign_in(browser, base, "dave", tmp_path)
+    context, page = sign_in(browser, base, "dave", shots)
     while len(shown(store, "dave").responses) != 4:  # judge (B) until the four-answer item comes up
         item = shown(store, "dave").item_id
         page.keyboard.press("2")
@@ -339,7 +341,7 @@ def test_an_item_with_four_answers(site, browser, tmp_path):
     for letter in "ABCD":
         assert page.locator(f"#answer-{letter}").is_visible() and page.locator(f"#vote-{letter}").is_visible()
     assert sorted(page.locator(f"#answer-{k}").inner_text().strip() for k in "ABCD") == sorted(FOUR)
-    page.screenshot(path=tmp_path / "dave-four.png", full_page=True)
+    page.screenshot(path=shots / "dave-four.png", full_page=True)
     page.locator("#vote-D").click()
     wait_text(page, "#status", rf"Saved: item {task.item_id}, D is better")
     assert (task.item_id, "D") in votes_of(store, "dave")

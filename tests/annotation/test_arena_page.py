@@ -91,7 +91,7 @@ def test_signed_out_clients_get_nothing(arena_site):
 
 
 @pytest.mark.browser
-def test_an_anonymous_battle_in_the_browser(arena_site, browser, tmp_path):
+def test_an_anonymous_battle_in_the_browser(arena_site, browser, shots):
     store, base, arena = arena_site
     context, page = sign_in(browser, base, "alice")
     page.get_by_role("tab", name="Leaderboard").click()
@@ -118,7 +118,7 @@ def test_an_anonymous_battle_in_the_browser(arena_site, browser, tmp_path):
     assert refused, "the battle finished before a vote could be tried"
     wait_text(page, "#anon-status", "Turn 1: both answered")
     assert max(len(s) for s in seen.values()) >= 3  # several partial answers were shown: streamed
-    page.screenshot(path=tmp_path / "alice-battle.png", full_page=True)
+    page.screenshot(path=shots / "alice-battle.png", full_page=True)
     # names hidden until the vote
     for k in "AB":
         assert page.locator(f"#anon-name-{k}").inner_text().strip() == f"Model {k}"
@@ -131,7 +131,7 @@ def test_an_anonymous_battle_in_the_browser(arena_site, browser, tmp_path):
     wait_text(page, "#anon-status", r"Saved: B is better .*counted for the leaderboard")
     shown = {k: page.locator(f"#anon-name-{k}").inner_text().split(":")[-1].strip() for k in "AB"}
     assert set(shown.values()) == {LOCAL, REMOTE}
-    page.screenshot(path=tmp_path / "alice-voted.png", full_page=True)
+    page.screenshot(path=shots / "alice-voted.png", full_page=True)
     ((vote, item),) = arena_votes(store, "alice")
     assert vote.choice == "B"
     assert [r.model for r in item.responses] == [shown["A"], shown["B"]]  # display order as shown
@@ -161,7 +161,7 @@ def test_an_anonymous_battle_in_the_browser(arena_site, browser, tmp_path):
     board = wait_text(page, "#leaderboard", "1 counted votes")
     assert board.index(shown["B"]) < board.index(shown["A"])  # the winner ranks first
     page.locator("#leaderboard-plot img").wait_for(timeout=30_000)
-    page.screenshot(path=tmp_path / "alice-leaderboard.png", full_page=True)
+    page.screenshot(path=shots / "alice-leaderboard.png", full_page=True)
 
     # a prompt that names a model: the vote is stored, not counted
     page.get_by_role("tab", name="Battle").click()
@@ -175,7 +175,7 @@ def test_an_anonymous_battle_in_the_browser(arena_site, browser, tmp_path):
 
 
 @pytest.mark.browser
-def test_named_mode_two_turns_regenerate_and_the_rate_limit(arena_site, browser, tmp_path):
+def test_named_mode_two_turns_regenerate_and_the_rate_limit(arena_site, browser, shots):
     store, base, _ = arena_site
     context, page = sign_in(browser, base, "bob")
     page.get_by_role("tab", name="Named").click()
@@ -193,7 +193,7 @@ def test_named_mode_two_turns_regenerate_and_the_rate_limit(arena_site, browser,
     send(page, "named", "One more?")
     wait_text(page, "#named-status", "Rate limit: at most 3 prompts a minute")
     assert page.locator("#named-answer-A .glmwb-user").count() == 2  # the refused prompt went nowhere
-    page.screenshot(path=tmp_path / "bob-named.png", full_page=True)
+    page.screenshot(path=shots / "bob-named.png", full_page=True)
     page.locator("#named-vote-A").click()
     wait_text(page, "#named-status", "a named battle, so it does not count")
     ((vote, item),) = arena_votes(store, "bob")
