@@ -80,6 +80,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         guideline_version=args.guideline_version or "",
         attributes=tuple(a for a in args.attributes.split(",") if a),
         export_dir=Path(args.export_dir),
+        import_dir=Path(args.import_dir),
     )
     if not args.session_hours > 0:
         raise ConfigError(f"--session-hours must be > 0, got {args.session_hours}")
@@ -256,6 +257,11 @@ def _annotate_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--attributes", default="correctness,helpfulness,language", help="rated attributes")
     a.add_argument("--gold-rate", type=float, default=0.1, help="share of gold items mixed in")
     a.add_argument("--export-dir", default="runs/annotation_exports")
+    a.add_argument(
+        "--import-dir",
+        default="runs/annotation_imports",
+        help="the only folder the Admin tab imports tasks from",
+    )
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--no-ui", action="store_true", help="the JSON API only")
     a.add_argument("--session-hours", type=float, default=12.0, help="a page session's life (hours)")

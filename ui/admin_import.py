@@ -5,14 +5,17 @@ makes them (``annotation.tasks.items_from_sources``: the same validation, the sa
 - prompts (a JSONL file, a saved ``datasets`` folder, or ``world[:split[:n]]``) and one or more model folders
   to sample answers from (``--prompts --model``), with the default sampling settings.
 
-The path is one the server can read (the page accepts no uploads: Gradio's upload route is refused). Admins
-only, like the CLI, which needs the database.
+The path is a file or folder under the page's import folder (``PageConfig.import_dir``, ``glmwb annotation
+annotate --import-dir``; default ``runs/annotation_imports``): the page accepts no uploads (Gradio's upload
+route is refused), and a path outside that folder is refused, so the page never reads other files of the
+server. Admins only, like the CLI, which needs the database.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 
@@ -52,8 +55,24 @@ def import_section() -> ImportView:
 
 
 class ImportHandlers:
-    def __init__(self, store: Store, view: ImportView, admin_only: Callable[[gr.Request], AnnotatorInfo]):
+    def __init__(
+        self,
+        store: Store,
+        view: ImportView,
+        admin_only: Callable[[gr.Request], AnnotatorInfo],
+        import_dir: Path | str = "runs/annotation_imports",
+    ):
         self.store, self.v, self.admin_only = store, view, admin_only
+        self.import_dir = Path(import_dir)
+
+    def outside(self, path: str) -> str | None:
+        """Why ``path`` may not be read (outside the import folder, after links and ``..``), or None."""
+        if path.startswith("world"):
+            return None
+        root = self.import_dir.resolve()
+        if Path(path).resolve().is_relative_to(root):
+            return None
+        return f"Not imported: {path} is outside the import folder {root}; put the file there first."
 
     def run(self, source: str, path: str, models: str, per_item: float, overlap: float, batch: str,
             request: gr.Request) -> str:  # fmt: skip
@@ -64,6 +83,8 @@ class ImportHandlers:
         folders = tuple(line.strip() for line in (models or "").splitlines() if line.strip())
         if not path:
             return "Not imported: give a file (or folder) on the server."
+        if (refused := self.outside(path)) is not None:
+            return refused
         try:
             by_source = {"responses": path} if source == SOURCES[0] else {"prompts": path, "models": folders}
             items = items_from_sources(**by_source, per_item=int(per_item or 2), overlap=int(overlap or 3),

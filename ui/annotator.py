@@ -131,6 +131,9 @@ class PageConfig:
     guideline_version: str = ""  # default: the first 12 hex digits of the guidelines' SHA-256
     attributes: tuple[str, ...] = ("correctness", "helpfulness", "language")
     export_dir: Path = field(default_factory=lambda: Path("runs/annotation_exports"))
+    import_dir: Path = field(
+        default_factory=lambda: Path("runs/annotation_imports")
+    )  # the Admin tab reads only here
     title: str = "glm-workbench · annotate"
 
     @property
@@ -506,7 +509,7 @@ class AdminHandlers:
     def wire(self) -> None:
         v = self.v
         ItemsHandlers(self.store, v.items, self.admin_only).wire(v.refresh)
-        ImportHandlers(self.store, v.imports, self.admin_only).wire()
+        ImportHandlers(self.store, v.imports, self.admin_only, self.config.import_dir).wire()
         v.refresh.click(self.refresh, None, [v.overview, v.agreement, v.charts], api_visibility="private")
         v.export_button.click(self.export, [v.export_mode, v.export_format, v.export_ties],
                               [v.export_status], api_visibility="private")  # fmt: skip

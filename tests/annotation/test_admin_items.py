@@ -82,7 +82,13 @@ def admin_site(tmp_path_factory):
             store.submit_vote(people[who], task.assignment_id, choice, uid=f"{who}-vote-{n}",
                               rationale=f"{who} thinks {choice} <b>bold</b>")  # fmt: skip
     server = ThreadServer(
-        create_app(store, ServerSettings(page=PageConfig(export_dir=tmp / "e"), gate=LoginGate()))
+        create_app(
+            store,
+            ServerSettings(
+                page=PageConfig(export_dir=tmp / "e", import_dir=tmp_path_factory.getbasetemp()),
+                gate=LoginGate(),
+            ),
+        )
     )
     yield store, server.base_url, dict(zip(("split", "agreed", "pending"), ids, strict=True))
     server.stop()
@@ -221,7 +227,7 @@ def test_admin_handlers_refuse_annotators_and_the_store_refuses_what_is_not_allo
     answers = tmp_path / "a.jsonl"
     answers.write_text(json.dumps({"prompt": "q", "responses": ["x", "y"]}) + "\n")
     admin_only = AdminHandlers(store, PageConfig(), None).admin_only
-    imports, items = ImportHandlers(store, None, admin_only), ItemsHandlers(store, None, admin_only)
+    imports, items = ImportHandlers(store, None, admin_only, tmp_path), ItemsHandlers(store, None, admin_only)
     as_alice, as_root = SimpleNamespace(username="alice"), SimpleNamespace(username="root")
     with pytest.raises(gr.Error, match="Admins only"):
         imports.run(SOURCES[0], str(answers), "", 2, 3, "", as_alice)
@@ -262,7 +268,7 @@ def test_import_from_a_datasets_folder(sqlite_store, tmp_path):
     rows = [{"prompt": f"问题 {i}", "responses": [f"答案 {i}", f"回答 {i}"]} for i in range(2)]
     folder = tmp_path / "answers"
     datasets.Dataset.from_list(rows).save_to_disk(str(folder))
-    imports = ImportHandlers(store, None, AdminHandlers(store, PageConfig(), None).admin_only)
+    imports = ImportHandlers(store, None, AdminHandlers(store, PageConfig(), None).admin_only, tmp_path)
     assert imports.run(SOURCES[0], str(folder), "", 2, 2, "ds", SimpleNamespace(username="root")) == (
         f"Added 2 items from {folder}."
     )
@@ -272,3 +278,13 @@ def test_import_from_a_datasets_folder(sqlite_store, tmp_path):
     } == {2}
     missing = imports.run(SOURCES[0], str(tmp_path / "nope"), "", 2, 2, "", SimpleNamespace(username="root"))
     assert missing == f"Not imported: no responses file or datasets folder at {tmp_path / 'nope'}"
+    # nothing outside the import folder is read: not a path outside it, not a link or ``..`` that leads out
+    (tmp_path / "out").symlink_to("/etc")
+    root = SimpleNamespace(username="root")
+    for outside in ("/etc/passwd", str(tmp_path / "out" / "passwd"), str(tmp_path / ".." / "x.jsonl")):
+        refused = imports.run(SOURCES[0], outside, "", 2, 2, "", root)
+        assert (
+            refused
+            == f"Not imported: {outside} is outside the import folder {tmp_path.resolve()}; put the file there first."
+        )
+    assert len(store.items()) == 2
