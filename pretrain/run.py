@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -126,6 +128,7 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
     from glmwb.pretrain.hf import load_pretrained, save_pretrained
     from glmwb.pretrain.model import GLM
     from glmwb.pretrain.run_folder import Budget, write_model_record, write_summary
+    from glmwb.pretrain.strategy import make_strategy
     from glmwb.pretrain.tokenizer import turn_terminator_ids
     from glmwb.pretrain.train import train
 
@@ -136,8 +139,12 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
             f"model.vocab_size ({recipe.model.vocab_size}) is smaller than the tokenizer's {len(tok)} tokens; "
             f"set model.vocab_size >= {len(tok)} (a multiple of 64 is fastest)"
         )
+    strategy = make_strategy(
+        recipe.train.strategy, recipe.train.zero_stage, recipe.optim.grad_clip, recipe.train.offload
+    )
+    strategy.setup()
     data_dir = Path(recipe.data.cache_dir or run_dir / "data")
-    if not (data_dir / "train" / "meta.json").is_file():
+    if strategy.is_main and not (data_dir / "train" / "meta.json").is_file():
         stats = build_dataset(
             corpus_texts(recipe.corpus),
             tok,
@@ -149,6 +156,7 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
             dedup_cfg=recipe.data.dedup,
         )
         print(f"data: {json.dumps(stats)}")
+    strategy.barrier()  # the other ranks read what the main one built
     train_data, heldout = load_packed(data_dir / "train"), load_packed(data_dir / "heldout")
     baseline = unigram_entropy(train_data, heldout, len(tok))
 
@@ -161,23 +169,27 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
     print(
         f"model: {model.num_params() / 1e6:.2f}M parameters, {cfg.num_layers} layers, hidden {cfg.hidden_size}"
     )
+
+    def finish(whole, summary: dict[str, Any]) -> None:  # main rank, whole parameters
+        if summary["signal"]:
+            return  # terminated: the checkpoint is saved; leave quickly
+        budget = Budget.from_dict(summary["budget"])
+        save_pretrained(whole, run_dir / "final", tokenizer=tok)
+        write_model_record(run_dir / "final", budget, run_dir, recipe.train.init_from)
+        summary["samples"] = world_samples(whole, tok, recipe)
+
     summary = train(
-        model,
-        tok,
-        train_data,
-        heldout,
-        recipe.optim,
-        recipe.train,
-        run_dir,
-        seed=recipe.run.seed,
-        unigram_baseline=baseline,
-    )
+        model, tok, train_data, heldout, recipe.optim, recipe.train, run_dir, seed=recipe.run.seed,
+        unigram_baseline=baseline, strategy=strategy, on_done=finish,
+    )  # fmt: skip
     summary["unigram_baseline"] = baseline
     budget = Budget.from_dict(summary["budget"])
-    save_pretrained(model, run_dir / "final", tokenizer=tok)
-    write_model_record(run_dir / "final", budget, run_dir, recipe.train.init_from)
-    summary["samples"] = world_samples(model, tok, recipe)
+    if not strategy.is_main:
+        return summary
     write_summary(run_dir, summary, budget)
+    if summary["signal"]:
+        print(f"pretrain: {budget.line()}; rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(128 + signal.Signals[summary["signal"]].value)  # as the signal itself would
     before = summary.get("heldout_loss_before", float("nan"))
     print(
         f"held-out loss: {before:.3f} before → {summary['heldout_loss_after']:.3f} after "
