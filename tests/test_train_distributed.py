@@ -55,6 +55,7 @@ def tok(tiny_tokenizer, tmp_path_factory) -> Path:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # about 4 minutes on 2 busy cores (three runs, DeepSpeed's start-up in each rank)
 def test_two_ranks_zero2_and_zero3_match_one_process(tok, tmp_path) -> None:
     pytest.importorskip("deepspeed")
     steps = "train.max_steps=4"
