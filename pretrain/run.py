@@ -7,7 +7,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 
@@ -15,7 +15,7 @@ from glmwb.kernels.config import KernelConfig
 from glmwb.pretrain.config import GLMConfig
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.optim import OptimConfig
-from glmwb.pretrain.ranges import PositiveInt
+from glmwb.pretrain.ranges import PositiveFloat, PositiveInt, Range
 from glmwb.pretrain.settings import RunConfig, WorldConfig
 from glmwb.pretrain.train import DataConfig, TrainConfig
 
@@ -29,10 +29,33 @@ class CorpusConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     num_docs: PositiveInt = 20_000  # documents drawn from the world
     max_docs: PositiveInt | None = None  # cap on documents read from files
+    # the world's document kinds and their weights (entity, arithmetic, conversion, chat); null: the
+    # world's own mix. A curriculum's later stages weigh the task-shaped kinds (chat, arithmetic) up
+    mix: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.source == "files" and not self.paths:
             raise ValueError("corpus.source is 'files' but corpus.paths is empty; list JSONL or .txt files")
+        if self.mix is not None:
+            from glmwb.pretrain.world.corpus import CORPUS_MIX
+
+            unknown = sorted(set(self.mix) - set(CORPUS_MIX))
+            if unknown or any(not (w >= 0) for w in self.mix.values()) or sum(self.mix.values()) <= 0:
+                raise ValueError(
+                    f"corpus.mix must weigh the kinds {', '.join(CORPUS_MIX)} with numbers >= 0 that sum "
+                    f"above 0, got {dict(self.mix)}"
+                    + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+                )
+
+
+@dataclass(frozen=True)
+class ContextExtension:
+    """Long-context continued training (GLM-4: 2K -> 32K -> 128K): the rotary settings the model takes on
+    before this stage trains at the longer ``data.seq_len`` (null keeps the model's own)."""
+
+    rope_theta: PositiveFloat | None = None  # a larger base: slower-turning frequencies for longer spans
+    rope_scaling_factor: Annotated[float, Range(lo=1)] | None = None  # position interpolation
+    max_position_embeddings: PositiveInt | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +88,7 @@ class PretrainRecipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     kernels: KernelConfig | None = None  # null: plain PyTorch; a section picks Triton kernels per op (GPU)
+    extend_context: ContextExtension | None = None  # applied to the model (new or train.init_from) first
 
 
 def corpus_texts(cfg: CorpusConfig) -> list[str]:
@@ -73,7 +97,7 @@ def corpus_texts(cfg: CorpusConfig) -> list[str]:
         from glmwb.pretrain.world import make_world
 
         world = make_world(seed=cfg.world.seed, num_entities=cfg.world.num_entities)
-        return world.corpus(cfg.num_docs, seed=cfg.world.seed)
+        return world.corpus(cfg.num_docs, seed=cfg.world.seed, mix=cfg.mix)
     from glmwb.pretrain.data import read_texts
 
     texts = read_texts(list(cfg.paths))
@@ -166,6 +190,7 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
         model = load_pretrained(recipe.train.init_from, kernels=recipe.kernels)
     else:
         model = GLM(cfg, kernels=recipe.kernels)
+    extend_context(model, recipe.extend_context)
     print(
         f"model: {model.num_params() / 1e6:.2f}M parameters, {cfg.num_layers} layers, hidden {cfg.hidden_size}"
     )
@@ -197,6 +222,18 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
         f"model → {run_dir / 'final'} ({budget.line()})"
     )
     return summary
+
+
+def extend_context(model, ext: ContextExtension | None) -> None:
+    """Give ``model`` the rotary base / interpolation factor / position limit ``ext`` sets (the weights stay)."""
+    if ext is None:
+        return
+    changes = {k: v for k in ("rope_theta", "rope_scaling_factor", "max_position_embeddings")
+               if (v := getattr(ext, k)) is not None and v != getattr(model.config, k)}  # fmt: skip
+    if changes:
+        before = ", ".join(f"{k} {getattr(model.config, k):g} -> {v:g}" for k, v in changes.items())
+        model.config = model.config.with_(**changes)
+        print(f"context extension: {before}")
 
 
 def world_samples(model, tok, recipe: PretrainRecipe, per_lang: int = 2) -> list[dict]:

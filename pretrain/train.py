@@ -427,6 +427,8 @@ def train(
     started = time.time()
     step, tokens_seen, reason = _loop(r, step, tokens_seen, heldout_loss, summary)
     elapsed = time.time() - started
+    if "heldout_loss_after" not in summary:  # resumed from its last step (a finished curriculum stage)
+        summary["heldout_loss_after"] = heldout_loss()
     budget = Budget("pretrain", train_cfg.max_steps, step, reason is not None, reason)
     if strategy.is_main:
         _plot_loss(model, run_dir, r.metrics.path, budget)

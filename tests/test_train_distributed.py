@@ -82,7 +82,9 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resume_continues(tok, tmp_path
     proc = subprocess.Popen([sys.executable, *CLI, *args, "train.max_steps=100000"], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 300
-    while time.time() < deadline and len(_losses(run_dir) if (run_dir / "metrics.jsonl").exists() else []) < 3:
+    while (
+        time.time() < deadline and len(_losses(run_dir) if (run_dir / "metrics.jsonl").exists() else []) < 3
+    ):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
