@@ -108,3 +108,42 @@ def test_mfu_and_tokens_per_second_in_the_metrics(packed, tiny_tokenizer, tmp_pa
     _run(packed, tiny_tokenizer, tmp_path / "cpu", max_steps=1)  # a CPU has no peak in the table: no MFU
     rows = [json.loads(line) for line in (tmp_path / "cpu" / "metrics.jsonl").read_text().splitlines()]
     assert [("mfu" in r, "tokens_per_s" in r) for r in rows if r["kind"] == "train"] == [(False, True)]
+
+
+def test_dry_run_estimates_the_1b_recipe_without_building_anything(monkeypatch, capsys):
+    from glmwb.pretrain import model as model_module
+    from glmwb.recipes.cli import main
+
+    def refuse(*a, **k):
+        raise AssertionError("the dry run built a model")
+
+    monkeypatch.setattr(model_module.GLM, "__init__", refuse)
+    assert main(["run", "recipes/pretrain_1b.yaml", "--dry-run", "--gpus", "8", "--gpu", "H100"]) == 0
+    out = capsys.readouterr().out
+    p = GLMConfig(vocab_size=65536, hidden_size=2048, intermediate_size=5632, num_layers=20, num_heads=16,
+                  num_kv_heads=2, head_dim=128).num_params()  # fmt: skip
+    assert f"{p / 1e9:.3f}B parameters" in out and p == pytest.approx(1.149e9, rel=1e-3)
+    # ZeRO-2 over 8 GPUs: bf16 weights 2P, gradients 2P / 8, Adam states 12P / 8; checkpointed activations
+    # 20 layers x 2 s b h + one layer's 34 s b h (s 2048, b 16, h 2048); no logits (fused cross-entropy)
+    acts = (20 * 2 + 34) * 2048 * 16 * 2048
+    zero2 = next(line for line in out.splitlines() if line.endswith("<- the recipe"))
+    assert zero2.split()[:2] == ["2", "-"]
+    want = [
+        2 * p / 1e9,
+        2 * p / 8 / 1e9,
+        12 * p / 8 / 1e9,
+        acts / 1e9,
+        0.0,
+        (2 * p + 14 * p / 8 + acts) / 1e9,
+    ]
+    assert [float(x) for x in zero2.split()[2:8]] == pytest.approx(want, abs=0.006)
+    seconds = 262_144 * flops_per_token(GLMConfig(vocab_size=65536, hidden_size=2048, intermediate_size=5632,
+        num_layers=20, num_heads=16, num_kv_heads=2, head_dim=128), 2048) * 4 / 3 / (8 * 989e12 * 0.4)  # fmt: skip
+    assert f"(H100): {seconds:.2f} s" in out
+
+
+def test_dry_run_of_another_stage_is_a_user_error(capsys):
+    from glmwb.recipes.cli import main
+
+    assert main(["run", "recipes/sft.yaml", "--dry-run"]) == 2
+    assert "--dry-run estimates pretrain recipes" in capsys.readouterr().err
