@@ -209,12 +209,14 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
     )  # fmt: skip
     summary["unigram_baseline"] = baseline
     budget = Budget.from_dict(summary["budget"])
+    if strategy.is_main:
+        write_summary(run_dir, summary, budget)
+    if summary["signal"]:  # every rank: the launcher sees the run did not finish
+        if strategy.is_main:
+            print(f"pretrain: {budget.line()}; rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(128 + signal.Signals[summary["signal"]].value)  # as the signal itself would
     if not strategy.is_main:
         return summary
-    write_summary(run_dir, summary, budget)
-    if summary["signal"]:
-        print(f"pretrain: {budget.line()}; rerun the same command to resume", file=sys.stderr)
-        raise SystemExit(128 + signal.Signals[summary["signal"]].value)  # as the signal itself would
     before = summary.get("heldout_loss_before", float("nan"))
     print(
         f"held-out loss: {before:.3f} before → {summary['heldout_loss_after']:.3f} after "
