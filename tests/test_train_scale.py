@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,3 +148,39 @@ def test_dry_run_of_another_stage_is_a_user_error(capsys):
 
     assert main(["run", "recipes/sft.yaml", "--dry-run"]) == 2
     assert "--dry-run estimates pretrain recipes" in capsys.readouterr().err
+
+
+def test_loss_by_position_averages_to_the_one_stream_loss(packed, tiny_tokenizer):  # noqa: F811
+    from glmwb.pretrain.data import PackedDataset
+    from glmwb.pretrain.long_context import buckets, loss_by_position
+    from glmwb.pretrain.model import GLM
+    from glmwb.pretrain.train import evaluate
+    from tests.tiny import TINY
+
+    torch.manual_seed(0)
+    model = GLM(TINY.with_(vocab_size=max(TINY.vocab_size, len(tiny_tokenizer)))).eval()
+    tokens = np.asarray(packed[1].tokens[:6])
+    rows = PackedDataset(tokens, np.zeros_like(tokens))  # one document per row: every target counts
+    curve = loss_by_position(model, rows, rows=6, batch_size=4)
+    assert curve.shape == (rows.seq_len - 1,) and np.isfinite(curve).all()
+    # the mean over positions is evaluate()'s token mean over the same rows; batching changes nothing
+    whole = evaluate(model, rows, 2, 3, torch.device("cpu"), None, one_stream=True)
+    assert float(curve.mean()) == pytest.approx(whole, rel=1e-5)
+    np.testing.assert_allclose(loss_by_position(model, rows, rows=6, batch_size=1), curve, rtol=1e-5)
+    assert [b[:2] for b in buckets(curve, 16)] == [(0, 15), (16, 31), (32, 47), (48, 62)]
+
+
+def test_extend_context_changes_the_rotary_settings_and_keeps_the_weights():
+    from glmwb.pretrain.run import ContextExtension, extend_context
+
+    model = random_glm(small_config())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    extend_context(
+        model, ContextExtension(rope_theta=1e5, rope_scaling_factor=2.0, max_position_embeddings=1024)
+    )
+    assert (model.config.rope_theta, model.config.rope_scaling_factor) == (1e5, 2.0)
+    assert model.config.max_position_embeddings == 1024
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    ids = torch.randint(0, model.config.vocab_size, (1, 20))
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, random_glm(small_config())(ids).logits)
