@@ -192,7 +192,7 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
         model = GLM(cfg, kernels=recipe.kernels)
     extend_context(model, recipe.extend_context)
     print(
-        f"model: {model.num_params() / 1e6:.2f}M parameters, {cfg.num_layers} layers, hidden {cfg.hidden_size}"
+        f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.num_layers} layers, hidden {model.config.hidden_size}"
     )
 
     def finish(whole, summary: dict[str, Any]) -> None:  # main rank, whole parameters
