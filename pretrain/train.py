@@ -313,7 +313,8 @@ def _checkpoint(r: _Run, step: int, tokens_seen: int) -> None:
 
 
 def _plot_loss(model: GLM, run_dir: Path, metrics_path: Path, budget: Budget) -> None:
-    cfg, n_params = model.config, sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    n_params = cfg.num_params()  # from the config: under ZeRO-3 this rank holds a slice of each parameter
     what = f"GLM, {n_params / 1e6:.2f}M parameters ({cfg.num_layers} layers, hidden {cfg.hidden_size})"
     plot_curves(
         metrics_path, run_dir / "loss.png", LOSS_PANELS, run_title("pretraining", run_dir, what, budget)
@@ -417,7 +418,7 @@ def train(
     )
 
     def heldout_loss() -> float:
-        return evaluate(r.fwd, heldout_data, train_cfg.batch_size, train_cfg.eval_batches, r.device,
+        return evaluate(r.model, heldout_data, train_cfg.batch_size, train_cfg.eval_batches, r.device,
                         r.amp_dtype, train_cfg.cross_document_attention)  # fmt: skip
 
     summary: dict[str, Any] = {"start_step": step}
