@@ -247,7 +247,7 @@ def _train_step(r: _Run, micro: list[dict]) -> tuple[float, float]:
 
 def _setup(model: GLM, optim_cfg: OptimConfig, train_cfg: TrainConfig, seed: int):
     """Device, autocast dtype, threads, seed, the model on its device, and its optimizer (fused AdamW on
-    CUDA)."""
+    CUDA unless ZeRO-Offload steps it on the CPU)."""
     device = resolve_device(train_cfg.device)
     amp_dtype = autocast_dtype(train_cfg.dtype, device)
     if train_cfg.num_threads:
@@ -255,7 +255,9 @@ def _setup(model: GLM, optim_cfg: OptimConfig, train_cfg: TrainConfig, seed: int
     seed_everything(seed)
     model.to(device)
     model.gradient_checkpointing = train_cfg.gradient_checkpointing
-    return device, amp_dtype, make_optimizer(model, optim_cfg, device)
+    # fused AdamW needs CUDA tensors; ZeRO-Offload steps the optimizer on the CPU
+    offloaded = train_cfg.strategy == "deepspeed" and train_cfg.offload
+    return device, amp_dtype, make_optimizer(model, optim_cfg, torch.device("cpu") if offloaded else device)
 
 
 def _prepare(model, tokenizer, train_data, optim_cfg, train_cfg, run_dir, seed, strategy, log):
