@@ -4,6 +4,7 @@ each (no document mask: positions run 0 .. seq_len - 1), the next-token loss is 
 the rows and reported per bucket of positions, printed, written as JSON and plotted.
 
     python -m glmwb.pretrain.long_context --model base=runs/lc/base/final --model long=runs/lc/long/final \\
+        --model base_theta1e5=runs/lc/base/final,rope_theta=100000 \\
         --data runs/lc/long/data/heldout --train-len 128 --out docs/results/data/long-context
 """
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from glmwb.pretrain.hf import load_pretrained
 
     p = argparse.ArgumentParser(description="Held-out loss by position, before and after context extension.")
-    p.add_argument("--model", action="append", required=True, metavar="NAME=DIR")
+    p.add_argument("--model", action="append", required=True, metavar="NAME=DIR[,rope_theta=X]")
     p.add_argument("--data", required=True, help="a packed held-out folder (meta.json, tokens.npy)")
     p.add_argument("--train-len", type=int, required=True, help="the base model's training length")
     p.add_argument("--rows", type=int, default=64)
@@ -78,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     curves, table = {}, {}
     for spec in args.model:
-        name, _, folder = spec.partition("=")
+        name, _, rest = spec.partition("=")
+        folder, *changes = rest.split(",")  # DIR,rope_theta=100000: that model with other rotary settings
         model = load_pretrained(folder)
+        if changes:
+            model.config = model.config.with_(**{k: float(v) for k, v in (c.split("=") for c in changes)})
         curves[name] = loss_by_position(model, data, args.rows)
         table[name] = {
             "rope_theta": model.config.rope_theta,
