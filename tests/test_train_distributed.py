@@ -1,5 +1,5 @@
-"""Pretraining at scale on the CPU: two ranks (gloo) under DeepSpeed ZeRO-2 and ZeRO-3 follow the loss curve of
-one process with the same global batch; SIGTERM saves a checkpoint, exits 143 and the run resumes from it.
+"""Pretraining at scale on the CPU: two ranks (gloo) under DeepSpeed ZeRO-2 and ZeRO-3 (with and without CPU
+offload) follow the loss curve of one process with the same global batch; SIGTERM saves a checkpoint, exits 143 and the run resumes from it.
 
 Every run goes through the CLI (``glmwb run recipes/pretrain_tiny.yaml``; two ranks under ``torchrun``), with
 one packed data folder built by the first run and shared by the others.
@@ -55,25 +55,28 @@ def tok(tiny_tokenizer, tmp_path_factory) -> Path:
 
 
 @pytest.mark.distributed
-@pytest.mark.slow  # about 4 minutes on 2 busy cores (three runs, DeepSpeed's start-up in each rank)
+@pytest.mark.slow  # 1-4 minutes on 2 cores (five runs, DeepSpeed's start-up in each rank)
 def test_two_ranks_zero2_and_zero3_match_one_process(tok, tmp_path) -> None:
+    """ZeRO-2 and ZeRO-3, each without and with CPU offload of the optimizer states (ZeRO-3: and the
+    parameters), over two gloo ranks with grad_accum 1 = one process with grad_accum 2."""
     pytest.importorskip("deepspeed")
     steps = "train.max_steps=4"
     _run([sys.executable, *CLI, *_args(tmp_path, tok, "one", steps, "train.grad_accum=2")])
     one = _losses(tmp_path / "one")
     assert len(one) == 4 and one[-1] < one[0]  # it learns: the comparison is not of constants
-    for stage in (2, 3):
+    for stage, offload in ((2, False), (3, False), (2, True), (3, True)):
+        name = f"zero{stage}{'_offload' if offload else ''}"
         two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *CLI,
-               *_args(tmp_path, tok, f"zero{stage}", steps, "train.grad_accum=1", "train.strategy=deepspeed",
-                      f"train.zero_stage={stage}")]  # fmt: skip
+               *_args(tmp_path, tok, name, steps, "train.grad_accum=1", "train.strategy=deepspeed",
+                      f"train.zero_stage={stage}", f"train.offload={str(offload).lower()}")]  # fmt: skip
         _run(two)
-        got = _losses(tmp_path / f"zero{stage}")
+        got = _losses(tmp_path / name)
         assert len(got) == len(one)
         gap = max(abs(a - b) for a, b in zip(one, got, strict=True))
-        assert gap < LOSS_TOLERANCE, (stage, one, got)
-        summary = json.loads((tmp_path / f"zero{stage}" / "summary.json").read_text())
+        assert gap < LOSS_TOLERANCE, (name, one, got)
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert (summary["world_size"], summary["zero_stage"]) == (2, stage)
-        assert (tmp_path / f"zero{stage}" / "final" / "model.safetensors").is_file()
+        assert (tmp_path / name / "final" / "model.safetensors").is_file()
 
 
 def test_sigterm_saves_a_checkpoint_exits_143_and_resume_continues(tok, tmp_path) -> None:
