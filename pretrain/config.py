@@ -22,7 +22,9 @@ class GLMConfig:
     num_kv_heads: PositiveInt = 2  # grouped-query attention: num_heads % num_kv_heads == 0
     head_dim: PositiveInt = 32
     rms_norm_eps: PositiveFloat = 1.5625e-07
-    rope_theta: PositiveFloat = 10_000.0  # GLM: 10,000 x rope_ratio
+    rope_theta: PositiveFloat = 10_000.0  # GLM: 10,000 x rope_ratio; raise it to extend the context
+    # position interpolation (Chen et al. 2023; Hugging Face's "linear" rope): positions divided by this
+    rope_scaling_factor: Annotated[float, Range(lo=1)] = 1.0
     # only the first half of each head rotates
     partial_rotary_factor: Annotated[float, Range(0, 1, lo_open=True)] = 0.5
     max_position_embeddings: PositiveInt = 2048

@@ -72,9 +72,10 @@ def to_hf_config(cfg: GLMConfig) -> transformers.GlmConfig | transformers.Glm4Co
         initializer_range=cfg.initializer_range,
         rms_norm_eps=cfg.rms_norm_eps,
         rope_parameters={
-            "rope_type": "default",
+            "rope_type": "default" if cfg.rope_scaling_factor == 1.0 else "linear",
             "rope_theta": cfg.rope_theta,
             "partial_rotary_factor": cfg.partial_rotary_factor,
+            **({"factor": cfg.rope_scaling_factor} if cfg.rope_scaling_factor != 1.0 else {}),
         },
         attention_bias=cfg.attention_bias,
         tie_word_embeddings=False,
@@ -95,9 +96,9 @@ def from_hf_config(hf_cfg: transformers.PretrainedConfig | Mapping[str, Any]) ->
         raise ValueError(f"from_hf_config: expected model_type 'glm' or 'glm4', got {model_type!r}")
     rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
+    if rope_type not in ("default", "linear"):
         raise NotImplementedError(
-            f"from_hf_config: rope_type {rope_type!r} is not supported (only 'default')"
+            f"from_hf_config: rope_type {rope_type!r} is not supported (only 'default' and 'linear')"
         )
     if d.get("tie_word_embeddings", False):
         raise NotImplementedError(
@@ -117,6 +118,7 @@ def from_hf_config(hf_cfg: transformers.PretrainedConfig | Mapping[str, Any]) ->
         rms_norm_eps=d["rms_norm_eps"],
         rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10_000.0))),
         partial_rotary_factor=float(rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5))),
+        rope_scaling_factor=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0,
         max_position_embeddings=d["max_position_embeddings"],
         attention_bias=d.get("attention_bias", True),
         post_norms=model_type == "glm4",

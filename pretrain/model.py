@@ -84,13 +84,16 @@ class RMSNorm(nn.Module):
 
 
 def rotary_cos_sin(
-    position_ids: Tensor, rotary_dim: int, theta: float, dtype: torch.dtype
+    position_ids: Tensor, rotary_dim: int, theta: float, dtype: torch.dtype, factor: float = 1.0
 ) -> tuple[Tensor, Tensor]:
     """cos / sin of the R/2 frequencies at each position, computed in fp32 then cast; each (B, T, R/2).
 
-    inv_freq_i = theta^(-2i / R), i = 0 .. R/2 - 1 (the same float ops as Hugging Face's default rope)."""
+    inv_freq_i = theta^(-2i / R), i = 0 .. R/2 - 1 (the same float ops as Hugging Face's default rope),
+    divided by ``factor`` > 1 for position interpolation (Hugging Face's "linear" rope)."""
     exponents = torch.arange(0, rotary_dim, 2, device=position_ids.device).float() / rotary_dim  # (R/2,)
     inv_freq = 1.0 / theta**exponents  # (R/2,)
+    if factor != 1.0:
+        inv_freq = inv_freq / factor
     freqs = position_ids[..., None].float() * inv_freq  # (B, T, R/2)
     return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
@@ -125,15 +128,20 @@ class Rope:
     inv_freq: Tensor | None = None
 
 
-def rope_cos_sin(position_ids: Tensor, rotary_dim: int, theta: float, dtype: torch.dtype) -> Rope:
-    cos, sin = rotary_cos_sin(position_ids, rotary_dim, theta, dtype)
+def rope_cos_sin(
+    position_ids: Tensor, rotary_dim: int, theta: float, dtype: torch.dtype, factor: float = 1.0
+) -> Rope:
+    cos, sin = rotary_cos_sin(position_ids, rotary_dim, theta, dtype, factor)
     return Rope(position_ids, cos=cos, sin=sin)
 
 
-def rope_inv_freq(position_ids: Tensor, rotary_dim: int, theta: float, dtype: torch.dtype) -> Rope:
+def rope_inv_freq(
+    position_ids: Tensor, rotary_dim: int, theta: float, dtype: torch.dtype, factor: float = 1.0
+) -> Rope:
     from glmwb.kernels.rotary import rotary_inv_freq
 
-    return Rope(position_ids, inv_freq=rotary_inv_freq(rotary_dim, theta, device=position_ids.device))
+    inv_freq = rotary_inv_freq(rotary_dim, theta, device=position_ids.device)
+    return Rope(position_ids, inv_freq=inv_freq / factor if factor != 1.0 else inv_freq)
 
 
 def qkv_rotary(
@@ -551,7 +559,8 @@ class GLM(nn.Module):
 
         x = self.embed_tokens(input_ids)  # (B, T, D)
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
-        rope = self.rope_fn(position_ids, self.config.rotary_dim, self.config.rope_theta, dtype)
+        cfg = self.config
+        rope = self.rope_fn(position_ids, cfg.rotary_dim, cfg.rope_theta, dtype, cfg.rope_scaling_factor)
 
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:

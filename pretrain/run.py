@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 
@@ -13,7 +15,7 @@ from glmwb.kernels.config import KernelConfig
 from glmwb.pretrain.config import GLMConfig
 from glmwb.pretrain.errors import ConfigError
 from glmwb.pretrain.optim import OptimConfig
-from glmwb.pretrain.ranges import PositiveInt
+from glmwb.pretrain.ranges import PositiveFloat, PositiveInt, Range
 from glmwb.pretrain.settings import RunConfig, WorldConfig
 from glmwb.pretrain.train import DataConfig, TrainConfig
 
@@ -27,10 +29,33 @@ class CorpusConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     num_docs: PositiveInt = 20_000  # documents drawn from the world
     max_docs: PositiveInt | None = None  # cap on documents read from files
+    # the world's document kinds and their weights (entity, arithmetic, conversion, chat); null: the
+    # world's own mix. A curriculum's later stages weigh the task-shaped kinds (chat, arithmetic) up
+    mix: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.source == "files" and not self.paths:
             raise ValueError("corpus.source is 'files' but corpus.paths is empty; list JSONL or .txt files")
+        if self.mix is not None:
+            from glmwb.pretrain.world.corpus import CORPUS_MIX
+
+            unknown = sorted(set(self.mix) - set(CORPUS_MIX))
+            if unknown or any(not (w >= 0) for w in self.mix.values()) or sum(self.mix.values()) <= 0:
+                raise ValueError(
+                    f"corpus.mix must weigh the kinds {', '.join(CORPUS_MIX)} with numbers >= 0 that sum "
+                    f"above 0, got {dict(self.mix)}"
+                    + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+                )
+
+
+@dataclass(frozen=True)
+class ContextExtension:
+    """Long-context continued training (GLM-4: 2K -> 32K -> 128K): the rotary settings the model takes on
+    before this stage trains at the longer ``data.seq_len`` (null keeps the model's own)."""
+
+    rope_theta: PositiveFloat | None = None  # a larger base: slower-turning frequencies for longer spans
+    rope_scaling_factor: Annotated[float, Range(lo=1)] | None = None  # position interpolation
+    max_position_embeddings: PositiveInt | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +88,7 @@ class PretrainRecipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     kernels: KernelConfig | None = None  # null: plain PyTorch; a section picks Triton kernels per op (GPU)
+    extend_context: ContextExtension | None = None  # applied to the model (new or train.init_from) first
 
 
 def corpus_texts(cfg: CorpusConfig) -> list[str]:
@@ -71,7 +97,7 @@ def corpus_texts(cfg: CorpusConfig) -> list[str]:
         from glmwb.pretrain.world import make_world
 
         world = make_world(seed=cfg.world.seed, num_entities=cfg.world.num_entities)
-        return world.corpus(cfg.num_docs, seed=cfg.world.seed)
+        return world.corpus(cfg.num_docs, seed=cfg.world.seed, mix=cfg.mix)
     from glmwb.pretrain.data import read_texts
 
     texts = read_texts(list(cfg.paths))
@@ -126,6 +152,7 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
     from glmwb.pretrain.hf import load_pretrained, save_pretrained
     from glmwb.pretrain.model import GLM
     from glmwb.pretrain.run_folder import Budget, write_model_record, write_summary
+    from glmwb.pretrain.strategy import make_strategy
     from glmwb.pretrain.tokenizer import turn_terminator_ids
     from glmwb.pretrain.train import train
 
@@ -136,12 +163,16 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
             f"model.vocab_size ({recipe.model.vocab_size}) is smaller than the tokenizer's {len(tok)} tokens; "
             f"set model.vocab_size >= {len(tok)} (a multiple of 64 is fastest)"
         )
+    strategy = make_strategy(
+        recipe.train.strategy, recipe.train.zero_stage, recipe.optim.grad_clip, recipe.train.offload
+    )
+    strategy.setup()
     data_dir = Path(recipe.data.cache_dir or run_dir / "data")
     if recipe.data.shards:  # the streaming pipeline's output (glmwb run recipes/data.yaml)
         from glmwb.pretrain.stream import load_sharded
 
         train_data, heldout = load_sharded(recipe.data.shards, recipe.data.seq_len, tok)
-    elif not (data_dir / "train" / "meta.json").is_file():
+    elif strategy.is_main and not (data_dir / "train" / "meta.json").is_file():
         stats = build_dataset(
             corpus_texts(recipe.corpus),
             tok,
@@ -153,6 +184,7 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
             dedup_cfg=recipe.data.dedup,
         )
         print(f"data: {json.dumps(stats)}")
+    strategy.barrier()  # the other ranks read what the main one built
     if not recipe.data.shards:
         train_data, heldout = load_packed(data_dir / "train"), load_packed(data_dir / "heldout")
     baseline = unigram_entropy(train_data, heldout, len(tok))
@@ -163,26 +195,33 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
         model = load_pretrained(recipe.train.init_from, kernels=recipe.kernels)
     else:
         model = GLM(cfg, kernels=recipe.kernels)
+    extend_context(model, recipe.extend_context)
     print(
-        f"model: {model.num_params() / 1e6:.2f}M parameters, {cfg.num_layers} layers, hidden {cfg.hidden_size}"
+        f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.num_layers} layers, hidden {model.config.hidden_size}"
     )
+
+    def finish(whole, summary: dict[str, Any]) -> None:  # main rank, whole parameters
+        if summary["signal"]:
+            return  # terminated: the checkpoint is saved; leave quickly
+        budget = Budget.from_dict(summary["budget"])
+        save_pretrained(whole, run_dir / "final", tokenizer=tok)
+        write_model_record(run_dir / "final", budget, run_dir, recipe.train.init_from)
+        summary["samples"] = world_samples(whole, tok, recipe)
+
     summary = train(
-        model,
-        tok,
-        train_data,
-        heldout,
-        recipe.optim,
-        recipe.train,
-        run_dir,
-        seed=recipe.run.seed,
-        unigram_baseline=baseline,
-    )
+        model, tok, train_data, heldout, recipe.optim, recipe.train, run_dir, seed=recipe.run.seed,
+        unigram_baseline=baseline, strategy=strategy, on_done=finish,
+    )  # fmt: skip
     summary["unigram_baseline"] = baseline
     budget = Budget.from_dict(summary["budget"])
-    save_pretrained(model, run_dir / "final", tokenizer=tok)
-    write_model_record(run_dir / "final", budget, run_dir, recipe.train.init_from)
-    summary["samples"] = world_samples(model, tok, recipe)
-    write_summary(run_dir, summary, budget)
+    if strategy.is_main:
+        write_summary(run_dir, summary, budget)
+    if summary["signal"]:  # every rank: the launcher sees the run did not finish
+        if strategy.is_main:
+            print(f"pretrain: {budget.line()}; rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(128 + signal.Signals[summary["signal"]].value)  # as the signal itself would
+    if not strategy.is_main:
+        return summary
     before = summary.get("heldout_loss_before", float("nan"))
     print(
         f"held-out loss: {before:.3f} before → {summary['heldout_loss_after']:.3f} after "
@@ -190,6 +229,18 @@ def run_pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
         f"model → {run_dir / 'final'} ({budget.line()})"
     )
     return summary
+
+
+def extend_context(model, ext: ContextExtension | None) -> None:
+    """Give ``model`` the rotary base / interpolation factor / position limit ``ext`` sets (the weights stay)."""
+    if ext is None:
+        return
+    changes = {k: v for k in ("rope_theta", "rope_scaling_factor", "max_position_embeddings")
+               if (v := getattr(ext, k)) is not None and v != getattr(model.config, k)}  # fmt: skip
+    if changes:
+        before = ", ".join(f"{k} {getattr(model.config, k):g} -> {v:g}" for k, v in changes.items())
+        model.config = model.config.with_(**changes)
+        print(f"context extension: {before}")
 
 
 def world_samples(model, tok, recipe: PretrainRecipe, per_lang: int = 2) -> list[dict]:

@@ -76,6 +76,9 @@ class SingleDevice:
         """The sum of ``x`` over ranks."""
         return x
 
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model
 
@@ -99,10 +102,15 @@ class DeepSpeed(SingleDevice):
     AdamW (param groups, weight decay, per-parameter learning rates) handed to the engine as is.
     """
 
-    def __init__(self, zero_stage: int = 2, grad_clip: float = 1.0, bf16: bool | None = None) -> None:
+    def __init__(
+        self, zero_stage: int = 2, grad_clip: float = 1.0, bf16: bool | None = None, offload: bool = False
+    ) -> None:
         self.zero_stage = zero_stage
         self.grad_clip = grad_clip
         self.bf16 = torch.cuda.is_available() if bf16 is None else bf16
+        self.offload = (
+            offload  # ZeRO-Offload: optimizer states (and under ZeRO-3 the parameters) in CPU memory
+        )
 
     def setup(self) -> None:
         import deepspeed
@@ -122,12 +130,23 @@ class DeepSpeed(SingleDevice):
             "train_micro_batch_size_per_gpu": 1,  # informational: the trainer makes its own micro-batches
             "gradient_accumulation_steps": grad_accum,
             "gradient_clipping": self.grad_clip,
-            "zero_optimization": {"stage": self.zero_stage},
+            "zero_optimization": self.zero_config(),
             "zero_allow_untested_optimizer": True,  # the trainer's torch AdamW
+            "zero_force_ds_cpu_optimizer": False,  # ... kept under offload too (DeepSpeedCPUAdam is faster)
             "bf16": {"enabled": self.bf16},
         }
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         return engine, optimizer
+
+    def zero_config(self) -> dict[str, Any]:
+        """The ``zero_optimization`` section: the stage, and with ``offload`` the optimizer states (and under
+        ZeRO-3 the parameters) in pinned CPU memory."""
+        zero: dict[str, Any] = {"stage": self.zero_stage}
+        if self.offload:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+            if self.zero_stage == 3:
+                zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        return zero
 
     def backward(self, loss: torch.Tensor, model: nn.Module) -> None:
         model.backward(loss, scale_wrt_gas=False)  # the trainer already normalised the loss
@@ -149,6 +168,11 @@ class DeepSpeed(SingleDevice):
         y = x.to("cuda") if torch.cuda.is_available() else x.clone()  # nccl reduces CUDA tensors only
         dist.all_reduce(y)
         return y.to(x.device)
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return getattr(model, "module", model)
@@ -191,9 +215,11 @@ def _zero3_offload(engine: nn.Module) -> Any:
     return getattr(optimizer, "parameter_offload", None)
 
 
-def make_strategy(name: str, zero_stage: int = 2, grad_clip: float = 1.0) -> SingleDevice:
+def make_strategy(
+    name: str, zero_stage: int = 2, grad_clip: float = 1.0, offload: bool = False
+) -> SingleDevice:
     if name == "single":
         return SingleDevice()
     if name == "deepspeed":
-        return DeepSpeed(zero_stage=zero_stage, grad_clip=grad_clip)
+        return DeepSpeed(zero_stage=zero_stage, grad_clip=grad_clip, offload=offload)
     raise ValueError(f"train.strategy must be 'single' or 'deepspeed', got {name!r}")

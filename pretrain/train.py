@@ -14,11 +14,13 @@ The run folder (pretrain/run_folder.py) holds:
 from __future__ import annotations
 
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 
 from glmwb.pretrain.data import DedupConfig, FilterConfig
 from glmwb.pretrain.optim import OptimConfig, lr_at, make_optimizer
-from glmwb.pretrain.ranges import Fraction, NonNegInt, PositiveFloat, PositiveInt
+from glmwb.pretrain.ranges import Fraction, NonNegInt, PositiveFloat, PositiveInt, Range
 from glmwb.pretrain.run_folder import (
     METRICS,
     Budget,
@@ -77,10 +79,17 @@ class TrainConfig:
     resume: bool = True  # continue from the newest checkpoint in the run folder, if any
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast dtype; auto = bf16 on CUDA
-    gradient_checkpointing: bool = False
-    compile: bool = False
+    gradient_checkpointing: bool = False  # recompute each block's forward in the backward (less memory)
+    compile: bool = False  # torch.compile the model (under DeepSpeed: the engine's compile)
     init_from: str | None = None  # start from a Hugging Face / our GLM folder instead of random weights
     num_threads: PositiveInt | None = None  # torch CPU threads; default: all cores
+    # several processes (torchrun / deepspeed launch one per GPU): each optimizer step takes
+    # batch_size x grad_accum rows on every rank, so the global batch is that x world size
+    strategy: Literal["single", "deepspeed"] = "single"
+    zero_stage: Annotated[int, Range(1, 3)] = 2  # DeepSpeed ZeRO stage when strategy is deepspeed
+    offload: bool = False  # ZeRO-Offload: optimizer states (ZeRO-3: parameters too) in CPU memory
+    peak_tflops: PositiveFloat | None = None  # per device, for MFU; default: the table in pretrain/flops.py
+    cross_document_attention: bool = False  # a packed row is one stream (positions 0..seq_len-1)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,20 +112,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _inputs(batch: dict, device, one_stream: bool) -> dict:
+    """The model's keyword inputs for a batch; ``one_stream``: no document mask, positions run the whole row."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    doc_ids = None if one_stream else batch["doc_ids"]
+    return {"input_ids": batch["input_ids"], "doc_ids": doc_ids, "labels": batch["labels"]}
+
+
 @torch.no_grad()
-def evaluate(model: GLM, dataset, batch_size: int, num_batches: int, device, amp_dtype) -> float:
+def evaluate(
+    model: GLM, dataset, batch_size: int, num_batches: int, device, amp_dtype, one_stream: bool = False
+) -> float:
     """Mean next-token loss (nats/token) over the first `num_batches` x `batch_size` held-out rows."""
     was_training = model.training
     model.eval()
     total_loss, total_tokens = 0.0, 0
     rows = min(len(dataset), batch_size * num_batches)
     for start in range(0, rows, batch_size):
-        batch = dataset.batch(np.arange(start, min(start + batch_size, rows)))
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = _inputs(dataset.batch(np.arange(start, min(start + batch_size, rows))), device, one_stream)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = model(
-                batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"], return_logits=False
-            )
+            out = model(**batch, return_logits=False)
         n = int((batch["labels"][:, 1:] != -100).sum())
         total_loss += float(out.loss) * n
         total_tokens += n
@@ -139,18 +154,67 @@ LOSS_PANELS = (
 )
 
 
-def _resume(run_dir: Path, model, optimizer, batches, device, log) -> tuple[int, int]:
+class StopSignal:
+    """While entered, SIGTERM (what a scheduler or ``kill`` sends before it kills) only sets ``received``;
+    the loop reads it after each step, saves a checkpoint and stops. Installed from the main thread only
+    (elsewhere Python cannot take signals, and the flag stays False)."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+        self.signals, self.received, self._old = signals, None, {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.signals}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+@dataclass
+class _Run:
+    """What the steps of ``train`` share."""
+
+    model: Any  # what the strategy prepared: a DeepSpeed engine, or the GLM itself
+    core: GLM  # the plain module
+    fwd: Any  # what the forward calls (compiled or not)
+    optimizer: Any
+    strategy: SingleDevice
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    optim_cfg: OptimConfig
+    cfg: TrainConfig
+    batches: Any
+    metrics: MetricsLog
+    run_dir: Path
+    tokenizer: Any
+    flops_token: float  # training FLOPs per token (pretrain/flops.py)
+    peak: float | None  # TFLOP/s per device; None: no MFU (a CPU)
+
+
+def _resume(run_dir: Path, model, optimizer, batches, device, log, strategy) -> tuple[int, int]:
     """Load the newest checkpoint of ``run_dir`` (weights, optimizer, data position, RNG) and cut
     metrics.jsonl back to its step; (step, tokens seen), or (0, 0) with metrics.jsonl removed when there is
     none."""
+    from glmwb.pretrain.errors import ConfigError
     from glmwb.pretrain.hf import load_pretrained
 
-    metrics = MetricsLog(run_dir / METRICS)
+    metrics = MetricsLog(run_dir / METRICS, enabled=strategy.is_main)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         metrics.reset()
         return 0, 0
     state = load_trainer_state(ckpt, map_location=device)
+    if state.get("optimizer") is None or strategy.zero_stage > 0:
+        raise ConfigError(
+            f"{ckpt}: resuming under DeepSpeed (or from a checkpoint a DeepSpeed run wrote: no optimizer state "
+            "in it) is not supported yet; start over with train.resume=false or a new run.dir, or continue "
+            f"from its weights with train.init_from={ckpt}"
+        )
     model.load_state_dict(load_pretrained(ckpt).state_dict())
     optimizer.load_state_dict(state["optimizer"])
     batches.load_state_dict(state["data"])
@@ -161,35 +225,31 @@ def _resume(run_dir: Path, model, optimizer, batches, device, log) -> tuple[int,
     return step, state.get("tokens_seen", 0)
 
 
-def _train_step(
-    model,
-    fwd,
-    optimizer,
-    micro: list[dict],
-    optim_cfg: OptimConfig,
-    device,
-    amp_dtype,
-    strategy: SingleDevice,
-):
-    """One optimizer step over the micro-batches ``micro``; returns (loss, grad norm before clipping)."""
+def _train_step(r: _Run, micro: list[dict]) -> tuple[float, float]:
+    """One optimizer step over the global step's micro-batches ``micro`` (this rank takes every
+    world_size-th); returns (loss over all ranks, grad norm before clipping)."""
     # Normalise by the target tokens of the whole step, not per micro-batch, so that
-    # grad_accum x batch_size is the same optimisation whatever the split (1x8 == 8x1).
+    # grad_accum x batch_size x ranks is the same optimisation whatever the split (1x8 == 8x1 == 2 ranks x 4).
     step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    world = r.strategy.world_size
     loss_sum = 0.0
-    for batch in micro:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = fwd(
-                batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"], return_logits=False
-            )
-        share = int((batch["labels"][:, 1:] != -100).sum()) / max(1, step_tokens)
-        strategy.backward(out.loss * share, model)
+    for batch in micro[r.strategy.rank :: world]:
+        inputs = _inputs(batch, r.device, r.cfg.cross_document_attention)
+        with torch.autocast(r.device.type, dtype=r.amp_dtype, enabled=r.amp_dtype is not None):
+            out = r.fwd(**inputs, return_logits=False)
+        share = int((inputs["labels"][:, 1:] != -100).sum()) / max(1, step_tokens)
+        # the strategy averages gradients over ranks: x world gives the gradient of the global mean
+        r.strategy.backward(out.loss * share * world, r.model)
         loss_sum += float(out.loss.detach()) * share
-    return loss_sum, strategy.step(model, optimizer, optim_cfg.grad_clip)
+    grad_norm = r.strategy.step(r.model, r.optimizer, r.optim_cfg.grad_clip)
+    if world > 1:
+        loss_sum = float(r.strategy.all_reduce(torch.tensor(loss_sum)))
+    return loss_sum, grad_norm
 
 
 def _setup(model: GLM, optim_cfg: OptimConfig, train_cfg: TrainConfig, seed: int):
-    """Device, autocast dtype, threads, seed, the model on its device, and its optimizer."""
+    """Device, autocast dtype, threads, seed, the model on its device, and its optimizer (fused AdamW on
+    CUDA unless ZeRO-Offload steps it on the CPU)."""
     device = resolve_device(train_cfg.device)
     amp_dtype = autocast_dtype(train_cfg.dtype, device)
     if train_cfg.num_threads:
@@ -197,7 +257,38 @@ def _setup(model: GLM, optim_cfg: OptimConfig, train_cfg: TrainConfig, seed: int
     seed_everything(seed)
     model.to(device)
     model.gradient_checkpointing = train_cfg.gradient_checkpointing
-    return device, amp_dtype, make_optimizer(model, optim_cfg, device)
+    # fused AdamW needs CUDA tensors; ZeRO-Offload steps the optimizer on the CPU
+    offloaded = train_cfg.strategy == "deepspeed" and train_cfg.offload
+    return device, amp_dtype, make_optimizer(model, optim_cfg, torch.device("cpu") if offloaded else device)
+
+
+def _prepare(model, tokenizer, train_data, optim_cfg, train_cfg, run_dir, seed, strategy, log):
+    """The shared state of a run, resumed from the newest checkpoint when asked; (run, step, tokens seen)."""
+    from glmwb.pretrain.data import BatchIterator
+    from glmwb.pretrain.flops import flops_per_token, peak_tflops
+
+    device, amp_dtype, optimizer = _setup(model, optim_cfg, train_cfg, seed)
+    batches = BatchIterator(train_data, train_cfg.batch_size, seed=seed)  # every rank draws every row
+    metrics = MetricsLog(run_dir / METRICS, enabled=strategy.is_main)
+    step, tokens_seen = 0, 0
+    if train_cfg.resume:
+        step, tokens_seen = _resume(run_dir, model, optimizer, batches, device, log, strategy)
+    elif strategy.is_main:
+        metrics.reset()
+    engine, optimizer = strategy.prepare(model, optimizer)
+    if not train_cfg.compile:
+        fwd = engine
+    elif engine is model:
+        fwd = torch.compile(model)
+    else:  # DeepSpeed compiles its engine in place (untested on GPU here)
+        engine.compile()
+        fwd = engine
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    run = _Run(engine, model, fwd, optimizer, strategy, device, amp_dtype, optim_cfg, train_cfg, batches,
+               metrics, run_dir, tokenizer,
+               flops_per_token(model.config, train_data.seq_len, causal=True),
+               peak_tflops(name, train_cfg.peak_tflops))  # fmt: skip
+    return run, step, tokens_seen
 
 
 def _heldout_before(loss0: float, metrics: MetricsLog, unigram_baseline: float | None, log) -> float:
@@ -208,25 +299,96 @@ def _heldout_before(loss0: float, metrics: MetricsLog, unigram_baseline: float |
     return loss0
 
 
-def _checkpoint(
-    run_dir: Path, step: int, model, tokenizer, optimizer, batches, tokens_seen: int, keep: int
-) -> None:
-    """A Hugging Face folder plus what resume needs (optimizer, RNG, data position, tokens seen)."""
+def _checkpoint(r: _Run, step: int, tokens_seen: int) -> None:
+    """A Hugging Face folder plus what resume needs (optimizer, RNG, data position, tokens seen); under
+    DeepSpeed the whole weights only (its partitioned optimizer state is not saved yet)."""
     from glmwb.pretrain.hf import save_pretrained
 
-    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(),
-             "data": batches.state_dict(), "tokens_seen": tokens_seen}  # fmt: skip
-    save_checkpoint(
-        run_dir, step, lambda folder: save_pretrained(model, folder, tokenizer=tokenizer), state, keep
-    )
+    with r.strategy.gathered(r.model):  # collective under ZeRO-3: every rank enters, the main one writes
+        if not r.strategy.is_main:
+            return
+        optimizer = r.optimizer.state_dict() if r.strategy.zero_stage == 0 else None
+        state = {"step": step, "optimizer": optimizer, "rng": rng_state(), "data": r.batches.state_dict(),
+                 "tokens_seen": tokens_seen}  # fmt: skip
+        save_checkpoint(
+            r.run_dir, step, lambda folder: save_pretrained(r.core, folder, tokenizer=r.tokenizer), state,
+            r.cfg.keep_checkpoints,
+        )  # fmt: skip
 
 
 def _plot_loss(model: GLM, run_dir: Path, metrics_path: Path, budget: Budget) -> None:
-    cfg, n_params = model.config, sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    n_params = cfg.num_params()  # from the config: under ZeRO-3 this rank holds a slice of each parameter
     what = f"GLM, {n_params / 1e6:.2f}M parameters ({cfg.num_layers} layers, hidden {cfg.hidden_size})"
     plot_curves(
         metrics_path, run_dir / "loss.png", LOSS_PANELS, run_title("pretraining", run_dir, what, budget)
     )
+
+
+def _stop_reason(r: _Run, limit: TimeLimit, stop: StopSignal) -> str | None:
+    """Why the run stops after this step (SIGTERM, the time limit), the same on every rank; None: go on."""
+    reason = f"{stop.received} received" if stop.received else (limit.reason if limit.reached() else None)
+    if r.strategy.world_size > 1:  # every rank must stop at the same step
+        code = 2.0 if stop.received else (1.0 if reason else 0.0)
+        code = float(r.strategy.all_reduce(torch.tensor(code)))
+        reason = reason or (None if code == 0 else ("SIGTERM received" if code >= 2 else limit.reason))
+    return reason
+
+
+def _log_step(r: _Run, step: int, loss: float, lr: float, grad_norm: float, tokens: int, window) -> str:
+    """One metrics row: loss, lr, grad norm, tokens seen, tokens/s and MFU (when the device has a peak)
+    over the steps since the last row; returns the progress bar's text."""
+    from glmwb.pretrain.flops import mfu
+
+    now = time.time()
+    tps = window["tokens"] / max(1e-9, now - window["t"])
+    window.update(t=now, tokens=0)
+    row = {"kind": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+           "tokens_per_s": tps}  # fmt: skip
+    util = mfu(r.flops_token, tps / r.strategy.world_size, r.peak)
+    if util is not None:
+        row["mfu"] = util
+    r.metrics.write(row)
+    return f"{tps:,.0f}" + (f", MFU {util:.1%}" if util is not None else "")
+
+
+def _loop(r: _Run, step: int, tokens_seen: int, heldout_loss, summary: dict) -> tuple[int, int, str | None]:
+    """Steps until max_steps, SIGTERM or the time limit; (step, tokens seen, why it stopped early)."""
+    cfg = r.cfg
+    world = r.strategy.world_size
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * world * r.batches.dataset.seq_len
+    limit, window = TimeLimit(cfg.max_minutes), {"t": time.time(), "tokens": 0}
+    data_iter = iter(r.batches)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True,
+               disable=not r.strategy.is_main)  # fmt: skip
+    with StopSignal() as stop:
+        while step < cfg.max_steps:
+            lr = lr_at(step, r.optim_cfg, cfg.max_steps)
+            for group in r.optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = _train_step(r, [next(data_iter) for _ in range(cfg.grad_accum * world)])
+            step += 1
+            tokens_seen += tokens_per_step
+            window["tokens"] += tokens_per_step
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                tps = _log_step(r, step, loss, lr, grad_norm, tokens_seen, window)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=tps)
+            reason = _stop_reason(r, limit, stop)
+            last = step == cfg.max_steps or reason is not None
+            if step % cfg.eval_every == 0 or last:
+                held = heldout_loss()
+                r.metrics.write({"kind": "eval", "step": step, "heldout_loss": held})
+                bar.write(f"step {step}: held-out loss {held:.4f}") if r.strategy.is_main else None
+                summary["heldout_loss_after"] = held
+            if step % cfg.save_every == 0 or last:
+                _checkpoint(r, step, tokens_seen)
+            if reason is not None and step < cfg.max_steps:
+                bar.write(f"{reason} at step {step} of {cfg.max_steps}; checkpoint saved")
+                bar.close()
+                return step, tokens_seen, reason
+    bar.close()
+    return step, tokens_seen, None
 
 
 def train(
@@ -240,87 +402,55 @@ def train(
     seed: int = 0,
     log: Callable[[str], None] = print,
     unigram_baseline: float | None = None,
+    strategy: SingleDevice | None = None,
+    on_done: Callable[[GLM, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Train `model` on packed `train_data`; returns a summary (losses before / after, tokens/s, the budget
-    record, ...)."""
-    from glmwb.pretrain.data import BatchIterator
+    """Train `model` on packed `train_data` through ``strategy`` (default: the one ``train_cfg`` names, set
+    up here); returns a summary (losses before / after, tokens/s, the budget record, ...). ``on_done(model,
+    summary)`` runs on the main rank at the end with whole parameters (to save the final model)."""
+    from glmwb.pretrain.strategy import make_strategy
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device, amp_dtype, optimizer = _setup(model, optim_cfg, train_cfg, seed)
-    strategy = SingleDevice()  # one device: the data loader is not sharded over ranks
-    batches = BatchIterator(train_data, train_cfg.batch_size, seed=seed)
-    metrics = MetricsLog(run_dir / METRICS)
-    step, tokens_seen = 0, 0
-    if train_cfg.resume:
-        step, tokens_seen = _resume(run_dir, model, optimizer, batches, device, log)
-    else:
-        metrics.reset()
-
-    fwd = torch.compile(model) if train_cfg.compile else model
+    if strategy is None:
+        strategy = make_strategy(
+            train_cfg.strategy, train_cfg.zero_stage, optim_cfg.grad_clip, train_cfg.offload
+        )
+        strategy.setup()
+    r, step, tokens_seen = _prepare(
+        model, tokenizer, train_data, optim_cfg, train_cfg, run_dir, seed, strategy, log
+    )
 
     def heldout_loss() -> float:
-        return evaluate(model, heldout_data, train_cfg.batch_size, train_cfg.eval_batches, device, amp_dtype)
+        return evaluate(r.model, heldout_data, train_cfg.batch_size, train_cfg.eval_batches, r.device,
+                        r.amp_dtype, train_cfg.cross_document_attention)  # fmt: skip
 
     summary: dict[str, Any] = {"start_step": step}
     if step == 0:
-        summary["heldout_loss_before"] = _heldout_before(heldout_loss(), metrics, unigram_baseline, log)
-
-    model.train()
-    tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum * train_data.seq_len
-    limit = TimeLimit(train_cfg.max_minutes)
-    window_t, window_tokens = time.time(), 0
-    data_iter = iter(batches)
-    bar = tqdm(total=train_cfg.max_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
-    stopped_early = False
-    while step < train_cfg.max_steps:
-        lr = lr_at(step, optim_cfg, train_cfg.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro = [next(data_iter) for _ in range(train_cfg.grad_accum)]
-        loss_sum, grad_norm = _train_step(
-            model, fwd, optimizer, micro, optim_cfg, device, amp_dtype, strategy
-        )
-        step += 1
-        tokens_seen += tokens_per_step
-        window_tokens += tokens_per_step
-        bar.update(1)
-
-        if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
-            now = time.time()
-            tps = window_tokens / max(1e-9, now - window_t)
-            window_t, window_tokens = now, 0
-            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-            metrics.write({"kind": "train", "step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                           "tokens": tokens_seen, "tokens_per_s": tps})  # fmt: skip
-        out_of_time = limit.reached()
-        last = step == train_cfg.max_steps or out_of_time
-        if step % train_cfg.eval_every == 0 or last:
-            held = heldout_loss()
-            metrics.write({"kind": "eval", "step": step, "heldout_loss": held})
-            bar.write(f"step {step}: held-out loss {held:.4f}")
-            summary["heldout_loss_after"] = held
-        if step % train_cfg.save_every == 0 or last:
-            _checkpoint(
-                run_dir, step, model, tokenizer, optimizer, batches, tokens_seen, train_cfg.keep_checkpoints
-            )
-        if out_of_time and step < train_cfg.max_steps:
-            stopped_early = True
-            bar.write(f"{limit.reason} at step {step} of {train_cfg.max_steps}; checkpoint saved")
-            break
-    bar.close()
-    elapsed = time.time() - limit.started
-    budget = Budget(
-        "pretrain", train_cfg.max_steps, step, stopped_early, limit.reason if stopped_early else None
-    )
-    _plot_loss(model, run_dir, metrics.path, budget)
+        summary["heldout_loss_before"] = _heldout_before(heldout_loss(), r.metrics, unigram_baseline, log)
+    r.model.train()
+    started = time.time()
+    step, tokens_seen, reason = _loop(r, step, tokens_seen, heldout_loss, summary)
+    elapsed = time.time() - started
+    if "heldout_loss_after" not in summary:  # resumed from its last step (a finished curriculum stage)
+        summary["heldout_loss_after"] = heldout_loss()
+    budget = Budget("pretrain", train_cfg.max_steps, step, reason is not None, reason)
+    if strategy.is_main:
+        _plot_loss(model, run_dir, r.metrics.path, budget)
+    tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum * strategy.world_size * train_data.seq_len
     summary.update(
         steps=step,
         tokens_seen=tokens_seen,
         seconds=elapsed,
         tokens_per_s=(step - summary["start_step"]) * tokens_per_step / max(1e-9, elapsed),
-        stopped_early=stopped_early,
-        device=str(device),
+        stopped_early=reason is not None,
+        signal=(reason.split()[0] if reason and reason.startswith("SIG") else None),
+        device=str(r.device),
+        world_size=strategy.world_size,
+        zero_stage=strategy.zero_stage,
         budget=budget.to_dict(),
     )
+    with strategy.generation_context(r.model) as whole:  # collective under ZeRO-3
+        if strategy.is_main and on_done is not None:
+            on_done(whole, summary)
     return summary

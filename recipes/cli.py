@@ -19,6 +19,7 @@ User mistakes (bad recipe, missing file, bad override) print one clear line and 
 from __future__ import annotations
 
 import argparse
+import os
 import string
 import sys
 import time
@@ -234,7 +235,22 @@ def _print_pipeline_end(pipeline, rows: list[dict[str, Any]], seconds: float, re
     print(f"summary → {record}")
 
 
+def cmd_dry_run(args: argparse.Namespace) -> int:
+    from glmwb.pretrain.dry_run import dry_run
+
+    recipe = None if is_pipeline(args.recipe) else load_recipe(args.recipe, args.overrides)
+    if recipe is None or recipe.stage != "pretrain":
+        raise RecipeError(f"{args.recipe}: --dry-run estimates pretrain recipes (stage: pretrain) only")
+    gpus = args.gpus or int(os.environ.get("WORLD_SIZE", 8))
+    if gpus < 1 or not 0 < args.mfu <= 1 or args.gpu_memory <= 0:
+        raise RecipeError("--dry-run: --gpus must be >= 1, --mfu in (0, 1], --gpu-memory > 0")
+    dry_run(recipe, gpus, args.gpu, args.gpu_memory, args.mfu)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    if getattr(args, "dry_run", False):
+        return cmd_dry_run(args)
     if not is_pipeline(args.recipe):
         if getattr(args, "only", None) or getattr(args, "start", None):
             raise RecipeError(f"{args.recipe}: --only / --from apply to pipeline recipes, this is one stage")
@@ -371,6 +387,15 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="STAGE",
         help="pipeline: run from this stage on (reusing earlier outputs)",
     )
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="pretrain: estimate GPU memory (by ZeRO stage) and step time; allocate nothing",
+    )
+    r.add_argument("--gpus", type=int, default=None, help="--dry-run: GPUs (default: WORLD_SIZE, else 8)")
+    r.add_argument("--gpu", default="H100", help="--dry-run: the GPU's name in pretrain/flops.py's table")
+    r.add_argument("--gpu-memory", type=float, default=80.0, help="--dry-run: GB per GPU")
+    r.add_argument("--mfu", type=float, default=0.4, help="--dry-run: the MFU assumed for the step time")
     r.set_defaults(func=cmd_run)
 
     v = sub.add_parser(

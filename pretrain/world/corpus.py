@@ -32,10 +32,16 @@ if TYPE_CHECKING:
 CHAT_MIX = {"correct": 0.75, "verbose": 0.12, "wrong_language": 0.08, "wrong": 0.05}
 
 
-def make_corpus(world: World, num_docs: int = 20000, seed: int = 0) -> list[str]:
-    """Pretraining documents (see the module docstring for the mix); deterministic in (world, seed)."""
+CORPUS_MIX = {"entity": 0.35, "arithmetic": 0.15, "conversion": 0.08, "chat": 0.42}
+
+
+def make_corpus(
+    world: World, num_docs: int = 20000, seed: int = 0, mix: dict[str, float] | None = None
+) -> list[str]:
+    """Pretraining documents (see the module docstring for the mix; ``mix``: other weights of the same
+    kinds, e.g. a curriculum's later, task-shaped stage); deterministic in (world, seed, mix)."""
     rng = seeded_rng(world.seed, "corpus", seed)
-    kinds = {"entity": 0.35, "arithmetic": 0.15, "conversion": 0.08, "chat": 0.42}
+    kinds = dict(mix) if mix is not None else CORPUS_MIX
     make = {"entity": _entity_doc, "arithmetic": _arith_doc, "conversion": _conv_doc, "chat": _chat_doc}
     return [make[weighted_choice(rng, kinds)](world, rng, rng.choice(LANGS)) for _ in range(num_docs)]
 

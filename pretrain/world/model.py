@@ -289,9 +289,9 @@ class World:
         """Does ``text`` answer the question asked, right or wrong? (``checking.answer_on_topic``)"""
         return answer_on_topic(self, prompt, text)
 
-    def corpus(self, num_docs: int = 20000, seed: int = 0) -> list[str]:
-        """Pretraining documents; deterministic in (world, seed) (``corpus.make_corpus``)."""
-        return make_corpus(self, num_docs, seed)
+    def corpus(self, num_docs: int = 20000, seed: int = 0, mix: dict[str, float] | None = None) -> list[str]:
+        """Pretraining documents; deterministic in (world, seed, mix) (``corpus.make_corpus``)."""
+        return make_corpus(self, num_docs, seed, mix)
 
     # -- serialisation -----------------------------------------------------------------------------------
 
