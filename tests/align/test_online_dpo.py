@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from glmwb.align.online_dpo import OnlineDPORecipe, best_worst_records
+from glmwb.align.online_dpo import OnlineDPORecipe
 from glmwb.pretrain.errors import ConfigError
 from glmwb.recipes.loader import build
 from tests.rewards.conftest import reward_folder, tiny_glm  # noqa: F401  (reward_folder is a fixture)
@@ -65,18 +65,6 @@ def test_store_labels_wait_for_people(tmp_path, policy_folder):
     assert last["status"] == "waiting_for_annotators" and last["facts"]["items_added"] == 6
     with Store(db) as store:
         assert len(store.items()) == 6
-
-
-def test_best_worst_pairs_follow_the_scores():
-    from glmwb.annotation.store import NewResponse
-    from glmwb.annotation.tasks import PromptSpec
-
-    spec = PromptSpec("p1", [{"role": "user", "content": "q"}])
-    answers = {"p1": [NewResponse("a", "m"), NewResponse("b", "m"), NewResponse("c", "m")]}
-    records, skipped = best_worst_records([spec], answers, {"p1": [0.2, 0.9, -1.0]}, 0.0, "rm")
-    assert skipped == 0 and (records[0].chosen, records[0].rejected) == ("b", "c")
-    assert records[0].margin == pytest.approx(1.9)
-    assert best_worst_records([spec], answers, {"p1": [0.2, 0.9, -1.0]}, 5.0, "rm")[0] == []
 
 
 def test_recipe_mistakes(tmp_path, policy_folder):
