@@ -231,8 +231,8 @@ def run_online_dpo(recipe: OnlineDPORecipe) -> dict[str, Any]:
 
             texts = {uid: [a.text for a in rows] for uid, rows in answers.items()}
             records, got = build_onpolicy_pairs(
-                specs, lambda _specs, _k: texts, r.k,
-                lambda sp, ans: label_scores(recipe.label, sp, ans, scorer, recipe.run.seed + i),
+                specs, lambda _specs, _k, t=texts: t, r.k,
+                lambda sp, ans, s=recipe.run.seed + i: label_scores(recipe.label, sp, ans, scorer, s),
                 recipe.label.min_gap, recipe.label.source,
             )  # fmt: skip
             facts["prompts_without_pair"] = got["prompts_without_pair"]

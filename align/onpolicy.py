@@ -60,7 +60,9 @@ def _world_prompt(spec):
     return Prompt.from_dict(spec.meta["world_prompt"])
 
 
-def annotator_scores(specs, answers: Answers, n_annotators: int = 3, noise: float = 0.1, seed: int = 0) -> Scores:
+def annotator_scores(
+    specs, answers: Answers, n_annotators: int = 3, noise: float = 0.1, seed: int = 0
+) -> Scores:
     """Each answer's share of wins over the other answers of its prompt, by a simulated annotator panel."""
     from glmwb.annotation.annotators import _panel
 
@@ -108,7 +110,9 @@ def label_answers(
     raise ValueError(f"unknown label source {source!r}; one of checker, rule, annotators, rm")
 
 
-def best_worst_records(specs, answers: Answers, scores: Scores, min_gap: float, source: str) -> tuple[list, int]:
+def best_worst_records(
+    specs, answers: Answers, scores: Scores, min_gap: float, source: str
+) -> tuple[list, int]:
     """One record per prompt: the highest- over the lowest-scored distinct non-empty answer (gap > min_gap).
     Returns (records, prompts without a pair)."""
     from glmwb.annotation.records import PreferenceRecord
@@ -126,9 +130,13 @@ def best_worst_records(specs, answers: Answers, scores: Scores, min_gap: float, 
             continue
         records.append(
             PreferenceRecord.from_dict(
-                {"prompt": spec.messages, "chosen": best[1], "rejected": worst[1],
-                 "margin": float(best[0] - worst[0]),
-                 "provenance": {"source": f"online:{source}", "prompt_id": spec.uid}},
+                {
+                    "prompt": spec.messages,
+                    "chosen": best[1],
+                    "rejected": worst[1],
+                    "margin": float(best[0] - worst[0]),
+                    "provenance": {"source": f"online:{source}", "prompt_id": spec.uid},
+                },
                 where=f"on-policy pair for {spec.uid}",
             )  # fmt: skip
         )

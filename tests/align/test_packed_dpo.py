@@ -128,9 +128,13 @@ def test_rpo_nll_term_against_a_hand_computation():
     dpo = sum(math.log1p(math.exp(-beta * x)) for x in h) / 2
     assert float(rpo_loss("sigmoid", p, beta, sft_weight=w)) == pytest.approx(dpo + w * nll, rel=1e-6)
     assert float(rpo_loss("sigmoid", p, beta, sft_weight=0.0)) == pytest.approx(dpo, rel=1e-6)
-    p2 = PairLogps(p.chosen, p.rejected, p.ref_chosen, p.ref_rejected, torch.tensor([1.0, 3.0]), p.rejected_len)
+    p2 = PairLogps(
+        p.chosen, p.rejected, p.ref_chosen, p.ref_rejected, torch.tensor([1.0, 3.0]), p.rejected_len
+    )
     assert float(chosen_nll(p2)) == pytest.approx(8.0 / 4)  # pooled: same total tokens, same value
-    p3 = PairLogps(p.chosen, p.rejected, p.ref_chosen, p.ref_rejected, torch.tensor([3.0, 5.0]), p.rejected_len)
+    p3 = PairLogps(
+        p.chosen, p.rejected, p.ref_chosen, p.ref_rejected, torch.tensor([3.0, 5.0]), p.rejected_len
+    )
     assert float(chosen_nll(p3)) == pytest.approx(8.0 / 8)
 
 
