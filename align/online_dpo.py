@@ -257,6 +257,10 @@ def run_online_dpo(recipe: OnlineDPORecipe) -> dict[str, Any]:
         print(f"round {i}: {_line(report)} ({time.time() - t0:.0f} s)")
         rounds.append({"round": i, "policy": policy, "facts": facts, "train": train, "eval": _brief(report),
                        "seconds": time.time() - t0})  # fmt: skip
+    if policy != recipe.model.init_from:  # the last round's policy also as run.dir/final (as the DPO stage's)
+        import shutil
+
+        policy = str(shutil.copytree(policy, run_dir / "final", dirs_exist_ok=True))
     table = _rounds_table(rounds)
     print(f"\nonline DPO ({recipe.label.source} labels, {recipe.engine}), held-out world prompts:\n{table}")
     (run_dir / "rounds.md").write_text(table + "\n")

@@ -50,7 +50,9 @@ def test_one_round_with_reward_model_labels(tmp_path, policy_folder, reward_fold
         for line in (tmp_path / "online" / "round_1" / "pairs.jsonl").read_text().splitlines()
     ]
     assert len(pairs) == first["facts"]["pairs"] and all(p["chosen"] != p["rejected"] for p in pairs)
-    assert summary["final"].endswith("round_1/final") and (tmp_path / "online" / "rounds.md").is_file()
+    assert first["policy"].endswith("round_1/final") and (tmp_path / "online" / "rounds.md").is_file()
+    assert summary["final"] == str(tmp_path / "online" / "final")  # the last round's policy, where DPO's is
+    assert (tmp_path / "online" / "final" / "config.json").is_file()
 
 
 def test_store_labels_wait_for_people(tmp_path, policy_folder):
