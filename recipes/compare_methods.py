@@ -199,15 +199,33 @@ def _variant_name(variant: dict | None) -> str:
     return ", ".join(f"{k}={v}" for k, v in variant.items()) if variant else "defaults"
 
 
+def runnable_methods(recipe: CompareRecipe) -> tuple[list[MethodRef], list[str]]:
+    """The methods that can run, and a note for each left out: with ``reward_model: null`` a method whose
+    overrides name ``${reward_model}`` (PPO against the RM) is left out, not run against nothing."""
+    keep, left_out = [], []
+    for m in recipe.methods:
+        texts = [str(v) for v in m.overrides.values()] + [str(v) for var in m.sweep for v in var.values()]
+        if not recipe.reward_model and any("${reward_model}" in t for t in texts):
+            left_out.append(
+                f"{m.name}: needs reward_model (its overrides name ${{reward_model}}), which is null"
+            )
+        else:
+            keep.append(m)
+    return keep, left_out
+
+
 def run_compare(recipe: CompareRecipe) -> dict[str, Any]:
     from glmwb.align.compare import check_same_budget
 
+    methods, left_out = runnable_methods(recipe)
+    for note in left_out:
+        print(f"left out: {note}")
     out = Path(recipe.run.dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, folder in (("sft", recipe.sft), ("reward_model", recipe.reward_model)):
         if folder and not (Path(folder) / "config.json").is_file():
             raise ConfigError(f"{name}: no model folder at {folder!r} (expected config.json there)")
-    for m in recipe.methods:  # every recipe builds before anything trains
+    for m in methods:  # every recipe builds before anything trains
         for v in (None, *m.sweep):
             method_recipe(recipe, m, recipe.seeds[0], out / "check", v)
     ev = _Evaluator(recipe)
@@ -216,7 +234,7 @@ def run_compare(recipe: CompareRecipe) -> dict[str, Any]:
     (out / "results.jsonl").write_text("")
     for seed in recipe.seeds:
         _record(out, "sft", seed, {**ev.test_report(None, seed), "variant": "—", "seconds": 0.0}, results)
-        for m in recipe.methods:
+        for m in methods:
             t0 = time.time()
             got = None
             if m.name not in chosen:
@@ -234,7 +252,8 @@ def run_compare(recipe: CompareRecipe) -> dict[str, Any]:
     }
     unequal = check_same_budget(budgets, recipe.budget.steps)
     summary = _write_table(recipe, out, results)
-    summary.update({"budget_steps": recipe.budget.steps, "unequal_budgets": unequal, "chosen": chosen})
+    summary.update({"budget_steps": recipe.budget.steps, "unequal_budgets": unequal, "chosen": chosen,
+                    "left_out": left_out})  # fmt: skip
     from glmwb.pretrain.run_folder import write_json
 
     write_json(out / "summary.json", summary, default=str)

@@ -50,6 +50,16 @@ def test_every_method_plans_the_same_steps_whatever_its_recipe_says(steps, tmp_p
     assert names == {"dpo_offpolicy", "iterative_rpo", "kto", "ppo_rule", "ppo_rm", "grpo"}
 
 
+def test_without_a_reward_model_ppo_rm_is_left_out_and_said_so():
+    from glmwb.recipes.compare_methods import runnable_methods
+
+    keep, left_out = runnable_methods(compare_recipe("reward_model=null"))
+    assert "ppo_rm" not in {m.name for m in keep} and len(keep) == 5
+    assert len(left_out) == 1 and left_out[0].startswith("ppo_rm: needs reward_model")
+    keep, left_out = runnable_methods(compare_recipe())
+    assert len(keep) == 6 and left_out == []
+
+
 def test_budget_overrides_per_stage():
     assert budget_overrides("ppo", 10)["train.steps"] == 10
     assert budget_overrides("grpo", 10)["train.max_steps"] == 10
