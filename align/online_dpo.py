@@ -257,19 +257,21 @@ def run_online_dpo(recipe: OnlineDPORecipe) -> dict[str, Any]:
         print(f"round {i}: {_line(report)} ({time.time() - t0:.0f} s)")
         rounds.append({"round": i, "policy": policy, "facts": facts, "train": train, "eval": _brief(report),
                        "seconds": time.time() - t0})  # fmt: skip
-    if policy != recipe.model.init_from:  # the last round's policy also as run.dir/final (as the DPO stage's)
+    trained = [Budget.from_dict(r["train"]["budget"]) for r in rounds if "train" in r]
+    budget = Budget.combine("online_dpo", trained, "round") if trained else None
+    if budget is not None:  # the last round's policy also as run.dir/final (as DPO's), all rounds' record
         import shutil
 
+        from glmwb.pretrain.run_folder import write_model_record
+
         policy = str(shutil.copytree(policy, run_dir / "final", dirs_exist_ok=True))
+        write_model_record(policy, budget, run_dir, recipe.model.init_from)
+        print(f"online DPO: {len(trained)} rounds, {budget.line()} in all")
     table = _rounds_table(rounds)
     print(f"\nonline DPO ({recipe.label.source} labels, {recipe.engine}), held-out world prompts:\n{table}")
     (run_dir / "rounds.md").write_text(table + "\n")
     summary = {"stage": "online_dpo", "label": recipe.label.source, "rounds": rounds, "table": table,
                "final": policy}  # fmt: skip
-    trained = [Budget.from_dict(r["train"]["budget"]) for r in rounds if "train" in r]
-    budget = Budget.combine("online_dpo", trained, "round") if trained else None
-    if budget is not None:
-        print(f"online DPO: {len(trained)} rounds, {budget.line()} in all")
     write_summary(run_dir, summary, budget)
     return summary
 

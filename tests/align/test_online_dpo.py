@@ -52,7 +52,8 @@ def test_one_round_with_reward_model_labels(tmp_path, policy_folder, reward_fold
     assert len(pairs) == first["facts"]["pairs"] and all(p["chosen"] != p["rejected"] for p in pairs)
     assert first["policy"].endswith("round_1/final") and (tmp_path / "online" / "rounds.md").is_file()
     assert summary["final"] == str(tmp_path / "online" / "final")  # the last round's policy, where DPO's is
-    assert (tmp_path / "online" / "final" / "config.json").is_file()
+    record = json.loads((tmp_path / "online" / "final" / "glmwb_run.json").read_text())
+    assert (record["stage"], record["steps_done"], record["init_from"]) == ("online_dpo", 2, policy_folder)
 
 
 def test_store_labels_wait_for_people(tmp_path, policy_folder):
