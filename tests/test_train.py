@@ -161,7 +161,6 @@ def test_quickstart_pipeline_end_to_end(tmp_path, capsys):
             "dpo.rounds.prompts_per_round=8",  # the quickstart's DPO stage is iterative RPO (online_dpo)
             "dpo.rounds.max_new_tokens=8",
             "dpo.train.max_steps=2",
-            "dpo.label.source=world",  # a 40-step model's answers are all wrong: the checker would pair none
             "ppo.train.steps=3",
             "ppo.train.eval_every=0",
             "ppo_rm.train.steps=3",
