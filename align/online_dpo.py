@@ -257,16 +257,7 @@ def run_online_dpo(recipe: OnlineDPORecipe) -> dict[str, Any]:
         print(f"round {i}: {_line(report)} ({time.time() - t0:.0f} s)")
         rounds.append({"round": i, "policy": policy, "facts": facts, "train": train, "eval": _brief(report),
                        "seconds": time.time() - t0})  # fmt: skip
-    trained = [Budget.from_dict(r["train"]["budget"]) for r in rounds if "train" in r]
-    budget = Budget.combine("online_dpo", trained, "round") if trained else None
-    if budget is not None:  # the last round's policy also as run.dir/final (as DPO's), all rounds' record
-        import shutil
-
-        from glmwb.pretrain.run_folder import write_model_record
-
-        policy = str(shutil.copytree(policy, run_dir / "final", dirs_exist_ok=True))
-        write_model_record(policy, budget, run_dir, recipe.model.init_from)
-        print(f"online DPO: {len(trained)} rounds, {budget.line()} in all")
+    policy, budget = _final_policy(recipe, run_dir, rounds, policy)
     table = _rounds_table(rounds)
     print(f"\nonline DPO ({recipe.label.source} labels, {recipe.engine}), held-out world prompts:\n{table}")
     (run_dir / "rounds.md").write_text(table + "\n")
@@ -274,6 +265,23 @@ def run_online_dpo(recipe: OnlineDPORecipe) -> dict[str, Any]:
                "final": policy}  # fmt: skip
     write_summary(run_dir, summary, budget)
     return summary
+
+
+def _final_policy(recipe: OnlineDPORecipe, run_dir: Path, rounds: list[dict[str, Any]], policy: str):
+    """All rounds' budget record, and the last round's policy copied to run.dir/final (where the DPO stage
+    leaves its policy) with that record. Returns (final policy folder, budget or None when nothing trained)."""
+    trained = [Budget.from_dict(r["train"]["budget"]) for r in rounds if "train" in r]
+    if not trained:
+        return policy, None
+    import shutil
+
+    from glmwb.pretrain.run_folder import write_model_record
+
+    budget = Budget.combine("online_dpo", trained, "round")
+    final = str(shutil.copytree(policy, run_dir / "final", dirs_exist_ok=True))
+    write_model_record(final, budget, run_dir, recipe.model.init_from)
+    print(f"online DPO: {len(trained)} rounds, {budget.line()} in all")
+    return final, budget
 
 
 def _brief(report: dict[str, Any] | None) -> dict[str, Any]:
