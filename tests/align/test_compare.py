@@ -152,3 +152,11 @@ def test_comparison_rows_average_seeds_and_keep_each_seeds_p():
     assert r["kl"] == pytest.approx(2.0) and r["greedy_p"] == [0.01, 0.2]
     table = format_comparison(rows)
     assert "**0.01**" in table and "0.2" in table and "0.600 ± 0.141" in table
+
+
+def test_cli_refuses_a_recipe_of_another_stage_in_one_line(capsys):
+    from glmwb.recipes.cli import main
+
+    assert main(["compare-methods", str(ROOT / "recipes" / "dpo.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs a 'stage: compare_methods' recipe, got 'dpo'" in err[0]
