@@ -55,6 +55,11 @@ class RoundsConfig:
     max_new_tokens: PositiveInt = 48
     batch_size: PositiveInt = 64  # sequences per generate() call
     world: WorldConfig = field(default_factory=WorldConfig)
+    # the prompt pool: `train` (instances the SFT chats ask) or `dev` (held-out instances the policy read only
+    # as prose; PPO's rollout split), kept to `families` (() = all), asked in `phrasings` ways (null: the split's)
+    split: Literal["train", "dev"] = "train"
+    families: tuple[str, ...] = ()
+    phrasings: Annotated[int, Range(1, 4)] | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.prompts_per_round < 1:
@@ -67,8 +72,11 @@ class RoundsConfig:
 
 @dataclass(frozen=True)
 class LabelConfig:
-    source: Literal["rm", "world", "store"] = "rm"
+    # rm | checker (the world's checker: right 1, wrong 0) | world (the noise-free preference rule) |
+    # annotators (a simulated panel judges every pair of the k answers) | store
+    source: Literal["rm", "checker", "world", "annotators", "store"] = "rm"
     reward_model: str | None = None  # rm: a reward folder
+    length_penalty: NonNegFloat = 0.0  # rm: score - length_penalty x characters (a length control)
     min_gap: NonNegFloat = 0.0  # rm / world: keep a pair only when best - worst > min_gap
     store: str | None = None  # store: a database URL or SQLite file path; default run.dir/annotation.db
     simulate: bool = True  # store: simulated annotators vote (else the run waits for people)
@@ -116,64 +124,19 @@ class OnlineDPORecipe:
 # Sampling and labelling
 
 
-def world_prompt_specs(world, n: int, seed: int):
-    from glmwb.annotation.tasks import PromptSpec
+def world_prompt_specs(world, n: int, seed: int, split: str = "train", families=(), phrasings=None):
+    from glmwb.align.onpolicy import world_specs
 
-    return [
-        PromptSpec(p.id, [dict(m) for m in p.messages], "world", {"world_prompt": p.to_dict()})
-        for p in world.prompts("train", n, seed=seed)
-    ]
+    return world_specs(world, split, n, seed, families, phrasings)
 
 
-def best_worst_records(specs, answers, scores, min_gap: float, source: str) -> tuple[list, int]:
-    """One record per prompt: the highest- over the lowest-scored distinct answer (gap > min_gap)."""
-    from glmwb.annotation.records import PreferenceRecord
+def label_scores(cfg: LabelConfig, specs, answers, scorer, seed: int = 0) -> dict[str, list[float]]:
+    """A score per answer text ({uid: [text]}): the reward model's (length-controlled), the world checker's,
+    the world rule's utility, or a simulated panel's share of wins (``align.onpolicy.label_answers``)."""
+    from glmwb.align.onpolicy import label_answers
 
-    records, skipped = [], 0
-    for spec in specs:
-        cands = [
-            (s, a.text) for a, s in zip(answers[spec.uid], scores[spec.uid], strict=True) if a.text.strip()
-        ]
-        if len({t for _, t in cands}) < 2:
-            skipped += 1
-            continue
-        best = max(cands, key=lambda x: x[0])
-        worst = min(cands, key=lambda x: x[0])
-        if best[0] - worst[0] <= min_gap or best[1] == worst[1]:
-            skipped += 1
-            continue
-        records.append(
-            PreferenceRecord.from_dict(
-                {
-                    "prompt": spec.messages,
-                    "chosen": best[1],
-                    "rejected": worst[1],
-                    "margin": float(best[0] - worst[0]),
-                    "provenance": {"source": f"online:{source}", "prompt_id": spec.uid},
-                },
-                where=f"online pair for {spec.uid}",
-            )
-        )
-    return records, skipped
-
-
-def label_scores(cfg: LabelConfig, specs, answers, scorer) -> dict[str, list[float]]:
-    """A score per answer: the reward model's, or the world rule's utility."""
-    if cfg.source == "rm":
-        flat = [(s, a) for s in specs for a in answers[s.uid]]
-        got = scorer.score([s.messages for s, _ in flat], [a.text or " " for _, a in flat])
-        out: dict[str, list[float]] = {s.uid: [] for s in specs}
-        for (s, _), r in zip(flat, got, strict=True):
-            out[s.uid].append(float(r))
-        return out
-    from glmwb.annotation.annotators import PreferenceRule
-    from glmwb.pretrain.world import Prompt, check
-
-    rule = PreferenceRule()
-    return {
-        s.uid: [rule.utility(check(Prompt.from_dict(s.meta["world_prompt"]), a.text)) for a in answers[s.uid]]
-        for s in specs
-    }
+    source = "rule" if cfg.source == "world" else cfg.source
+    return label_answers(source, specs, answers, scorer, cfg.length_penalty, cfg.annotators, cfg.noise, seed)
 
 
 def store_round(cfg: LabelConfig, specs, answers, db: str, round_no: int, seed: int):
@@ -248,7 +211,8 @@ def run_online_dpo(recipe: OnlineDPORecipe) -> dict[str, Any]:
         t0 = time.time()
         round_dir = run_dir / f"round_{i}"
         round_dir.mkdir(parents=True, exist_ok=True)
-        specs = world_prompt_specs(world, r.prompts_per_round, seed=recipe.run.seed * 1000 + i)
+        specs = world_prompt_specs(world, r.prompts_per_round, recipe.run.seed * 1000 + i, r.split, r.families,
+                                   r.phrasings)  # fmt: skip
         sampling = SamplingConfig(k=r.k, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                   top_p=r.top_p, batch_size=r.batch_size, seed=recipe.run.seed * 1000 + i)  # fmt: skip
         answers = sample_responses(specs, policy, sampling, model_name=f"round-{i - 1}", progress=True)
@@ -263,11 +227,16 @@ def run_online_dpo(recipe: OnlineDPORecipe) -> dict[str, Any]:
                 rounds.append({"round": i, "status": "waiting_for_annotators", "facts": facts, "note": msg})
                 break
         else:
-            scores = label_scores(recipe.label, specs, answers, scorer)
-            records, skipped = best_worst_records(
-                specs, answers, scores, recipe.label.min_gap, recipe.label.source
-            )
-            facts["prompts_without_pair"] = skipped
+            from glmwb.align.onpolicy import build_onpolicy_pairs
+
+            texts = {uid: [a.text for a in rows] for uid, rows in answers.items()}
+            records, got = build_onpolicy_pairs(
+                specs, lambda _specs, _k, t=texts: t, r.k,
+                lambda sp, ans, s=recipe.run.seed + i: label_scores(recipe.label, sp, ans, scorer, s),
+                recipe.label.min_gap, recipe.label.source,
+            )  # fmt: skip
+            facts["prompts_without_pair"] = got["prompts_without_pair"]
+            facts["mean_label_score"] = got["mean_score"]
         facts["pairs"] = len(records)
         if recipe.label.export:
             from glmwb.annotation.export import write_records
@@ -288,17 +257,31 @@ def run_online_dpo(recipe: OnlineDPORecipe) -> dict[str, Any]:
         print(f"round {i}: {_line(report)} ({time.time() - t0:.0f} s)")
         rounds.append({"round": i, "policy": policy, "facts": facts, "train": train, "eval": _brief(report),
                        "seconds": time.time() - t0})  # fmt: skip
+    policy, budget = _final_policy(recipe, run_dir, rounds, policy)
     table = _rounds_table(rounds)
     print(f"\nonline DPO ({recipe.label.source} labels, {recipe.engine}), held-out world prompts:\n{table}")
     (run_dir / "rounds.md").write_text(table + "\n")
     summary = {"stage": "online_dpo", "label": recipe.label.source, "rounds": rounds, "table": table,
                "final": policy}  # fmt: skip
-    trained = [Budget.from_dict(r["train"]["budget"]) for r in rounds if "train" in r]
-    budget = Budget.combine("online_dpo", trained, "round") if trained else None
-    if budget is not None:
-        print(f"online DPO: {len(trained)} rounds, {budget.line()} in all")
     write_summary(run_dir, summary, budget)
     return summary
+
+
+def _final_policy(recipe: OnlineDPORecipe, run_dir: Path, rounds: list[dict[str, Any]], policy: str):
+    """All rounds' budget record, and the last round's policy copied to run.dir/final (where the DPO stage
+    leaves its policy) with that record. Returns (final policy folder, budget or None when nothing trained)."""
+    trained = [Budget.from_dict(r["train"]["budget"]) for r in rounds if "train" in r]
+    if not trained:
+        return policy, None
+    import shutil
+
+    from glmwb.pretrain.run_folder import write_model_record
+
+    budget = Budget.combine("online_dpo", trained, "round")
+    final = str(shutil.copytree(policy, run_dir / "final", dirs_exist_ok=True))
+    write_model_record(final, budget, run_dir, recipe.model.init_from)
+    print(f"online DPO: {len(trained)} rounds, {budget.line()} in all")
+    return final, budget
 
 
 def _brief(report: dict[str, Any] | None) -> dict[str, Any]:

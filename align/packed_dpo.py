@@ -138,6 +138,22 @@ def preference_loss(
     return LOSSES[kind](p, beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma).mean()
 
 
+def chosen_nll(p: PairLogps) -> Tensor:
+    """RPO's NLL term (Pang et al. 2024), as TRL's ``"sft"`` loss: minus the chosen answers' token
+    log-probs summed over the batch, divided by the batch's chosen tokens (a token mean, not a mean of
+    per-answer means). A scalar."""
+    return -p.chosen.sum() / p.chosen_len.sum().clamp(min=1)
+
+
+def rpo_loss(
+    kind: str, p: PairLogps, beta: float, sft_weight: float = 0.0, label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+) -> Tensor:  # fmt: skip
+    """``preference_loss`` + ``sft_weight`` x ``chosen_nll`` (iterative RPO with ``sft_weight`` > 0)."""
+    loss = preference_loss(kind, p, beta, label_smoothing, simpo_gamma)
+    return loss + sft_weight * chosen_nll(p) if sft_weight > 0 else loss
+
+
 @torch.no_grad()
 def reference_logps(
     model, pairs: Sequence[PairTokens], pad_id: int, batch_pairs: int = 32, row_tokens: int = 1024,
@@ -283,9 +299,7 @@ def train_packed(
                     None if ref is None else ref[1][idx].to(device),
                     lengths[0::2], lengths[1::2],
                 )  # fmt: skip
-                loss = preference_loss(s.loss, p, s.beta, s.label_smoothing, s.simpo_gamma)
-                if s.sft_weight > 0:  # -(sum of chosen token log-probs) / (chosen tokens), as TRL's "sft"
-                    loss = loss + s.sft_weight * (-c.sum() / p.chosen_len.sum().clamp(min=1))
+                loss = rpo_loss(s.loss, p, s.beta, s.sft_weight, s.label_smoothing, s.simpo_gamma)
                 (loss / s.grad_accum).backward()
                 tokens += batch.real_tokens
                 with torch.no_grad():

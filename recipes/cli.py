@@ -2,6 +2,7 @@
 
     glmwb run RECIPE.yaml [section.key=value ...]     run a stage (or a pipeline of stages)
     glmwb validate RECIPE.yaml [section.key=value ...] check a recipe and print it resolved
+    glmwb compare-methods [RECIPE.yaml] [key=value ...] alignment methods from one SFT policy, equal budgets
     glmwb world --out DIR                             write the embedded world's corpus and prompts
     glmwb eval --task gsm8k,... (--model [NAME=]DIR | --predictions [NAME=]FILE) ...   benchmark scores
     glmwb sample MODEL_DIR "prompt" ...               chat with a trained GLM folder
@@ -358,6 +359,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare_methods(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.stage != "compare_methods":
+        raise RecipeError(
+            f"{args.recipe}: compare-methods needs a 'stage: compare_methods' recipe, got {recipe.stage!r}"
+        )
+    run_stage(recipe)
+    return 0
+
+
 def cmd_serve_rewards(args: argparse.Namespace) -> int:
     from glmwb.rewards.server import serve
 
@@ -460,6 +471,16 @@ def make_parser() -> argparse.ArgumentParser:
     register_argilla(sub)  # glmwb argilla push | pull | status, glmwb argilla-server
 
     from glmwb.rewards.server import add_arguments as reward_server_arguments
+
+    cm = sub.add_parser(
+        "compare-methods",
+        help="alignment methods side by side from one SFT policy, equal step budgets",
+        description="Train DPO, iterative RPO, KTO, PPO (rule / RM), GRPO from one SFT policy with the same "
+        "step budget on several seeds; print and plot one table (recipes/compare_methods.yaml).",
+    )
+    cm.add_argument("recipe", nargs="?", default="recipes/compare_methods.yaml")
+    cm.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    cm.set_defaults(func=cmd_compare_methods)
 
     sr = sub.add_parser(
         "serve-rewards",

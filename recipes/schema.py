@@ -57,6 +57,7 @@ LAZY_STAGES: dict[str, str] = {
     "eval": "glmwb.align.evals.harness:BenchRecipe",
     "preferences": "glmwb.annotation.collect:PreferencesRecipe",
     "arena": "glmwb.annotation.arena_round:ArenaRecipe",
+    "compare_methods": "glmwb.recipes.compare_methods:CompareRecipe",
 }
 
 RUNNERS: dict[str, str] = {
@@ -73,6 +74,7 @@ RUNNERS: dict[str, str] = {
     "eval": "glmwb.align.evals.harness:run_bench",
     "preferences": "glmwb.annotation.collect:run_preferences",
     "arena": "glmwb.annotation.arena_round:run_arena",
+    "compare_methods": "glmwb.recipes.compare_methods:run_compare",
 }
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from glmwb.align.online_dpo import OnlineDPORecipe, best_worst_records
+from glmwb.align.online_dpo import OnlineDPORecipe
 from glmwb.pretrain.errors import ConfigError
 from glmwb.recipes.loader import build
 from tests.rewards.conftest import reward_folder, tiny_glm  # noqa: F401  (reward_folder is a fixture)
@@ -50,7 +50,10 @@ def test_one_round_with_reward_model_labels(tmp_path, policy_folder, reward_fold
         for line in (tmp_path / "online" / "round_1" / "pairs.jsonl").read_text().splitlines()
     ]
     assert len(pairs) == first["facts"]["pairs"] and all(p["chosen"] != p["rejected"] for p in pairs)
-    assert summary["final"].endswith("round_1/final") and (tmp_path / "online" / "rounds.md").is_file()
+    assert first["policy"].endswith("round_1/final") and (tmp_path / "online" / "rounds.md").is_file()
+    assert summary["final"] == str(tmp_path / "online" / "final")  # the last round's policy, where DPO's is
+    record = json.loads((tmp_path / "online" / "final" / "glmwb_run.json").read_text())
+    assert (record["stage"], record["steps_done"], record["init_from"]) == ("online_dpo", 2, policy_folder)
 
 
 def test_store_labels_wait_for_people(tmp_path, policy_folder):
@@ -65,18 +68,6 @@ def test_store_labels_wait_for_people(tmp_path, policy_folder):
     assert last["status"] == "waiting_for_annotators" and last["facts"]["items_added"] == 6
     with Store(db) as store:
         assert len(store.items()) == 6
-
-
-def test_best_worst_pairs_follow_the_scores():
-    from glmwb.annotation.store import NewResponse
-    from glmwb.annotation.tasks import PromptSpec
-
-    spec = PromptSpec("p1", [{"role": "user", "content": "q"}])
-    answers = {"p1": [NewResponse("a", "m"), NewResponse("b", "m"), NewResponse("c", "m")]}
-    records, skipped = best_worst_records([spec], answers, {"p1": [0.2, 0.9, -1.0]}, 0.0, "rm")
-    assert skipped == 0 and (records[0].chosen, records[0].rejected) == ("b", "c")
-    assert records[0].margin == pytest.approx(1.9)
-    assert best_worst_records([spec], answers, {"p1": [0.2, 0.9, -1.0]}, 5.0, "rm")[0] == []
 
 
 def test_recipe_mistakes(tmp_path, policy_folder):

@@ -13,8 +13,10 @@ from glmwb.align.packed_dpo import (
     LOSSES,
     PackedSettings,
     PairLogps,
+    chosen_nll,
     preference_loss,
     reference_logps,
+    rpo_loss,
     train_packed,
 )
 from glmwb.pretrain.config import GLMConfig
@@ -110,6 +112,47 @@ def test_losses_against_hand_computed_values():
         assert float(got) == pytest.approx(value, rel=1e-6), name
     with pytest.raises(ValueError, match="unknown DPO loss"):
         preference_loss("nope", p, beta)
+
+
+def test_rpo_nll_term_against_a_hand_computation():
+    """RPO = DPO + w x (minus the chosen answers' token log-probs / their tokens), pooled over the batch."""
+    p = PairLogps(
+        chosen=torch.tensor([-6.0, -2.0]), rejected=torch.tensor([-9.0, -3.0]),
+        ref_chosen=torch.tensor([-7.0, -2.5]), ref_rejected=torch.tensor([-8.0, -3.0]),
+        chosen_len=torch.tensor([3.0, 1.0]), rejected_len=torch.tensor([5.0, 2.0]),
+    )  # fmt: skip
+    nll = (6.0 + 2.0) / (3 + 1)  # = 2.0 (the mean of per-answer means would be (2 + 2) / 2 here too)
+    assert float(chosen_nll(p)) == pytest.approx(nll)
+    beta, w = 0.1, 0.5
+    h = [(-6 + 7) - (-9 + 8), (-2 + 2.5) - (-3 + 3)]  # 2.0 and 0.5
+    dpo = sum(math.log1p(math.exp(-beta * x)) for x in h) / 2
+    assert float(rpo_loss("sigmoid", p, beta, sft_weight=w)) == pytest.approx(dpo + w * nll, rel=1e-6)
+    assert float(rpo_loss("sigmoid", p, beta, sft_weight=0.0)) == pytest.approx(dpo, rel=1e-6)
+    p2 = PairLogps(
+        p.chosen, p.rejected, p.ref_chosen, p.ref_rejected, torch.tensor([1.0, 3.0]), p.rejected_len
+    )
+    assert float(chosen_nll(p2)) == pytest.approx(8.0 / 4)  # pooled: same total tokens, same value
+    p3 = PairLogps(
+        p.chosen, p.rejected, p.ref_chosen, p.ref_rejected, torch.tensor([3.0, 5.0]), p.rejected_len
+    )
+    assert float(chosen_nll(p3)) == pytest.approx(8.0 / 8)
+
+
+def test_rpo_nll_term_on_a_model_equals_the_chosen_tokens_mean_nll():
+    """The NLL term from packed log-probs equals a plain forward's mean token NLL over the chosen answers."""
+    pairs = random_pairs(3, seed=4)
+    m = model()
+    c, r = pair_logps(m, pack_batch(pairs, 0, row_tokens=64))
+    total, tokens = 0.0, 0
+    for pr in pairs:
+        ids = torch.tensor([pr.prompt_ids + pr.chosen_ids])
+        logp = m(ids).logits.float().log_softmax(-1)[0]
+        P = len(pr.prompt_ids)
+        total -= float(logp[P - 1 : -1].gather(-1, ids[0, P:, None]).sum())
+        tokens += len(pr.chosen_ids)
+    lens = torch.tensor([float(len(pr.chosen_ids)) for pr in pairs])
+    got = chosen_nll(PairLogps(c, r, None, None, lens, torch.ones(3)))
+    assert float(got) == pytest.approx(total / tokens, rel=1e-4)
 
 
 def test_packed_loop_trains_and_raises_the_margin():

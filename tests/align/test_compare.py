@@ -1,0 +1,162 @@
+"""The equal-budget scheduler (every method of compare_methods.yaml plans, and stops at, the same steps), KL
+to the start policy, and the comparison table."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from glmwb.align.compare import (
+    budget_overrides,
+    check_same_budget,
+    comparison_rows,
+    format_comparison,
+    kl_to_reference,
+    planned_steps,
+)
+from glmwb.pretrain.errors import ConfigError
+from glmwb.recipes.cli import load_recipe
+from tests.rewards.conftest import tiny_glm
+from tests.tiny import one_thread  # noqa: F401 (one_thread: autouse fixture)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def compare_recipe(*overrides):
+    return load_recipe(
+        ROOT / "recipes" / "compare_methods.yaml", [f"recipes_dir={ROOT / 'recipes'}", *overrides]
+    )
+
+
+@pytest.mark.parametrize("steps", [6, 24])
+def test_every_method_plans_the_same_steps_whatever_its_recipe_says(steps, tmp_path):
+    from glmwb.recipes.compare_methods import method_recipe
+
+    recipe = compare_recipe(f"budget.steps={steps}")
+    stages = set()
+    for m in recipe.methods:
+        for variant in (None, *m.sweep, {"train.max_steps": 999, "train.steps": 999}):
+            if variant and "train.steps" in variant:  # a variant cannot override the budget
+                variant = {"train.steps": 999} if m.recipe == "ppo.yaml" else {"train.max_steps": 999}
+            built = method_recipe(recipe, m, 3, tmp_path / m.name, variant)
+            assert planned_steps(built) == steps, m.name
+            assert built.run.seed == 3 and built.train.max_minutes is None  # no wall-clock cap
+            stages.add(built.stage)
+    assert stages == {"dpo", "online_dpo", "ppo", "grpo"}
+    names = {m.name for m in recipe.methods}
+    assert names == {"dpo_offpolicy", "iterative_rpo", "kto", "ppo_rule", "ppo_rm", "grpo"}
+
+
+def test_without_a_reward_model_ppo_rm_is_left_out_and_said_so():
+    from glmwb.recipes.compare_methods import runnable_methods
+
+    keep, left_out = runnable_methods(compare_recipe("reward_model=null"))
+    assert "ppo_rm" not in {m.name for m in keep} and len(keep) == 5
+    assert len(left_out) == 1 and left_out[0].startswith("ppo_rm: needs reward_model")
+    keep, left_out = runnable_methods(compare_recipe())
+    assert len(keep) == 6 and left_out == []
+
+
+def test_budget_overrides_per_stage():
+    assert budget_overrides("ppo", 10)["train.steps"] == 10
+    assert budget_overrides("grpo", 10)["train.max_steps"] == 10
+    got = budget_overrides("online_dpo", 12, rounds=3)
+    assert (got["rounds.rounds"], got["train.max_steps"]) == (3, 4)
+    with pytest.raises(ValueError, match="do not divide"):
+        budget_overrides("online_dpo", 10, rounds=3)
+    with pytest.raises(ValueError, match="no step budget"):
+        budget_overrides("sft", 10)
+
+
+def test_rounds_must_divide_the_budget():
+    with pytest.raises(ConfigError, match="does not divide budget.steps"):
+        compare_recipe("budget.steps=25")
+
+
+def test_check_same_budget_names_the_runs_that_differ():
+    ok = {"planned_steps": 8, "steps_done": 8, "line": "8 of 8 steps"}
+    short = {"planned_steps": 8, "steps_done": 5, "line": "stopped early at step 5 of 8"}
+    assert check_same_budget({"a": ok, "b": dict(ok)}, 8) == []
+    got = check_same_budget({"a": ok, "b": short, "c": {"planned_steps": 9, "steps_done": 9}}, 8)
+    assert got == ["b: stopped early at step 5 of 8", "c: planned 9 steps, not 8"]
+
+
+def test_stages_stop_at_the_same_budget(tiny_tokenizer, tmp_path):
+    """Two differently sized trainers (offline DPO, and iterative DPO in 2 rounds) under budget_overrides
+    both report exactly the budget's steps done."""
+    from glmwb.align.dpo import run_dpo
+    from glmwb.align.online_dpo import run_online_dpo
+    from glmwb.pretrain.hf import save_pretrained
+    from glmwb.recipes.loader import apply_override, build
+    from glmwb.recipes.schema import stage_class
+
+    policy = str(save_pretrained(tiny_glm(tiny_tokenizer, seed=5), tmp_path / "policy", tiny_tokenizer))
+    base = {
+        "dpo": {"stage": "dpo", "engine": "packed", "model": {"init_from": policy},
+                "data": {"world": {"num_entities": 24, "train_prompts": 40, "heldout_prompts": 8}},
+                "train": {"batch_size": 2, "log_every": 1, "max_steps": 50, "max_minutes": 5}},
+        "online_dpo": {"stage": "online_dpo", "engine": "packed", "model": {"init_from": policy},
+                       "rounds": {"prompts_per_round": 6, "k": 3, "max_new_tokens": 6},
+                       "label": {"source": "world", "export": False},
+                       "train": {"batch_size": 2, "log_every": 1, "max_steps": 50}},
+    }  # fmt: skip
+    done = {}
+    for stage, runner in (("dpo", run_dpo), ("online_dpo", run_online_dpo)):
+        data = {**base[stage], "run": {"dir": str(tmp_path / stage)}}
+        for key, value in budget_overrides(stage, 4, rounds=2).items():
+            apply_override(data, key.split("."), value)
+        recipe = build(stage_class(stage), data, source="test")
+        assert planned_steps(recipe) == 4
+        done[stage] = runner(recipe)["budget"]
+    assert check_same_budget(done, 4) == [], done
+
+
+def test_kl_to_itself_is_zero_and_to_another_policy_positive(tiny_tokenizer):
+    msgs = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
+    a, b = tiny_glm(tiny_tokenizer, seed=1).eval(), tiny_glm(tiny_tokenizer, seed=2).eval()
+    with torch.no_grad():  # a sharper, different reference: KL(a || b) is then far from 0
+        for w in b.parameters():
+            w.mul_(4.0)
+    same = kl_to_reference(a, a, tiny_tokenizer, msgs, samples=2, max_new_tokens=5)
+    assert same["n"] == 8 and abs(same["kl"]) < 1e-5
+    other = kl_to_reference(a, b, tiny_tokenizer, msgs, samples=8, max_new_tokens=5)
+    assert other["kl"] > 2 * other["kl_se"] > 0  # KL(a || b) > 0, beyond its noise
+
+
+def test_kl_sums_token_log_probs_of_a_plain_forward(tiny_tokenizer):
+    """The per-answer log-probs the KL uses equal a plain forward's over the answer tokens."""
+    from glmwb.align.compare import sequence_logps
+
+    m = tiny_glm(tiny_tokenizer, seed=1).eval()
+    prompt, answer = [5, 9, 11, 3], [7, 8, 2]
+    got = sequence_logps(m, [prompt], [answer])[0]
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        logp = m(ids).logits.float().log_softmax(-1)[0]
+    want = float(logp[3:-1].gather(-1, ids[0, 4:, None]).sum())
+    assert float(got) == pytest.approx(want, rel=1e-4)
+
+
+def test_comparison_rows_average_seeds_and_keep_each_seeds_p():
+    def run(acc, sacc, p, kl):
+        comp = {"by_instance": {"greedy_p": p, "sampled_p": p / 2, "up": 3, "down": 1}}
+        report = {"accuracy": acc, "sample_accuracy": sacc, "mean_chars": 10.0, "reward_mean": 1.0}
+        return {"report": report, "comparison": comp, "kl": kl, "seconds": 5.0, "variant": "defaults"}
+
+    rows = comparison_rows({"m": [run(0.5, 0.4, 0.01, 1.0), run(0.7, 0.6, 0.2, 3.0)]})
+    r = rows[0]
+    assert r["accuracy"] == pytest.approx(0.6) and r["accuracy_sd"] == pytest.approx(math.sqrt(0.02))
+    assert r["kl"] == pytest.approx(2.0) and r["greedy_p"] == [0.01, 0.2]
+    table = format_comparison(rows)
+    assert "**0.01**" in table and "0.2" in table and "0.600 ± 0.141" in table
+
+
+def test_cli_refuses_a_recipe_of_another_stage_in_one_line(capsys):
+    from glmwb.recipes.cli import main
+
+    assert main(["compare-methods", str(ROOT / "recipes" / "dpo.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs a 'stage: compare_methods' recipe, got 'dpo'" in err[0]
