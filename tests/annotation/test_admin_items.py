@@ -106,9 +106,8 @@ def result_ids(page) -> list[int]:
     return [int(line.split("\t")[0]) for line in text.splitlines() if line.split("\t")[0].strip().isdigit()]
 
 
-@pytest.mark.browser
-def test_admin_item_browser_and_disputes(admin_site, browser):
-    store, base, ids = admin_site
+def admin_tab(browser, base: str):
+    """A browser context signed in as the admin ``root``, on the Admin tab: (context, page)."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     page.goto(base)
@@ -116,6 +115,13 @@ def test_admin_item_browser_and_disputes(admin_site, browser):
     page.locator("input[type=password]").fill(PASSWORDS["root"])
     page.keyboard.press("Enter")
     page.get_by_role("tab", name="Admin").click()
+    return context, page
+
+
+@pytest.mark.browser
+def test_admin_item_browser_and_disputes(admin_site, browser):
+    store, base, ids = admin_site
+    context, page = admin_tab(browser, base)
     page.locator("#admin-refresh").click()
     wait_text(page, "#items-count", r"3 of 3 items match")
     disputes = wait_text(page, "#admin-disputes", r"split: A 1, B 1")
@@ -180,13 +186,7 @@ def test_admin_imports_tasks_with_the_clis_validation(admin_site, browser, tmp_p
     cli_error = capsys.readouterr().err.strip().removeprefix("glmwb: error: ")
     assert "needs at least two responses" in cli_error
     before = store.counts()["items"]
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    page.goto(base)
-    page.locator("input[type=text]").first.fill("root")
-    page.locator("input[type=password]").fill(PASSWORDS["root"])
-    page.keyboard.press("Enter")
-    page.get_by_role("tab", name="Admin").click()
+    context, page = admin_tab(browser, base)
     page.get_by_text("Import tasks").click()
     page.locator("#import-path textarea, #import-path input").first.fill(str(bad))
     page.locator("#import-button").click()
