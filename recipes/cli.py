@@ -377,12 +377,8 @@ def cmd_serve_rewards(args: argparse.Namespace) -> int:
     return serve(args)
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="glmwb", description="glm-workbench: RLHF for GLM models, recipe-driven."
-    )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_run(sub) -> None:
+    """`glmwb run RECIPE [overrides] [--only | --from] [--dry-run ...]`."""
     r = sub.add_parser("run", help="run a recipe (a stage or a pipeline)", description="Run a recipe.")
     r.add_argument("recipe", help="a YAML recipe, e.g. recipes/quickstart.yaml")
     r.add_argument(
@@ -409,24 +405,9 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--mfu", type=float, default=0.4, help="--dry-run: the MFU assumed for the step time")
     r.set_defaults(func=cmd_run)
 
-    v = sub.add_parser(
-        "validate",
-        help="check a recipe and print it fully resolved",
-        description="Check a recipe strictly and print the resolved config.",
-    )
-    v.add_argument("recipe")
-    v.add_argument("overrides", nargs="*")
-    v.set_defaults(func=cmd_validate)
 
-    w = sub.add_parser(
-        "world",
-        help="write the embedded world's corpus and prompts as JSONL",
-        description="Write the embedded synthetic world (corpus, train / held-out prompts).",
-    )
-    w.add_argument("--out", required=True)
-    w.add_argument("--seed", type=int, default=0)
-    w.set_defaults(func=cmd_world)
-
+def _add_eval(sub) -> None:
+    """`glmwb eval --task ... --model ...` (docs/evaluation.md)."""
     e = sub.add_parser(
         "eval",
         help="benchmark scores of model folders or of prediction files (GSM8K, IFEval, HumanEval, ...)",
@@ -449,6 +430,35 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     e.set_defaults(func=cmd_eval)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="glmwb", description="glm-workbench: RLHF for GLM models, recipe-driven."
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_run(sub)
+
+    v = sub.add_parser(
+        "validate",
+        help="check a recipe and print it fully resolved",
+        description="Check a recipe strictly and print the resolved config.",
+    )
+    v.add_argument("recipe")
+    v.add_argument("overrides", nargs="*")
+    v.set_defaults(func=cmd_validate)
+
+    w = sub.add_parser(
+        "world",
+        help="write the embedded world's corpus and prompts as JSONL",
+        description="Write the embedded synthetic world (corpus, train / held-out prompts).",
+    )
+    w.add_argument("--out", required=True)
+    w.add_argument("--seed", type=int, default=0)
+    w.set_defaults(func=cmd_world)
+
+    _add_eval(sub)
 
     s = sub.add_parser("sample", help="chat with a trained model folder", description="Generate answers.")
     s.add_argument("model", help="a Hugging Face GLM folder (ours or transformers')")
