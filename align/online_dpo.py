@@ -306,7 +306,8 @@ def _rounds_table(rounds: list[dict[str, Any]]) -> str:
         e = row.get("eval")
         if not e or "accuracy" not in e:
             lines.append(
-                f"| {row['round']} | {row.get('facts', {}).get('pairs', '—')} | {row.get('status')} |"
+                f"| {row['round']} | {row.get('facts', {}).get('pairs', '—')} | "
+                f"{row.get('status') or 'not evaluated (eval.world_prompts: 0)'} |"
             )
             continue
         rm = f"{e['reward_mean']:.3f}" if "reward_mean" in e else "—"

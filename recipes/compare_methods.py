@@ -37,6 +37,21 @@ class MethodRef:
     overrides: dict = field(default_factory=dict)
     rounds: PositiveInt = 1  # online_dpo: the budget's steps in this many equal rounds
     sweep: tuple[dict, ...] = ()  # each a set of overrides; chosen on dev (first seed), reported on test
+    grid: dict = field(default_factory=dict)  # key -> values: every combination is a variant (x sweep)
+
+    def __post_init__(self) -> None:
+        for k, vs in self.grid.items():
+            if not isinstance(vs, list | tuple) or not vs:
+                raise ValueError(f"methods[{self.name}].grid.{k}: give a non-empty list of values, got {vs!r}")
+
+    def variants(self) -> tuple[dict, ...]:
+        """The variants to sweep: each ``sweep`` entry (or none) combined with every point of ``grid``."""
+        import itertools
+
+        points = [dict(zip(self.grid, vs, strict=True)) for vs in itertools.product(*self.grid.values())]
+        if not self.grid:
+            return tuple(self.sweep)
+        return tuple({**s, **g} for s in (self.sweep or ({},)) for g in points)
 
 
 @dataclass(frozen=True)
@@ -181,10 +196,10 @@ class _Evaluator:
 
 def _choose_variant(recipe, method, seed, out, ev, log) -> tuple[dict | None, dict[str, Any] | None]:
     """Train every swept variant of ``method`` on ``seed``, keep the best greedy accuracy on dev."""
-    if not method.sweep:
+    if not method.variants():
         return None, None
     tried = []
-    for i, variant in enumerate(method.sweep):
+    for i, variant in enumerate(method.variants()):
         run_dir = out / f"seed_{seed}" / f"{method.name}_sweep{i}"
         got = train_method(method_recipe(recipe, method, seed, run_dir, variant))
         acc = ev.dev_accuracy(got["final"])
@@ -204,7 +219,7 @@ def runnable_methods(recipe: CompareRecipe) -> tuple[list[MethodRef], list[str]]
     overrides name ``${reward_model}`` (PPO against the RM) is left out, not run against nothing."""
     keep, left_out = [], []
     for m in recipe.methods:
-        texts = [str(v) for v in m.overrides.values()] + [str(v) for var in m.sweep for v in var.values()]
+        texts = [str(v) for v in m.overrides.values()] + [str(v) for var in m.variants() for v in var.values()]
         if not recipe.reward_model and any("${reward_model}" in t for t in texts):
             left_out.append(
                 f"{m.name}: needs reward_model (its overrides name ${{reward_model}}), which is null"
@@ -226,7 +241,7 @@ def run_compare(recipe: CompareRecipe) -> dict[str, Any]:
         if folder and not (Path(folder) / "config.json").is_file():
             raise ConfigError(f"{name}: no model folder at {folder!r} (expected config.json there)")
     for m in methods:  # every recipe builds before anything trains
-        for v in (None, *m.sweep):
+        for v in (None, *m.variants()):
             method_recipe(recipe, m, recipe.seeds[0], out / "check", v)
     ev = _Evaluator(recipe)
     results: dict[str, list[dict[str, Any]]] = {"sft": []}
@@ -276,14 +291,15 @@ def _record(out: Path, name: str, seed: int, res: dict[str, Any], results: dict[
 
 
 def _write_table(recipe: CompareRecipe, out: Path, results: dict[str, list]) -> dict[str, Any]:
-    from glmwb.align.compare import comparison_rows, format_comparison, plot_comparison_bars
+    from glmwb.align.compare import comparison_rows, format_comparison, format_sweeps, plot_comparison_bars
 
     rows = comparison_rows({n: rs for n, rs in results.items() if rs})
     table = format_comparison(rows)
     n_test = len(results["sft"][0]["report"]["answers"]) if results["sft"] else 0
     head = (f"{len(recipe.seeds)} seeds planned, budget {recipe.budget.steps} training steps per method, "
             f"from {recipe.sft}; held-out `test` prompts n={n_test}")  # fmt: skip
-    (out / "table.md").write_text(f"{head}\n\n{table}\n")
-    print(f"\n{head}\n{table}\n", flush=True)
+    sweeps = format_sweeps({n: rs[0]["sweep"] for n, rs in results.items() if rs and rs[0].get("sweep")})
+    (out / "table.md").write_text(f"{head}\n\n{table}\n{sweeps}")
+    print(f"\n{head}\n{table}\n{sweeps}", flush=True)
     plot_comparison_bars(rows, out / "comparison.png", f"{head} — {out}")
     return {"table": table, "rows": rows}

@@ -38,7 +38,7 @@ def test_every_method_plans_the_same_steps_whatever_its_recipe_says(steps, tmp_p
     recipe = compare_recipe(f"budget.steps={steps}")
     stages = set()
     for m in recipe.methods:
-        for variant in (None, *m.sweep, {"train.max_steps": 999, "train.steps": 999}):
+        for variant in (None, *m.variants(), {"train.max_steps": 999, "train.steps": 999}):
             if variant and "train.steps" in variant:  # a variant cannot override the budget
                 variant = {"train.steps": 999} if m.recipe == "ppo.yaml" else {"train.max_steps": 999}
             built = method_recipe(recipe, m, 3, tmp_path / m.name, variant)
@@ -48,6 +48,43 @@ def test_every_method_plans_the_same_steps_whatever_its_recipe_says(steps, tmp_p
     assert stages == {"dpo", "online_dpo", "ppo", "grpo"}
     names = {m.name for m in recipe.methods}
     assert names == {"dpo_offpolicy", "iterative_rpo", "kto", "ppo_rule", "ppo_rm", "grpo"}
+
+
+def test_a_grid_sweeps_every_combination_and_the_recipe_states_its_sweeps():
+    from glmwb.recipes.compare_methods import MethodRef
+
+    m = MethodRef("x", "dpo.yaml", grid={"loss.beta": [0.1, 0.3, 1.0], "optim.lr": [1e-5, 1e-4]})
+    got = m.variants()
+    assert len(got) == 6 and len({tuple(sorted(v.items())) for v in got}) == 6
+    assert {v["loss.beta"] for v in got} == {0.1, 0.3, 1.0} and {v["optim.lr"] for v in got} == {1e-5, 1e-4}
+    both = MethodRef("y", "grpo.yaml", sweep=({"a": 1}, {"a": 2}), grid={"b": [3, 4]})
+    assert both.variants() == ({"a": 1, "b": 3}, {"a": 1, "b": 4}, {"a": 2, "b": 3}, {"a": 2, "b": 4})
+    assert MethodRef("z", "dpo.yaml", sweep=({"a": 1},)).variants() == ({"a": 1},)
+    with pytest.raises(ValueError, match=r"grid\.loss\.beta: give a non-empty list"):
+        MethodRef("x", "dpo.yaml", grid={"loss.beta": []})
+    recipe = compare_recipe()
+    sizes = {m.name: len(m.variants()) for m in recipe.methods}
+    assert sizes["dpo_offpolicy"] == 9 and sizes["iterative_rpo"] == 9 and sizes["grpo"] == 2
+
+
+def test_sweep_table_marks_the_variant_kept_on_dev():
+    from glmwb.align.compare import format_sweeps
+
+    tried = [{"variant": {"beta": b, "lr": lr}, "dev_accuracy": acc}
+             for (b, lr), acc in zip([(0.1, 1), (0.1, 2), (0.3, 1), (0.3, 2)], [0.5, 0.7, 0.6, 0.7])]  # fmt: skip
+    text = format_sweeps({"dpo": tried})
+    rows = [line for line in text.splitlines() if line.startswith("| 0.")]
+    assert rows == ["| 0.1 | 0.500 | **0.700** |", "| 0.3 | 0.600 | 0.700 |"]  # a tie keeps the first
+    assert format_sweeps({}) == ""
+
+
+def test_grpo_can_draw_its_prompts_from_dev():
+    from glmwb.align.grpo import GRPODataConfig, load_prompts
+
+    train = {r["world_prompt"] for r in load_prompts(GRPODataConfig(train_prompts=64), 0)[0]}
+    dev_rows, _, facts = load_prompts(GRPODataConfig(train_prompts=64, split="dev"), 0)
+    dev = {r["world_prompt"] for r in dev_rows}
+    assert len(dev) == 64 and facts["split"] == "dev" and not train & dev
 
 
 def test_without_a_reward_model_ppo_rm_is_left_out_and_said_so():
