@@ -214,8 +214,8 @@ def format_sweeps(sweeps: dict[str, list[dict[str, Any]]]) -> str:
         best = max(range(len(tried)), key=lambda i: (tried[i]["dev_accuracy"], -i))
         keys = list(dict.fromkeys(k for t in tried for k in t["variant"]))
         out.append(f"\n{name}: greedy accuracy on dev per variant (kept: **bold**)\n")
-        cell = lambda i: (f"**{tried[i]['dev_accuracy']:.3f}**" if i == best  # noqa: E731
-                          else f"{tried[i]['dev_accuracy']:.3f}")  # fmt: skip
+        marks = [f"{t['dev_accuracy']:.3f}" for t in tried]
+        marks[best] = f"**{marks[best]}**"
         grid = {tuple(t["variant"].get(k) for k in keys): i for i, t in enumerate(tried)}
         if len(keys) == 2 and len(grid) == len(tried):
             rows_v = list(dict.fromkeys(v[0] for v in grid))
@@ -223,13 +223,13 @@ def format_sweeps(sweeps: dict[str, list[dict[str, Any]]]) -> str:
             out.append(f"| {keys[0]} \\ {keys[1]} | " + " | ".join(map(str, cols_v)) + " |")
             out.append("|" + "---|" * (len(cols_v) + 1))
             for r in rows_v:
-                cells = [cell(grid[(r, c)]) if (r, c) in grid else "—" for c in cols_v]
+                cells = [marks[grid[(r, c)]] if (r, c) in grid else "—" for c in cols_v]
                 out.append(f"| {r} | " + " | ".join(cells) + " |")
         else:
             out.append("| variant | dev greedy acc |")
             out.append("|---|---|")
             for i, t in enumerate(tried):
-                out.append(f"| {', '.join(f'{k}={v}' for k, v in t['variant'].items())} | {cell(i)} |")
+                out.append(f"| {', '.join(f'{k}={v}' for k, v in t['variant'].items())} | {marks[i]} |")
     return "\n".join(out) + ("\n" if out else "")
 
 

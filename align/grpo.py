@@ -66,7 +66,7 @@ class GRPODataConfig:
     source: Literal["world", "files"] = "world"
     world: WorldConfig = field(default_factory=WorldConfig)
     train_prompts: NonNegInt = 512  # world: distinct train prompts; files: a cap (0: every row)
-    split: Literal["train", "dev"] = "train"  # world: the split the prompts come from (dev: PPO's rollout pool)
+    split: Literal["train", "dev"] = "train"  # world: the prompts' split (dev: PPO's rollout pool)
     paths: tuple[str, ...] = ()  # files: JSONL (.gz allowed)
     eval_paths: tuple[str, ...] = ()  # files: held-out rows for the before / after rule rewards
     system_prompt: str | None = None  # files: a system turn in front of every question
@@ -300,7 +300,8 @@ def load_prompts(cfg: GRPODataConfig, seed: int) -> tuple[list[dict], list[dict]
         from glmwb.pretrain.world import make_world
 
         world = make_world(seed=cfg.world.seed, num_entities=cfg.world.num_entities)
-        return world_rows(world, cfg.split, cfg.train_prompts, seed), [], {"source": "world", "split": cfg.split}
+        rows = world_rows(world, cfg.split, cfg.train_prompts, seed)
+        return rows, [], {"source": "world", "split": cfg.split}
     train = [row for p in cfg.paths for row in read_prompt_file(p, cfg.system_prompt)]
     held = [row for p in cfg.eval_paths for row in read_prompt_file(p, cfg.system_prompt)]
     random.Random(seed).shuffle(train)

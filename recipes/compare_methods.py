@@ -42,7 +42,9 @@ class MethodRef:
     def __post_init__(self) -> None:
         for k, vs in self.grid.items():
             if not isinstance(vs, list | tuple) or not vs:
-                raise ValueError(f"methods[{self.name}].grid.{k}: give a non-empty list of values, got {vs!r}")
+                raise ValueError(
+                    f"methods[{self.name}].grid.{k}: give a non-empty list of values, got {vs!r}"
+                )
 
     def variants(self) -> tuple[dict, ...]:
         """The variants to sweep: each ``sweep`` entry (or none) combined with every point of ``grid``."""
@@ -219,7 +221,9 @@ def runnable_methods(recipe: CompareRecipe) -> tuple[list[MethodRef], list[str]]
     overrides name ``${reward_model}`` (PPO against the RM) is left out, not run against nothing."""
     keep, left_out = [], []
     for m in recipe.methods:
-        texts = [str(v) for v in m.overrides.values()] + [str(v) for var in m.variants() for v in var.values()]
+        texts = [str(v) for v in m.overrides.values()] + [
+            str(v) for var in m.variants() for v in var.values()
+        ]
         if not recipe.reward_model and any("${reward_model}" in t for t in texts):
             left_out.append(
                 f"{m.name}: needs reward_model (its overrides name ${{reward_model}}), which is null"

@@ -71,7 +71,7 @@ def test_sweep_table_marks_the_variant_kept_on_dev():
     from glmwb.align.compare import format_sweeps
 
     tried = [{"variant": {"beta": b, "lr": lr}, "dev_accuracy": acc}
-             for (b, lr), acc in zip([(0.1, 1), (0.1, 2), (0.3, 1), (0.3, 2)], [0.5, 0.7, 0.6, 0.7])]  # fmt: skip
+             for (b, lr), acc in zip([(0.1, 1), (0.1, 2), (0.3, 1), (0.3, 2)], [0.5, 0.7, 0.6, 0.7], strict=True)]  # fmt: skip
     text = format_sweeps({"dpo": tried})
     rows = [line for line in text.splitlines() if line.startswith("| 0.")]
     assert rows == ["| 0.1 | 0.500 | **0.700** |", "| 0.3 | 0.600 | 0.700 |"]  # a tie keeps the first
