@@ -36,6 +36,7 @@ class MethodRef:
     recipe: str
     overrides: dict = field(default_factory=dict)
     rounds: PositiveInt = 1  # online_dpo: the budget's steps in this many equal rounds
+    steps_per_round: PositiveInt | None = None  # online_dpo, instead of rounds: fresh samples every N steps
     sweep: tuple[dict, ...] = ()  # each a set of overrides; chosen on dev (first seed), reported on test
     grid: dict = field(default_factory=dict)  # key -> values: every combination is a variant (x sweep)
 
@@ -45,6 +46,16 @@ class MethodRef:
                 raise ValueError(
                     f"methods[{self.name}].grid.{k}: give a non-empty list of values, got {vs!r}"
                 )
+
+    def rounds_for(self, steps: int) -> int:
+        """Iterative DPO's rounds under a budget of ``steps`` (``steps_per_round`` wins over ``rounds``)."""
+        if self.steps_per_round is None:
+            return self.rounds
+        if steps % self.steps_per_round:
+            raise ValueError(
+                f"methods[{self.name}].steps_per_round={self.steps_per_round} does not divide budget.steps={steps}"
+            )
+        return steps // self.steps_per_round
 
     def variants(self) -> tuple[dict, ...]:
         """The variants to sweep: each ``sweep`` entry (or none) combined with every point of ``grid``."""
@@ -84,6 +95,8 @@ class CompareRecipe:
     seeds: tuple[NonNegInt, ...] = (0, 1, 2)
     budget: CompareBudget = field(default_factory=CompareBudget)
     methods: tuple[MethodRef, ...] = ()
+    only: tuple[str, ...] = ()  # run only these methods (default: all)
+    variants_from: str | None = None  # an earlier comparison's summary.json: its chosen variants, no sweeps
     eval: CompareEval = field(default_factory=CompareEval)
 
     def __post_init__(self) -> None:
@@ -94,8 +107,13 @@ class CompareRecipe:
             raise ValueError(f"methods: names must be unique and not 'sft', got {names}")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
+        unknown = sorted(set(self.only) - set(names))
+        if unknown:
+            raise ValueError(
+                f"only: no method named {', '.join(unknown)}; the recipe's methods: {', '.join(names)}"
+            )
         for m in self.methods:
-            if self.budget.steps % m.rounds:
+            if self.budget.steps % m.rounds_for(self.budget.steps):
                 raise ValueError(
                     f"methods[{m.name}].rounds={m.rounds} does not divide budget.steps={self.budget.steps}"
                 )
@@ -125,7 +143,7 @@ def method_recipe(recipe: CompareRecipe, method: MethodRef, seed: int, run_dir: 
     items = {**method.overrides, **(variant or {}), start_key: recipe.sft, "run.dir": str(run_dir),
              "run.seed": seed}  # fmt: skip
     try:
-        items.update(budget_overrides(stage, recipe.budget.steps, method.rounds))
+        items.update(budget_overrides(stage, recipe.budget.steps, method.rounds_for(recipe.budget.steps)))
     except ValueError as e:
         raise ConfigError(f"methods[{method.name}]: {e}") from None
     return load_recipe(path, [_override_text(k, v, subs) for k, v in items.items()])
@@ -221,6 +239,8 @@ def runnable_methods(recipe: CompareRecipe) -> tuple[list[MethodRef], list[str]]
     overrides name ``${reward_model}`` (PPO against the RM) is left out, not run against nothing."""
     keep, left_out = [], []
     for m in recipe.methods:
+        if recipe.only and m.name not in recipe.only:
+            continue
         texts = [str(v) for v in m.overrides.values()] + [
             str(v) for var in m.variants() for v in var.values()
         ]
@@ -231,6 +251,25 @@ def runnable_methods(recipe: CompareRecipe) -> tuple[list[MethodRef], list[str]]
         else:
             keep.append(m)
     return keep, left_out
+
+
+def earlier_choices(path: str | None, names: list[str]) -> dict[str, dict | None]:
+    """The variants an earlier comparison chose on dev (its summary.json's ``chosen``) for ``names``."""
+    if not path:
+        return {}
+    p = Path(path)
+    try:
+        chosen = json.loads(p.read_text(encoding="utf-8"))["chosen"]
+    except FileNotFoundError:
+        raise ConfigError(f"variants_from: no file at {path} (a compare-methods summary.json)") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ConfigError(
+            f"variants_from: {path} is not a compare-methods summary.json (no 'chosen')"
+        ) from None
+    out = {n: chosen[n] for n in names if n in chosen}
+    for n, v in out.items():
+        print(f"{n}: the variant chosen in {path}: {_variant_name(v)}")
+    return out
 
 
 def run_compare(recipe: CompareRecipe) -> dict[str, Any]:
@@ -247,9 +286,9 @@ def run_compare(recipe: CompareRecipe) -> dict[str, Any]:
     for m in methods:  # every recipe builds before anything trains
         for v in (None, *m.variants()):
             method_recipe(recipe, m, recipe.seeds[0], out / "check", v)
+    chosen = earlier_choices(recipe.variants_from, [m.name for m in methods])
     ev = _Evaluator(recipe)
     results: dict[str, list[dict[str, Any]]] = {"sft": []}
-    chosen: dict[str, dict | None] = {}
     (out / "results.jsonl").write_text("")
     for seed in recipe.seeds:
         _record(out, "sft", seed, {**ev.test_report(None, seed), "variant": "—", "seconds": 0.0}, results)

@@ -31,7 +31,7 @@ def compare_recipe(*overrides):
     )
 
 
-@pytest.mark.parametrize("steps", [6, 24])
+@pytest.mark.parametrize("steps", [8, 24])
 def test_every_method_plans_the_same_steps_whatever_its_recipe_says(steps, tmp_path):
     from glmwb.recipes.compare_methods import method_recipe
 
@@ -65,6 +65,38 @@ def test_a_grid_sweeps_every_combination_and_the_recipe_states_its_sweeps():
     recipe = compare_recipe()
     sizes = {m.name: len(m.variants()) for m in recipe.methods}
     assert sizes["dpo_offpolicy"] == 9 and sizes["iterative_rpo"] == 9 and sizes["grpo"] == 2
+
+
+def test_iterative_dpo_samples_afresh_every_steps_per_round(tmp_path):
+    from glmwb.recipes.compare_methods import MethodRef, method_recipe
+
+    m = MethodRef("r", "online_dpo.yaml", steps_per_round=8)
+    assert m.rounds_for(16) == 2 and m.rounds_for(48) == 6
+    with pytest.raises(ValueError, match="steps_per_round=8 does not divide budget.steps=12"):
+        m.rounds_for(12)
+    recipe = compare_recipe("budget.steps=48")
+    rpo = next(x for x in recipe.methods if x.name == "iterative_rpo")
+    built = method_recipe(recipe, rpo, 0, tmp_path, None)
+    assert (built.rounds.rounds, built.train.max_steps) == (6, 8)
+
+
+def test_only_some_methods_with_the_variants_an_earlier_run_chose(tmp_path, capsys):
+    from glmwb.recipes.compare_methods import earlier_choices, runnable_methods
+
+    keep, _ = runnable_methods(compare_recipe("only=[ppo_rule,iterative_rpo]"))
+    assert [m.name for m in keep] == ["iterative_rpo", "ppo_rule"]
+    with pytest.raises(ValueError, match="only: no method named nope"):
+        compare_recipe("only=[nope]")
+    summary = tmp_path / "summary.json"
+    summary.write_text('{"chosen": {"iterative_rpo": {"loss.beta": 0.05}, "grpo": null}}')
+    got = earlier_choices(str(summary), ["iterative_rpo", "grpo", "kto"])
+    assert got == {"iterative_rpo": {"loss.beta": 0.05}, "grpo": None}  # kto: not chosen there, swept
+    assert "iterative_rpo: the variant chosen in" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="variants_from: no file at"):
+        earlier_choices(str(tmp_path / "missing.json"), ["grpo"])
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not a compare-methods summary.json"):
+        earlier_choices(str(tmp_path / "bad.json"), ["grpo"])
 
 
 def test_sweep_table_marks_the_variant_kept_on_dev():
