@@ -170,7 +170,10 @@ def comparison_rows(per_seed: dict[str, list[dict[str, Any]]]) -> list[dict[str,
         row["reward_mean"] = _ms(rep("reward_mean"))[0]
         row["kl"] = _ms([r.get("kl") for r in runs])[0]
         row["seconds"] = _ms([r.get("seconds") for r in runs])[0]
-        tests = [r["comparison"]["by_instance"] for r in runs if r.get("comparison")]
+        cmps = [r["comparison"] for r in runs if r.get("comparison")]
+        row["greedy_delta"] = [c.get("accuracy_delta") for c in cmps]
+        row["sampled_delta"] = [c.get("sample_accuracy_delta") for c in cmps]
+        tests = [c["by_instance"] for c in cmps]
         row["greedy_p"] = [t["greedy_p"] for t in tests]
         row["sampled_p"] = [t.get("sampled_p") for t in tests]
         row["up_down"] = [(t["up"], t["down"]) for t in tests]
@@ -234,28 +237,30 @@ def format_sweeps(sweeps: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def plot_comparison_bars(rows: list[dict[str, Any]], path: str | Path, title: str) -> Path:
-    """Greedy and sampled accuracy per method (error bars: the seeds' standard deviation), and KL to SFT."""
+    """Per method the change in greedy and sampled test accuracy against SFT in points (bars: the mean over
+    seeds; dots: each seed), and KL to SFT."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r["method"] != "sft"]
     names = [r["method"] for r in rows]
-    xs = range(len(rows))
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 1.4]})
-    for off, key, label in ((-0.2, "accuracy", "greedy"), (0.2, "sample_accuracy", "sampled (T=1)")):
-        vals = [r[key] for r in rows]
-        errs = [0.0 if math.isnan(r[f"{key}_sd"]) else r[f"{key}_sd"] for r in rows]
-        ax.bar([x + off for x in xs], vals, 0.4, yerr=errs, capsize=3, label=label)
-    base = next((r for r in rows if r["method"] == "sft"), None)
-    if base is not None:
-        ax.axhline(base["accuracy"], color="C0", lw=0.8, ls="--")
-        ax.axhline(base["sample_accuracy"], color="C1", lw=0.8, ls="--")
-    ax.set_xticks(list(xs), names, rotation=20)
-    ax.set_ylabel("held-out test accuracy")
-    ax.legend()
-    ax2.bar(list(xs), [0.0 if math.isnan(r["kl"]) else r["kl"] for r in rows], color="C2")
-    ax2.set_xticks(list(xs), names, rotation=20)
+    xs = list(range(len(rows)))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [3, 1.5]})
+    for off, key, label, color in ((-0.2, "greedy_delta", "greedy", "C0"),
+                                   (0.2, "sampled_delta", "sampled (T=1)", "C1")):  # fmt: skip
+        per = [[100 * d for d in r.get(key, []) if d is not None] for r in rows]
+        means = [sum(d) / len(d) if d else 0.0 for d in per]
+        ax.bar([x + off for x in xs], means, 0.4, color=color, alpha=0.75, label=f"{label}: mean over seeds")
+        for x, d in zip(xs, per, strict=True):
+            ax.plot([x + off] * len(d), d, "o", color="black", ms=3)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(xs, names, rotation=20, ha="right")
+    ax.set_ylabel("test accuracy minus SFT's (points)")
+    ax.legend(fontsize=8, title="dots: one seed each", title_fontsize=8)
+    ax2.bar(xs, [0.0 if math.isnan(r["kl"]) else r["kl"] for r in rows], color="C2")
+    ax2.set_xticks(xs, names, rotation=20, ha="right")
     ax2.set_ylabel("KL to SFT (nats / answer)")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

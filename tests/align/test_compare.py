@@ -209,9 +209,12 @@ def test_kl_sums_token_log_probs_of_a_plain_forward(tiny_tokenizer):
     assert float(got) == pytest.approx(want, rel=1e-4)
 
 
-def test_comparison_rows_average_seeds_and_keep_each_seeds_p():
+def test_comparison_rows_average_seeds_and_keep_each_seeds_p(tmp_path):
+    from glmwb.align.compare import plot_comparison_bars
+
     def run(acc, sacc, p, kl):
-        comp = {"by_instance": {"greedy_p": p, "sampled_p": p / 2, "up": 3, "down": 1}}
+        comp = {"by_instance": {"greedy_p": p, "sampled_p": p / 2, "up": 3, "down": 1},
+                "accuracy_delta": acc - 0.5, "sample_accuracy_delta": sacc - 0.4}  # fmt: skip
         report = {"accuracy": acc, "sample_accuracy": sacc, "mean_chars": 10.0, "reward_mean": 1.0}
         return {"report": report, "comparison": comp, "kl": kl, "seconds": 5.0, "variant": "defaults"}
 
@@ -221,6 +224,9 @@ def test_comparison_rows_average_seeds_and_keep_each_seeds_p():
     assert r["kl"] == pytest.approx(2.0) and r["greedy_p"] == [0.01, 0.2]
     table = format_comparison(rows)
     assert "**0.01**" in table and "0.2" in table and "0.600 ± 0.141" in table
+    assert r["greedy_delta"] == pytest.approx([0.0, 0.2]) and r["sampled_delta"] == pytest.approx([0.0, 0.2])
+    png = plot_comparison_bars(rows, tmp_path / "c.png", "t")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_refuses_a_recipe_of_another_stage_in_one_line(capsys):
