@@ -1455,8 +1455,9 @@ def next_pair(
         names = state.design.models
         ones = np.zeros(state.design.p)
         ones[: state.design.m] = 1.0
-        info0 = np.linalg.inv(state.cov_robust + np.outer(ones, ones))
-        C = np.linalg.inv(info0)
+        # the scores' covariance with the sum-to-zero gauge pinned; used as it is, never inverted: with one
+        # pair played so far the extra parameters (e.g. the first-position bias) are collinear and it is singular
+        C = state.cov_robust + np.outer(ones, ones)
         order = [names.index(r.model) for r in lb.rows if r.model in models]
         V = np.zeros((max(len(order) - 1, 0), state.design.p))
         for t, (x, y) in enumerate(zip(order, order[1:], strict=False)):
