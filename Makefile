@@ -10,6 +10,9 @@ LOCK := constraints.txt
 EXTRAS ?= dev,postgres,argilla
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# `make test` runs the default suite on this many pytest-xdist workers (each test still runs whole in one
+# process; every fixture makes its own ports, folders and PostgreSQL databases). 1: one process, no xdist.
+TEST_WORKERS ?= 2
 # Where `make lock` finds the CPU build of torch that the lock is resolved against (this image keeps it on
 # local disk; elsewhere PyTorch's CPU index).
 TORCH_WHEELS ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
@@ -31,7 +34,7 @@ demo: install
 	$(VENV)/bin/glmwb run recipes/quickstart.yaml
 
 test: install services
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS)) $(PYTEST_ARGS)
 
 test-all: install services
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)

@@ -22,7 +22,7 @@ from glmwb.annotation.store import MAX_RATING_ATTRIBUTES, MAX_RATIONALE, Store
 from glmwb.ui.app import ServerSettings, create_app
 from tests.annotation.conftest import cheap_hasher, make_items
 
-N_REQUESTS = 3000
+N_REQUESTS = 2000
 USERS = {"u0": "password-0", "u1": "password-1", "u2": "password-2"}
 AS, VO = Assignment.__table__, Vote.__table__
 _ODD = [

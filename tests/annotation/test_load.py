@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 
+import pytest
 from sqlalchemy import text
 
 from glmwb.annotation.assign import AssignmentPolicy
@@ -31,6 +32,12 @@ def populate(url: str, annotators: int, items: int, overlap: int = 3) -> list[tu
     return accounts
 
 
+# Each backend meets the load in one test and the crash in the other in the default suite (`make test`); the
+# other two pairings run with the slow tests (`make test-all`).
+LOAD_ON = [pytest.param("sqlite", marks=pytest.mark.slow), pytest.param("postgres", marks=pytest.mark.postgres)]
+CRASH_ON = ["sqlite", pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.slow])]
+
+
 def stored_votes(url: str) -> list:
     store = Store(url, password_hasher=cheap_hasher(), policy=AssignmentPolicy(gold_rate=0))
     try:
@@ -39,6 +46,7 @@ def stored_votes(url: str) -> list:
         store.close()
 
 
+@pytest.mark.parametrize("db_url", LOAD_ON, indirect=True)
 def test_50_annotators_submit_2000_votes(db_url, tmp_path, capsys):
     accounts = populate(db_url, annotators=50, items=700)  # 2,100 slots for 2,000 votes
     server = ServerProcess(db_url, tmp_path / "server.log")
@@ -64,6 +72,7 @@ def test_50_annotators_submit_2000_votes(db_url, tmp_path, capsys):
     assert result.seconds < 120, f"2,000 votes took {result.seconds:.0f} s"
 
 
+@pytest.mark.parametrize("db_url", CRASH_ON, indirect=True)
 def test_server_killed_mid_load_loses_no_acknowledged_vote(db_url, tmp_path, capsys):
     accounts = populate(db_url, annotators=20, items=700)
     log = tmp_path / "server.log"
