@@ -34,7 +34,10 @@ def populate(url: str, annotators: int, items: int, overlap: int = 3) -> list[tu
 
 # Each backend meets the load in one test and the crash in the other in the default suite (`make test`); the
 # other two pairings run with the slow tests (`make test-all`).
-LOAD_ON = [pytest.param("sqlite", marks=pytest.mark.slow), pytest.param("postgres", marks=pytest.mark.postgres)]
+LOAD_ON = [
+    pytest.param("sqlite", marks=pytest.mark.slow),
+    pytest.param("postgres", marks=pytest.mark.postgres),
+]
 CRASH_ON = ["sqlite", pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.slow])]
 
 
